@@ -1,0 +1,139 @@
+"""Per-class Gaussian statistics of frozen image features, and batched sampling from them."""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+def class_gaussian_stats(features: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Mean and covariance of the features of each class.
+
+    Args:
+        features: ``[n, dim]`` features.
+        labels: ``[n]`` integer class ids.
+
+    Returns:
+        ``(classes [k], means [k, dim], covs [k, dim, dim])`` with ``classes`` sorted; the
+        covariance is the unbiased sample covariance (divides by ``n_c - 1``) and is all zeros
+        for a class with a single sample. Computed in float64, returned in float32.
+    """
+    if features.ndim != 2 or labels.ndim != 1 or features.shape[0] != labels.shape[0]:
+        raise ValueError(f"expected features [n, dim] and labels [n], got "
+                         f"{tuple(features.shape)} and {tuple(labels.shape)}")
+    feats = features.detach().double()
+    classes = torch.unique(labels.detach().cpu()).to(labels.device)
+    means, covs = [], []
+    for c in classes.tolist():
+        x = feats[labels == c]
+        mu = x.mean(0)
+        centred = x - mu
+        denom = max(x.shape[0] - 1, 1)
+        means.append(mu)
+        covs.append(centred.T @ centred / denom)
+    return classes, torch.stack(means).float(), torch.stack(covs).float()
+
+
+def make_positive_definite(covs: Tensor, shrinkage: float = 0.0,
+                           jitter: float = 1e-4) -> Tensor:
+    """``(1 - s) * cov + s * (trace(cov) / dim) * I + jitter * I`` for each ``[dim, dim]`` matrix.
+
+    ``shrinkage`` ``s`` in [0, 1] pulls the covariance towards a scaled identity (useful when
+    a class has fewer samples than dimensions); ``jitter`` adds a fixed ridge. Input
+    ``[..., dim, dim]``; output same shape, symmetric.
+    """
+    dim = covs.shape[-1]
+    eye = torch.eye(dim, dtype=covs.dtype, device=covs.device)
+    sym = 0.5 * (covs + covs.transpose(-1, -2))
+    scale = torch.diagonal(sym, dim1=-2, dim2=-1).sum(-1) / dim
+    return ((1 - shrinkage) * sym + shrinkage * scale[..., None, None] * eye
+            + jitter * eye)
+
+
+class ClassGaussians(nn.Module):
+    """A Gaussian per class over frozen image features; buffers, so it moves and saves.
+
+    Buffers: ``class_ids [k]`` (long), ``means [k, dim]``, ``chols [k, dim, dim]`` (lower
+    Cholesky factors of the positive-definite covariances, factorised once at ``fit``).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("class_ids", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("means", torch.zeros(0, dim))
+        self.register_buffer("chols", torch.zeros(0, dim, dim))
+
+    def __len__(self) -> int:
+        return int(self.class_ids.numel())
+
+    def fit(self, features: Tensor, labels: Tensor, shrinkage: float = 0.0,
+            jitter: float = 1e-4) -> Tensor:
+        """Add (or replace) the Gaussians of the classes in ``labels``.
+
+        Args:
+            features: ``[n, dim]`` frozen image features (before any adapter).
+            labels: ``[n]`` class ids.
+            shrinkage, jitter: see ``make_positive_definite``.
+
+        Returns:
+            ``[k]`` the class ids fitted.
+        """
+        classes, means, covs = class_gaussian_stats(features, labels)
+        counts = torch.bincount(labels.cpu() - int(labels.min()))
+        for c in classes.tolist():
+            n_c = int(counts[c - int(labels.min())])
+            if n_c < 2:
+                warnings.warn(f"class {c} has {n_c} training sample: its covariance is zero, "
+                              f"replay draws its mean plus jitter {jitter:g} noise",
+                              stacklevel=2)
+        pd = make_positive_definite(covs.double(), shrinkage, jitter)
+        chols, info = torch.linalg.cholesky_ex(pd)
+        for i in torch.nonzero(info).flatten().tolist():
+            warnings.warn(f"class {int(classes[i])}: covariance not positive definite after "
+                          f"jitter {jitter:g}; using a diagonal fallback", stacklevel=2)
+            diag = torch.clamp(torch.diagonal(pd[i]), min=max(jitter, 1e-8))
+            chols[i] = torch.diag(diag.sqrt())
+        keep = ~torch.isin(self.class_ids, classes.to(self.class_ids.device))
+        device = self.means.device
+        self.class_ids = torch.cat([self.class_ids[keep], classes.to(device)])
+        self.means = torch.cat([self.means[keep], means.to(device)])
+        self.chols = torch.cat([self.chols[keep], chols.float().to(device)])
+        return classes
+
+    def index_of(self, class_ids: Sequence[int] | Tensor) -> Tensor:
+        """Rows of ``class_ids`` in the buffers; ``KeyError`` for a class never fitted."""
+        ids = torch.as_tensor(class_ids, dtype=torch.long, device=self.class_ids.device)
+        match = ids[:, None] == self.class_ids[None, :]
+        missing = ~match.any(1)
+        if missing.any():
+            raise KeyError(f"no Gaussian fitted for classes {ids[missing].tolist()}")
+        return match.float().argmax(1)
+
+    def mean_of(self, class_ids: Sequence[int] | Tensor) -> Tensor:
+        """``[len(class_ids), dim]`` means."""
+        return self.means[self.index_of(class_ids)]
+
+    def covariance_of(self, class_ids: Sequence[int] | Tensor) -> Tensor:
+        """``[len(class_ids), dim, dim]`` covariances (after the positive-definite step)."""
+        chol = self.chols[self.index_of(class_ids)]
+        return chol @ chol.transpose(-1, -2)
+
+    def sample(self, class_ids: Sequence[int] | Tensor, n_per_class: int,
+               generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        """Draw ``n_per_class`` features of every class in one batched matmul.
+
+        Returns:
+            ``(features [len(class_ids) * n_per_class, dim], labels [same])``, grouped by
+            class in the order of ``class_ids`` (shuffle them yourself when needed).
+        """
+        rows = self.index_of(class_ids)
+        k = rows.numel()
+        z = torch.randn(k, n_per_class, self.dim, generator=generator,
+                        device=self.means.device if generator is None else generator.device)
+        z = z.to(self.means.device)
+        feats = self.means[rows][:, None, :] + z @ self.chols[rows].transpose(-1, -2)
+        labels = self.class_ids[rows].repeat_interleave(n_per_class)
+        return feats.reshape(k * n_per_class, self.dim), labels

@@ -1,0 +1,70 @@
+"""The method's maths as pure functions: hard-pair selection, hinge loss, logit fusion."""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def select_hard_pairs(new_text: Tensor, old_text: Tensor, new_ids: Sequence[int],
+                      old_ids: Sequence[int], threshold: float,
+                      top_k: int) -> List[Tuple[int, int, float]]:
+    """Pairs of similar old and new classes.
+
+    Args:
+        new_text: ``[n_new, dim]`` features of the new classes (normalised here).
+        old_text: ``[n_old, dim]`` features of the old classes (normalised here).
+        new_ids: ``n_new`` class ids, row-aligned with ``new_text``.
+        old_ids: ``n_old`` class ids, row-aligned with ``old_text``.
+        threshold: keep pairs whose cosine similarity is strictly greater.
+        top_k: keep at most this many pairs (0 keeps none).
+
+    Returns:
+        ``[(old_id, new_id, similarity), ...]`` sorted by similarity, highest first; ties are
+        broken by ``old_id`` then ``new_id`` (ascending), so the choice is deterministic.
+    """
+    if len(new_ids) != new_text.shape[0] or len(old_ids) != old_text.shape[0]:
+        raise ValueError(f"ids and features disagree: {len(new_ids)} new ids for "
+                         f"{new_text.shape[0]} rows, {len(old_ids)} old ids for "
+                         f"{old_text.shape[0]} rows")
+    if top_k <= 0 or len(new_ids) == 0 or len(old_ids) == 0:
+        return []
+    sim = F.normalize(new_text.detach().float(), dim=-1) @ F.normalize(
+        old_text.detach().float(), dim=-1).T
+    rows, cols = torch.nonzero(sim > threshold, as_tuple=True)
+    pairs = [(int(old_ids[c]), int(new_ids[r]), float(sim[r, c]))
+             for r, c in zip(rows.tolist(), cols.tolist())]
+    pairs.sort(key=lambda p: (-p[2], p[0], p[1]))
+    return pairs[:top_k]
+
+
+def hinge_loss(old_image_feats: Tensor, old_text_feat: Tensor, new_text_feat: Tensor,
+               margin: float) -> Tensor:
+    """Mean of ``max(0, cos(f, new_text) - cos(f, old_text) + margin)`` over samples.
+
+    Keeps features of an old class closer to their own text than to a similar new class's.
+
+    Args:
+        old_image_feats: ``[n, dim]`` image features of the old class, or ``[pairs, n, dim]``
+            for several hard pairs at once (normalised here).
+        old_text_feat: ``[dim]`` (or ``[pairs, dim]``) text feature of the old class.
+        new_text_feat: ``[dim]`` (or ``[pairs, dim]``) text feature of the new class.
+        margin: the required gap in cosine similarity.
+
+    Returns:
+        Scalar tensor: the mean over every sample (and pair); differentiable in all inputs.
+    """
+    feats = F.normalize(old_image_feats, dim=-1)
+    pos = torch.einsum("...nd,...d->...n", feats, F.normalize(old_text_feat, dim=-1))
+    neg = torch.einsum("...nd,...d->...n", feats, F.normalize(new_text_feat, dim=-1))
+    return torch.clamp(neg - pos + margin, min=0).mean()
+
+
+def fuse_logits(clip_logits: Tensor, head_logits: Tensor, alpha: float) -> Tensor:
+    """Inference scores ``clip_logits + alpha * head_logits``, both ``[batch, classes]``."""
+    if clip_logits.shape != head_logits.shape:
+        raise ValueError(f"logit shapes differ: clip {tuple(clip_logits.shape)} vs head "
+                         f"{tuple(head_logits.shape)}")
+    return clip_logits + alpha * head_logits

@@ -1,0 +1,225 @@
+"""``CLIPHingeModel``: frozen CLIP + per-task prompts, class Gaussians, stage-2 heads, fusion."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..gaussian import ClassGaussians
+from ..losses import fuse_logits
+from .backbone import CLIPBackbone
+from .heads import ImageAdapter, TaskHead
+from .lora import VisualLoRA
+from .prompts import TaskPrompts, raw_text_features
+
+#: Score given to classes not seen yet: finite (safe under bf16) and far below any cosine logit.
+UNSEEN_SCORE = -1e4
+
+
+class CLIPHingeModel(nn.Module):
+    """Scores over every class of the stream, from a frozen CLIP and the method's parts.
+
+    The output of ``forward`` is ``[batch, n_classes]`` indexed by the stream's original class
+    ids: seen classes get ``logit_scale * cos(image, prompted text)`` (plus
+    ``fusion_weight * head`` in eval mode once stage-2 heads exist), unseen classes
+    ``UNSEEN_SCORE``. The input is either images ``[batch, 3, H, W]`` or pre-computed frozen
+    image features ``[batch, dim]`` (the feature cache and Gaussian replay use the latter).
+
+    Args:
+        backbone: the frozen CLIP from ``load_clip``.
+        class_names: names indexed by class id (``len`` = number of classes of the stream).
+        n_ctx, ctx_init: prompt length and initial phrase (see ``TaskPrompts``).
+        prompt_template: fixed template of the raw text features (hard pairs, zero-shot).
+        use_image_adapter: add the residual stage-1 image adapter.
+        fusion_weight: alpha of ``clip + alpha * head`` at inference.
+        lora: ``(layers, rank, alpha)`` to give stage 2 one LoRA adapter per task, or ``None``.
+        seed: seeds each task's prompt initialisation (``seed * 1000 + task``).
+    """
+
+    def __init__(self, backbone: CLIPBackbone, class_names: Sequence[str], *, n_ctx: int = 4,
+                 ctx_init: str = "a photo of a", prompt_template: str = "a good photo of a {}.",
+                 use_image_adapter: bool = False, fusion_weight: float = 0.3,
+                 lora: Optional[tuple] = None, seed: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        self.clip = backbone.model
+        self.tokenizer = backbone.tokenizer
+        self.class_names = list(class_names)
+        self.n_ctx = n_ctx
+        self.ctx_init = ctx_init
+        self.prompt_template = prompt_template
+        self.fusion_weight = fusion_weight
+        self.seed = seed
+        dim = backbone.embed_dim
+        self.prompts = nn.ModuleList()
+        self.task_classes: List[List[int]] = []
+        self.gaussians = ClassGaussians(dim)
+        self.adapter = ImageAdapter(dim) if use_image_adapter else None
+        self.heads = nn.ModuleDict()
+        self.lora = VisualLoRA(self.clip.visual, *lora) if lora is not None else None
+        self.register_buffer("column_of", torch.full((len(class_names),), -1, dtype=torch.long))
+        self._text_cache: Dict[int, Tensor] = {}
+        self.last_text_features: Optional[Tensor] = None
+
+    def train(self, mode: bool = True) -> "CLIPHingeModel":
+        """Switch the trainable parts; the frozen CLIP stays in eval mode."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    # ---- tasks and classes ------------------------------------------------------------------
+    @property
+    def n_tasks(self) -> int:
+        """Number of tasks registered so far."""
+        return len(self.task_classes)
+
+    @property
+    def seen_classes(self) -> List[int]:
+        """Class ids of every registered task, in task order (the score columns' order)."""
+        return [c for classes in self.task_classes for c in classes]
+
+    def task_of(self, class_id: int) -> int:
+        """Index of the task that owns ``class_id``."""
+        for task, classes in enumerate(self.task_classes):
+            if class_id in classes:
+                return task
+        raise KeyError(f"class {class_id} belongs to no registered task")
+
+    def add_task(self, class_ids: Sequence[int]) -> int:
+        """Register a task's classes and create its prompts; returns the task index."""
+        class_ids = [int(c) for c in class_ids]
+        bad = [c for c in class_ids if not 0 <= c < len(self.class_names)]
+        if bad:
+            raise ValueError(f"class ids {bad} are outside class_names (0..{len(self.class_names) - 1});"
+                             " pass class_names indexed by the stream's class ids")
+        repeated = sorted(set(class_ids) & set(self.seen_classes))
+        if repeated:
+            raise ValueError(f"classes {repeated} were already learned in an earlier task; "
+                             "the strategy expects a class-incremental stream")
+        task = self.n_tasks
+        generator = torch.Generator().manual_seed(self.seed * 1000 + task)
+        self.prompts.append(TaskPrompts(self.clip, self.tokenizer,
+                                        [self.class_names[c] for c in class_ids], self.n_ctx,
+                                        self.ctx_init, generator))
+        self.task_classes.append(class_ids)
+        start = len(self.seen_classes) - len(class_ids)
+        self.column_of[torch.tensor(class_ids, device=self.column_of.device)] = torch.arange(
+            start, start + len(class_ids), device=self.column_of.device)
+        return task
+
+    def set_trainable_prompts(self, tasks: Sequence[int]) -> None:
+        """Make the prompts of ``tasks`` trainable and freeze every other task's."""
+        for task, prompts in enumerate(self.prompts):
+            prompts.ctx.requires_grad_(task in tasks)
+        self.invalidate_text_cache()
+
+    def invalidate_text_cache(self) -> None:
+        """Forget cached features of frozen prompts (call after any prompt changes)."""
+        self._text_cache.clear()
+
+    # ---- text side --------------------------------------------------------------------------
+    def task_text_features(self, task: int) -> Tensor:
+        """``[n_classes_of_task, dim]`` prompted text features of ``task``.
+
+        Trainable prompts go through the text encoder with gradients on every call; frozen
+        prompts are encoded once and served from a cache until ``invalidate_text_cache``.
+        """
+        prompts = self.prompts[task]
+        if prompts.ctx.requires_grad and torch.is_grad_enabled():
+            return prompts(self.clip).float()
+        cached = self._text_cache.get(task)
+        if cached is None:
+            with torch.no_grad():
+                cached = prompts(self.clip).float()
+            self._text_cache[task] = cached
+        return cached
+
+    def text_features(self) -> Tensor:
+        """``[n_seen, dim]`` prompted text features of every seen class, in column order."""
+        return torch.cat([self.task_text_features(t) for t in range(self.n_tasks)])
+
+    def raw_text_features(self, class_ids: Sequence[int]) -> Tensor:
+        """``[len(class_ids), dim]`` features of ``prompt_template`` with each class name."""
+        return raw_text_features(self.clip, self.tokenizer,
+                                 [self.class_names[c] for c in class_ids], self.prompt_template)
+
+    # ---- image side -------------------------------------------------------------------------
+    @property
+    def logit_scale(self) -> Tensor:
+        """CLIP's learned temperature, ``exp(logit_scale)`` (100 for OpenAI weights)."""
+        return self.clip.logit_scale.exp().float()
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """``[batch, 3, H, W]`` -> ``[batch, dim]`` unnormalised frozen image features (float32).
+
+        Gradients flow only when a LoRA adapter is active and grad mode is on (stage 2).
+        """
+        return self.clip.encode_image(images).float()
+
+    def image_features(self, x: Tensor) -> Tensor:
+        """Frozen features of images ``[b, 3, H, W]``; features ``[b, dim]`` pass through."""
+        if x.ndim == 2:
+            return x.float()
+        with torch.no_grad():
+            return self.encode_images(x)
+
+    def image_embedding(self, features: Tensor) -> Tensor:
+        """``[batch, dim]`` frozen features -> normalised embedding (after the adapter, if any)."""
+        if self.adapter is not None:
+            features = self.adapter(features)
+        return F.normalize(features, dim=-1)
+
+    def clip_logits(self, features: Tensor) -> Tensor:
+        """``[batch, dim]`` frozen features -> ``[batch, n_seen]`` stage-1 logits.
+
+        In grad mode the text features used are kept in ``last_text_features`` so a loss
+        term of the same step (the hinge) reuses them instead of re-running the text encoder.
+        """
+        text = self.text_features()
+        self.last_text_features = text if torch.is_grad_enabled() else None
+        return self.logit_scale * self.image_embedding(features) @ text.T
+
+    def head_logits(self, x: Tensor, features: Tensor) -> Tensor:
+        """``[batch, n_seen]`` stage-2 head logits; zero for classes of tasks without a head.
+
+        ``x`` is the model input (images or features); a task with its own LoRA adapter
+        re-encodes the images through that adapter, which needs images.
+        """
+        out = torch.zeros(features.shape[0], len(self.seen_classes), device=features.device)
+        start = 0
+        for task, classes in enumerate(self.task_classes):
+            key = str(task)
+            if key in self.heads:
+                feats = features
+                if self.lora is not None and f"task{task}" in self.lora.adapters:
+                    if x.ndim == 2:
+                        raise ValueError("LoRA heads need images, not cached features; "
+                                         "the strategy turns the feature cache off with LoRA")
+                    with torch.no_grad(), self.lora.using(f"task{task}"):
+                        feats = self.encode_images(x)
+                out[:, start:start + len(classes)] = self.heads[key](feats)
+            start += len(classes)
+        return out
+
+    def to_full_width(self, seen_scores: Tensor) -> Tensor:
+        """``[batch, n_seen]`` -> ``[batch, n_classes]`` in class-id order, unseen = UNSEEN_SCORE."""
+        out = torch.full((seen_scores.shape[0], len(self.class_names)), UNSEEN_SCORE,
+                         dtype=seen_scores.dtype, device=seen_scores.device)
+        out[:, torch.tensor(self.seen_classes, device=out.device)] = seen_scores
+        return out
+
+    def seen_scores(self, x: Tensor) -> Tensor:
+        """``[batch, n_seen]`` scores: CLIP logits, fused with the heads in eval mode."""
+        features = self.image_features(x)
+        scores = self.clip_logits(features)
+        if not self.training and len(self.heads) > 0:
+            scores = fuse_logits(scores, self.head_logits(x, features), self.fusion_weight)
+        return scores
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images ``[b, 3, H, W]`` or features ``[b, dim]`` -> scores ``[b, n_classes]``."""
+        if self.n_tasks == 0:
+            raise RuntimeError("the model has no classes yet: train on an experience first")
+        return self.to_full_width(self.seen_scores(x))

@@ -1,0 +1,91 @@
+"""Class-specific learnable text prompts (CoOp-style context vectors, one set per class)."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def encode_token_embeddings(clip: nn.Module, embeddings: Tensor, tokens: Tensor) -> Tensor:
+    """Run open_clip's text tower on token *embeddings* instead of token ids.
+
+    Mirrors ``open_clip.CLIP.encode_text`` after its embedding lookup, so learned context
+    vectors can stand in for word tokens.
+
+    Args:
+        clip: an open_clip ``CLIP`` model.
+        embeddings: ``[n, context_length, width]`` token embeddings.
+        tokens: ``[n, context_length]`` token ids of the same prompts (used to find each
+            prompt's end-of-text position, the highest id in the row).
+
+    Returns:
+        ``[n, embed_dim]`` projected, unnormalised text features.
+    """
+    cast_dtype = clip.transformer.get_cast_dtype()
+    x = embeddings.to(cast_dtype) + clip.positional_embedding.to(cast_dtype)
+    x = clip.transformer(x, attn_mask=clip.attn_mask)
+    x = clip.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    projection = clip.text_projection
+    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+
+class TaskPrompts(nn.Module):
+    """The learnable prompts of one task: ``[SOS] ctx_c(1..n_ctx) name_c . [EOS]`` per class.
+
+    Args:
+        clip: the frozen open_clip model (its token embedding gives the fixed tokens).
+        tokenizer: open_clip tokenizer, ``list[str] -> [n, context_length]``.
+        class_names: names of the task's classes, in the task's class order.
+        n_ctx: number of context vectors per class.
+        ctx_init: phrase whose first ``n_ctx`` token embeddings initialise every class's
+            context (missing positions, or all when empty, are drawn from N(0, 0.02^2)).
+        generator: RNG for the random part of the initialisation.
+
+    Parameters: ``ctx [n_classes, n_ctx, width]``. Buffers: ``prefix [n, 1, width]``,
+    ``suffix [n, L - 1 - n_ctx, width]``, ``tokens [n, L]``.
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer: Callable, class_names: Sequence[str],
+                 n_ctx: int, ctx_init: str = "", generator: Optional[torch.Generator] = None):
+        super().__init__()
+        embedding = clip.token_embedding
+        width = embedding.weight.shape[1]
+        placeholder = " ".join(["X"] * n_ctx)
+        device = embedding.weight.device
+        tokens = tokenizer([f"{placeholder} {name}." for name in class_names]).to(device)
+        with torch.no_grad():
+            embedded = embedding(tokens)
+        ctx = torch.randn(len(class_names), n_ctx, width, generator=generator) * 0.02
+        ctx = ctx.to(device=device, dtype=embedded.dtype)
+        if ctx_init.strip():
+            init_tokens = tokenizer([ctx_init.strip()]).to(device)
+            n_words = int(init_tokens.argmax(dim=-1)) - 1
+            with torch.no_grad():
+                phrase = embedding(init_tokens)[0, 1:1 + min(n_words, n_ctx)]
+            ctx[:, :phrase.shape[0]] = phrase
+        self.ctx = nn.Parameter(ctx)
+        self.register_buffer("prefix", embedded[:, :1].clone())
+        self.register_buffer("suffix", embedded[:, 1 + n_ctx:].clone())
+        self.register_buffer("tokens", tokens)
+        self.class_names = list(class_names)
+
+    def forward(self, clip: nn.Module) -> Tensor:
+        """``[n_classes, embed_dim]`` L2-normalised prompted text features."""
+        embeddings = torch.cat([self.prefix, self.ctx.to(self.prefix.dtype), self.suffix], dim=1)
+        return F.normalize(encode_token_embeddings(clip, embeddings, self.tokens), dim=-1)
+
+
+@torch.no_grad()
+def raw_text_features(clip: nn.Module, tokenizer: Callable, class_names: Sequence[str],
+                      template: str) -> Tensor:
+    """``[n, embed_dim]`` normalised CLIP text features of ``template.format(name)``.
+
+    The fixed-template (unprompted) features used to choose text-side hard pairs and by
+    zero-shot CLIP.
+    """
+    device = clip.token_embedding.weight.device
+    tokens = tokenizer([template.format(name) for name in class_names]).to(device)
+    return F.normalize(clip.encode_text(tokens).float(), dim=-1)

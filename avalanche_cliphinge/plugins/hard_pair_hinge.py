@@ -1,0 +1,113 @@
+"""Hinge losses on hard pairs of similar old and new classes."""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from avalanche.training.plugins import SupervisedPlugin
+
+from ..losses import hinge_loss, select_hard_pairs
+
+Pair = Tuple[int, int, float]
+
+
+class HardPairHingePlugin(SupervisedPlugin):
+    """Keeps sampled old-class features closer to their own text than to a similar new class.
+
+    At the start of every task t >= 1 it picks hard pairs ``(old, new)``:
+    text side by cosine similarity of raw CLIP text features (fixed template, no learned
+    prompt); image side by cosine similarity of class image-feature means (old classes vs the
+    current task's). Each step it draws ``samples_per_pair`` features from ``N(mu_old,
+    Sigma_old)`` per pair and adds
+    ``weight * mean(max(0, cos(f, text_new) - cos(f, text_old) + margin))`` to the loss, with
+    the current prompted text features.
+
+    Args:
+        text_hinge: enable the text-side pairs and loss.
+        text_margin, text_weight, text_threshold, text_top_k: their margin, weight, similarity
+            threshold (strictly greater) and maximum number of pairs.
+        image_hinge, image_margin, image_weight, image_threshold, image_top_k: the same for
+            the image side.
+        samples_per_pair: features drawn per pair per step.
+        grad_to_old_text: let the hinge move the old class's prompted text feature (only
+            matters when old prompts are trainable, ``update_old_text_prompts``).
+        seed: base seed of the sampling generator.
+    """
+
+    def __init__(self, *, text_hinge: bool = True, text_margin: float = 0.1,
+                 text_weight: float = 1.0, text_threshold: float = 0.85, text_top_k: int = 10,
+                 image_hinge: bool = False, image_margin: float = 0.1,
+                 image_weight: float = 1.0, image_threshold: float = 0.8,
+                 image_top_k: int = 10, samples_per_pair: int = 8,
+                 grad_to_old_text: bool = False, seed: int = 0):
+        super().__init__()
+        self.text_hinge, self.text_margin, self.text_weight = text_hinge, text_margin, text_weight
+        self.text_threshold, self.text_top_k = text_threshold, text_top_k
+        self.image_hinge, self.image_margin = image_hinge, image_margin
+        self.image_weight, self.image_threshold = image_weight, image_threshold
+        self.image_top_k = image_top_k
+        self.samples_per_pair = samples_per_pair
+        self.grad_to_old_text = grad_to_old_text
+        self.seed = seed
+        self.text_pairs: List[Pair] = []
+        self.image_pairs: List[Pair] = []
+        self.last_losses = {"text": 0.0, "image": 0.0}
+        self._generator = torch.Generator()
+
+    @classmethod
+    def from_config(cls, config) -> "HardPairHingePlugin":
+        """The plugin with the settings of a ``CLIPHingeConfig``."""
+        return cls(text_hinge=config.text_use_hinge_loss, text_margin=config.text_hinge_margin,
+                   text_weight=config.text_hinge_weight,
+                   text_threshold=config.text_hard_pair_threshold,
+                   text_top_k=config.text_top_hard_pairs,
+                   image_hinge=config.use_image_hinge_loss,
+                   image_margin=config.image_hinge_margin,
+                   image_weight=config.image_hinge_weight,
+                   image_threshold=config.image_hard_pair_threshold,
+                   image_top_k=config.image_top_hard_pairs,
+                   samples_per_pair=config.hinge_samples_per_pair,
+                   grad_to_old_text=config.hinge_grad_to_old_text, seed=config.seed)
+
+    def before_training_exp(self, strategy, **kwargs):
+        model = strategy.model
+        task = model.n_tasks - 1
+        self.text_pairs, self.image_pairs = [], []
+        self._generator.manual_seed(self.seed * 104729 + task)
+        if task == 0:
+            return
+        new = model.task_classes[task]
+        old = [c for t in range(task) for c in model.task_classes[t]]
+        if self.text_hinge:
+            self.text_pairs = select_hard_pairs(model.raw_text_features(new),
+                                                model.raw_text_features(old), new, old,
+                                                self.text_threshold, self.text_top_k)
+        if self.image_hinge:
+            self.image_pairs = select_hard_pairs(model.gaussians.mean_of(new),
+                                                 model.gaussians.mean_of(old), new, old,
+                                                 self.image_threshold, self.image_top_k)
+
+    def pair_loss(self, strategy, pairs: List[Pair], margin: float) -> torch.Tensor:
+        """Hinge loss of ``pairs`` with freshly drawn old-class features (scalar tensor)."""
+        model = strategy.model
+        text = model.last_text_features
+        if text is None or not model.training:
+            text = model.text_features()
+        old_ids = [p[0] for p in pairs]
+        feats, _ = model.gaussians.sample(old_ids, self.samples_per_pair, self._generator)
+        feats = model.image_embedding(feats.to(strategy.device))
+        feats = feats.reshape(len(pairs), self.samples_per_pair, -1)
+        old_cols = model.column_of[torch.tensor(old_ids, device=strategy.device)]
+        new_cols = model.column_of[torch.tensor([p[1] for p in pairs], device=strategy.device)]
+        old_text = text[old_cols] if self.grad_to_old_text else text[old_cols].detach()
+        return hinge_loss(feats, old_text, text[new_cols], margin)
+
+    def before_backward(self, strategy, **kwargs):
+        if self.text_pairs:
+            loss = self.pair_loss(strategy, self.text_pairs, self.text_margin)
+            self.last_losses["text"] = float(loss.detach())
+            strategy.loss = strategy.loss + self.text_weight * loss
+        if self.image_pairs:
+            loss = self.pair_loss(strategy, self.image_pairs, self.image_margin)
+            self.last_losses["image"] = float(loss.detach())
+            strategy.loss = strategy.loss + self.image_weight * loss

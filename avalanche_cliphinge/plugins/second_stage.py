@@ -1,0 +1,101 @@
+"""Stage 2: a per-task linear head (optionally with LoRA) fused with CLIP at inference."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from avalanche.training.plugins import SupervisedPlugin
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from ..model.heads import TaskHead
+
+
+class SecondStagePlugin(SupervisedPlugin):
+    """After stage 1 of each task ``t >= start_task``, trains task t's head on task t's data.
+
+    The head (``TaskHead``) starts from the task's prompted text features and is trained with
+    SGD on the current task's training data only (no replay), its logits multiplied by
+    ``logit_scale``; prompts and text encoder stay frozen. With LoRA (the model was built with
+    ``use_lora_in_second_stage``) a new adapter ``task<t>`` on the chosen image blocks trains
+    with the head and is used only for that head's features. At inference the model scores
+    ``clip + fusion_weight * head``. Runs in ``after_training_exp``, so before Avalanche's
+    end-of-experience evaluation.
+
+    Args:
+        start_task: first task that gets a head (earlier tasks' classes get head logit 0).
+        epochs: SGD epochs per task (0 disables stage 2).
+        lr, momentum, weight_decay: SGD settings.
+        logit_scale: multiplier of the head's logits.
+        batch_size: minibatch size.
+        seed: base seed of the shuffling generator.
+    """
+
+    def __init__(self, *, start_task: int = 1, epochs: int = 5, lr: float = 0.01,
+                 momentum: float = 0.9, weight_decay: float = 0.0, logit_scale: float = 20.0,
+                 batch_size: int = 100, seed: int = 0):
+        super().__init__()
+        self.start_task, self.epochs, self.lr = start_task, epochs, lr
+        self.momentum, self.weight_decay = momentum, weight_decay
+        self.logit_scale, self.batch_size, self.seed = logit_scale, batch_size, seed
+        self.losses: List[float] = []
+
+    @classmethod
+    def from_config(cls, config) -> "SecondStagePlugin":
+        """The plugin with the settings of a ``CLIPHingeConfig``."""
+        return cls(start_task=config.second_stage_start_task, epochs=config.second_stage_epochs,
+                   lr=config.second_stage_lr, momentum=config.second_stage_momentum,
+                   weight_decay=config.second_stage_weight_decay,
+                   logit_scale=config.second_stage_logit_scale,
+                   batch_size=config.batch_size, seed=config.seed)
+
+    def after_training_exp(self, strategy, **kwargs):
+        model = strategy.model
+        task = model.n_tasks - 1
+        if task < self.start_task or self.epochs == 0:
+            return
+        device = strategy.device
+        classes = torch.tensor(model.task_classes[task], device=device)
+        with torch.no_grad():
+            text = model.task_text_features(task)
+        head = TaskHead(text, self.logit_scale).to(device)
+        params = list(head.parameters())
+        use_lora = model.lora is not None
+        if use_lora:
+            adapter = f"task{task}"
+            model.lora.add(adapter)
+            params += model.lora.parameters(adapter)
+            dataset = strategy.experience.dataset.train()
+        else:
+            feats, labels = strategy.current_features
+            dataset = TensorDataset(feats, labels)
+        optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
+                                    weight_decay=self.weight_decay)
+        generator = torch.Generator().manual_seed(self.seed * 6007 + task)
+        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=True,
+                            generator=generator)
+        self.losses = []
+        head.train()
+        for _ in tqdm(range(self.epochs), desc=f"stage 2, task {task}", leave=False):
+            total, count = 0.0, 0
+            for batch in loader:
+                x, y = batch[0].to(device), batch[1].to(device)
+                with strategy.autocast():
+                    if use_lora:
+                        with model.lora.using(adapter):
+                            x = model.encode_images(x)
+                    logits = head(x)
+                target = (y[:, None] == classes[None, :]).float().argmax(1)
+                loss = F.cross_entropy(logits.float(), target)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(y)
+                count += len(y)
+            self.losses.append(total / max(count, 1))
+        head.eval()
+        head.requires_grad_(False)
+        for param in params:
+            param.requires_grad_(False)
+        model.heads[str(task)] = head

@@ -1,0 +1,268 @@
+"""``CLIPHingeStrategy``: the method as an Avalanche ``SupervisedTemplate``."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from avalanche.training.plugins import SupervisedPlugin
+from avalanche.training.plugins.evaluation import default_evaluator
+from avalanche.training.templates import SupervisedTemplate
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from .config import CLIPHingeConfig, ConfigError
+from .model.backbone import load_clip
+from .model.clip_hinge import CLIPHingeModel
+from .plugins.gaussian_replay import GaussianReplayPlugin
+from .plugins.hard_pair_hinge import HardPairHingePlugin
+from .plugins.second_stage import SecondStagePlugin
+
+
+def build_model(config: CLIPHingeConfig, class_names: Sequence[str],
+                device: str | torch.device = "cpu") -> CLIPHingeModel:
+    """Load the backbone named by ``config`` and wrap it in a ``CLIPHingeModel``."""
+    backbone = load_clip(config.model_name, config.pretrained, device=device)
+    lora = ((config.lora_layers, config.lora_rank, config.lora_alpha)
+            if config.use_lora_in_second_stage and config.second_stage_epochs > 0 else None)
+    return CLIPHingeModel(backbone, class_names, n_ctx=config.n_ctx, ctx_init=config.ctx_init,
+                          prompt_template=config.prompt_template,
+                          use_image_adapter=config.use_image_adapter,
+                          fusion_weight=config.second_stage_fusion_weight, lora=lora,
+                          seed=config.seed).to(device)
+
+
+def default_plugins(config: CLIPHingeConfig) -> List[SupervisedPlugin]:
+    """The plugins the config asks for: replay, hinge and stage 2 (each only when enabled)."""
+    plugins: List[SupervisedPlugin] = []
+    if config.samples_per_old_class > 0:
+        plugins.append(GaussianReplayPlugin(samples_per_old_class=config.samples_per_old_class,
+                                            seed=config.seed))
+    if config.text_use_hinge_loss or config.use_image_hinge_loss:
+        plugins.append(HardPairHingePlugin.from_config(config))
+    if config.second_stage_epochs > 0:
+        plugins.append(SecondStagePlugin.from_config(config))
+    return plugins
+
+
+class CLIPHingeStrategy(SupervisedTemplate):
+    """Class-incremental learning with a frozen CLIP, class-specific prompts and hinge losses.
+
+    Stage 1 (every experience): the new task's prompts are trained with cross-entropy over all
+    classes seen so far (no task id at test time), plus the loss terms of the plugins:
+    Gaussian replay of old-class features, hinge losses on hard old/new pairs. Stage 2 (the
+    ``SecondStagePlugin``) trains a per-task linear head after stage 1; evaluation fuses
+    ``clip + alpha * head``. Frozen CLIP weights never enter the optimizer.
+
+    With ``cache_features`` (default) every image goes through the frozen encoder once per
+    experience: the training loop and evaluation then run on ``[batch, dim]`` features.
+
+    Args:
+        config: the method's settings.
+        class_names: names indexed by the stream's class ids (``len`` = number of classes).
+        model: a ready ``CLIPHingeModel`` (default: built from ``config``).
+        plugins: extra Avalanche plugins; a method plugin passed here replaces the default one.
+        use_default_plugins: add the replay, hinge and stage-2 plugins the config asks for
+            (those of a type already in ``plugins`` are not added twice). ``False`` runs only
+            the plugins passed by hand.
+        evaluator: an Avalanche ``EvaluationPlugin`` (or factory).
+        device: torch device.
+        eval_every: Avalanche's periodic evaluation (-1: only when ``eval`` is called).
+    """
+
+    def __init__(self, *, config: CLIPHingeConfig, class_names: Sequence[str],
+                 model: Optional[CLIPHingeModel] = None,
+                 plugins: Optional[Sequence[SupervisedPlugin]] = None,
+                 use_default_plugins: bool = True, evaluator=default_evaluator,
+                 device: str | torch.device = "cpu", eval_every: int = -1):
+        if not isinstance(config, CLIPHingeConfig):
+            raise ConfigError(f"config must be a CLIPHingeConfig, got {type(config).__name__}; "
+                              "use CLIPHingeConfig.from_json(path)")
+        config.check_class_count(len(class_names), "class_names")
+        device = torch.device(device)
+        if model is None:
+            model = build_model(config, class_names, device)
+        plugins = list(plugins or [])
+        if use_default_plugins:
+            given = {type(p) for p in plugins}
+            plugins += [p for p in default_plugins(config) if type(p) not in given]
+        # Avalanche needs an optimizer object now; make_optimizer replaces it per experience
+        # with one over the trainable prompts only.
+        placeholder = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=config.lr)
+        super().__init__(model=model, optimizer=placeholder, criterion=torch.nn.CrossEntropyLoss(),
+                         train_mb_size=config.batch_size, train_epochs=config.init_epochs,
+                         eval_mb_size=config.eval_batch_size, device=device, plugins=plugins,
+                         evaluator=evaluator, eval_every=eval_every)
+        self.config = config
+        self.class_names = list(class_names)
+        self.current_task = -1
+        self.replay_features: Optional[Tensor] = None
+        self.replay_labels: Optional[Tensor] = None
+        self.replay_scores: Optional[Tensor] = None
+        self.current_features: Optional[Tuple[Tensor, Tensor]] = None
+        self._eval_cache: Dict[Tuple[str, int], TensorDataset] = {}
+
+    # ---- helpers used by plugins ----------------------------------------------------------
+    def generator(self, *parts: int) -> torch.Generator:
+        """A CPU generator seeded from ``config.seed`` and ``parts`` (task, epoch, ...).
+
+        Every random draw of a run comes from such a generator, so an experience replays
+        identically whether the run is fresh or resumed.
+        """
+        seed = self.config.seed
+        for part in parts:
+            seed = seed * 1_000_003 + int(part)
+        return torch.Generator().manual_seed(seed % (2 ** 63))
+
+    def autocast(self):
+        """bf16 autocast on CUDA when ``precision == 'bf16'``; a no-op context otherwise."""
+        if self.config.precision == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    @property
+    def features_cacheable(self) -> bool:
+        """Whether training and eval may run on cached frozen features (no LoRA re-encoding)."""
+        return self.config.cache_features and self.model.lora is None
+
+    @torch.no_grad()
+    def extract_features(self, dataset, desc: str = "features") -> Tuple[Tensor, Tensor]:
+        """Frozen image features of a dataset of ``(image, label, ...)`` items.
+
+        Returns ``(features [n, dim] float32 on CPU, labels [n] long)``.
+        """
+        loader = DataLoader(dataset, batch_size=self.config.eval_batch_size, shuffle=False,
+                            num_workers=self.config.num_workers,
+                            pin_memory=self.device.type == "cuda")
+        feats, labels = [], []
+        for batch in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 2):
+            with self.autocast():
+                feats.append(self.model.encode_images(batch[0].to(self.device)).float().cpu())
+            labels.append(torch.as_tensor(batch[1]).long())
+        if not feats:
+            raise ValueError(f"{desc}: the experience has no samples; every experience needs "
+                             "training data (check the stream's split)")
+        return torch.cat(feats), torch.cat(labels)
+
+    # ---- training -------------------------------------------------------------------------
+    def _before_training_exp(self, **kwargs):
+        classes = [int(c) for c in self.experience.classes_in_this_experience]
+        task = self.model.n_tasks
+        expected = self.config.task_size(task)
+        if len(classes) != expected:
+            raise ConfigError(f"experience {task} has {len(classes)} classes but the config "
+                              f"expects {expected} (init_class={self.config.init_class}, "
+                              f"increment={self.config.increment}); make them agree")
+        if task >= self.config.total_tasks:
+            raise ConfigError(f"experience {task} is beyond total_tasks="
+                              f"{self.config.total_tasks}; raise total_tasks")
+        self.current_task = self.model.add_task(classes)
+        trainable = range(task + 1) if self.config.update_old_text_prompts else [task]
+        self.model.set_trainable_prompts(list(trainable))
+        self.train_epochs = self.config.init_epochs if task == 0 else self.config.epochs
+        super()._before_training_exp(**kwargs)
+
+    def train_dataset_adaptation(self, **kwargs):
+        """One frozen-encoder pass: fits the new classes' Gaussians; feeds the cache."""
+        super().train_dataset_adaptation(**kwargs)
+        feats, labels = self.extract_features(self.adapted_dataset,
+                                              desc=f"train features, task {self.current_task}")
+        self.model.gaussians.fit(feats.to(self.device), labels.to(self.device),
+                                 shrinkage=self.config.covariance_shrinkage,
+                                 jitter=self.config.covariance_jitter)
+        self.current_features = (feats, labels)
+        if self.features_cacheable:
+            self.adapted_dataset = TensorDataset(feats, labels, torch.zeros_like(labels))
+
+    def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None,
+                              persistent_workers=False, drop_last=False, **kwargs):
+        """A seeded, shuffled loader over the (cached or image) training data."""
+        workers = 0 if isinstance(self.adapted_dataset, TensorDataset) else \
+            self.config.num_workers
+        self.dataloader = DataLoader(self.adapted_dataset, batch_size=self.train_mb_size,
+                                     shuffle=shuffle, drop_last=drop_last,
+                                     num_workers=workers,
+                                     pin_memory=self.device.type == "cuda",
+                                     generator=self.generator(self.current_task, 1))
+
+    def make_optimizer(self, **kwargs):
+        """Adam over the trainable prompts (and the adapter): never the frozen CLIP."""
+        params = [p.ctx for p in self.model.prompts if p.ctx.requires_grad]
+        if self.model.adapter is not None:
+            params += list(self.model.adapter.parameters())
+        lr = self.config.init_lr if self.current_task == 0 else self.config.lr
+        self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=self.config.weight_decay)
+
+    def epoch_lr(self, epoch: int) -> float:
+        """Stage-1 learning rate at ``epoch`` (0-based) of the current task (step decay)."""
+        base = self.config.init_lr if self.current_task == 0 else self.config.lr
+        steps = sum(1 for e in self.config.lr_decay_epochs if epoch >= e)
+        return base * self.config.lr_decay_factor ** steps
+
+    def _before_training_epoch(self, **kwargs):
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.epoch_lr(self.clock.train_exp_epochs)
+        super()._before_training_epoch(**kwargs)
+
+    def _before_training_iteration(self, **kwargs):
+        self.replay_features = self.replay_labels = self.replay_scores = None
+        super()._before_training_iteration(**kwargs)
+
+    def forward(self):
+        """Scores of the minibatch ``[b, n_classes]``; replayed features scored alongside."""
+        with self.autocast():
+            output = self.model(self.mb_x)
+            if self.is_training and self.replay_features is not None:
+                self.replay_scores = self.model.seen_scores(self.replay_features)
+        return output
+
+    def criterion(self):
+        """Cross-entropy over the seen classes, on real samples plus replayed features.
+
+        In evaluation, samples of classes not seen yet (future experiences of the test
+        stream) are left out of the loss; an experience made only of them reports loss 0.
+        """
+        seen = torch.tensor(self.model.seen_classes, device=self.device)
+        logits = self.mb_output[:, seen].float()
+        targets = self.model.column_of[self.mb_y]
+        if self.is_training and self.replay_scores is not None:
+            logits = torch.cat([logits, self.replay_scores.float()])
+            targets = torch.cat([targets, self.model.column_of[self.replay_labels]])
+        if not self.is_training:
+            keep = targets >= 0
+            if not keep.any():
+                return torch.zeros((), device=self.device)
+            logits, targets = logits[keep], targets[keep]
+        return F.cross_entropy(logits, targets)
+
+    def _after_training_exp(self, **kwargs):
+        self.model.set_trainable_prompts([])
+        super()._after_training_exp(**kwargs)
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def eval_dataset_adaptation(self, **kwargs):
+        """Use cached test features when the image path is frozen (computed once per experience)."""
+        super().eval_dataset_adaptation(**kwargs)
+        if not self.features_cacheable:
+            return
+        key = (self.experience.origin_stream.name, self.experience.current_experience)
+        if key not in self._eval_cache:
+            feats, labels = self.extract_features(self.adapted_dataset,
+                                                  desc=f"{key[0]} features, exp {key[1]}")
+            self._eval_cache[key] = TensorDataset(feats, labels, torch.zeros_like(labels))
+        self.adapted_dataset = self._eval_cache[key]
+
+    def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None,
+                             persistent_workers=False, **kwargs):
+        """A plain ordered loader over the (cached or image) eval data."""
+        workers = 0 if isinstance(self.adapted_dataset, TensorDataset) else \
+            self.config.num_workers
+        self.dataloader = DataLoader(self.adapted_dataset, batch_size=self.eval_mb_size,
+                                     shuffle=False, num_workers=workers,
+                                     pin_memory=self.device.type == "cuda")
+
+    def eval_epoch(self, **kwargs):
+        with torch.no_grad():
+            super().eval_epoch(**kwargs)
