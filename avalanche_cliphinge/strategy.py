@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from .config import CLIPHingeConfig, ConfigError
-from .model.backbone import load_clip
+from .model.backbone import CLIPBackbone, load_clip
 from .model.clip_hinge import CLIPHingeModel
 from .plugins.gaussian_replay import GaussianReplayPlugin
 from .plugins.hard_pair_hinge import HardPairHingePlugin
@@ -22,9 +22,11 @@ from .plugins.second_stage import SecondStagePlugin
 
 
 def build_model(config: CLIPHingeConfig, class_names: Sequence[str],
-                device: str | torch.device = "cpu") -> CLIPHingeModel:
-    """Load the backbone named by ``config`` and wrap it in a ``CLIPHingeModel``."""
-    backbone = load_clip(config.model_name, config.pretrained, device=device)
+                device: str | torch.device = "cpu",
+                backbone: Optional[CLIPBackbone] = None) -> CLIPHingeModel:
+    """Wrap ``backbone`` (default: the one ``config`` names, loaded now) in a ``CLIPHingeModel``."""
+    if backbone is None:
+        backbone = load_clip(config.model_name, config.pretrained, device=device)
     lora = ((config.lora_layers, config.lora_rank, config.lora_alpha)
             if config.use_lora_in_second_stage and config.second_stage_epochs > 0 else None)
     return CLIPHingeModel(backbone, class_names, n_ctx=config.n_ctx, ctx_init=config.ctx_init,
@@ -101,6 +103,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
         self.replay_features: Optional[Tensor] = None
         self.replay_labels: Optional[Tensor] = None
         self.replay_scores: Optional[Tensor] = None
+        self.loss_terms: Dict[str, Tensor] = {}
         self.current_features: Optional[Tuple[Tensor, Tensor]] = None
         self._eval_cache: Dict[Tuple[str, int], TensorDataset] = {}
 
@@ -208,7 +211,18 @@ class CLIPHingeStrategy(SupervisedTemplate):
 
     def _before_training_iteration(self, **kwargs):
         self.replay_features = self.replay_labels = self.replay_scores = None
+        self.loss_terms = {}
         super()._before_training_iteration(**kwargs)
+
+    def backward(self):
+        """Backward pass; a NaN or Inf loss stops the run naming the step and the terms."""
+        if not torch.isfinite(self.loss).all():
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in self.loss_terms.items())
+            raise FloatingPointError(
+                f"non-finite loss at task {self.current_task}, epoch "
+                f"{self.clock.train_exp_epochs}, iteration {self.clock.train_epoch_iterations}"
+                f" ({terms}); lower lr or check the data. Earlier checkpoints are intact")
+        super().backward()
 
     def forward(self):
         """Scores of the minibatch ``[b, n_classes]``; replayed features scored alongside."""
@@ -235,7 +249,10 @@ class CLIPHingeStrategy(SupervisedTemplate):
             if not keep.any():
                 return torch.zeros((), device=self.device)
             logits, targets = logits[keep], targets[keep]
-        return F.cross_entropy(logits, targets)
+        loss = F.cross_entropy(logits, targets)
+        if self.is_training:
+            self.loss_terms["cross_entropy"] = loss.detach()
+        return loss
 
     def _after_training_exp(self, **kwargs):
         self.model.set_trainable_prompts([])
@@ -262,7 +279,3 @@ class CLIPHingeStrategy(SupervisedTemplate):
         self.dataloader = DataLoader(self.adapted_dataset, batch_size=self.eval_mb_size,
                                      shuffle=False, num_workers=workers,
                                      pin_memory=self.device.type == "cuda")
-
-    def eval_epoch(self, **kwargs):
-        with torch.no_grad():
-            super().eval_epoch(**kwargs)

@@ -105,9 +105,9 @@ class HardPairHingePlugin(SupervisedPlugin):
     def before_backward(self, strategy, **kwargs):
         if self.text_pairs:
             loss = self.pair_loss(strategy, self.text_pairs, self.text_margin)
-            self.last_losses["text"] = float(loss.detach())
+            self.last_losses["text"] = strategy.loss_terms["text_hinge"] = loss.detach()
             strategy.loss = strategy.loss + self.text_weight * loss
         if self.image_pairs:
             loss = self.pair_loss(strategy, self.image_pairs, self.image_margin)
-            self.last_losses["image"] = float(loss.detach())
+            self.last_losses["image"] = strategy.loss_terms["image_hinge"] = loss.detach()
             strategy.loss = strategy.loss + self.image_weight * loss

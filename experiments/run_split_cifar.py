@@ -1,0 +1,29 @@
+#!/usr/bin/env python
+"""Class-incremental CIFAR-100 (B0 Inc10 by default) with CLIPHingeStrategy.
+
+    python experiments/run_split_cifar.py --data-root data --output-dir runs/cifar100
+    python experiments/run_split_cifar.py --preset smoke      # offline, tiny CLIP, < 1 min
+
+Data: ``<data-root>/cifar-100-python/{train,test,meta}`` (torchvision's layout); ``--download``
+fetches it on a machine with internet.
+"""
+import sys
+
+from avalanche_cliphinge.cli import main
+
+
+def cifar_stream(args, config, backbone):
+    """Avalanche's SplitCIFAR100 (or nc_benchmark for unequal tasks) with CLIP's transforms."""
+    from benchmarks import split_cifar100
+
+    order = list(range(100)) if config.class_order == "natural" else config.class_order
+    return split_cifar100(args.data_root, init_class=config.init_class,
+                          increment=config.increment, class_order=order,
+                          train_transform=(backbone.train_transform if args.augment
+                                           else backbone.eval_transform),
+                          eval_transform=backbone.eval_transform, download=args.download)
+
+
+if __name__ == "__main__":
+    sys.exit(main(None, __doc__.splitlines()[0], "experiments/configs/cifar100_split.json",
+                  cifar_stream))
