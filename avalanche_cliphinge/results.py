@@ -85,7 +85,8 @@ def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], path=None):
 
     acc = np.asarray(matrix, dtype=float)
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * acc.shape[1], 1.0 + 0.5 * acc.shape[0]))
-    image = ax.imshow(acc, vmin=0, vmax=100, cmap="viridis")
+    upper = np.triu(np.ones_like(acc, dtype=bool), k=1)[:, :acc.shape[1]]
+    image = ax.imshow(np.ma.masked_array(acc, upper), vmin=0, vmax=100, cmap="viridis")
     for t in range(acc.shape[0]):
         for j in range(acc.shape[1]):
             if j <= t:
