@@ -151,7 +151,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
 
     # ---- training -------------------------------------------------------------------------
     def _before_training_exp(self, **kwargs):
-        classes = [int(c) for c in self.experience.classes_in_this_experience]
+        classes = sorted(int(c) for c in self.experience.classes_in_this_experience)
         task = self.model.n_tasks
         expected = self.config.task_size(task)
         if len(classes) != expected:

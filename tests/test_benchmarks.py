@@ -1,0 +1,434 @@
+"""Stream builders, offline: a tiny CIFAR-100 in torchvision's on-disk format, a generated
+ImageNet-R tree, the shared real CIFAR-10 JPEG subset, and the synthetic stream."""
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets.cifar as tv_cifar
+from PIL import Image
+
+import benchmarks
+from benchmarks import (
+    CIFAR100_ORDERS,
+    IMAGENET_R_CLASS_NAMES,
+    IMAGENET_R_WNIDS,
+    StreamBundle,
+    check_task_split,
+    split_cifar100,
+    split_image_folder,
+    split_imagenet_r,
+    synthetic,
+)
+
+SHARED_JPEGS = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg-subset"
+CIFAR10_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
+
+
+def experience_classes(bundle: StreamBundle) -> list[list[int]]:
+    """Classes of each experience in task order; Avalanche's own lists come from sets."""
+    ordered = [bundle.classes_in_experience(k) for k in range(bundle.n_experiences)]
+    from_avalanche = [list(e.classes_in_this_experience) for e in bundle.benchmark.train_stream]
+    assert [set(c) for c in ordered] == [set(c) for c in from_avalanche]
+    return ordered
+
+
+def items(dataset):
+    return [dataset[i] for i in range(len(dataset))]
+
+
+# ---------------------------------------------------------------- CIFAR-100 (real code path)
+CIFAR_TRAIN_PER_CLASS, CIFAR_TEST_PER_CLASS = 2, 1
+
+
+def _cifar_batch(per_class: int) -> dict:
+    # Every pixel of an image of class k holds the value k, so a test can read the class back
+    # from the image and check that the target was not remapped.
+    labels = [k for k in range(100) for _ in range(per_class)]
+    data = np.repeat(np.asarray(labels, dtype=np.uint8)[:, None], 3072, axis=1)
+    # torchvision unpickles with encoding="latin1" and reads str keys ("data", "fine_labels"):
+    # the official Python-2 pickles store str keys, so a Python-3 writer must too.
+    return {
+        "batch_label": "tiny batch",
+        "filenames": [f"img_{i}.png" for i in range(len(labels))],
+        "data": data,
+        "fine_labels": labels,
+        "coarse_labels": [k // 5 for k in labels],
+    }
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    folder = root / "cifar-100-python"
+    folder.mkdir()
+    files = {
+        "train": _cifar_batch(CIFAR_TRAIN_PER_CLASS),
+        "test": _cifar_batch(CIFAR_TEST_PER_CLASS),
+        "meta": {
+            "fine_label_names": [f"fine_label_{k:02d}" for k in range(100)],
+            "coarse_label_names": [f"coarse_{k}" for k in range(20)],
+        },
+    }
+    for name, content in files.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump(content, f)
+    return root
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Any download attempt fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a download was attempted: {args} {kwargs}")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", refuse)
+
+
+@pytest.fixture
+def offline_cifar(cifar_root, monkeypatch, no_download):
+    # The tiny files cannot match torchvision's md5 sums of the real release.
+    monkeypatch.setattr(tv_cifar.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+    return cifar_root
+
+
+def test_cifar_b50_inc10_uses_per_exp_classes(offline_cifar):
+    bundle = split_cifar100(offline_cifar, init_class=50, increment=10, class_order="icarl")
+    order = CIFAR100_ORDERS["icarl"]
+    assert bundle.n_experiences == 6
+    assert [len(c) for c in experience_classes(bundle)] == [50, 10, 10, 10, 10, 10]
+    assert experience_classes(bundle)[0] == order[:50]
+    assert experience_classes(bundle)[1] == order[50:60]
+    train_sizes = [len(exp.dataset) for exp in bundle.benchmark.train_stream]
+    test_sizes = [len(exp.dataset) for exp in bundle.benchmark.test_stream]
+    assert train_sizes == [100, 20, 20, 20, 20, 20]
+    assert test_sizes == [50, 10, 10, 10, 10, 10]
+    assert bundle.protocol["classes_per_experience"] == [50, 10, 10, 10, 10, 10]
+    assert bundle.protocol["train_sizes"] == train_sizes
+    assert bundle.protocol["test_size"] == 100
+    assert list(bundle.benchmark.classes_order) == order
+    json.dumps(bundle.protocol)
+
+
+def test_cifar_equal_tasks_go_through_avalanche_split_cifar100(offline_cifar, monkeypatch):
+    import benchmarks.cifar100 as module
+
+    calls = []
+    real = module.SplitCIFAR100
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "SplitCIFAR100", spy)
+    bundle = split_cifar100(offline_cifar, init_class=10, increment=10, class_order="rapf")
+    assert len(calls) == 1 and calls[0]["n_experiences"] == 10
+    assert calls[0]["fixed_class_order"] == CIFAR100_ORDERS["rapf"]
+    assert [len(c) for c in experience_classes(bundle)] == [10] * 10
+    assert [len(e.dataset) for e in bundle.benchmark.train_stream] == [20] * 10
+    assert [len(e.dataset) for e in bundle.benchmark.test_stream] == [10] * 10
+
+
+def test_cifar_targets_are_original_ids_and_names_follow_meta(offline_cifar):
+    bundle = split_cifar100(offline_cifar, init_class=50, increment=10, class_order="pycil")
+    assert bundle.class_names[7] == "fine label 07"
+    assert len(bundle.class_names) == 100
+    for stream in (bundle.benchmark.train_stream, bundle.benchmark.test_stream):
+        for exp in (stream[0], stream[3]):
+            for image, target, task in items(exp.dataset):
+                assert target in exp.classes_in_this_experience
+                # The pixel value written for class k comes back as k / 255 after ToTensor().
+                assert round(image[0, 0, 0].item() * 255) == target
+                assert task == 0
+
+
+@pytest.mark.parametrize(
+    "name, first",
+    [("icarl", [87, 0, 52, 58, 44]), ("rapf", [99, 71, 95, 8, 57]), ("pycil", None)],
+)
+def test_cifar_named_orders(offline_cifar, name, first):
+    expected = np.random.RandomState(1993).permutation(100).tolist() if first is None else None
+    bundle = split_cifar100(offline_cifar, init_class=20, increment=20, class_order=name)
+    if first is not None:
+        assert bundle.class_order[:5] == first
+    else:
+        assert bundle.class_order == expected
+    assert sorted(bundle.class_order) == list(range(100))
+    assert experience_classes(bundle)[0] == bundle.class_order[:20]
+    assert bundle.protocol["class_order_name"] == name
+
+
+def test_cifar_explicit_order_and_bad_orders(offline_cifar):
+    order = list(range(99, -1, -1))
+    bundle = split_cifar100(offline_cifar, init_class=50, increment=50, class_order=order)
+    assert experience_classes(bundle)[0] == order[:50]
+    assert bundle.protocol["class_order_name"] == "explicit"
+    with pytest.raises(ValueError, match=r"permutation of 0\.\.99.*repeated \[1\]"):
+        split_cifar100(offline_cifar, class_order=[1] + list(range(1, 100)))
+    with pytest.raises(ValueError, match="permutation of 0..99"):
+        split_cifar100(offline_cifar, class_order=list(range(50)))
+    with pytest.raises(ValueError, match="Unknown CIFAR-100 class_order 'der'"):
+        split_cifar100(offline_cifar, class_order="der")
+
+
+def test_cifar_missing_root_is_a_one_line_error_without_download(tmp_path, no_download):
+    with pytest.raises(FileNotFoundError) as error:
+        split_cifar100(tmp_path / "nowhere")
+    message = str(error.value)
+    assert "cifar-100-python" in message and "--download" in message
+    assert "\n" not in message
+
+
+def test_cifar_corrupt_files_are_an_error_not_a_download(cifar_root, no_download):
+    # Without the md5 patch the tiny files fail torchvision's check, as corrupt files would.
+    with pytest.raises(ValueError, match="md5"):
+        split_cifar100(cifar_root)
+
+
+def test_cifar_class_count_mismatch(offline_cifar):
+    with pytest.raises(ValueError) as error:
+        split_cifar100(offline_cifar, init_class=50, increment=15)
+    message = str(error.value)
+    assert "100 classes" in message and "init_class=50, increment=15" in message
+    assert "[1, 2, 5, 10, 25, 50]" in message
+
+
+# ---------------------------------------------------------------- ImageNet-R
+IMAGENET_R_SUBSET = [IMAGENET_R_WNIDS[i] for i in (0, 7, 120, 199)]
+IMAGES_PER_WNID = 10
+
+
+def _identity(image: torch.Tensor) -> tuple[int, int]:
+    """(class position, file index) painted into a generated ImageNet-R image."""
+    red, green = (image[:2].mean(dim=(1, 2)) * 255).tolist()
+    return round(red / 50), round(green / 20)
+
+
+@pytest.fixture(scope="module")
+def imagenet_r_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inr")
+    for position, wnid in enumerate(IMAGENET_R_SUBSET):
+        folder = root / "imagenet-r" / wnid
+        folder.mkdir(parents=True)
+        for i in range(IMAGES_PER_WNID):
+            colour = (50 * position, 20 * i, 128)
+            Image.new("RGB", (12, 10), colour).save(folder / f"art_{i}.jpg", quality=95)
+    return root
+
+
+def _imagenet_r(root, **kwargs):
+    with pytest.warns(UserWarning, match="4 of the 200 class folders"):
+        return split_imagenet_r(root, init_class=2, increment=2, **kwargs)
+
+
+def _split_identities(bundle):
+    return [
+        sorted(_identity(x) for stream in [bundle.benchmark.train_stream]
+               for exp in stream for x, _, _ in items(exp.dataset)),
+        sorted(_identity(x) for exp in bundle.benchmark.test_stream
+               for x, _, _ in items(exp.dataset)),
+    ]
+
+
+def test_imagenet_r_seeded_split_is_deterministic(imagenet_r_root):
+    bundle = _imagenet_r(imagenet_r_root)
+    assert bundle.class_names == [
+        IMAGENET_R_CLASS_NAMES[IMAGENET_R_WNIDS.index(w)] for w in IMAGENET_R_SUBSET
+    ]
+    assert bundle.class_names[0] == "goldfish"
+    assert experience_classes(bundle) == [[0, 1], [2, 3]]
+    assert bundle.protocol["train_sizes"] == [16, 16]
+    assert bundle.protocol["test_sizes"] == [4, 4]
+    train, test = _split_identities(bundle)
+    for c in range(4):
+        assert sum(1 for cls, _ in train if cls == c) == 8
+        assert sum(1 for cls, _ in test if cls == c) == 2
+    assert not set(train) & set(test)
+    for exp in bundle.benchmark.train_stream:
+        for image, target, _ in items(exp.dataset):
+            assert _identity(image)[0] == target
+
+    # Also accepted: root pointing inside imagenet-r/.
+    again = _imagenet_r(imagenet_r_root / "imagenet-r")
+    assert _split_identities(again) == [train, test]
+    other_seed = _imagenet_r(imagenet_r_root, seed=0)
+    assert _split_identities(other_seed)[0] != train
+    assert bundle.protocol["seed"] == 1993 and other_seed.protocol["seed"] == 0
+
+
+def test_imagenet_r_full_table_is_200_sorted_classes():
+    assert len(IMAGENET_R_WNIDS) == len(set(IMAGENET_R_WNIDS)) == 200
+    assert IMAGENET_R_WNIDS == sorted(IMAGENET_R_WNIDS)
+    assert len(set(IMAGENET_R_CLASS_NAMES)) == 200
+    assert IMAGENET_R_CLASS_NAMES[IMAGENET_R_WNIDS.index("n01443537")] == "goldfish"
+    assert IMAGENET_R_CLASS_NAMES[-1] == "acorn"
+
+
+def test_imagenet_r_split_lists_are_honoured_exactly(imagenet_r_root, tmp_path):
+    train_lines, test_lines, expected_train = [], [], []
+    for position, wnid in enumerate(IMAGENET_R_SUBSET):
+        for i in range(IMAGES_PER_WNID):
+            line = f"imagenet-r/{wnid}/art_{i}.jpg {position}"
+            if i % 3 == 0:
+                test_lines.append(line)
+            else:
+                train_lines.append(line)
+                expected_train.append((position, i))
+    (tmp_path / "train.txt").write_text("\n".join(train_lines) + "\n\n")
+    (tmp_path / "test.txt").write_text("\n".join(test_lines))
+    bundle = _imagenet_r(imagenet_r_root, split=tmp_path)
+    train, test = _split_identities(bundle)
+    assert train == sorted(expected_train)
+    assert test == sorted((p, i) for p in range(4) for i in (0, 3, 6, 9))
+    assert bundle.protocol["seed"] is None
+    assert set(bundle.protocol["split_md5"]) == {"train.txt", "test.txt"}
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ("imagenet-r/{w}/art_1.jpg", "expected `relative/path label`"),
+        ("imagenet-r/{w}/art_1.jpg one", "label 'one' is not an integer"),
+        ("imagenet-r/{w}/art_1.jpg 4", r"label 4 outside 0\.\.3"),
+        ("imagenet-r/{w}/art_99.jpg 0", "does not exist"),
+        ("imagenet-r/{w}/art_1.jpg 2", "label 2 but n01443537 is class 0"),
+    ],
+)
+def test_imagenet_r_bad_list_line_names_file_and_line(imagenet_r_root, tmp_path, bad_line,
+                                                      message):
+    wnid = IMAGENET_R_SUBSET[0]
+    lines = [f"{wnid}/art_0.jpg 0", "", bad_line.format(w=wnid)]
+    (tmp_path / "train.txt").write_text("\n".join(lines))
+    (tmp_path / "test.txt").write_text(f"{wnid}/art_2.jpg 0\n")
+    with pytest.raises(ValueError, match=message) as error:
+        _imagenet_r(imagenet_r_root, split=tmp_path)
+    assert f"{tmp_path / 'train.txt'}, line 3" in str(error.value)
+
+
+def test_imagenet_r_missing_data_and_lists(tmp_path, imagenet_r_root):
+    (tmp_path / "imagenet-r" / "not_a_wnid").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as error:
+        split_imagenet_r(tmp_path)
+    message = str(error.value)
+    assert "<root>/imagenet-r/<wnid>/*.jpg" in message and "imagenet-r.tar" in message
+    assert "\n" not in message
+    with pytest.raises(FileNotFoundError, match="train.txt"):
+        _imagenet_r(imagenet_r_root, split=tmp_path / "no_lists")
+
+
+# ---------------------------------------------------------------- image folders (real JPEGs)
+def test_image_folder_on_real_cifar10_jpegs():
+    bundle = split_image_folder(SHARED_JPEGS, init_class=4, increment=2)
+    assert bundle.class_names == CIFAR10_CLASSES
+    assert bundle.class_order == list(range(10))
+    assert experience_classes(bundle) == [[0, 1, 2, 3], [4, 5], [6, 7], [8, 9]]
+    assert bundle.protocol["train_sizes"] == [160, 80, 80, 80]
+    assert bundle.protocol["test_sizes"] == [40, 20, 20, 20]
+    image, target, _ = bundle.benchmark.train_stream[1].dataset[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert target in (4, 5)
+    raw = Image.open(SHARED_JPEGS / "train/deer/0000.jpg")
+    assert raw.size == (32, 32) and raw.mode == "RGB"
+
+
+def test_image_folder_explicit_order_and_transform():
+    order = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    seen = []
+
+    def transform(image):
+        seen.append(image.size)
+        return torch.zeros(1)
+
+    bundle = split_image_folder(
+        SHARED_JPEGS, init_class=2, increment=2, class_order=order, eval_transform=transform
+    )
+    assert experience_classes(bundle)[0] == [9, 8]
+    image, target, _ = bundle.benchmark.test_stream[0].dataset[0]
+    assert target in (8, 9) and seen == [(32, 32)] and image.shape == (1,)
+
+
+def test_image_folder_layout_errors(tmp_path):
+    for side, classes in (("train", ["a_b", "c"]), ("test", ["a_b"])):
+        for name in classes:
+            (tmp_path / side / name).mkdir(parents=True)
+            Image.new("RGB", (4, 4)).save(tmp_path / side / name / "0.png")
+    with pytest.raises(ValueError, match=r"only in train: \['c'\], only in test: \[\]"):
+        split_image_folder(tmp_path, init_class=1, increment=1)
+    with pytest.raises(FileNotFoundError, match="No class folders"):
+        split_image_folder(tmp_path / "missing", init_class=1, increment=1)
+    (tmp_path / "test" / "c").mkdir()
+    with pytest.raises(ValueError, match=r"Class\(es\) 1 \(c\) have no test image"):
+        split_image_folder(tmp_path, init_class=1, increment=1)
+    Image.new("RGB", (4, 4)).save(tmp_path / "test" / "c" / "0.jpg")
+    bundle = split_image_folder(tmp_path, init_class=1, increment=1)
+    assert bundle.class_names == ["a b", "c"]
+
+
+def test_class_count_mismatch_error():
+    with pytest.raises(ValueError) as error:
+        split_image_folder(SHARED_JPEGS, init_class=4, increment=4)
+    message = str(error.value)
+    assert "10 classes" in message and "init_class=4, increment=4" in message
+    assert "(one of [1, 2, 3, 6])" in message
+    with pytest.raises(ValueError, match="init_class must be at most 10"):
+        synthetic(n_classes=10, init_class=12, increment=2)
+    assert check_task_split(100, 50, 10) == 6
+    with pytest.raises(ValueError, match=r"total_tasks=10 does not fit.*give 6 tasks"):
+        check_task_split(100, 50, 10, total_tasks=10)
+
+
+# ---------------------------------------------------------------- synthetic
+def _stack(stream):
+    pairs = [(x, y) for exp in stream for x, y, _ in items(exp.dataset)]
+    return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
+
+
+def test_synthetic_is_deterministic_with_shapes_and_counts():
+    a = synthetic(n_classes=6, init_class=2, increment=2, train_per_class=5, test_per_class=3)
+    b = synthetic(n_classes=6, init_class=2, increment=2, train_per_class=5, test_per_class=3)
+    c = synthetic(n_classes=6, init_class=2, increment=2, train_per_class=5, test_per_class=3,
+                  seed=1)
+    xa, ya = _stack(a.benchmark.train_stream)
+    xb, yb = _stack(b.benchmark.train_stream)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(xa, _stack(c.benchmark.train_stream)[0])
+    assert xa.shape == (30, 3, 32, 32) and xa.dtype == torch.float32
+    assert experience_classes(a) == [[0, 1], [2, 3], [4, 5]]
+    assert a.protocol["train_sizes"] == [10, 10, 10]
+    assert a.protocol["test_sizes"] == [6, 6, 6]
+    # CLIP-normalised [0, 1] images: within [(0 - mean) / std, (1 - mean) / std].
+    assert xa.min() >= -1.80 and xa.max() <= 2.15
+    assert a.class_names[:3] == ["red horizontal stripes", "green vertical stripes",
+                                 "blue diagonal stripes"]
+    big = synthetic(n_classes=120, init_class=60, increment=60, train_per_class=1,
+                    test_per_class=1, image_size=16)
+    assert len(set(big.class_names)) == 120
+    assert _stack(big.benchmark.test_stream)[0].shape == (120, 3, 16, 16)
+    json.dumps(a.protocol)
+
+
+def test_synthetic_classes_are_learnable_from_pixels():
+    """Nearest class mean on raw pixels, default 10-class stream: the bar is 90 % test accuracy
+    (measured 97 %); chance is 10 %."""
+    bundle = synthetic()
+    x_train, y_train = _stack(bundle.benchmark.train_stream)
+    x_test, y_test = _stack(bundle.benchmark.test_stream)
+    assert len(y_train) == 400 and len(y_test) == 200
+    means = torch.stack([x_train[y_train == c].flatten(1).mean(0) for c in range(10)])
+    predicted = torch.cdist(x_test.flatten(1), means).argmin(1)
+    accuracy = (predicted == y_test).float().mean().item()
+    assert accuracy > 0.9, accuracy
+
+
+def test_public_api_is_exported():
+    for name in ("StreamBundle", "split_cifar100", "split_imagenet_r", "split_image_folder",
+                 "synthetic", "CIFAR100_ORDERS", "IMAGENET_R_WNIDS", "IMAGENET_R_CLASS_NAMES"):
+        assert name in benchmarks.__all__
+    assert set(CIFAR100_ORDERS) == {"icarl", "rapf", "pycil"}
+    for order in CIFAR100_ORDERS.values():
+        assert sorted(order) == list(range(100))
