@@ -2,9 +2,12 @@
 
 Avalanche's own ``save_checkpoint`` pickles the whole strategy with dill, which fails under
 torch 2.14 (DESIGN.md section 6). A checkpoint here holds exactly what a run needs to continue
-after experience k as if it had never stopped: the learned parts of the model, the class
-statistics, the plugins' per-task choices, Avalanche's clock and forgetting-metric state,
-the RNG states, the metric history and the results so far.
+after experience k as if it had never stopped: the learned parts of the model (prompts, class
+Gaussians, stage-2 heads, image adapter, LoRA adapters; the frozen CLIP is rebuilt from the
+config), Avalanche's clock and forgetting-metric state, the RNG states, the metric history
+and results so far, the CSV line counts, the config and the stream's shape. The file
+``checkpoints/exp_<k>.pt`` is written after experience k (0-based) through a temporary file
+and a rename; the newest two are kept.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -149,16 +152,31 @@ def set_evaluator_state(evaluator, states: List[Optional[Dict[str, Any]]]) -> No
 
 
 # ---- files ----------------------------------------------------------------------------------
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+#: Config keys that change how fast a run goes, not its numbers: a resume may change them.
+RUNTIME_KEYS = ("num_workers", "feature_cache_dir", "feature_cache_max_gb")
+#: What every checkpoint holds (``load_checkpoint`` refuses a file without one of them).
+REQUIRED_KEYS = ("completed", "config", "model", "clock", "evaluator", "rng", "run", "csv_rows")
+
+
+def _umask_mode() -> int:
+    """``0o666`` minus the process umask: what ``open(path, "w")`` would have given."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _write_atomic(path: Path, mode: str, write: Callable[[Any], None]) -> None:
+    """Write through a temporary file in the same folder, fsync, rename over ``path``, fsync
+    the folder: a reader (or a crash) sees the old file or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
+        with os.fdopen(handle, mode) as file:
+            write(file)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; results are for everyone
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -171,25 +189,24 @@ def save_atomic(obj: Any, path: Path) -> None:
         os.close(directory)
 
 
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (temporary file, fsync, rename)."""
+    _write_atomic(path, "wb", lambda file: torch.save(obj, file))
+
+
 def write_text_atomic(text: str, path: Path) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
+    _write_atomic(path, "w", lambda file: file.write(text))
 
 
-def checkpoint_path(folder: Path, completed: int) -> Path:
-    """``folder/exp_<k>.pt`` for a checkpoint taken after ``completed`` experiences."""
-    return Path(folder) / f"exp_{completed:03d}.pt"
+def checkpoint_path(folder: Path, experience: int) -> Path:
+    """``folder/exp_<k>.pt``: the checkpoint taken after training and evaluating experience
+    ``k`` (0-based, as Avalanche's ``Exp<k>`` metric names)."""
+    return Path(folder) / f"exp_{experience:03d}.pt"
 
 
 def list_checkpoints(folder: Path) -> List[Tuple[int, Path]]:
-    """``(completed, path)`` of every checkpoint in ``folder``, newest first."""
+    """``(experience, path)`` of every checkpoint in ``folder``, newest first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -198,49 +215,71 @@ def list_checkpoints(folder: Path) -> List[Tuple[int, Path]]:
 
 
 def save_checkpoint(state: Dict[str, Any], folder: Path, keep: int = 2) -> Path:
-    """Write ``state`` atomically as ``exp_<completed>.pt``; keep the newest ``keep`` files."""
-    path = checkpoint_path(folder, state["completed"])
+    """Write ``state`` atomically as ``exp_<completed - 1>.pt``; keep the newest ``keep``.
+
+    The older file goes only after the new one is complete, so a crash at any moment
+    leaves at least one whole checkpoint. Temporary files of a killed save are removed.
+    """
+    folder = Path(folder)
+    path = checkpoint_path(folder, state["completed"] - 1)
+    if folder.is_dir():
+        for stale in folder.glob(".exp_*.pt.*"):
+            stale.unlink(missing_ok=True)
     save_atomic({**state, "format": FORMAT_VERSION}, path)
     for _, old in list_checkpoints(folder)[keep:]:
-        old.unlink()
+        old.unlink(missing_ok=True)
     return path
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """Read one checkpoint (``weights_only=True``); ``CheckpointError`` if unreadable."""
+    """Read one checkpoint (``weights_only=True``); ``CheckpointError`` naming the file if it
+    is unreadable, truncated, or not a checkpoint of this package."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
+        reason = (str(err).strip().splitlines() or [""])[0][:120]
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated "
-                              f"({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+                              f"({type(err).__name__}: {reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not an avalanche-cliphinge checkpoint of format "
                               f"{FORMAT_VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {', '.join(missing)})")
+    state["path"] = str(path)
     return state
 
 
-def load_latest(folder: Path, warn=print) -> Optional[Dict[str, Any]]:
-    """The newest readable checkpoint in ``folder``; falls back past corrupt ones (with a
-    message through ``warn``). ``None`` when the folder holds none; ``CheckpointError`` when
-    every file is unreadable."""
+def load_latest(folder: Path, warn: Callable[[str], None] = print) -> Optional[Dict[str, Any]]:
+    """The newest readable checkpoint in ``folder`` (its file name under ``"path"``).
+
+    A corrupt or truncated newest file is skipped with a message through ``warn`` and the
+    previous one is used. Returns ``None`` when the folder holds no checkpoint; raises
+    ``CheckpointError`` when every checkpoint is unreadable.
+    """
     found = list_checkpoints(folder)
-    errors = []
+    bad: List[Tuple[Path, str]] = []
     for _, path in found:
         try:
             state = load_checkpoint(path)
         except CheckpointError as err:
-            errors.append(str(err))
-            warn(f"{err}; trying the previous checkpoint")
+            bad.append((path, str(err)))
             continue
+        if bad:
+            warn(f"warning: {'; '.join(e for _, e in bad)}; resuming from the previous "
+                 f"checkpoint {path.name} instead")
         return state
-    if errors:
-        raise CheckpointError(f"no usable checkpoint in {folder}: {errors[-1]}; start again "
-                              "with --overwrite")
+    if bad:
+        names = ", ".join(p.name for p, _ in bad)
+        raise CheckpointError(f"no usable checkpoint in {folder}: {names} cannot be read "
+                              "(corrupt, truncated or not a checkpoint); start again with "
+                              "--overwrite")
     return None
 
 
 def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
-    """``key: saved -> current`` for every config key whose value differs."""
-    keys = sorted(set(saved) | set(current))
+    """``key: saved -> current`` for every config key whose value differs (the keys in
+    ``RUNTIME_KEYS``, which do not change results, are not compared)."""
+    keys = sorted((set(saved) | set(current)) - set(RUNTIME_KEYS))
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
             if saved.get(k) != current.get(k)]

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional
 
 from .checkpoint import CheckpointError
 from .config import CLIPHingeConfig, ConfigError
-from .experiment import RunError, print_summary, run_experiment
+from .experiment import RunError, check_output_dir, print_summary, run_experiment
 from .model.backbone import TINY_MODEL, BackboneError, CLIPBackbone, load_clip
 
 #: Overrides of ``--preset smoke``: tiny random CLIP and the built-in synthetic stream.
@@ -20,6 +22,12 @@ SMOKE = {"dataset": "synthetic", "model_name": TINY_MODEL, "pretrained": None,
          "class_order": "natural", "num_workers": 0}
 
 StreamFactory = Callable[[argparse.Namespace, CLIPHingeConfig, CLIPBackbone], object]
+DataCheck = Callable[[argparse.Namespace, CLIPHingeConfig], None]
+
+#: Failures of the request (config, data, folder, checkpoint, numerics): one ``error:`` line
+#: and exit code 2. Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ConfigError, BackboneError, RunError, CheckpointError, FileNotFoundError,
+                   NotADirectoryError, PermissionError, ValueError, FloatingPointError)
 
 
 def build_parser(description: str, default_config: str) -> argparse.ArgumentParser:
@@ -28,7 +36,9 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
     parser.add_argument("--config", default=default_config,
                         help="JSON file of config keys (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (JSON value), repeatable: --set epochs=5")
+                        help="override a config key, repeatable; the value is read as JSON "
+                             "(5, 0.1, true, null, [4, 10], \"text\") and otherwise taken as "
+                             "a string: --set epochs=5 --set pretrained=null")
     parser.add_argument("--data-root", default="data", help="dataset folder (default: data)")
     parser.add_argument("--pretrained", default=None,
                         help="open_clip tag (openai) or a local checkpoint file; overrides the "
@@ -36,8 +46,9 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if "
                                                        "available)")
     parser.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
-    parser.add_argument("--output-dir", default=None, help="where results go (default: "
-                                                           "runs/<config name>)")
+    parser.add_argument("--output-dir", default=None,
+                        help="where results go (default: runs/<config name>, runs/smoke with "
+                             "--preset smoke)")
     parser.add_argument("--preset", choices=["smoke"], default=None,
                         help="smoke: tiny random CLIP on the built-in synthetic stream, "
                              "offline, under a minute on 2 CPU cores")
@@ -46,14 +57,19 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
     parser.add_argument("--augment", action="store_true",
                         help="random-resized-crop training augmentation (off by default, as in "
                              "RAPF; turns the feature cache off)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue after the last complete experience in --output-dir")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start again in an --output-dir that holds a run")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue after the last complete experience in --output-dir "
+                            "(from its newest readable checkpoint)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start again in an --output-dir that holds a run (deletes its "
+                            "results, logs and checkpoints)")
     parser.add_argument("--force", action="store_true",
                         help="with --resume: accept a checkpoint made with another config")
     parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line")
     return parser
 
 
@@ -81,41 +97,84 @@ def smoke_stream(config: CLIPHingeConfig):
                      noise=0.25, seed=config.seed)
 
 
+class _RandomWeightsNotice(logging.Filter):
+    """Drops open_clip's warning about random weights: with pretrained=None they were asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message, at most two lines (the rest is in ``--debug``'s traceback)."""
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()] or [type(err).__name__]
+    return "\n".join(lines[:2])
+
+
 def main(argv: Optional[List[str]], description: str, default_config: str,
          stream_factory: StreamFactory,
-         add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> int:
+         add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+         check_data: Optional[DataCheck] = None) -> int:
     """Parse, build the stream with the model's transforms, run, print the report.
 
-    ``add_arguments`` adds a script's own options to the shared parser. Returns the process
-    exit code; every expected failure prints one ``error:`` line.
+    ``add_arguments`` adds a script's own options to the shared parser; ``check_data`` checks
+    the dataset's layout before the model loads (skipped with ``--preset smoke``). Cheap
+    checks (config, data layout, output folder) come before anything slow. Returns the exit
+    code: 0, 2 with one ``error:`` line for a request that cannot run, 130 on Ctrl-C.
     """
     parser = build_parser(description, default_config)
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)
+    output_dir = Path(args.output_dir or Path("runs") / (
+        "smoke" if args.preset == "smoke" else Path(args.config).stem))
+    notice = _RandomWeightsNotice()
+    logging.getLogger().addFilter(notice)
     try:
-        import torch
-
-        config = resolve_config(args)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        output_dir = Path(args.output_dir or Path("runs") / Path(args.config).stem)
-        began = time.perf_counter()
-        backbone = load_clip(config.model_name, config.pretrained, device=device)
-        if args.preset == "smoke":
-            bundle = smoke_stream(config)
-        else:
-            bundle = stream_factory(args, config, backbone)
-        protocol = {"stream": bundle.protocol.get("name", config.dataset),
-                    "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}
-        results = run_experiment(config, bundle, output_dir, backbone=backbone, device=device,
-                                 resume=args.resume, overwrite=args.overwrite,
-                                 force=args.force, wandb=args.wandb,
-                                 interactive=not args.quiet, protocol=protocol)
-    except (ConfigError, BackboneError, RunError, CheckpointError, FileNotFoundError,
-            NotADirectoryError, PermissionError, ValueError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            results, seconds = _run(args, argv, output_dir, stream_factory, check_data)
+    except EXPECTED_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with the same command plus --resume (output folder "
+              f"{output_dir})", file=sys.stderr)
+        return 130
+    finally:
+        logging.getLogger().removeFilter(notice)
     print_summary(results)
     print(f"results: {output_dir / 'results.txt'} | TensorBoard: tensorboard --logdir "
-          f"{output_dir / 'tb'} | this process: {time.perf_counter() - began:.1f} s")
+          f"{output_dir / 'tb'} | this process: {seconds:.1f} s")
     return 0
+
+
+def _run(args: argparse.Namespace, argv: Optional[List[str]], output_dir: Path,
+         stream_factory: StreamFactory, check_data: Optional[DataCheck]):
+    import torch
+
+    began = time.perf_counter()
+    config = resolve_config(args)
+    if check_data is not None and args.preset != "smoke":
+        check_data(args, config)
+    check_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Random weights (pretrained=None) come from the global RNG: seed it first, so a resumed
+    # run gets the same frozen CLIP as the run it continues.
+    torch.manual_seed(config.seed)
+    backbone = load_clip(config.model_name, config.pretrained, device=device)
+    if args.preset == "smoke":
+        bundle = smoke_stream(config)
+    else:
+        bundle = stream_factory(args, config, backbone)
+    protocol = {"stream": bundle.protocol.get("name", config.dataset),
+                "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}
+    results = run_experiment(config, bundle, output_dir, backbone=backbone, device=device,
+                             resume=args.resume, overwrite=args.overwrite, force=args.force,
+                             wandb=args.wandb, interactive=not args.quiet, protocol=protocol)
+    return results, time.perf_counter() - began

@@ -87,6 +87,10 @@ class CLIPHingeConfig:
     model_name: str = "ViT-B-16"
     pretrained: Optional[str] = "openai"
     cache_features: bool = True
+    feature_cache_dir: Optional[str] = None
+    feature_cache_max_gb: float = 8.0
+    resize_on_device: bool = False
+    compile: bool = True
     num_workers: int = 0
     eval_batch_size: int = 256
     precision: str = "fp32"
@@ -193,7 +197,8 @@ class CLIPHingeConfig:
                         "image_hinge_margin"]
         for key in non_negative:
             _require(key, getattr(self, key) >= 0, ">= 0", getattr(self, key))
-        for key in ["lr", "init_lr", "second_stage_lr", "second_stage_logit_scale", "lora_alpha"]:
+        for key in ["lr", "init_lr", "second_stage_lr", "second_stage_logit_scale", "lora_alpha",
+                    "feature_cache_max_gb"]:
             value = getattr(self, key)
             _require(key, value > 0 and math.isfinite(value), "> 0 and finite", value)
         for key in ["lr_decay_factor", "second_stage_momentum"]:

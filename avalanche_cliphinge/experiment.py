@@ -10,6 +10,7 @@ import math
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -48,30 +49,49 @@ def package_versions() -> Dict[str, str]:
     return versions
 
 
+#: Files and folders a run writes into its output folder (``--overwrite`` removes these only).
+RUN_FILES = ("results.json", "results.txt", "log.txt", "config.json", "csv", "tb",
+             "checkpoints", "accuracy_matrix.png", "accuracy_curve.png")
+#: What an attempt that failed before its first checkpoint leaves behind.
+LOG_FILES = ("log.txt", "csv", "tb")
+
+
 def make_evaluator(output_dir: Path, wandb: bool = False, interactive: bool = True,
-                   csv_rows: Optional[Dict[str, int]] = None):
+                   csv_rows: Optional[Dict[str, int]] = None,
+                   resume_step: Optional[int] = None):
     """Avalanche ``EvaluationPlugin`` with accuracy, forgetting, BWT, loss and timing metrics.
 
     Loggers: ``InteractiveLogger`` (progress bars), ``TextLogger`` (``log.txt``),
     ``CSVLogger`` (``csv/``), ``TensorboardLogger`` (``tb/``) and ``WandBLogger`` when asked.
-    ``csv_rows`` (resume) keeps that many lines of the earlier CSV files.
+
+    On resume, ``csv_rows`` keeps that many lines (header included) of each earlier CSV file,
+    and ``resume_step`` hides from TensorBoard every event the interrupted process logged at
+    that Avalanche step (``clock.train_iterations``) or later, so the resumed curves have no
+    duplicated or orphaned points.
 
     Returns ``(evaluator, tensorboard_logger)``.
     """
     output_dir = Path(output_dir)
     csv_dir = output_dir / "csv"
-    kept = {}
-    if csv_rows:
-        for name, rows in csv_rows.items():
-            path = csv_dir / name
-            if path.exists():
-                kept[name] = path.read_text().splitlines(keepends=True)[1:rows]
+    kept: Dict[str, List[str]] = {}
+    for name, rows in (csv_rows or {}).items():
+        path = csv_dir / name
+        if path.exists():
+            kept[name] = path.read_text().splitlines(keepends=True)[1:rows]
     tb_logger = TensorboardLogger(tb_log_dir=str(output_dir / "tb"))
-    loggers: List[Any] = [TextLogger(open(output_dir / "log.txt", "a")),
-                          CSVLogger(log_folder=str(csv_dir)), tb_logger]
-    for name, lines in kept.items():
-        with open(csv_dir / name, "a") as handle:
-            handle.writelines(lines)
+    if resume_step is not None:
+        _purge_tensorboard_from(tb_logger.writer, resume_step)
+    csv_logger = CSVLogger(log_folder=str(csv_dir))
+    # CSVLogger has just truncated its files and written the headers. The rows of the
+    # experiences already done go back through its own handles: a second handle appending
+    # would be overwritten by CSVLogger's next write at its own file position.
+    for name, handle in (("training_results.csv", csv_logger.training_file),
+                         ("eval_results.csv", csv_logger.eval_file)):
+        if kept.get(name):
+            handle.writelines(kept[name])
+            handle.flush()
+    text_file = open(output_dir / "log.txt", "a", buffering=1)  # line-buffered: survives kill
+    loggers: List[Any] = [TextLogger(text_file), csv_logger, tb_logger]
     if interactive:
         loggers.insert(0, InteractiveLogger())
     if wandb:
@@ -90,6 +110,29 @@ def make_evaluator(output_dir: Path, wandb: bool = False, interactive: bool = Tr
         timing_metrics(epoch=True, experience=True),
         loggers=loggers)
     return evaluator, tb_logger
+
+
+def _purge_tensorboard_from(writer, step: int) -> None:
+    """Write TensorBoard's restart marker: readers drop earlier events at ``step`` or later.
+
+    The same two events ``SummaryWriter(purge_step=step)`` writes; Avalanche's
+    ``TensorboardLogger`` does not expose that argument.
+    """
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    file_writer = writer._get_file_writer()
+    file_writer.add_event(Event(step=step, file_version="brain.Event:2"))
+    file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+    writer.flush()
+
+
+def _close_loggers(evaluator, tb_logger) -> None:
+    tb_logger.writer.flush()
+    for logger in evaluator.loggers:
+        if isinstance(logger, CSVLogger):
+            logger.close()
+        elif isinstance(logger, TextLogger) and logger.file not in (sys.stdout, sys.stderr):
+            logger.file.close()
 
 
 def csv_row_counts(output_dir: Path) -> Dict[str, int]:
@@ -119,67 +162,211 @@ def _metric(results: Dict[str, float], prefix: str, exp: Optional[int] = None):
     return None
 
 
+def stream_fingerprint(bundle) -> Dict[str, Any]:
+    """What must stay the same for a checkpoint to continue on a stream: the class order,
+    the classes and sizes of every experience."""
+    benchmark = bundle.benchmark
+    return {"class_order": [int(c) for c in bundle.class_order],
+            "train_sizes": [len(exp.dataset) for exp in benchmark.train_stream],
+            "test_sizes": [len(exp.dataset) for exp in benchmark.test_stream]}
+
+
+def check_stream(config: CLIPHingeConfig, bundle) -> None:
+    """Refuse a stream the run cannot use, before anything is written.
+
+    Raises ``ConfigError`` (class counts) or ``RunError`` (task count, empty experiences).
+    """
+    config.check_class_count(len(bundle.class_names), "the stream")
+    train_stream, test_stream = bundle.benchmark.train_stream, bundle.benchmark.test_stream
+    n_exps = len(train_stream)
+    if n_exps != config.total_tasks:
+        raise RunError(f"the stream has {n_exps} experiences but total_tasks="
+                       f"{config.total_tasks}; make them agree")
+    if len(test_stream) != n_exps:
+        raise RunError(f"the stream has {n_exps} training but {len(test_stream)} test "
+                       "experiences; they must be index-aligned (one test experience per task)")
+    for name, stream in (("training", train_stream), ("test", test_stream)):
+        for index, exp in enumerate(stream):
+            if len(exp.dataset) == 0:
+                raise RunError(f"{name} experience {index} of the stream is empty; every "
+                               "experience needs training and test samples (check the split "
+                               "and the class order)")
+
+
+def check_output_dir(output_dir: str | Path, *, resume: bool = False,
+                     overwrite: bool = False) -> None:
+    """Cheap checks of the output folder, before a model or a dataset is loaded.
+
+    Creates the folder; refuses (``RunError``) one that cannot be written, one that holds a
+    finished run (unless ``overwrite``) and one that holds an unfinished run unless
+    ``resume`` or ``overwrite``. Deletes nothing.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunError(f"--output-dir {output_dir} is a file, not a folder; choose another "
+                       "--output-dir")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as err:
+        raise RunError(f"cannot write to --output-dir {output_dir} ({err.strerror or err}); "
+                       "choose a writable folder") from None
+    if overwrite:
+        return
+    results_path = output_dir / "results.json"
+    if _is_finished(results_path):
+        raise RunError(f"{output_dir} already holds a finished run (results.json); pass "
+                       "--overwrite to run again or choose another --output-dir")
+    checkpoints = ckpt.list_checkpoints(output_dir / "checkpoints")
+    if not resume and (checkpoints or results_path.exists()):
+        done = f" ({checkpoints[0][0] + 1} experiences done)" if checkpoints else ""
+        raise RunError(f"{output_dir} holds an unfinished run{done}; pass --resume to "
+                       "continue it or --overwrite to start again")
+
+
+def _is_finished(results_path: Path) -> bool:
+    try:
+        return bool(json.loads(results_path.read_text()).get("finished"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remove_run_files(output_dir: Path, names: Sequence[str]) -> None:
+    for name in names:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
                    backbone: Optional[CLIPBackbone] = None, device: str = "cpu",
                    resume: bool = False, overwrite: bool = False, force: bool = False,
                    wandb: bool = False, interactive: bool = True,
                    protocol: Optional[Dict[str, Any]] = None,
+                   plugins: Sequence[Any] = (),
                    log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train on every experience of ``bundle``, evaluating the full test stream after each.
+
+    After every experience the results so far (``results.json``, ``results.txt``, plots) and
+    a checkpoint (``checkpoints/exp_<k>.pt``, the last two kept) are written atomically, so
+    an interrupted run continues with ``resume=True`` exactly as if it had not stopped.
 
     Args:
         config: the method's settings (checked against the stream's class count).
         bundle: a ``benchmarks.StreamBundle`` (Avalanche benchmark, class names and order).
         output_dir: where results, logs, TensorBoard events, plots and checkpoints go.
         backbone: the already loaded CLIP (its transforms built the stream); loaded from the
-            config when ``None``.
+            config when ``None``. With random weights (``pretrained=None``) seed the global
+            RNG with ``config.seed`` before loading it, or a resumed run gets another CLIP.
         device: torch device.
         resume: continue after the last complete experience of a run in ``output_dir``.
         overwrite: start again in a folder that holds a run.
-        force: resume even when the checkpoint's config differs.
+        force: resume even when the checkpoint's config or stream differs.
         wandb: also log to Weights & Biases.
         interactive: show Avalanche's progress bars.
         protocol: extra protocol fields (stream, class order, data source...).
+        plugins: extra Avalanche plugins for the strategy.
         log: where one-line status messages go.
 
     Returns:
         The content of ``results.json``.
+
+    Raises:
+        ConfigError, RunError, CheckpointError: the request cannot run (nothing is deleted).
+        FloatingPointError: a non-finite loss; the checkpoints written so far are intact.
     """
+    if resume and overwrite:
+        raise RunError("resume and overwrite exclude each other: continue the run or start "
+                       "it again")
     output_dir = Path(output_dir)
     checkpoints = output_dir / "checkpoints"
     results_path = output_dir / "results.json"
-    config.check_class_count(len(bundle.class_names), "the stream")
+    check_stream(config, bundle)
     n_exps = len(bundle.benchmark.train_stream)
-    if n_exps != config.total_tasks:
-        raise RunError(f"the stream has {n_exps} experiences but total_tasks="
-                       f"{config.total_tasks}; make them agree")
-    state = _prepare_output(output_dir, results_path, checkpoints, config, resume, overwrite,
-                            force, log)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = stream_fingerprint(bundle)
+    check_output_dir(output_dir, resume=resume, overwrite=overwrite)
+    state = _load_resume_state(output_dir, checkpoints, config, fingerprint, resume, force, log)
+    if state is None:
+        # --overwrite, --resume of a run without checkpoint, or a start after an attempt that
+        # failed before its first checkpoint: old logs would mix with the new run's.
+        _remove_run_files(output_dir, RUN_FILES if overwrite or resume else LOG_FILES)
     config.to_json(output_dir / "config.json")
 
     torch.manual_seed(config.seed)
     model = build_model(config, bundle.class_names, device, backbone=backbone)
     backbone = model.backbone
+    if state is not None:
+        try:
+            ckpt.load_model_state(model, state["model"])
+        except (RuntimeError, KeyError, ValueError, IndexError, TypeError) as err:
+            raise ckpt.CheckpointError(
+                f"checkpoint {state['path']} does not fit this model "
+                f"({str(err).splitlines()[0][:160]}); resume with the config it was made "
+                "with, or start again with --overwrite") from None
+        model.to(device)
     evaluator, tb_logger = make_evaluator(
         output_dir, wandb=wandb, interactive=interactive,
-        csv_rows=state["csv_rows"] if state else None)
-    strategy = CLIPHingeStrategy(config=config, class_names=bundle.class_names, model=model,
-                                 evaluator=evaluator, device=device)
-    run = RunState()
-    start = 0
-    if state is not None:
-        ckpt.load_model_state(model, state["model"])
-        model.to(device)
-        ckpt.set_clock_state(strategy.clock, state["clock"])
-        ckpt.set_evaluator_state(evaluator, state["evaluator"])
-        ckpt.set_rng_state(state["rng"])
-        strategy.current_task = model.n_tasks - 1
-        run = RunState(**state["run"])
-        start = state["completed"]
-        log(f"resuming after experience {start - 1} ({start} of {n_exps} done)")
+        csv_rows=state["csv_rows"] if state else None,
+        resume_step=state["clock"]["train_iterations"] + 1 if state else None)
+    try:
+        strategy = CLIPHingeStrategy(config=config, class_names=bundle.class_names,
+                                     model=model, plugins=list(plugins), evaluator=evaluator,
+                                     device=device, progress=interactive)
+        run = RunState()
+        start = 0
+        if state is not None:
+            ckpt.set_clock_state(strategy.clock, state["clock"])
+            ckpt.set_evaluator_state(evaluator, state["evaluator"])
+            ckpt.set_rng_state(state["rng"])
+            strategy.current_task = model.n_tasks - 1
+            run = RunState(**state["run"])
+            start = state["completed"]
+            message = (f"resuming from {Path(state['path']).name}: after experience "
+                       f"{start - 1} ({start} of {n_exps} done)")
+            log(message)
+            print(f"=== {message} ===", file=_text_file(evaluator))
+        _train_and_evaluate(strategy, bundle, output_dir, run, start, config, fingerprint,
+                            backbone, protocol, device, tb_logger, evaluator, log)
+    finally:
+        _close_loggers(evaluator, tb_logger)
+    return json.loads(results_path.read_text())
 
-    test_sizes = [len(exp.dataset) for exp in bundle.benchmark.test_stream]
+
+def _text_file(evaluator):
+    return next(lg.file for lg in evaluator.loggers if isinstance(lg, TextLogger))
+
+
+def _load_resume_state(output_dir: Path, checkpoints: Path, config: CLIPHingeConfig,
+                       fingerprint: Dict[str, Any], resume: bool, force: bool,
+                       log: Callable[[str], None]) -> Optional[Dict[str, Any]]:
+    """The checkpoint to resume from, checked against the config and the stream."""
+    if not resume:
+        return None
+    state = ckpt.load_latest(checkpoints, warn=log)
+    if state is None:
+        log(f"--resume: no checkpoint in {checkpoints}; starting from the first experience")
+        return None
+    differences = ckpt.config_differences(state["config"], config.to_dict())
+    saved_stream = state.get("stream")
+    if saved_stream is not None:
+        differences += [f"stream {k}" for k in fingerprint if saved_stream.get(k) != fingerprint[k]]
+    if differences and not force:
+        raise RunError(f"{Path(state['path']).name} was made with another config ("
+                       + "; ".join(differences) + "); pass --force to resume anyway")
+    if differences:
+        log("--force: resuming although " + "; ".join(differences))
+    return state
+
+
+def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start: int,
+                        config: CLIPHingeConfig, fingerprint: Dict[str, Any], backbone,
+                        protocol: Optional[Dict[str, Any]], device: str, tb_logger, evaluator,
+                        log: Callable[[str], None]) -> None:
+    n_exps = len(bundle.benchmark.train_stream)
+    test_sizes = fingerprint["test_sizes"]
     full_protocol = {
         "model": config.model_name,
         "pretrained": backbone.pretrained,
@@ -193,6 +380,7 @@ def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
         "config": config.to_dict(),
     }
     hinge = next((p for p in strategy.plugins if hasattr(p, "text_pairs")), None)
+    model = strategy.model
     for index in range(start, n_exps):
         experience = bundle.benchmark.train_stream[index]
         began = time.perf_counter()
@@ -209,25 +397,27 @@ def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
         run.hard_pairs.append({"text": [list(p) for p in hinge.text_pairs],
                                "image": [list(p) for p in hinge.image_pairs]}
                               if hinge is not None else {"text": [], "image": []})
+        # Results first, then the checkpoint: a crash in between redoes this experience.
         summary = _write_results(output_dir, run, test_sizes, full_protocol, n_exps, tb_logger,
                                  index)
         ckpt.save_checkpoint({
             "completed": index + 1,
             "config": config.to_dict(),
+            "stream": fingerprint,
             "model": ckpt.model_state(model),
             "clock": ckpt.clock_state(strategy.clock),
             "evaluator": ckpt.evaluator_state(evaluator),
             "rng": ckpt.rng_state(),
-            "run": run.__dict__,
+            "run": dict(run.__dict__),
             "csv_rows": csv_row_counts(output_dir),
-        }, checkpoints)
+        }, output_dir / "checkpoints")
         log(f"task {index}: accuracy on seen classes {run.per_task[-1]['all']:.2f}% "
             f"(AIA so far {summary['metrics']['AIA']:.2f}%)")
-    tb_logger.writer.flush()
-    for logger in evaluator.loggers:
-        if isinstance(logger, CSVLogger):
-            logger.close()
-    return json.loads(results_path.read_text())
+    if start == n_exps and run.matrix:
+        # The last checkpoint was written but the process stopped before anything else:
+        # results.json may predate it.
+        _write_results(output_dir, run, test_sizes, full_protocol, n_exps, tb_logger,
+                       n_exps - 1)
 
 
 def _device_name(device: str) -> str:
@@ -235,45 +425,6 @@ def _device_name(device: str) -> str:
     if dev.type == "cuda" and torch.cuda.is_available():
         return f"cuda ({torch.cuda.get_device_name(dev)})"
     return f"cpu ({platform.processor() or platform.machine()})"
-
-
-def _prepare_output(output_dir: Path, results_path: Path, checkpoints: Path,
-                    config: CLIPHingeConfig, resume: bool, overwrite: bool, force: bool,
-                    log: Callable[[str], None]) -> Optional[Dict[str, Any]]:
-    """Check the folder against the request; returns the checkpoint state to resume from."""
-    if overwrite:
-        for name in ("results.json", "results.txt", "log.txt", "config.json", "csv", "tb",
-                     "checkpoints", "accuracy_matrix.png", "accuracy_curve.png"):
-            path = output_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-        return None
-    finished = False
-    if results_path.exists():
-        try:
-            finished = bool(json.loads(results_path.read_text()).get("finished"))
-        except json.JSONDecodeError:
-            finished = False
-    if finished:
-        raise RunError(f"{output_dir} already holds a finished run (results.json); pass "
-                       "--overwrite to run again or choose another --output-dir")
-    has_checkpoints = bool(ckpt.list_checkpoints(checkpoints))
-    if not resume:
-        if has_checkpoints or results_path.exists():
-            raise RunError(f"{output_dir} holds an unfinished run; pass --resume to continue "
-                           "it or --overwrite to start again")
-        return None
-    state = ckpt.load_latest(checkpoints, warn=log)
-    if state is None:
-        log(f"--resume: no checkpoint in {checkpoints}; starting from the first experience")
-        return None
-    differences = ckpt.config_differences(state["config"], config.to_dict())
-    if differences and not force:
-        raise RunError("the checkpoint was made with another config (" + "; ".join(
-            differences) + "); pass --force to resume anyway")
-    return state
 
 
 def _write_results(output_dir: Path, run: RunState, sizes: Sequence[int],
@@ -305,6 +456,7 @@ def _write_results(output_dir: Path, run: RunState, sizes: Sequence[int],
                                      "new classes": [g["new"] for g in run.per_task]},
                                     output_dir / "accuracy_curve.png")
     writer = tb_logger.writer
+    # add_figure closes the figures (matplotlib would otherwise keep every one alive).
     writer.add_figure("results/accuracy_matrix", matrix_fig, global_step=index)
     writer.add_figure("results/accuracy_curve", curve_fig, global_step=index)
     for name, value in metrics.items():
@@ -314,8 +466,10 @@ def _write_results(output_dir: Path, run: RunState, sizes: Sequence[int],
     return summary
 
 
-def print_summary(results: Dict[str, Any], out=sys.stdout) -> None:
-    """Print results.txt-style lines for a finished (or partial) run."""
+def print_summary(results: Dict[str, Any], out=None) -> None:
+    """Print results.txt-style lines for a finished (or partial) run (to ``out``, default
+    the current ``sys.stdout``)."""
+    out = out or sys.stdout
     metrics = results["metrics"]
     out.write(format_results(results["per_task"], metrics,
                              results["avalanche_stream_forgetting"],

@@ -69,6 +69,14 @@ class ClassGaussians(nn.Module):
     def __len__(self) -> int:
         return int(self.class_ids.numel())
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the buffers grow with every task: take the saved sizes before loading
+        for name in ("class_ids", "means", "chols"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def fit(self, features: Tensor, labels: Tensor, shrinkage: float = 0.0,
             jitter: float = 1e-4) -> Tensor:
         """Add (or replace) the Gaussians of the classes in ``labels``.

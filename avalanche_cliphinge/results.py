@@ -4,12 +4,14 @@
 ``t``, as Avalanche's ``Top1_Acc_Exp`` measures it on test experience ``j``. Definitions
 (DESIGN.md section 4): ``A_t`` = accuracy over all classes seen after task t (the size-weighted
 mean of ``acc[t][:t+1]``); AIA = mean_t A_t ("Avg" in papers); Last = A_T;
-AA = mean_j acc[T][j]; Forgetting = mean_{j<T} (max_{t<T} acc[t][j] - acc[T][j]).
+AA = mean_j acc[T][j]; Forgetting = mean_{j<T} (max_{j<=t<T} acc[t][j] - acc[T][j]).
 Avalanche's ``StreamForgetting`` (accuracy right after learning minus the last) is different
 and is reported under its own name.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -47,7 +49,10 @@ def cil_metrics(matrix: Sequence[Sequence[float]], sizes: Sequence[int]) -> Dict
     curve = [grouped_accuracy(acc[t], sizes, t)["all"] for t in range(last + 1)]
     forgetting = 0.0
     if last > 0:
-        best = acc[:last, :last].max(axis=0)
+        # Best accuracy on task j over the evaluations after it was learned and before the
+        # last (j <= t < T); rows t < j, before task j was trained, do not count.
+        learned = np.tril(np.ones((last, last), dtype=bool))
+        best = np.where(learned, acc[:last, :last], -np.inf).max(axis=0)
         forgetting = float(np.mean(best - acc[last, :last]))
     return {"AIA": float(np.mean(curve)), "AA": float(np.mean(acc[last, :last + 1])),
             "Last": curve[-1], "Forgetting": forgetting}
@@ -76,6 +81,18 @@ def format_results(per_task: List[Dict[str, object]], metrics: Dict[str, float],
     return "\n".join(lines) + "\n"
 
 
+def save_figure(fig, path) -> None:
+    """``fig.savefig`` through a temporary file and a rename: a run killed while saving
+    leaves the previous plot, never a broken PNG."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], path=None):
     """Heatmap of ``acc[t][j]`` (task trained x task evaluated); returns the figure."""
     import matplotlib
@@ -98,7 +115,7 @@ def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], path=None):
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
     return fig
 
 
@@ -120,5 +137,5 @@ def plot_accuracy_curve(curves: Dict[str, Sequence[float]], path=None, title="ac
     ax.legend()
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
     return fig

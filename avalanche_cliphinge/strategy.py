@@ -10,10 +10,12 @@ from avalanche.training.plugins import SupervisedPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import CLIPHingeConfig, ConfigError
+from .feature_cache import FeatureCache, dataset_fingerprint
+from .loaders import EpochBatchSampler, TensorBatchLoader
 from .model.backbone import CLIPBackbone, load_clip
 from .model.clip_hinge import CLIPHingeModel
 from .plugins.gaussian_replay import GaussianReplayPlugin
@@ -32,8 +34,10 @@ def build_model(config: CLIPHingeConfig, class_names: Sequence[str],
     return CLIPHingeModel(backbone, class_names, n_ctx=config.n_ctx, ctx_init=config.ctx_init,
                           prompt_template=config.prompt_template,
                           use_image_adapter=config.use_image_adapter,
-                          fusion_weight=config.second_stage_fusion_weight, lora=lora,
-                          seed=config.seed).to(device)
+                          fusion_weight=config.second_stage_fusion_weight,
+                          head_logit_scale=config.second_stage_logit_scale, lora=lora,
+                          seed=config.seed,
+                          resize_on_device=config.resize_on_device).to(device)
 
 
 def default_plugins(config: CLIPHingeConfig) -> List[SupervisedPlugin]:
@@ -72,13 +76,18 @@ class CLIPHingeStrategy(SupervisedTemplate):
         evaluator: an Avalanche ``EvaluationPlugin`` (or factory).
         device: torch device.
         eval_every: Avalanche's periodic evaluation (-1: only when ``eval`` is called).
+        feature_cache: a ``FeatureCache`` to share between strategies on the same stream
+            (default: a new one sized by ``feature_cache_max_gb``, on disk under
+            ``feature_cache_dir`` when set).
+        progress: show tqdm bars for feature extraction and stage 2.
     """
 
     def __init__(self, *, config: CLIPHingeConfig, class_names: Sequence[str],
                  model: Optional[CLIPHingeModel] = None,
                  plugins: Optional[Sequence[SupervisedPlugin]] = None,
                  use_default_plugins: bool = True, evaluator=default_evaluator,
-                 device: str | torch.device = "cpu", eval_every: int = -1):
+                 device: str | torch.device = "cpu", eval_every: int = -1,
+                 feature_cache: Optional[FeatureCache] = None, progress: bool = True):
         if not isinstance(config, CLIPHingeConfig):
             raise ConfigError(f"config must be a CLIPHingeConfig, got {type(config).__name__}; "
                               "use CLIPHingeConfig.from_json(path)")
@@ -105,7 +114,12 @@ class CLIPHingeStrategy(SupervisedTemplate):
         self.replay_scores: Optional[Tensor] = None
         self.loss_terms: Dict[str, Tensor] = {}
         self.current_features: Optional[Tuple[Tensor, Tensor]] = None
-        self._eval_cache: Dict[Tuple[str, int], TensorDataset] = {}
+        self.progress = progress
+        self.feature_cache = feature_cache or FeatureCache(
+            max_bytes=int(config.feature_cache_max_gb * 2 ** 30),
+            directory=config.feature_cache_dir)
+        if config.compile and self.device.type == "cuda":
+            self.model.compile_prompt_encoder()
 
     # ---- helpers used by plugins ----------------------------------------------------------
     def generator(self, *parts: int) -> torch.Generator:
@@ -134,20 +148,44 @@ class CLIPHingeStrategy(SupervisedTemplate):
     def extract_features(self, dataset, desc: str = "features") -> Tuple[Tensor, Tensor]:
         """Frozen image features of a dataset of ``(image, label, ...)`` items.
 
-        Returns ``(features [n, dim] float32 on CPU, labels [n] long)``.
+        Returns ``(features [n, dim] float32, labels [n] long)``, both on the strategy's device.
         """
         loader = DataLoader(dataset, batch_size=self.config.eval_batch_size, shuffle=False,
                             num_workers=self.config.num_workers,
                             pin_memory=self.device.type == "cuda")
         feats, labels = [], []
-        for batch in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 2):
+        for batch in tqdm(loader, desc=desc, leave=False,
+                          disable=len(loader) < 2 or not self.progress):
             with self.autocast():
-                feats.append(self.model.encode_images(batch[0].to(self.device)).float().cpu())
-            labels.append(torch.as_tensor(batch[1]).long())
+                images = batch[0].to(self.device, non_blocking=True)
+                feats.append(self.model.encode_images(images).float())
+            labels.append(torch.as_tensor(batch[1]).long().to(self.device))
         if not feats:
             raise ValueError(f"{desc}: the experience has no samples; every experience needs "
-                             "training data (check the stream's split)")
+                             "data (check the stream's split)")
         return torch.cat(feats), torch.cat(labels)
+
+    def features_of(self, dataset, desc: str) -> Tuple[Tensor, Tensor]:
+        """``extract_features`` through the feature cache when caching is on."""
+        if not self.config.cache_features:
+            return self.extract_features(dataset, desc)
+        backbone = self.model.backbone
+        key = dataset_fingerprint(dataset, backbone.model_name, backbone.pretrained,
+                                  backbone.weights_sha256, self.config.resize_on_device)
+        feats, labels = self.feature_cache.get_or_compute(
+            key, lambda: self.extract_features(dataset, desc))
+        return feats.to(self.device), labels.to(self.device)
+
+    def _batch_sampler(self, n: int, batch_size: int, shuffle: bool) -> EpochBatchSampler:
+        generator = self.generator(self.current_task, 1) if shuffle else None
+        return EpochBatchSampler(n, batch_size, shuffle, generator)
+
+    def _loader(self, dataset, features, batch_size: int, shuffle: bool):
+        sampler = self._batch_sampler(len(dataset), batch_size, shuffle)
+        if features is not None:
+            return TensorBatchLoader(features[0], features[1], sampler)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.config.num_workers,
+                          pin_memory=self.device.type == "cuda")
 
     # ---- training -------------------------------------------------------------------------
     def _before_training_exp(self, **kwargs):
@@ -170,25 +208,17 @@ class CLIPHingeStrategy(SupervisedTemplate):
     def train_dataset_adaptation(self, **kwargs):
         """One frozen-encoder pass: fits the new classes' Gaussians; feeds the cache."""
         super().train_dataset_adaptation(**kwargs)
-        feats, labels = self.extract_features(self.adapted_dataset,
-                                              desc=f"train features, task {self.current_task}")
-        self.model.gaussians.fit(feats.to(self.device), labels.to(self.device),
-                                 shrinkage=self.config.covariance_shrinkage,
+        feats, labels = self.features_of(self.adapted_dataset,
+                                         f"train features, task {self.current_task}")
+        self.model.gaussians.fit(feats, labels, shrinkage=self.config.covariance_shrinkage,
                                  jitter=self.config.covariance_jitter)
         self.current_features = (feats, labels)
-        if self.features_cacheable:
-            self.adapted_dataset = TensorDataset(feats, labels, torch.zeros_like(labels))
 
     def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None,
                               persistent_workers=False, drop_last=False, **kwargs):
-        """A seeded, shuffled loader over the (cached or image) training data."""
-        workers = 0 if isinstance(self.adapted_dataset, TensorDataset) else \
-            self.config.num_workers
-        self.dataloader = DataLoader(self.adapted_dataset, batch_size=self.train_mb_size,
-                                     shuffle=shuffle, drop_last=drop_last,
-                                     num_workers=workers,
-                                     pin_memory=self.device.type == "cuda",
-                                     generator=self.generator(self.current_task, 1))
+        """Seeded minibatches of cached features, or of images when the cache is off."""
+        cached = self.current_features if self.features_cacheable else None
+        self.dataloader = self._loader(self.adapted_dataset, cached, self.train_mb_size, shuffle)
 
     def make_optimizer(self, **kwargs):
         """Adam over the trainable prompts (and the adapter): never the frozen CLIP."""
@@ -196,7 +226,8 @@ class CLIPHingeStrategy(SupervisedTemplate):
         if self.model.adapter is not None:
             params += list(self.model.adapter.parameters())
         lr = self.config.init_lr if self.current_task == 0 else self.config.lr
-        self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=self.config.weight_decay)
+        self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=self.config.weight_decay,
+                                          fused=self.device.type == "cuda")
 
     def epoch_lr(self, epoch: int) -> float:
         """Stage-1 learning rate at ``epoch`` (0-based) of the current task (step decay)."""
@@ -212,6 +243,8 @@ class CLIPHingeStrategy(SupervisedTemplate):
     def _before_training_iteration(self, **kwargs):
         self.replay_features = self.replay_labels = self.replay_scores = None
         self.loss_terms = {}
+        if self.config.compile and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
         super()._before_training_iteration(**kwargs)
 
     def backward(self):
@@ -225,12 +258,23 @@ class CLIPHingeStrategy(SupervisedTemplate):
         super().backward()
 
     def forward(self):
-        """Scores of the minibatch ``[b, n_classes]``; replayed features scored alongside."""
+        """Scores of the minibatch ``[b, n_classes]``.
+
+        In training, replayed features join the minibatch's features in one pass, so the
+        trainable prompts go through the text encoder once per step; their scores are kept
+        in ``replay_scores`` for the cross-entropy.
+        """
         with self.autocast():
-            output = self.model(self.mb_x)
-            if self.is_training and self.replay_features is not None:
-                self.replay_scores = self.model.seen_scores(self.replay_features)
-        return output
+            if not self.is_training:
+                return self.model(self.mb_x)
+            feats = self.model.image_features(self.mb_x)
+            n_real = feats.shape[0]
+            if self.replay_features is not None:
+                feats = torch.cat([feats, self.replay_features.to(feats.dtype)])
+            scores = self.model.seen_scores(feats)
+            if self.replay_features is not None:
+                self.replay_scores = scores[n_real:]
+            return self.model.to_full_width(scores[:n_real])
 
     def criterion(self):
         """Cross-entropy over the seen classes, on real samples plus replayed features.
@@ -259,23 +303,13 @@ class CLIPHingeStrategy(SupervisedTemplate):
         super()._after_training_exp(**kwargs)
 
     # ---- evaluation -----------------------------------------------------------------------
-    def eval_dataset_adaptation(self, **kwargs):
-        """Use cached test features when the image path is frozen (computed once per experience)."""
-        super().eval_dataset_adaptation(**kwargs)
-        if not self.features_cacheable:
-            return
-        key = (self.experience.origin_stream.name, self.experience.current_experience)
-        if key not in self._eval_cache:
-            feats, labels = self.extract_features(self.adapted_dataset,
-                                                  desc=f"{key[0]} features, exp {key[1]}")
-            self._eval_cache[key] = TensorDataset(feats, labels, torch.zeros_like(labels))
-        self.adapted_dataset = self._eval_cache[key]
-
     def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None,
                              persistent_workers=False, **kwargs):
-        """A plain ordered loader over the (cached or image) eval data."""
-        workers = 0 if isinstance(self.adapted_dataset, TensorDataset) else \
-            self.config.num_workers
-        self.dataloader = DataLoader(self.adapted_dataset, batch_size=self.eval_mb_size,
-                                     shuffle=False, num_workers=workers,
-                                     pin_memory=self.device.type == "cuda")
+        """Ordered minibatches of cached test features (extracted once), or of images."""
+        cached = None
+        if self.features_cacheable:
+            exp = self.experience
+            cached = self.features_of(self.adapted_dataset,
+                                      f"{exp.origin_stream.name} features, exp "
+                                      f"{exp.current_experience}")
+        self.dataloader = self._loader(self.adapted_dataset, cached, self.eval_mb_size, False)

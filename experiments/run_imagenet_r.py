@@ -1,15 +1,38 @@
 #!/usr/bin/env python
 """Class-incremental ImageNet-R (B0 Inc20 by default) with CLIPHingeStrategy.
 
-    python experiments/run_imagenet_r.py --data-root data/imagenet-r --output-dir runs/imr
+    python experiments/run_imagenet_r.py --data-root data --output-dir runs/imr
     python experiments/run_imagenet_r.py --split-list splits/imr   # train.txt / test.txt
 
-Data: ``<data-root>/<wnid>/*.jpg`` (the extracted imagenet-r.tar). Without ``--split-list``
-a seeded 80/20 split per class is drawn (seed = the config's seed).
+Data: ``<data-root>/imagenet-r/<wnid>/*.jpg`` (the extracted imagenet-r.tar; ``--data-root``
+may also name the ``imagenet-r`` folder itself). Without ``--split-list`` a seeded 80/20
+split per class is drawn (seed = the config's seed).
 """
 import sys
+from pathlib import Path
 
 from avalanche_cliphinge.cli import main
+
+IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
+
+
+def check_imagenet_r_files(args, config):
+    """Fail at once, before CLIP loads, when the class folders or split lists are missing."""
+    from benchmarks import IMAGENET_R_WNIDS
+
+    root = Path(args.data_root).expanduser()
+    if not any((folder / wnid).is_dir() for folder in (root / "imagenet-r", root)
+               for wnid in IMAGENET_R_WNIDS):
+        raise FileNotFoundError(
+            f"ImageNet-R not found: expected {root}/imagenet-r/<wnid>/*.jpg (class folders "
+            f"such as n01443537); download {IMAGENET_R_URL} and extract it into {root}")
+    if args.split_list is not None:
+        lists = [Path(args.split_list) / name for name in ("train.txt", "test.txt")]
+        missing = [str(p) for p in lists if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"--split-list {args.split_list} lacks {', '.join(missing)}: pass a folder "
+                "holding train.txt and test.txt ('imagenet-r/<wnid>/<file> <label>' lines)")
 
 
 def imagenet_r_stream(args, config, backbone):
@@ -35,4 +58,4 @@ def split_list_option(parser):
 
 if __name__ == "__main__":
     sys.exit(main(None, __doc__.splitlines()[0], "experiments/configs/imagenet_r_split.json",
-                  imagenet_r_stream, split_list_option))
+                  imagenet_r_stream, split_list_option, check_data=check_imagenet_r_files))

@@ -8,8 +8,26 @@ Data: ``<data-root>/cifar-100-python/{train,test,meta}`` (torchvision's layout);
 fetches it on a machine with internet.
 """
 import sys
+from pathlib import Path
 
 from avalanche_cliphinge.cli import main
+
+CIFAR_FOLDER = "cifar-100-python"
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+
+
+def check_cifar_files(args, config):
+    """Fail at once, before CLIP loads, when the CIFAR-100 files are not where expected."""
+    if args.download:
+        return
+    root = Path(args.data_root).expanduser()
+    folder = root / CIFAR_FOLDER
+    missing = [name for name in ("train", "test", "meta") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-100 not found: expected {folder}/{{train,test,meta}} (missing "
+            f"{', '.join(missing)}); add --download on a machine with internet, or extract "
+            f"{CIFAR_URL} into {root}")
 
 
 def cifar_stream(args, config, backbone):
@@ -26,4 +44,4 @@ def cifar_stream(args, config, backbone):
 
 if __name__ == "__main__":
     sys.exit(main(None, __doc__.splitlines()[0], "experiments/configs/cifar100_split.json",
-                  cifar_stream))
+                  cifar_stream, check_data=check_cifar_files))

@@ -95,8 +95,10 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: Optional[str] = "openai"
                             f"open_clip.list_models() (e.g. ViT-B-16, or {TINY_MODEL} offline)")
     tag = None if pretrained in (None, "", "none", "None") else str(pretrained)
     sha = None
-    if tag is not None and (os.sep in tag or tag.endswith((".pt", ".pth", ".bin",
-                                                           ".safetensors"))):
+    looks_like_file = tag is not None and (
+        Path(tag).is_file() or os.sep in tag
+        or tag.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")))
+    if looks_like_file:
         if not Path(tag).is_file():
             raise BackboneError(f"pretrained checkpoint file '{tag}' does not exist; pass an "
                                 "existing file or an open_clip tag such as 'openai'")
@@ -105,13 +107,21 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: Optional[str] = "openai"
         raise BackboneError(
             f"'{tag}' is neither a file nor a pretrained tag of {model_name} (tags: "
             f"{', '.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none'})")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        # huggingface_hub reads the variable once at import: honour it when set later too
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
         model, train_tf, eval_tf = open_clip.create_model_and_transforms(
             model_name, pretrained=tag, device=device)
-    except RuntimeError as err:
+    except Exception as err:  # torch.load raises UnpicklingError, IndexError... on a bad file
         if sha is not None:
-            raise BackboneError(f"could not load checkpoint '{tag}' into {model_name}: "
-                                f"{str(err).splitlines()[0]}") from None
+            first = (str(err).strip().splitlines() or [""])[0][:160]
+            raise BackboneError(f"could not load checkpoint '{tag}' into {model_name} "
+                                f"({type(err).__name__}: {first})") from None
+        if not isinstance(err, RuntimeError):
+            raise
         raise BackboneError(
             f"could not fetch the '{tag}' weights of {model_name} (offline?). Download them on a "
             f"machine with internet and pass the file: --pretrained /path/to/{model_name}.pt "

@@ -1,7 +1,7 @@
 """``CLIPHingeModel``: frozen CLIP + per-task prompts, class Gaussians, stage-2 heads, fusion."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,9 +10,37 @@ from torch import Tensor, nn
 from ..gaussian import ClassGaussians
 from ..losses import fuse_logits
 from .backbone import CLIPBackbone
-from .heads import ImageAdapter, TaskHead
+from .heads import ImageAdapter
 from .lora import VisualLoRA
-from .prompts import TaskPrompts, raw_text_features
+from .prompts import TaskPrompts, encode_token_embeddings, raw_text_features
+
+class DevicePreprocess(nn.Module):
+    """Batched bicubic resize to the model's input size and CLIP normalisation, on device.
+
+    Input ``[batch, 3, h, w]`` in ``[0, 1]`` (uint8 ``[0, 255]`` accepted); output
+    ``[batch, 3, S, S]`` normalised with the backbone's mean and std. Replaces the per-image
+    PIL resize of open_clip's eval transform (torch's bicubic kernel differs slightly from
+    PIL's), which caps throughput when small images (CIFAR, 32 px) are upsampled to 224 px.
+    """
+
+    def __init__(self, backbone: CLIPBackbone):
+        super().__init__()
+        self.size = backbone.image_size
+        mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+        for step in getattr(backbone.eval_transform, "transforms", []):
+            if hasattr(step, "mean") and hasattr(step, "std"):
+                mean, std = tuple(step.mean), tuple(step.std)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``[b, 3, h, w]`` -> ``[b, 3, size, size]`` normalised."""
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic",
+                              align_corners=False).clamp_(0, 1)
+        return (x - self.mean) / self.std
+
 
 #: Score given to classes not seen yet: finite (safe under bf16) and far below any cosine logit.
 UNSEEN_SCORE = -1e4
@@ -34,14 +62,20 @@ class CLIPHingeModel(nn.Module):
         prompt_template: fixed template of the raw text features (hard pairs, zero-shot).
         use_image_adapter: add the residual stage-1 image adapter.
         fusion_weight: alpha of ``clip + alpha * head`` at inference.
+        head_logit_scale: ``second_stage_logit_scale``; also scales the stand-in head logit
+            of tasks without a head.
         lora: ``(layers, rank, alpha)`` to give stage 2 one LoRA adapter per task, or ``None``.
         seed: seeds each task's prompt initialisation (``seed * 1000 + task``).
+        resize_on_device: images arrive as unnormalised ``[0, 1]`` tensors of any square size
+            and are resized (bicubic) and normalised on the model's device
+            (``DevicePreprocess``), instead of per image on the CPU.
     """
 
     def __init__(self, backbone: CLIPBackbone, class_names: Sequence[str], *, n_ctx: int = 4,
                  ctx_init: str = "a photo of a", prompt_template: str = "a good photo of a {}.",
                  use_image_adapter: bool = False, fusion_weight: float = 0.3,
-                 lora: Optional[tuple] = None, seed: int = 0):
+                 head_logit_scale: float = 20.0,
+                 lora: Optional[tuple] = None, seed: int = 0, resize_on_device: bool = False):
         super().__init__()
         self.backbone = backbone
         self.clip = backbone.model
@@ -51,6 +85,7 @@ class CLIPHingeModel(nn.Module):
         self.ctx_init = ctx_init
         self.prompt_template = prompt_template
         self.fusion_weight = fusion_weight
+        self.head_logit_scale = head_logit_scale
         self.seed = seed
         dim = backbone.embed_dim
         self.prompts = nn.ModuleList()
@@ -62,6 +97,22 @@ class CLIPHingeModel(nn.Module):
         self.register_buffer("column_of", torch.full((len(class_names),), -1, dtype=torch.long))
         self._text_cache: Dict[int, Tensor] = {}
         self.last_text_features: Optional[Tensor] = None
+        self.preprocess = DevicePreprocess(backbone) if resize_on_device else None
+        self._encode_trainable: Callable[[Tensor, Tensor], Tensor] = self.encode_prompts
+
+    def encode_prompts(self, embeddings: Tensor, tokens: Tensor) -> Tensor:
+        """``[n, L, width]`` prompt embeddings -> ``[n, dim]`` normalised float32 features."""
+        return F.normalize(encode_token_embeddings(self.clip, embeddings, tokens).float(), dim=-1)
+
+    def compile_prompt_encoder(self) -> None:
+        """Run trainable prompts through ``torch.compile(mode="reduce-overhead")``.
+
+        On CUDA this captures the text encoder's forward and backward as CUDA graphs (one per
+        prompt-tensor shape), which removes the launch latency that bounds a prompt-learning
+        step. Call ``torch.compiler.cudagraph_mark_step_begin()`` before each step.
+        """
+        self._encode_trainable = torch.compile(self.encode_prompts, mode="reduce-overhead",
+                                               dynamic=False)
 
     def train(self, mode: bool = True) -> "CLIPHingeModel":
         """Switch the trainable parts; the frozen CLIP stays in eval mode."""
@@ -128,11 +179,11 @@ class CLIPHingeModel(nn.Module):
         """
         prompts = self.prompts[task]
         if prompts.ctx.requires_grad and torch.is_grad_enabled():
-            return prompts(self.clip).float()
+            return self._encode_trainable(prompts.embeddings(), prompts.tokens)
         cached = self._text_cache.get(task)
         if cached is None:
             with torch.no_grad():
-                cached = prompts(self.clip).float()
+                cached = self.encode_prompts(prompts.embeddings(), prompts.tokens)
             self._text_cache[task] = cached
         return cached
 
@@ -155,7 +206,10 @@ class CLIPHingeModel(nn.Module):
         """``[batch, 3, H, W]`` -> ``[batch, dim]`` unnormalised frozen image features (float32).
 
         Gradients flow only when a LoRA adapter is active and grad mode is on (stage 2).
+        With ``resize_on_device`` the images are first resized and normalised here.
         """
+        if self.preprocess is not None:
+            images = self.preprocess(images)
         return self.clip.encode_image(images).float()
 
     def image_features(self, x: Tensor) -> Tensor:
@@ -182,15 +236,18 @@ class CLIPHingeModel(nn.Module):
         return self.logit_scale * self.image_embedding(features) @ text.T
 
     def head_logits(self, x: Tensor, features: Tensor) -> Tensor:
-        """``[batch, n_seen]`` stage-2 head logits; zero for classes of tasks without a head.
+        """``[batch, n_seen]`` stage-2 head logits.
 
-        ``x`` is the model input (images or features); a task with its own LoRA adapter
-        re-encodes the images through that adapter, which needs images.
+        A task without a trained head (before ``second_stage_start_task``) gets what its
+        untrained head would give, ``head_logit_scale * cos(image, prompted text)``, so
+        fusion does not favour the tasks that have heads. ``x`` is the model input (images or
+        features); a task with its own LoRA adapter re-encodes the images through it.
         """
         out = torch.zeros(features.shape[0], len(self.seen_classes), device=features.device)
         start = 0
         for task, classes in enumerate(self.task_classes):
             key = str(task)
+            stop = start + len(classes)
             if key in self.heads:
                 feats = features
                 if self.lora is not None and f"task{task}" in self.lora.adapters:
@@ -199,8 +256,11 @@ class CLIPHingeModel(nn.Module):
                                          "the strategy turns the feature cache off with LoRA")
                     with torch.no_grad(), self.lora.using(f"task{task}"):
                         feats = self.encode_images(x)
-                out[:, start:start + len(classes)] = self.heads[key](feats)
-            start += len(classes)
+                out[:, start:stop] = self.heads[key](feats)
+            else:
+                image = F.normalize(features.float(), dim=-1)
+                out[:, start:stop] = self.head_logit_scale * image @ self.task_text_features(task).T
+            start = stop
         return out
 
     def to_full_width(self, seen_scores: Tensor) -> Tensor:

@@ -1,14 +1,16 @@
 """Stage 2: a per-task linear head (optionally with LoRA) fused with CLIP at inference."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import List
 
 import torch
 import torch.nn.functional as F
 from avalanche.training.plugins import SupervisedPlugin
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..loaders import EpochBatchSampler, TensorBatchLoader
 from ..model.heads import TaskHead
 
 
@@ -62,38 +64,42 @@ class SecondStagePlugin(SupervisedPlugin):
         head = TaskHead(text, self.logit_scale).to(device)
         params = list(head.parameters())
         use_lora = model.lora is not None
+        generator = torch.Generator().manual_seed(self.seed * 6007 + task)
         if use_lora:
             adapter = f"task{task}"
             model.lora.add(adapter)
             params += model.lora.parameters(adapter)
             dataset = strategy.experience.dataset.train()
+            sampler = EpochBatchSampler(len(dataset), self.batch_size, True, generator)
+            loader = DataLoader(dataset, batch_sampler=sampler,
+                                num_workers=strategy.config.num_workers)
         else:
             feats, labels = strategy.current_features
-            dataset = TensorDataset(feats, labels)
+            sampler = EpochBatchSampler(len(labels), self.batch_size, True, generator)
+            loader = TensorBatchLoader(feats, labels, sampler)
         optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
                                     weight_decay=self.weight_decay)
-        generator = torch.Generator().manual_seed(self.seed * 6007 + task)
-        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=True,
-                            generator=generator)
         self.losses = []
         head.train()
-        for _ in tqdm(range(self.epochs), desc=f"stage 2, task {task}", leave=False):
-            total, count = 0.0, 0
-            for batch in loader:
-                x, y = batch[0].to(device), batch[1].to(device)
-                with strategy.autocast():
-                    if use_lora:
-                        with model.lora.using(adapter):
-                            x = model.encode_images(x)
-                    logits = head(x)
-                target = (y[:, None] == classes[None, :]).float().argmax(1)
-                loss = F.cross_entropy(logits.float(), target)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(y)
-                count += len(y)
-            self.losses.append(total / max(count, 1))
+        # the adapter stays active through backward: peft freezes inactive adapters' weights
+        active = model.lora.using(adapter) if use_lora else nullcontext()
+        epochs = tqdm(range(self.epochs), desc=f"stage 2, task {task}", leave=False,
+                      disable=not getattr(strategy, "progress", True))
+        with active:
+            for _ in epochs:
+                total, count = 0.0, 0
+                for batch in loader:
+                    x, y = batch[0].to(device), batch[1].to(device)
+                    with strategy.autocast():
+                        logits = head(model.encode_images(x) if use_lora else x)
+                    target = (y[:, None] == classes[None, :]).float().argmax(1)
+                    loss = F.cross_entropy(logits.float(), target)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    total += loss.item() * len(y)
+                    count += len(y)
+                self.losses.append(total / max(count, 1))
         head.eval()
         head.requires_grad_(False)
         for param in params:

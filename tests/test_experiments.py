@@ -1,0 +1,276 @@
+"""The experiment scripts end to end: results.json, TensorBoard, CSV logs, plots, checkpoints.
+
+``run_split_cifar.py --preset smoke`` runs once, in a subprocess, for the whole module (and
+for ``test_resume.py``, which compares its resumed run with it); ``run_imagenet_r.py`` runs
+in-process on a generated four-class ``imagenet-r/<wnid>/*.jpg`` tree.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from avalanche_cliphinge.checkpoint import list_checkpoints, load_checkpoint
+from avalanche_cliphinge.cli import build_parser, resolve_config
+from avalanche_cliphinge.results import cil_metrics, grouped_accuracy
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "experiments"
+N_TASKS = 4  # --preset smoke: 4 + 2 + 2 + 2 synthetic classes
+EPOCHS = 8   # --preset smoke: init_epochs = epochs = 8
+STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
+STREAM_FORGETTING = "StreamForgetting/eval_phase/test_stream"
+
+
+def smoke_command(output_dir: Path, *extra: str):
+    return [sys.executable, str(SCRIPTS / "run_split_cifar.py"), "--preset", "smoke",
+            "--output-dir", str(output_dir), "--quiet", *extra]
+
+
+def uninterrupted_smoke_run(tmp_path_factory):
+    """One finished smoke run per pytest session: ``(output_dir, process record)``.
+
+    test_resume.py holds a copy of this function: test modules cannot import each other
+    (avalanche-lib installs its own ``tests`` package).
+    """
+    out = tmp_path_factory.getbasetemp() / "smoke_uninterrupted"
+    record = tmp_path_factory.getbasetemp() / "smoke_uninterrupted.json"
+    if not record.exists():
+        proc = subprocess.run(smoke_command(out), cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+        record.write_text(json.dumps({"returncode": proc.returncode, "stdout": proc.stdout,
+                                      "stderr": proc.stderr}))
+    return out, json.loads(record.read_text())
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out, proc = uninterrupted_smoke_run(tmp_path_factory)
+    assert proc["returncode"] == 0, proc["stderr"][-3000:]
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def results(smoke_run):
+    return json.loads((smoke_run[0] / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def events(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(smoke_run[0] / "tb"),
+                                   size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def read_csv(path: Path):
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    return rows[0], rows[1:]
+
+
+# ---- run_split_cifar.py --preset smoke ---------------------------------------------------------
+def test_smoke_run_exits_0_and_prints_the_summary(smoke_run):
+    out, proc = smoke_run
+    assert "AIA (avg incremental acc)" in proc["stdout"]
+    assert f"results: {out / 'results.txt'}" in proc["stdout"]
+    assert "error" not in proc["stderr"].lower()
+
+
+def test_results_json_holds_grouped_accuracy_after_every_task(results):
+    assert results["finished"] is True
+    assert results["completed_tasks"] == N_TASKS
+    matrix, sizes = results["accuracy_matrix"], results["test_sizes"]
+    assert np.shape(matrix) == (N_TASKS, N_TASKS)
+    assert sizes == [60, 30, 30, 30]  # 15 test images per class, 4 + 2 + 2 + 2 classes
+    assert len(results["per_task"]) == N_TASKS
+    for t, group in enumerate(results["per_task"]):
+        assert set(group) == {"all", "tasks", "old", "new"}
+        assert group == grouped_accuracy(matrix[t], sizes, t)
+        assert len(group["tasks"]) == t + 1
+        assert (group["old"] is None) == (t == 0)
+    values = [v for row in matrix for v in row] + [g["all"] for g in results["per_task"]]
+    assert all(0.0 <= v <= 100.0 for v in values)
+    # A class-incremental model cannot score classes it has not seen yet.
+    assert all(matrix[t][j] == 0.0 for t in range(N_TASKS) for j in range(t + 1, N_TASKS))
+
+
+def test_results_json_metrics_follow_their_definitions(results):
+    matrix = results["accuracy_matrix"]
+    metrics = results["metrics"]
+    assert set(metrics) == {"AIA", "AA", "Last", "Forgetting"}
+    assert metrics == pytest.approx(cil_metrics(matrix, results["test_sizes"]))
+    assert all(0.0 <= metrics[k] <= 100.0 for k in ("AIA", "AA", "Last"))
+    assert metrics["Last"] == pytest.approx(results["per_task"][-1]["all"])
+    # Avalanche's StreamForgetting: accuracy right after learning minus the last one.
+    last = N_TASKS - 1
+    expected = np.mean([matrix[j][j] - matrix[last][j] for j in range(last)])
+    assert results["avalanche_stream_forgetting"] == pytest.approx(expected, abs=1e-6)
+    assert -100.0 <= metrics["Forgetting"] <= 100.0
+
+
+def test_results_json_records_the_protocol(results):
+    protocol = results["protocol"]
+    for key in ("model", "pretrained", "weights_sha256", "class_order", "seed", "config",
+                "versions", "device"):
+        assert key in protocol, key
+    assert protocol["model"] == "cliphinge-tiny"
+    assert protocol["pretrained"] is None and protocol["weights_sha256"] is None
+    assert protocol["class_order"] == list(range(10))
+    assert protocol["seed"] == protocol["config"]["seed"] == 1993
+    assert protocol["config"]["total_tasks"] == N_TASKS
+    assert protocol["device"].startswith("cpu")
+    for package in ("python", "torch", "avalanche-lib", "open_clip_torch"):
+        assert protocol["versions"][package] != "not installed", package
+    assert protocol["stream"] == "synthetic"
+    assert "--preset smoke" in protocol["command"]
+    assert results["wall_seconds"] > 0 and 0 < results["train_seconds"] <= results["wall_seconds"]
+    assert len(results["hard_pairs"]) == N_TASKS
+
+
+def test_tensorboard_holds_stream_accuracy_and_forgetting_after_every_task(events, results):
+    accuracy = events.Scalars(STREAM_ACC)
+    forgetting = events.Scalars(STREAM_FORGETTING)
+    assert len(accuracy) == len(forgetting) == N_TASKS
+    steps = [e.step for e in accuracy]
+    assert steps == sorted(set(steps)) and [e.step for e in forgetting] == steps
+    sizes = np.asarray(results["test_sizes"], dtype=float)
+    for event, row in zip(accuracy, results["accuracy_matrix"]):
+        # The stream accuracy covers the whole test stream, unseen classes included.
+        whole_stream = float(np.dot(row, sizes) / sizes.sum())
+        assert 100 * event.value == pytest.approx(whole_stream, abs=1e-3)
+    assert 100 * forgetting[-1].value == pytest.approx(results["avalanche_stream_forgetting"],
+                                                       abs=1e-3)
+    epochs = events.Scalars("Top1_Acc_Epoch/train_phase/train_stream/Task000")
+    assert len(epochs) == len({e.step for e in epochs}) == N_TASKS * EPOCHS
+
+
+def test_tensorboard_holds_the_results_images_and_scalars(events, results):
+    tags = events.Tags()
+    for name in ("results/accuracy_matrix", "results/accuracy_curve"):
+        assert name in tags["images"]
+        assert [e.step for e in events.Images(name)] == list(range(N_TASKS))
+    aia = events.Scalars("results/AIA")
+    assert [e.step for e in aia] == list(range(N_TASKS))
+    assert aia[-1].value == pytest.approx(results["metrics"]["AIA"], rel=1e-6)
+
+
+def test_eval_csv_has_one_row_per_training_and_eval_experience(smoke_run, results):
+    header, rows = read_csv(smoke_run[0] / "csv" / "eval_results.csv")
+    # Avalanche's CSVLogger: one row per evaluated experience after each training experience.
+    assert header == ["eval_exp", "training_exp", "eval_accuracy", "eval_loss", "forgetting"]
+    assert [(int(r[1]), int(r[0])) for r in rows] == [
+        (t, j) for t in range(N_TASKS) for j in range(N_TASKS)]
+    for row in rows:
+        t, j = int(row[1]), int(row[0])
+        assert 100 * float(row[2]) == pytest.approx(results["accuracy_matrix"][t][j], abs=0.01)
+
+
+def test_training_csv_has_one_row_per_epoch(smoke_run):
+    header, rows = read_csv(smoke_run[0] / "csv" / "training_results.csv")
+    assert header == ["training_exp", "epoch", "training_accuracy", "val_accuracy",
+                      "training_loss", "val_loss"]
+    assert [(int(r[0]), int(r[1])) for r in rows] == [
+        (t, e) for t in range(N_TASKS) for e in range(EPOCHS)]
+
+
+def test_plots_report_and_logs_are_written(smoke_run):
+    out = smoke_run[0]
+    for name in ("accuracy_matrix.png", "accuracy_curve.png"):
+        with Image.open(out / name) as image:
+            image.verify()
+            assert image.format == "PNG"
+    text = (out / "results.txt").read_text()
+    assert all(f"task {t:2d}: all" in text for t in range(N_TASKS))
+    assert "Forgetting (max - last)" in text and "Avalanche StreamForgetting" in text
+    assert "Start of training phase" in (out / "log.txt").read_text()
+    config = json.loads((out / "config.json").read_text())
+    assert config == json.loads((out / "results.json").read_text())["protocol"]["config"]
+    assert not list(out.glob(".*")) and not list((out / "checkpoints").glob(".*"))
+
+
+def test_the_last_two_checkpoints_are_kept(smoke_run, results):
+    found = list_checkpoints(smoke_run[0] / "checkpoints")
+    assert [(k, p.name) for k, p in found] == [(3, "exp_003.pt"), (2, "exp_002.pt")]
+    state = load_checkpoint(found[0][1])
+    assert state["completed"] == N_TASKS
+    assert state["run"]["matrix"] == results["accuracy_matrix"]
+    assert state["config"] == results["protocol"]["config"]
+
+
+# ---- --set parsing ---------------------------------------------------------------------------
+def test_set_values_are_read_as_json_then_as_strings():
+    parser = build_parser("test", str(SCRIPTS / "configs" / "imagenet_r_split.json"))
+    args = parser.parse_args(["--set", "pretrained=null", "--set", 'class_order="natural"',
+                              "--set", "lr_decay_epochs=[2, 3]", "--set", "epochs=1",
+                              "--set", "model_name=cliphinge-tiny", "--set", "lr=1e-2",
+                              "--set", "use_image_adapter=true"])
+    config = resolve_config(args)
+    assert config.pretrained is None
+    assert config.class_order == "natural"
+    assert config.lr_decay_epochs == [2, 3]
+    assert config.epochs == 1 and config.lr == 0.01 and config.use_image_adapter is True
+    assert config.model_name == "cliphinge-tiny"
+
+
+# ---- run_imagenet_r.py -------------------------------------------------------------------------
+def make_imagenet_r_tree(root: Path, n_classes: int = 4, per_class: int = 5) -> list:
+    """``root/imagenet-r/<wnid>/*.jpg`` for the first ``n_classes`` ImageNet-R wnids."""
+    from benchmarks import IMAGENET_R_WNIDS
+
+    rng = np.random.RandomState(0)
+    wnids = list(IMAGENET_R_WNIDS[:n_classes])
+    for c, wnid in enumerate(wnids):
+        folder = root / "imagenet-r" / wnid
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.full((40, 48, 3), 40 + 50 * c, dtype=np.uint8)
+            pixels = np.clip(pixels + rng.randint(0, 30, pixels.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"art_{i}.jpg")
+    return wnids
+
+
+TINY_IMAGENET_R = ["--set", "model_name=cliphinge-tiny", "--set", "pretrained=null",
+                   "--set", "init_class=2", "--set", "increment=2", "--set", "total_tasks=2",
+                   "--set", "epochs=1", "--set", "init_epochs=1",
+                   "--set", "second_stage_epochs=1", "--set", 'class_order="natural"']
+
+
+def run_script(script: str, args, capsys, monkeypatch):
+    """Run an experiment script in this process: ``(exit code, stdout, stderr)``."""
+    monkeypatch.chdir(ROOT)
+    argv = [str(SCRIPTS / script), *map(str, args)]
+    with mock.patch.object(sys, "argv", argv), pytest.raises(SystemExit) as stop:
+        runpy.run_path(argv[0], run_name="__main__")
+    captured = capsys.readouterr()
+    return stop.value.code, captured.out, captured.err
+
+
+def test_run_imagenet_r_finishes_on_a_tiny_tree(tmp_path, capsys, monkeypatch):
+    wnids = make_imagenet_r_tree(tmp_path / "data")
+    out = tmp_path / "run"
+    code, stdout, stderr = run_script(
+        "run_imagenet_r.py", ["--data-root", tmp_path / "data", "--output-dir", out, "--quiet",
+                              *TINY_IMAGENET_R], capsys, monkeypatch)
+    assert code == 0, stderr
+    assert "AIA (avg incremental acc)" in stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["finished"] is True and results["completed_tasks"] == 2
+    assert results["protocol"]["pretrained"] is None
+    assert results["protocol"]["config"]["pretrained"] is None
+    assert results["protocol"]["stream"] == "split_imagenet_r"
+    assert results["test_sizes"] == [2, 2]  # 5 images per class: 4 train / 1 test
+    assert results["protocol"]["class_order"] == [0, 1, 2, 3]
+    assert len(wnids) == 4
+    # The partial tree is announced on one line, not as a Python warning with source code.
+    assert "warning: ImageNet-R at" in stderr and "warnings.warn" not in stderr
