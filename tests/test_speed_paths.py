@@ -1,0 +1,186 @@
+"""The speed machinery: feature cache, batch order, truncated prompts, device resize, speed.py."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from avalanche_cliphinge import TINY_MODEL, load_clip
+from avalanche_cliphinge.feature_cache import FeatureCache, dataset_fingerprint
+from avalanche_cliphinge.loaders import EpochBatchSampler, TensorBatchLoader
+from avalanche_cliphinge.model.clip_hinge import DevicePreprocess
+from avalanche_cliphinge.model.prompts import TaskPrompts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return load_clip(TINY_MODEL, None)
+
+
+def test_epoch_batch_sampler_covers_every_index_once_with_sizes_of_the_batch_size():
+    sampler = EpochBatchSampler(10, 4, shuffle=True, generator=torch.Generator().manual_seed(3))
+    batches = list(sampler)
+    assert [len(b) for b in batches] == [4, 4, 2] and len(sampler) == 3
+    assert sorted(i for b in batches for i in b) == list(range(10))
+    # same seed, same order; the order is torch.randperm's
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(3)).tolist()
+    assert [i for b in batches for i in b] == expected
+    assert list(EpochBatchSampler(5, 2, shuffle=False)) == [[0, 1], [2, 3], [4]]
+
+
+def test_tensor_batch_loader_slices_the_sampled_rows():
+    feats = torch.arange(20.0).view(10, 2)
+    labels = torch.arange(10)
+    loader = TensorBatchLoader(feats, labels, EpochBatchSampler(10, 3, shuffle=False))
+    batches = list(loader)
+    assert len(loader) == 4 and [len(b[1]) for b in batches] == [3, 3, 3, 1]
+    x, y, t = batches[1]
+    assert torch.equal(x, feats[3:6]) and torch.equal(y, labels[3:6]) and not t.any()
+
+
+def test_feature_cache_memory_budget_evicts_least_recently_used():
+    entry = (torch.zeros(10, 4), torch.zeros(10, dtype=torch.long))  # 160 + 80 bytes
+    cache = FeatureCache(max_bytes=500)
+    calls = []
+    for key in ["a", "b", "a", "c"]:
+        cache.get_or_compute(key, lambda key=key: calls.append(key) or entry)
+    assert calls == ["a", "b", "c"]          # "a" came from memory the second time
+    assert cache.hits == 1 and cache.misses == 3
+    assert cache.bytes_used <= 500
+    cache.get_or_compute("b", lambda: calls.append("b2") or entry)
+    assert calls[-1] == "b2"                 # "b" was the least recently used: evicted
+
+
+def test_feature_cache_on_disk_is_reused_by_a_new_cache_and_ignores_corrupt_files(tmp_path):
+    entry = (torch.randn(5, 3), torch.arange(5))
+    FeatureCache(directory=tmp_path).get_or_compute("k", lambda: entry)
+    assert (tmp_path / "k.pt").is_file()
+    fresh = FeatureCache(directory=tmp_path)
+    got = fresh.get_or_compute("k", lambda: pytest.fail("recomputed despite the file"))
+    assert torch.equal(got[0], entry[0]) and fresh.hits == 1
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    again = fresh.get_or_compute("bad", lambda: entry)
+    assert torch.equal(again[1], entry[1]) and fresh.misses == 1
+
+
+def test_dataset_fingerprint_changes_with_content_labels_and_backbone():
+    class Items(torch.utils.data.Dataset):
+        def __init__(self, x, y):
+            self.x, self.targets = x, y
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return self.x[i], self.targets[i]
+
+    x = torch.randn(6, 3, 4, 4)
+    base = dataset_fingerprint(Items(x, [0, 0, 1, 1, 2, 2]), "ViT-B-16", "openai")
+    assert base == dataset_fingerprint(Items(x.clone(), [0, 0, 1, 1, 2, 2]), "ViT-B-16", "openai")
+    assert base != dataset_fingerprint(Items(x * 2, [0, 0, 1, 1, 2, 2]), "ViT-B-16", "openai")
+    assert base != dataset_fingerprint(Items(x, [0, 0, 1, 1, 2, 1]), "ViT-B-16", "openai")
+    assert base != dataset_fingerprint(Items(x, [0, 0, 1, 1, 2, 2]), "ViT-B-16", "file-sha")
+
+
+def test_strategy_reuses_the_disk_cache_with_the_same_results(tiny_config, run_stream, tmp_path):
+    config = tiny_config(feature_cache_dir=str(tmp_path / "cache"), init_epochs=2, epochs=2)
+    first, results_a = run_stream(config)
+    files = sorted((tmp_path / "cache").glob("*.pt"))
+    assert len(files) == 6                    # 3 train + 3 test experiences
+    second, results_b = run_stream(config)
+    assert second.feature_cache.misses == 0 and second.feature_cache.hits >= 6
+    assert results_a[-1] == results_b[-1]
+
+
+def test_truncated_prompts_give_the_full_length_text_features(backbone):
+    clip = backbone.model
+    prompts = TaskPrompts(clip, backbone.tokenizer, ["red horizontal stripes", "cat"], n_ctx=4,
+                          ctx_init="a photo of a")
+    assert prompts.tokens.shape[1] < 77
+    with torch.no_grad():
+        ours = prompts(clip)
+        full_tokens = backbone.tokenizer(["a photo of a red horizontal stripes.", "a photo of a cat."])
+        reference = F.normalize(clip.encode_text(full_tokens), dim=-1)
+    np.testing.assert_allclose(ours.numpy(), reference.numpy(), atol=1e-5)
+
+
+def test_device_preprocess_resizes_and_normalises_like_the_formula(backbone):
+    preprocess = DevicePreprocess(backbone)
+    images = torch.rand(2, 3, 16, 16)
+    out = preprocess(images)
+    size = backbone.image_size
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    expected = (F.interpolate(images, size=(size, size), mode="bicubic",
+                              align_corners=False).clamp(0, 1) - mean) / std
+    assert out.shape == (2, 3, size, size)
+    torch.testing.assert_close(out, expected)
+    as_uint8 = (images * 255).round().to(torch.uint8)
+    torch.testing.assert_close(preprocess(as_uint8), preprocess(as_uint8.float() / 255))
+
+
+def test_resize_on_device_feeds_the_encoder_the_preprocessed_images(tiny_config, backbone):
+    from avalanche_cliphinge import build_model
+
+    images = torch.rand(3, 3, 32, 32)
+    on = build_model(tiny_config(resize_on_device=True), ["a", "b", "c", "d", "e", "f"],
+                     backbone=backbone)
+    off = build_model(tiny_config(), ["a", "b", "c", "d", "e", "f"], backbone=backbone)
+    with torch.no_grad():
+        torch.testing.assert_close(on.encode_images(images),
+                                   off.encode_images(on.preprocess(images)))
+        assert not torch.allclose(on.encode_images(images), off.encode_images(images))
+
+
+def test_hinge_grad_to_old_text_lets_the_hinge_move_old_prompts(tiny_config, run_stream):
+    from avalanche_cliphinge.plugins import HardPairHingePlugin
+
+    grads = {}
+    for flag in (False, True):
+        config = tiny_config(update_old_text_prompts=True, hinge_grad_to_old_text=flag,
+                             text_hard_pair_threshold=-1.0, samples_per_old_class=0,
+                             init_epochs=1, epochs=1, second_stage_epochs=0)
+        strategy, _ = run_stream(config, n_experiences=2)
+        model = strategy.model
+        model.train()
+        model.set_trainable_prompts([0, 1])
+        for prompts in model.prompts:
+            prompts.ctx.grad = None           # drop what the last training step left
+        plugin = next(p for p in strategy.plugins if isinstance(p, HardPairHingePlugin))
+        model.last_text_features = None
+        loss = plugin.pair_loss(strategy, plugin.text_pairs, 10.0)
+        loss.backward()
+        grads[flag] = float(model.prompts[0].ctx.grad.abs().sum())
+    assert grads[False] == 0.0 and grads[True] > 0.0
+
+
+def test_seed_changes_the_prompt_initialisation_and_the_shuffling(tiny_config, run_stream):
+    a, _ = run_stream(tiny_config(seed=1, ctx_init=""), n_experiences=1)
+    b, _ = run_stream(tiny_config(seed=2, ctx_init=""), n_experiences=1)
+    assert not torch.equal(a.model.prompts[0].ctx, b.model.prompts[0].ctx)
+    assert a.generator(0, 1).initial_seed() != b.generator(0, 1).initial_seed()
+
+
+def test_speed_benchmark_tiny_cpu_mode_prints_every_phase():
+    """The benchmark script itself (figures are printed, never asserted)."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/speed.py", "--preset", "tiny", "--compare-uncached",
+         "--set", "init_epochs=1", "--set", "epochs=1", "--set", "second_stage_epochs=1",
+         "--bare-batch", "32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = {r["phase"]: r for r in map(json.loads, (line for line in done.stdout.splitlines()
+                                                      if line.startswith("{")))}
+    for phase in ("setup", "bare_image_encoder", "feature_extraction", "stage1", "hinge",
+                  "stage2", "evaluation", "total", "extraction_efficiency", "compare_uncached"):
+        assert phase in records, phase
+    assert records["feature_extraction"]["images"] == 500      # 400 train + 100 test JPEGs
+    assert records["compare_uncached"]["same_metrics"] is True
+    assert records["total"]["seconds"] > 0
