@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) experiments/run_split_cifar.py --preset smoke --output-dir runs/demo
+	$(PY) experiments/run_split_cifar.py --preset smoke --output-dir runs/demo --overwrite
 
 clean:
 	rm -rf runs build *.egg-info

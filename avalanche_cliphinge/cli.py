@@ -19,7 +19,7 @@ SMOKE = {"dataset": "synthetic", "model_name": TINY_MODEL, "pretrained": None,
          "init_class": 4, "increment": 2, "total_tasks": 4, "init_epochs": 8, "epochs": 8,
          "batch_size": 16, "lr": 0.01, "init_lr": 0.01, "lr_decay_epochs": [6],
          "text_hard_pair_threshold": 0.5, "second_stage_epochs": 3, "eval_batch_size": 128,
-         "class_order": "natural", "num_workers": 0}
+         "class_order": "natural", "num_workers": 0, "resize_on_device": False}
 
 StreamFactory = Callable[[argparse.Namespace, CLIPHingeConfig, CLIPBackbone], object]
 DataCheck = Callable[[argparse.Namespace, CLIPHingeConfig], None]

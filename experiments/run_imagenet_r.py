@@ -37,6 +37,9 @@ def check_imagenet_r_files(args, config):
 
 def imagenet_r_stream(args, config, backbone):
     """ImageNet-R stream with CLIP's transforms and the requested split."""
+    if config.resize_on_device:
+        raise ValueError("resize_on_device needs images of one size (CIFAR); ImageNet-R images "
+                         "differ in size: --set resize_on_device=false")
     from benchmarks import split_imagenet_r
 
     split = args.split_list or "seeded"
