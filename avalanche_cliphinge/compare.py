@@ -879,6 +879,9 @@ def resolve_settings(args: argparse.Namespace) -> Tuple[CLIPHingeConfig, Baselin
     config = config.with_overrides(config_sets)
     if args.pretrained is not None:
         config = config.replace(pretrained=args.pretrained)
+    # every entry shares streams built with CLIP's full CPU-side eval transform, so the
+    # CLIPHinge entries must not resize and normalise a second time on the device
+    config = config.replace(resize_on_device=False)
     return config, BaselineSettings().with_overrides(baseline_sets)
 
 
