@@ -6,12 +6,10 @@ dangerous case: every check has to come before anything is deleted.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import runpy
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
@@ -26,8 +24,7 @@ from avalanche_cliphinge.config import CLIPHingeConfig, ConfigError
 from avalanche_cliphinge.experiment import RunError, run_experiment
 from avalanche_cliphinge.strategy import CLIPHingeStrategy
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "experiments"
+from cli_helpers import ROOT, SCRIPTS, run_script, snapshot
 TINY = ["--set", "model_name=cliphinge-tiny", "--set", "pretrained=null"]
 #: A cheap smoke run: 2 tasks (4 + 2 classes), 1 epoch each.
 FAST = ["--preset", "smoke", "--quiet", "--set", "total_tasks=2", "--set", "init_epochs=1",
@@ -35,22 +32,6 @@ FAST = ["--preset", "smoke", "--quiet", "--set", "total_tasks=2", "--set", "init
 TINY_IMAGENET_R = [*TINY, "--set", "init_class=2", "--set", "increment=2",
                    "--set", "total_tasks=2", "--set", "epochs=1", "--set", "init_epochs=1",
                    "--set", "second_stage_epochs=1", "--set", "class_order=natural", "--quiet"]
-
-
-def run_script(script: str, args, capsys, monkeypatch):
-    """Run an experiment script in this process: ``(exit code, stdout, stderr)``."""
-    monkeypatch.chdir(ROOT)
-    argv = [str(SCRIPTS / script), *map(str, args)]
-    with mock.patch.object(sys, "argv", argv), pytest.raises(SystemExit) as stop:
-        runpy.run_path(argv[0], run_name="__main__")
-    captured = capsys.readouterr()
-    return stop.value.code, captured.out, captured.err
-
-
-def snapshot(folder: Path):
-    """``{relative path: sha256}`` of every file under ``folder``."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def the_error(code, stderr) -> str:

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-import runpy
-import subprocess
-import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -22,33 +18,11 @@ from avalanche_cliphinge.checkpoint import list_checkpoints, load_checkpoint
 from avalanche_cliphinge.cli import build_parser, resolve_config
 from avalanche_cliphinge.results import cil_metrics, grouped_accuracy
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "experiments"
+from cli_helpers import SCRIPTS, run_script, uninterrupted_smoke_run
 N_TASKS = 4  # --preset smoke: 4 + 2 + 2 + 2 synthetic classes
 EPOCHS = 8   # --preset smoke: init_epochs = epochs = 8
 STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
 STREAM_FORGETTING = "StreamForgetting/eval_phase/test_stream"
-
-
-def smoke_command(output_dir: Path, *extra: str):
-    return [sys.executable, str(SCRIPTS / "run_split_cifar.py"), "--preset", "smoke",
-            "--output-dir", str(output_dir), "--quiet", *extra]
-
-
-def uninterrupted_smoke_run(tmp_path_factory):
-    """One finished smoke run per pytest session: ``(output_dir, process record)``.
-
-    test_resume.py holds a copy of this function: test modules cannot import each other
-    (avalanche-lib installs its own ``tests`` package).
-    """
-    out = tmp_path_factory.getbasetemp() / "smoke_uninterrupted"
-    record = tmp_path_factory.getbasetemp() / "smoke_uninterrupted.json"
-    if not record.exists():
-        proc = subprocess.run(smoke_command(out), cwd=ROOT, capture_output=True, text=True,
-                              timeout=600)
-        record.write_text(json.dumps({"returncode": proc.returncode, "stdout": proc.stdout,
-                                      "stderr": proc.stderr}))
-    return out, json.loads(record.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -244,16 +218,6 @@ TINY_IMAGENET_R = ["--set", "model_name=cliphinge-tiny", "--set", "pretrained=nu
                    "--set", "init_class=2", "--set", "increment=2", "--set", "total_tasks=2",
                    "--set", "epochs=1", "--set", "init_epochs=1",
                    "--set", "second_stage_epochs=1", "--set", 'class_order="natural"']
-
-
-def run_script(script: str, args, capsys, monkeypatch):
-    """Run an experiment script in this process: ``(exit code, stdout, stderr)``."""
-    monkeypatch.chdir(ROOT)
-    argv = [str(SCRIPTS / script), *map(str, args)]
-    with mock.patch.object(sys, "argv", argv), pytest.raises(SystemExit) as stop:
-        runpy.run_path(argv[0], run_name="__main__")
-    captured = capsys.readouterr()
-    return stop.value.code, captured.out, captured.err
 
 
 def test_run_imagenet_r_finishes_on_a_tiny_tree(tmp_path, capsys, monkeypatch):

@@ -8,17 +8,13 @@ run's folder.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import runpy
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -30,8 +26,7 @@ from avalanche_cliphinge.config import CLIPHingeConfig
 from avalanche_cliphinge.experiment import run_experiment
 from avalanche_cliphinge.strategy import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "experiments"
+from cli_helpers import ROOT, run_script, smoke_command, snapshot, uninterrupted_smoke_run
 N_TASKS = 4
 EPOCHS = 8
 STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
@@ -40,39 +35,6 @@ SAME_RESULTS = ("finished", "completed_tasks", "metrics", "avalanche_stream_forg
 #: A cheap smoke run: 2 tasks (4 + 2 classes), 1 epoch each.
 FAST = ["--preset", "smoke", "--quiet", "--set", "total_tasks=2", "--set", "init_epochs=1",
         "--set", "epochs=1", "--set", "second_stage_epochs=1"]
-
-
-def smoke_command(output_dir: Path, *extra: str):
-    return [sys.executable, str(SCRIPTS / "run_split_cifar.py"), "--preset", "smoke",
-            "--output-dir", str(output_dir), "--quiet", *extra]
-
-
-def uninterrupted_smoke_run(tmp_path_factory):
-    """One finished smoke run per pytest session (the same as test_experiments.py's)."""
-    out = tmp_path_factory.getbasetemp() / "smoke_uninterrupted"
-    record = tmp_path_factory.getbasetemp() / "smoke_uninterrupted.json"
-    if not record.exists():
-        proc = subprocess.run(smoke_command(out), cwd=ROOT, capture_output=True, text=True,
-                              timeout=600)
-        record.write_text(json.dumps({"returncode": proc.returncode, "stdout": proc.stdout,
-                                      "stderr": proc.stderr}))
-    return out, json.loads(record.read_text())
-
-
-def run_script(script: str, args, capsys, monkeypatch):
-    """Run an experiment script in this process: ``(exit code, stdout, stderr)``."""
-    monkeypatch.chdir(ROOT)
-    argv = [str(SCRIPTS / script), *map(str, args)]
-    with mock.patch.object(sys, "argv", argv), pytest.raises(SystemExit) as stop:
-        runpy.run_path(argv[0], run_name="__main__")
-    captured = capsys.readouterr()
-    return stop.value.code, captured.out, captured.err
-
-
-def snapshot(folder: Path):
-    """``{relative path: sha256}`` of every file under ``folder``."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def error_lines(stderr: str):

@@ -1,0 +1,50 @@
+"""Helpers shared by the CLI test modules (imported by name: pytest puts tests/ on sys.path;
+``tests.x`` would resolve to avalanche-lib's own ``tests`` package)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "experiments"
+
+
+def smoke_command(output_dir: Path, *extra: str):
+    """The smoke preset as a subprocess command line."""
+    return [sys.executable, str(SCRIPTS / "run_split_cifar.py"), "--preset", "smoke",
+            "--output-dir", str(output_dir), "--quiet", *extra]
+
+
+def uninterrupted_smoke_run(tmp_path_factory):
+    """One finished smoke run per pytest session: ``(output dir, {returncode, stdout, stderr})``."""
+    out = tmp_path_factory.getbasetemp() / "smoke_uninterrupted"
+    record = tmp_path_factory.getbasetemp() / "smoke_uninterrupted.json"
+    if not record.exists():
+        proc = subprocess.run(smoke_command(out), cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+        record.write_text(json.dumps({"returncode": proc.returncode, "stdout": proc.stdout,
+                                      "stderr": proc.stderr}))
+    return out, json.loads(record.read_text())
+
+
+def run_script(script: str, args, capsys, monkeypatch):
+    """Run an experiment script in this process: ``(exit code, stdout, stderr)``."""
+    monkeypatch.chdir(ROOT)
+    argv = [str(SCRIPTS / script), *map(str, args)]
+    with mock.patch.object(sys, "argv", argv), pytest.raises(SystemExit) as stop:
+        runpy.run_path(argv[0], run_name="__main__")
+    captured = capsys.readouterr()
+    return stop.value.code, captured.out, captured.err
+
+
+def snapshot(folder: Path):
+    """``{relative path: sha256}`` of every file under ``folder``."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
