@@ -282,8 +282,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
         In evaluation, samples of classes not seen yet (future experiences of the test
         stream) are left out of the loss; an experience made only of them reports loss 0.
         """
-        seen = torch.tensor(self.model.seen_classes, device=self.device)
-        logits = self.mb_output[:, seen].float()
+        logits = self.mb_output[:, self.model.seen_index].float()
         targets = self.model.column_of[self.mb_y]
         if self.is_training and self.replay_scores is not None:
             logits = torch.cat([logits, self.replay_scores.float()])

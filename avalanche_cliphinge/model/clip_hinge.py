@@ -95,6 +95,7 @@ class CLIPHingeModel(nn.Module):
         self.heads = nn.ModuleDict()
         self.lora = VisualLoRA(self.clip.visual, *lora) if lora is not None else None
         self.register_buffer("column_of", torch.full((len(class_names),), -1, dtype=torch.long))
+        self.register_buffer("seen_index", torch.zeros(0, dtype=torch.long))
         self._text_cache: Dict[int, Tensor] = {}
         self.last_text_features: Optional[Tensor] = None
         self.preprocess = DevicePreprocess(backbone) if resize_on_device else None
@@ -158,6 +159,8 @@ class CLIPHingeModel(nn.Module):
         start = len(self.seen_classes) - len(class_ids)
         self.column_of[torch.tensor(class_ids, device=self.column_of.device)] = torch.arange(
             start, start + len(class_ids), device=self.column_of.device)
+        # the score columns' class ids as a tensor, built once per task (not per minibatch)
+        self.seen_index = torch.tensor(self.seen_classes, device=self.column_of.device)
         return task
 
     def set_trainable_prompts(self, tasks: Sequence[int]) -> None:
@@ -267,7 +270,7 @@ class CLIPHingeModel(nn.Module):
         """``[batch, n_seen]`` -> ``[batch, n_classes]`` in class-id order, unseen = UNSEEN_SCORE."""
         out = torch.full((seen_scores.shape[0], len(self.class_names)), UNSEEN_SCORE,
                          dtype=seen_scores.dtype, device=seen_scores.device)
-        out[:, torch.tensor(self.seen_classes, device=out.device)] = seen_scores
+        out[:, self.seen_index] = seen_scores
         return out
 
     def seen_scores(self, x: Tensor) -> Tensor:
