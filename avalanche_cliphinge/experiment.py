@@ -25,6 +25,7 @@ from avalanche.training.plugins import EvaluationPlugin
 
 from . import checkpoint as ckpt
 from .config import CLIPHingeConfig
+from .metrics import DeviceEpochAccuracy, DeviceEpochLoss
 from .model.backbone import CLIPBackbone
 from .results import (cil_metrics, format_results, grouped_accuracy, plot_accuracy_curve,
                       plot_accuracy_matrix)
@@ -60,6 +61,9 @@ def make_evaluator(output_dir: Path, wandb: bool = False, interactive: bool = Tr
                    csv_rows: Optional[Dict[str, int]] = None,
                    resume_step: Optional[int] = None):
     """Avalanche ``EvaluationPlugin`` with accuracy, forgetting, BWT, loss and timing metrics.
+
+    The training-epoch accuracy and loss are ``DeviceEpochAccuracy`` and ``DeviceEpochLoss``:
+    Avalanche's names and values, without a host sync per step.
 
     Loggers: ``InteractiveLogger`` (progress bars), ``TextLogger`` (``log.txt``),
     ``CSVLogger`` (``csv/``), ``TensorboardLogger`` (``tb/``) and ``WandBLogger`` when asked.
@@ -103,10 +107,10 @@ def make_evaluator(output_dir: Path, wandb: bool = False, interactive: bool = Tr
         loggers.append(WandBLogger(project_name="avalanche-cliphinge",
                                    run_name=output_dir.name, dir=str(output_dir)))
     evaluator = EvaluationPlugin(
-        accuracy_metrics(epoch=True, experience=True, stream=True),
+        DeviceEpochAccuracy(), accuracy_metrics(experience=True, stream=True),
         forgetting_metrics(experience=True, stream=True),
         bwt_metrics(experience=True, stream=True),
-        loss_metrics(epoch=True, experience=True, stream=True),
+        DeviceEpochLoss(), loss_metrics(experience=True, stream=True),
         timing_metrics(epoch=True, experience=True),
         loggers=loggers)
     return evaluator, tb_logger

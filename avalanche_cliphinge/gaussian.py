@@ -137,7 +137,16 @@ class ClassGaussians(nn.Module):
             ``(features [len(class_ids) * n_per_class, dim], labels [same])``, grouped by
             class in the order of ``class_ids`` (shuffle them yourself when needed).
         """
-        rows = self.index_of(class_ids)
+        return self.sample_rows(self.index_of(class_ids), n_per_class, generator)
+
+    def sample_rows(self, rows: Tensor, n_per_class: int,
+                    generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        """``sample`` for buffer rows ``[k]`` from ``index_of`` (no lookup, no host sync).
+
+        A training step that draws every iteration looks its rows up once per task and
+        calls this, so nothing is read back from the GPU. With a ``generator`` on the
+        buffers' device the noise is drawn there too.
+        """
         k = rows.numel()
         z = torch.randn(k, n_per_class, self.dim, generator=generator,
                         device=self.means.device if generator is None else generator.device)

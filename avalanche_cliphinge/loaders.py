@@ -28,9 +28,13 @@ class EpochBatchSampler:
     def __len__(self) -> int:
         return (self.n + self.batch_size - 1) // self.batch_size
 
+    def order(self) -> Tensor:
+        """``[n]`` sample indices of the next pass (a new permutation each call when shuffling)."""
+        return (torch.randperm(self.n, generator=self.generator) if self.shuffle
+                else torch.arange(self.n))
+
     def __iter__(self) -> Iterator[List[int]]:
-        order = (torch.randperm(self.n, generator=self.generator) if self.shuffle
-                 else torch.arange(self.n))
+        order = self.order()
         for start in range(0, self.n, self.batch_size):
             yield order[start:start + self.batch_size].tolist()
 
@@ -38,8 +42,9 @@ class EpochBatchSampler:
 class TensorBatchLoader:
     """Iterates ``(x, y, task_label)`` minibatches of in-memory tensors by slicing.
 
-    Avoids the per-item indexing and collation of a ``DataLoader`` over a ``TensorDataset``;
-    the tensors may live on the GPU.
+    Avoids the per-item indexing and collation of a ``DataLoader`` over a ``TensorDataset``.
+    The tensors may live on the GPU: the pass's index order is copied there once per pass
+    and sliced per minibatch, so a step never waits on a host-to-device copy.
 
     Args:
         features: ``[n, dim]`` features.
@@ -55,6 +60,7 @@ class TensorBatchLoader:
         return len(self.sampler)
 
     def __iter__(self):
-        for index in self.sampler:
-            rows = torch.as_tensor(index, device=self.features.device)
+        order = self.sampler.order().to(self.features.device, non_blocking=True)
+        for start in range(0, self.sampler.n, self.sampler.batch_size):
+            rows = order[start:start + self.sampler.batch_size]
             yield self.features[rows], self.labels[rows], self._tasks[rows]

@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from avalanche.models.dynamic_modules import avalanche_model_adaptation
 from avalanche.training.plugins import SupervisedPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
@@ -71,8 +72,8 @@ class CLIPHingeStrategy(SupervisedTemplate):
         model: a ready ``CLIPHingeModel`` (default: built from ``config``).
         plugins: extra Avalanche plugins; a method plugin passed here replaces the default one.
         use_default_plugins: add the replay, hinge and stage-2 plugins the config asks for
-            (those of a type already in ``plugins`` are not added twice). ``False`` runs only
-            the plugins passed by hand.
+            (not those whose type, or a subclass of it, is already in ``plugins``).
+            ``False`` runs only the plugins passed by hand.
         evaluator: an Avalanche ``EvaluationPlugin`` (or factory).
         device: torch device.
         eval_every: Avalanche's periodic evaluation (-1: only when ``eval`` is called).
@@ -93,12 +94,11 @@ class CLIPHingeStrategy(SupervisedTemplate):
                               "use CLIPHingeConfig.from_json(path)")
         config.check_class_count(len(class_names), "class_names")
         device = torch.device(device)
-        if model is None:
-            model = build_model(config, class_names, device)
+        model = build_model(config, class_names, device) if model is None else model.to(device)
         plugins = list(plugins or [])
         if use_default_plugins:
-            given = {type(p) for p in plugins}
-            plugins += [p for p in default_plugins(config) if type(p) not in given]
+            plugins += [p for p in default_plugins(config)
+                        if not any(isinstance(q, type(p)) for q in plugins)]
         # Avalanche needs an optimizer object now; make_optimizer replaces it per experience
         # with one over the trainable prompts only.
         placeholder = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=config.lr)
@@ -114,6 +114,9 @@ class CLIPHingeStrategy(SupervisedTemplate):
         self.replay_scores: Optional[Tensor] = None
         self.loss_terms: Dict[str, Tensor] = {}
         self.current_features: Optional[Tuple[Tensor, Tensor]] = None
+        self._nonfinite_step = torch.full((), -1, dtype=torch.long)
+        self._nonfinite_terms: Dict[str, Tensor] = {}
+        self._dataset_keys: Dict[Tuple[int, bool], Tuple[object, str]] = {}
         self.progress = progress
         self.feature_cache = feature_cache or FeatureCache(
             max_bytes=int(config.feature_cache_max_gb * 2 ** 30),
@@ -154,27 +157,49 @@ class CLIPHingeStrategy(SupervisedTemplate):
                             num_workers=self.config.num_workers,
                             pin_memory=self.device.type == "cuda")
         feats, labels = [], []
+        # Nothing is read back per batch: while the device encodes one batch, the host
+        # already loads the next.
         for batch in tqdm(loader, desc=desc, leave=False,
                           disable=len(loader) < 2 or not self.progress):
             with self.autocast():
                 images = batch[0].to(self.device, non_blocking=True)
                 feats.append(self.model.encode_images(images).float())
-            labels.append(torch.as_tensor(batch[1]).long().to(self.device))
+            labels.append(torch.as_tensor(batch[1]).long())
         if not feats:
             raise ValueError(f"{desc}: the experience has no samples; every experience needs "
                              "data (check the stream's split)")
-        return torch.cat(feats), torch.cat(labels)
+        return torch.cat(feats), torch.cat(labels).to(self.device)
 
     def features_of(self, dataset, desc: str) -> Tuple[Tensor, Tensor]:
         """``extract_features`` through the feature cache when caching is on."""
         if not self.config.cache_features:
             return self.extract_features(dataset, desc)
-        backbone = self.model.backbone
-        key = dataset_fingerprint(dataset, backbone.model_name, backbone.pretrained,
-                                  backbone.weights_sha256, self.config.resize_on_device)
+        key = self._cache_key(dataset)
         feats, labels = self.feature_cache.get_or_compute(
             key, lambda: self.extract_features(dataset, desc))
         return feats.to(self.device), labels.to(self.device)
+
+    def _cache_key(self, dataset) -> str:
+        """The feature-cache key of ``dataset`` (its fingerprint plus the backbone's identity).
+
+        For ``self.adapted_dataset`` it is computed once per experience dataset and phase
+        (train or eval), then reused: Avalanche datasets are immutable, so the same
+        experience adapted for the same phase holds the same items.
+        """
+        backbone = self.model.backbone
+
+        def fingerprint() -> str:
+            return dataset_fingerprint(dataset, backbone.model_name, backbone.pretrained,
+                                       backbone.weights_sha256, self.config.resize_on_device)
+
+        if dataset is not self.adapted_dataset or self.experience is None:
+            return fingerprint()
+        source = self.experience.dataset
+        memo = (id(source), self.is_training)
+        known = self._dataset_keys.get(memo)
+        if known is None or known[0] is not source:       # the id of a freed dataset
+            known = self._dataset_keys[memo] = (source, fingerprint())
+        return known[1]
 
     def _batch_sampler(self, n: int, batch_size: int, shuffle: bool) -> EpochBatchSampler:
         generator = self.generator(self.current_task, 1) if shuffle else None
@@ -186,6 +211,18 @@ class CLIPHingeStrategy(SupervisedTemplate):
             return TensorBatchLoader(features[0], features[1], sampler)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.config.num_workers,
                           pin_memory=self.device.type == "cuda")
+
+    def model_adaptation(self, model=None):
+        """Avalanche's per-experience model hook, without moving the model again.
+
+        Avalanche's version also calls ``model.to(device)`` at every experience, train and
+        eval alike, a walk over every CLIP parameter. The model is moved once, in the
+        constructor, and everything it grows later (prompts, heads, adapters, LoRA) is made
+        on its device, so only the ``DynamicModule`` adaptation is kept.
+        """
+        model = self.model if model is None else model
+        avalanche_model_adaptation(model, self.experience)
+        return model
 
     # ---- training -------------------------------------------------------------------------
     def _before_training_exp(self, **kwargs):
@@ -235,11 +272,6 @@ class CLIPHingeStrategy(SupervisedTemplate):
         steps = sum(1 for e in self.config.lr_decay_epochs if epoch >= e)
         return base * self.config.lr_decay_factor ** steps
 
-    def _before_training_epoch(self, **kwargs):
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.epoch_lr(self.clock.train_exp_epochs)
-        super()._before_training_epoch(**kwargs)
-
     def _before_training_iteration(self, **kwargs):
         self.replay_features = self.replay_labels = self.replay_scores = None
         self.loss_terms = {}
@@ -248,14 +280,38 @@ class CLIPHingeStrategy(SupervisedTemplate):
         super()._before_training_iteration(**kwargs)
 
     def backward(self):
-        """Backward pass; a NaN or Inf loss stops the run naming the step and the terms."""
-        if not torch.isfinite(self.loss).all():
-            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in self.loss_terms.items())
-            raise FloatingPointError(
-                f"non-finite loss at task {self.current_task}, epoch "
-                f"{self.clock.train_exp_epochs}, iteration {self.clock.train_epoch_iterations}"
-                f" ({terms}); lower lr or check the data. Earlier checkpoints are intact")
+        """Backward pass; the first NaN or Inf loss of the epoch is recorded on the device.
+
+        The check reads nothing back to the host, so GPU steps stay asynchronous; the
+        epoch's end (``_after_training_epoch``) stops the run naming that step and its
+        loss terms.
+        """
+        loss = self.loss.detach()
+        first = ~torch.isfinite(loss).all() & (self._nonfinite_step < 0)
+        self._nonfinite_step = torch.where(first, self.clock.train_epoch_iterations,
+                                           self._nonfinite_step)
+        for name, value in self.loss_terms.items():
+            value = value.detach().float().reshape(())
+            kept = self._nonfinite_terms.get(name, torch.full_like(value, float("nan")))
+            self._nonfinite_terms[name] = torch.where(first, value, kept)
         super().backward()
+
+    def _before_training_epoch(self, **kwargs):
+        self._nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._nonfinite_terms: Dict[str, Tensor] = {}
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.epoch_lr(self.clock.train_exp_epochs)
+        super()._before_training_epoch(**kwargs)
+
+    def _after_training_epoch(self, **kwargs):
+        epoch = self.clock.train_exp_epochs
+        super()._after_training_epoch(**kwargs)
+        step = int(self._nonfinite_step)          # the epoch's only read-back to the host
+        if step >= 0:
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in self._nonfinite_terms.items())
+            raise FloatingPointError(
+                f"non-finite loss at task {self.current_task}, epoch {epoch}, iteration "
+                f"{step} ({terms}); lower lr or check the data. Earlier checkpoints are intact")
 
     def forward(self):
         """Scores of the minibatch ``[b, n_classes]``.

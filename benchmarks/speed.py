@@ -9,17 +9,22 @@
 
 Phases: ``feature_extraction`` (frozen-encoder passes over train and test data),
 ``stage1`` (prompt-learning epochs, hinge included), ``hinge`` (the hinge plugin's share of
-stage 1), ``stage2`` (head training), ``evaluation`` (scoring the test stream after every
+stage 1; on CUDA its device time from events, so steps are not serialised), ``stage2`` (head training), ``evaluation`` (scoring the test stream after every
 task, extraction excluded), ``total`` (the whole run), ``bare_image_encoder`` (open_clip's
 image encoder alone, same process, same precision) and ``extraction_efficiency``
 (extraction throughput / bare throughput). Random weights: timings only, accuracy is
 meaningless. ``--compare-uncached`` runs the same config with ``cache_features=false`` and
-prints both times, their ratio and whether the metrics agree.
+prints both times, their ratio and whether the metrics agree (``--repeats N``: N runs of
+each path, alternating, and the ratio of the median times). Before the timed runs, an
+untimed ``warmup`` runs the first experience with the cache and compile off, so neither
+timed run pays the process's one-time costs (``--no-warmup`` skips it); compile time stays
+inside the timed run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -85,29 +90,64 @@ class PhaseTimer(SupervisedPlugin):
         self.seconds["evaluation"] += self._now() - self._start
 
 
-def timed(obj, name, bucket, key, sync, count=None):
-    """Wrap ``obj.name`` so its wall time (and optional item count) adds to ``bucket``."""
-    inner = getattr(obj, name)
+class Stopwatch:
+    """Adds up the duration of every call of a wrapped method.
 
-    def wrapper(*args, **kwargs):
-        sync()
-        began = time.perf_counter()
-        out = inner(*args, **kwargs)
-        sync()
-        bucket[key] += time.perf_counter() - began
-        if count is not None:
-            bucket[count] += count_items(args)
-        return out
+    ``per_step=False``: host wall time between device synchronisations, for phases entered a
+    few times per task. ``per_step=True`` on CUDA: device time between two CUDA events
+    recorded around each call and read once at the end, so a phase that runs inside every
+    training step is timed without making the host wait for the device at every step.
+    """
 
-    setattr(obj, name, wrapper)
+    def __init__(self, device: torch.device, per_step: bool = False):
+        self.cuda = device.type == "cuda"
+        self.events = per_step and self.cuda
+        self._seconds = 0.0
+        self._pairs = []
+        self.items = 0
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def wrap(self, obj, name: str, count_items: bool = False) -> None:
+        """Replace ``obj.name`` by a timed call (``count_items``: add ``len(first arg)``)."""
+        inner = getattr(obj, name)
+
+        def wrapper(*args, **kwargs):
+            if self.events:
+                start, stop = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                out = inner(*args, **kwargs)
+                stop.record()
+                self._pairs.append((start, stop))
+                return out
+            self._sync()
+            began = time.perf_counter()
+            out = inner(*args, **kwargs)
+            self._sync()
+            self._seconds += time.perf_counter() - began
+            if count_items and args:
+                self.items += len(args[0])
+            return out
+
+        setattr(obj, name, wrapper)
+
+    @property
+    def seconds(self) -> float:
+        """Total so far (synchronises the device once in event mode)."""
+        if self._pairs:
+            self._sync()
+            self._seconds += sum(a.elapsed_time(b) for a, b in self._pairs) / 1000
+            self._pairs = []
+        return self._seconds
 
 
-def count_items(args):
-    return len(args[0]) if args else 0
+def run_once(config, bundle, backbone, device, experiences=None):
+    """One run; returns (phase seconds, images extracted, accuracy matrix, peak GiB).
 
-
-def run_once(config, bundle, backbone, device):
-    """One full run; returns (phase seconds, counts, accuracy matrix, peak GiB)."""
+    ``experiences`` limits the run to the first ones (the warm-up uses one).
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -115,34 +155,38 @@ def run_once(config, bundle, backbone, device):
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
     model = build_model(config, bundle.class_names, device, backbone=backbone)
     strategy = CLIPHingeStrategy(config=config, class_names=bundle.class_names, model=model,
-                                 plugins=[timer], evaluator=evaluator, device=device)
-    bucket = {"feature_extraction": 0.0, "extracted": 0, "hinge": 0.0, "stage2": 0.0,
-              "extraction_in_eval": 0.0}
-    timed(strategy, "extract_features", bucket, "feature_extraction", sync, "extracted")
+                                 plugins=[timer], evaluator=evaluator, device=device,
+                                 progress=False)
+    extraction, hinge, stage2 = (Stopwatch(device), Stopwatch(device, per_step=True),
+                                 Stopwatch(device))
+    extraction.wrap(strategy, "extract_features", count_items=True)
     for plugin in strategy.plugins:
         if isinstance(plugin, HardPairHingePlugin):
-            timed(plugin, "before_backward", bucket, "hinge", sync)
+            hinge.wrap(plugin, "before_backward")
         if isinstance(plugin, SecondStagePlugin):
-            timed(plugin, "after_training_exp", bucket, "stage2", sync)
+            stage2.wrap(plugin, "after_training_exp")
     matrix = []
+    extraction_in_eval = 0.0
+    train_stream = bundle.benchmark.train_stream[:experiences]
+    test_stream = bundle.benchmark.test_stream[:experiences]
     sync()
     began = time.perf_counter()
-    for exp in bundle.benchmark.train_stream:
+    for exp in train_stream:
         strategy.train(exp, eval_streams=[])
-        before = bucket["feature_extraction"]
-        results = strategy.eval(bundle.benchmark.test_stream)
-        bucket["extraction_in_eval"] += bucket["feature_extraction"] - before
+        before = extraction.seconds
+        results = strategy.eval(test_stream)
+        extraction_in_eval += extraction.seconds - before
         matrix.append([float(v) for k, v in sorted(results.items())
                        if k.startswith("Top1_Acc_Exp")])
     sync()
     total = time.perf_counter() - began
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-    phases = {"feature_extraction": bucket["feature_extraction"],
-              "stage1": timer.seconds["stage1"], "hinge": bucket["hinge"],
-              "stage2": bucket["stage2"],
-              "evaluation": timer.seconds["evaluation"] - bucket["extraction_in_eval"],
+    phases = {"feature_extraction": extraction.seconds,
+              "stage1": timer.seconds["stage1"], "hinge": hinge.seconds,
+              "stage2": stage2.seconds,
+              "evaluation": timer.seconds["evaluation"] - extraction_in_eval,
               "total": total}
-    return phases, bucket["extracted"], matrix, peak
+    return phases, extraction.items, matrix, peak
 
 
 @torch.no_grad()
@@ -188,9 +232,19 @@ def main(argv=None):
     parser.add_argument("--test-per-class", type=int, default=100)
     parser.add_argument("--bare-batch", type=int, default=512)
     parser.add_argument("--compare-uncached", action="store_true")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="--compare-uncached: timed runs per path, alternating; the "
+                             "medians are compared")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="skip the untimed warm-up (the first experience once, feature "
+                             "cache and compile off) that takes one-time process costs "
+                             "(lazy imports, kernel set-up, the OS file cache) off the "
+                             "first timed run")
     args = parser.parse_args(argv)
     if not args.synthetic and args.preset is None:
         parser.error("choose --synthetic (CIFAR-sized data) or --preset tiny")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     device = torch.device(args.device)
     config = CLIPHingeConfig.from_json(args.config)
     if args.preset == "tiny":
@@ -234,6 +288,11 @@ def main(argv=None):
     bare = bare_encoder_throughput(backbone, device, args.bare_batch, config.precision)
     emit({"phase": "bare_image_encoder", "images_per_s": round(bare, 1),
           "batch": args.bare_batch})
+    if args.warmup:
+        began = time.perf_counter()
+        run_once(config.replace(cache_features=False, compile=False), bundle, backbone, device,
+                 experiences=1)
+        emit({"phase": "warmup", "seconds": round(time.perf_counter() - began, 3)})
     phases, extracted, matrix, peak = run_once(config, bundle, backbone, device)
     for name, seconds in phases.items():
         record = {"phase": name, "seconds": round(seconds, 3)}
@@ -247,12 +306,22 @@ def main(argv=None):
     emit({"phase": "extraction_efficiency", "ratio_to_bare": round(extraction_rate / bare, 3)})
     emit({"phase": "final_accuracy", "stream_top1": matrix[-1]})
     if args.compare_uncached:
-        uncached, _, matrix_u, peak_u = run_once(config.replace(cache_features=False), bundle,
-                                                 backbone, device)
-        diff = max(abs(a - b) for ra, rb in zip(matrix, matrix_u) for a, b in zip(ra, rb))
-        emit({"phase": "compare_uncached", "cached_s": round(phases["total"], 3),
-              "uncached_s": round(uncached["total"], 3),
-              "speedup": round(uncached["total"] / phases["total"], 2),
+        totals = {"cached": [phases["total"]], "uncached": []}
+        diff = 0.0
+        for repeat in range(args.repeats):
+            if repeat > 0:
+                totals["cached"].append(run_once(config, bundle, backbone, device)[0]["total"])
+            uncached, _, matrix_u, _ = run_once(config.replace(cache_features=False), bundle,
+                                                backbone, device)
+            totals["uncached"].append(uncached["total"])
+            diff = max([diff] + [abs(a - b) for ra, rb in zip(matrix, matrix_u)
+                                 for a, b in zip(ra, rb)])
+        cached_s, uncached_s = (statistics.median(totals[k]) for k in ("cached", "uncached"))
+        emit({"phase": "compare_uncached", "cached_s": round(cached_s, 3),
+              "uncached_s": round(uncached_s, 3), "speedup": round(uncached_s / cached_s, 2),
+              "repeats": args.repeats,
+              "cached_runs_s": [round(t, 3) for t in totals["cached"]],
+              "uncached_runs_s": [round(t, 3) for t in totals["uncached"]],
               "max_abs_accuracy_diff": diff, "same_metrics": diff <= 1e-6})
     return 0
 

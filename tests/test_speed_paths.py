@@ -111,6 +111,30 @@ def test_truncated_prompts_give_the_full_length_text_features(backbone):
     np.testing.assert_allclose(ours.numpy(), reference.numpy(), atol=1e-5)
 
 
+def test_a_common_prompt_length_gives_every_task_one_shape_and_the_same_features(backbone):
+    from avalanche_cliphinge import CLIPHingeModel
+    from avalanche_cliphinge.model.prompts import prompt_length
+
+    names = ["cat", "dog", "red horizontal stripes", "blue"]
+    tokenizer = backbone.tokenizer
+    # "X X X X red horizontal stripes." : SOT, 4 X, 3 words, ".", EOT -> 10 tokens
+    assert prompt_length(tokenizer, names, 4) == 10
+    assert prompt_length(tokenizer, ["cat"], 4) == 8
+    model = CLIPHingeModel(backbone, names, n_ctx=4)
+    model.add_task([0, 1])
+    model.add_task([2, 3])
+    assert [p.tokens.shape for p in model.prompts] == [(2, 10), (2, 10)]
+    own = TaskPrompts(backbone.model, tokenizer, ["cat", "dog"], n_ctx=4,
+                      ctx_init="a photo of a")
+    assert own.tokens.shape == (2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.task_text_features(0), own(backbone.model),
+                                   atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="length 7 cannot hold these prompts: it must be "
+                                         "between 8 and the context length 77"):
+        TaskPrompts(backbone.model, tokenizer, ["cat"], n_ctx=4, length=7)
+
+
 def test_device_preprocess_resizes_and_normalises_like_the_formula(backbone):
     preprocess = DevicePreprocess(backbone)
     images = torch.rand(2, 3, 16, 16)

@@ -12,7 +12,7 @@ from ..losses import fuse_logits
 from .backbone import CLIPBackbone
 from .heads import ImageAdapter
 from .lora import VisualLoRA
-from .prompts import TaskPrompts, encode_token_embeddings, raw_text_features
+from .prompts import TaskPrompts, encode_token_embeddings, prompt_length, raw_text_features
 
 class DevicePreprocess(nn.Module):
     """Batched bicubic resize to the model's input size and CLIP normalisation, on device.
@@ -89,6 +89,8 @@ class CLIPHingeModel(nn.Module):
         self.seed = seed
         dim = backbone.embed_dim
         self.prompts = nn.ModuleList()
+        # one prompt length for the whole stream: every task's prompts get the same shape
+        self.prompt_length = prompt_length(self.tokenizer, self.class_names, n_ctx)
         self.task_classes: List[List[int]] = []
         self.gaussians = ClassGaussians(dim)
         self.adapter = ImageAdapter(dim) if use_image_adapter else None
@@ -154,7 +156,7 @@ class CLIPHingeModel(nn.Module):
         generator = torch.Generator().manual_seed(self.seed * 1000 + task)
         self.prompts.append(TaskPrompts(self.clip, self.tokenizer,
                                         [self.class_names[c] for c in class_ids], self.n_ctx,
-                                        self.ctx_init, generator))
+                                        self.ctx_init, generator, length=self.prompt_length))
         self.task_classes.append(class_ids)
         start = len(self.seen_classes) - len(class_ids)
         self.column_of[torch.tensor(class_ids, device=self.column_of.device)] = torch.arange(

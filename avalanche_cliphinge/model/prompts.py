@@ -38,6 +38,22 @@ def encode_token_embeddings(clip: nn.Module, embeddings: Tensor, tokens: Tensor)
     return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
 
+def _prompt_tokens(tokenizer: Callable, class_names: Sequence[str], n_ctx: int) -> Tensor:
+    """``[n, context_length]`` token ids of ``X .. X name.`` (``n_ctx`` placeholders)."""
+    placeholder = " ".join(["X"] * n_ctx)
+    return tokenizer([f"{placeholder} {name}." for name in class_names])
+
+
+def prompt_length(tokenizer: Callable, class_names: Sequence[str], n_ctx: int) -> int:
+    """Tokens a prompt of any of ``class_names`` needs: one past the last end-of-text position.
+
+    Giving every task's ``TaskPrompts`` this length (the whole stream's) makes all prompt
+    tensors of equal-sized tasks the same shape, so a compiled text encoder is traced and
+    captured once per run instead of once per task.
+    """
+    return int(_prompt_tokens(tokenizer, class_names, n_ctx).argmax(dim=-1).max()) + 1
+
+
 class TaskPrompts(nn.Module):
     """The learnable prompts of one task: ``[SOS] ctx_c(1..n_ctx) name_c . [EOS]`` per class.
 
@@ -49,22 +65,29 @@ class TaskPrompts(nn.Module):
         ctx_init: phrase whose first ``n_ctx`` token embeddings initialise every class's
             context (missing positions, or all when empty, are drawn from N(0, 0.02^2)).
         generator: RNG for the random part of the initialisation.
+        length: tokens kept per prompt, at least ``prompt_length`` of ``class_names``
+            (default: exactly that). The model passes the whole stream's length so that
+            every task's prompts have the same shape.
 
     Parameters: ``ctx [n_classes, n_ctx, width]``. Buffers: ``prefix [n, 1, width]``,
-    ``suffix [n, L - 1 - n_ctx, width]``, ``tokens [n, L]``, where ``L`` is one past the
-    last end-of-text position of the task's prompts (the causal text tower ignores the
-    padding after it, so it is never stored or computed).
+    ``suffix [n, L - 1 - n_ctx, width]``, ``tokens [n, L]``, where ``L`` is ``length``
+    (the causal text tower ignores the padding after the end-of-text token, so the
+    rest of the context is never stored or computed).
     """
 
     def __init__(self, clip: nn.Module, tokenizer: Callable, class_names: Sequence[str],
-                 n_ctx: int, ctx_init: str = "", generator: Optional[torch.Generator] = None):
+                 n_ctx: int, ctx_init: str = "", generator: Optional[torch.Generator] = None,
+                 length: Optional[int] = None):
         super().__init__()
         embedding = clip.token_embedding
         width = embedding.weight.shape[1]
-        placeholder = " ".join(["X"] * n_ctx)
         device = embedding.weight.device
-        tokens = tokenizer([f"{placeholder} {name}." for name in class_names]).to(device)
-        tokens = tokens[:, :int(tokens.argmax(dim=-1).max()) + 1]
+        tokens = _prompt_tokens(tokenizer, class_names, n_ctx).to(device)
+        needed = int(tokens.argmax(dim=-1).max()) + 1
+        if length is not None and not needed <= length <= tokens.shape[1]:
+            raise ValueError(f"length {length} cannot hold these prompts: it must be between "
+                             f"{needed} and the context length {tokens.shape[1]}")
+        tokens = tokens[:, :needed if length is None else length]
         with torch.no_grad():
             embedded = embedding(tokens)
         ctx = torch.randn(len(class_names), n_ctx, width, generator=generator) * 0.02

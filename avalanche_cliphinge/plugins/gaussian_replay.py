@@ -1,7 +1,7 @@
 """Gaussian replay: old classes come back as features sampled from their class Gaussians."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
@@ -28,9 +28,7 @@ class GaussianReplayPlugin(SupervisedPlugin):
         super().__init__()
         self.samples_per_old_class = samples_per_old_class
         self.seed = seed
-        self.chunks: Optional[List[Tensor]] = None
-        self._features: Optional[Tensor] = None
-        self._labels: Optional[Tensor] = None
+        self.chunks: Optional[List[Tuple[Tensor, Tensor]]] = None
 
     def before_training_epoch(self, strategy, **kwargs):
         model = strategy.model
@@ -42,16 +40,17 @@ class GaussianReplayPlugin(SupervisedPlugin):
             self.seed * 7919 + strategy.current_task * 1009 + strategy.clock.train_exp_epochs)
         feats, labels = model.gaussians.sample(old, self.samples_per_old_class, generator)
         order = torch.randperm(labels.numel(), generator=generator).to(labels.device)
-        self._features, self._labels = feats[order], labels[order]
-        self.chunks = list(torch.tensor_split(torch.arange(labels.numel()),
-                                              max(len(strategy.dataloader), 1)))
+        feats, labels = feats[order].to(strategy.device), labels[order].to(strategy.device)
+        # contiguous views: a step takes its chunk without indexing or copying
+        n_chunks = max(len(strategy.dataloader), 1)
+        self.chunks = list(zip(torch.tensor_split(feats, n_chunks),
+                               torch.tensor_split(labels, n_chunks)))
 
     def before_forward(self, strategy, **kwargs):
         if self.chunks is None:
             return
-        index = self.chunks[strategy.clock.train_epoch_iterations % len(self.chunks)]
-        strategy.replay_features = self._features[index].to(strategy.device)
-        strategy.replay_labels = self._labels[index].to(strategy.device)
+        chunk = self.chunks[strategy.clock.train_epoch_iterations % len(self.chunks)]
+        strategy.replay_features, strategy.replay_labels = chunk
 
     def after_training_epoch(self, strategy, **kwargs):
-        self.chunks = self._features = self._labels = None
+        self.chunks = None

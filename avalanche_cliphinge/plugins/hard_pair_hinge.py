@@ -1,10 +1,11 @@
 """Hinge losses on hard pairs of similar old and new classes."""
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
+from torch import Tensor
 
 from ..losses import hinge_loss, select_hard_pairs
 
@@ -53,6 +54,7 @@ class HardPairHingePlugin(SupervisedPlugin):
         self.image_pairs: List[Pair] = []
         self.last_losses = {"text": 0.0, "image": 0.0}
         self._generator = torch.Generator()
+        self._index: Dict[str, Optional[PairIndex]] = {"text": None, "image": None}
 
     @classmethod
     def from_config(cls, config) -> "HardPairHingePlugin":
@@ -73,6 +75,9 @@ class HardPairHingePlugin(SupervisedPlugin):
         model = strategy.model
         task = model.n_tasks - 1
         self.text_pairs, self.image_pairs = [], []
+        self._index = {"text": None, "image": None}
+        # noise is drawn on the training device, so a step never copies it from the host
+        self._generator = torch.Generator(device=strategy.device)
         self._generator.manual_seed(self.seed * 104729 + task)
         if task == 0:
             return
@@ -86,28 +91,55 @@ class HardPairHingePlugin(SupervisedPlugin):
             self.image_pairs = select_hard_pairs(model.gaussians.mean_of(new),
                                                  model.gaussians.mean_of(old), new, old,
                                                  self.image_threshold, self.image_top_k)
+        for kind, pairs in (("text", self.text_pairs), ("image", self.image_pairs)):
+            if pairs:
+                self._index[kind] = pair_index(model, pairs, strategy.device)
 
-    def pair_loss(self, strategy, pairs: List[Pair], margin: float) -> torch.Tensor:
-        """Hinge loss of ``pairs`` with freshly drawn old-class features (scalar tensor)."""
+    def pair_loss(self, strategy, pairs: List[Pair], margin: float,
+                  index: Optional[PairIndex] = None) -> torch.Tensor:
+        """Hinge loss of ``pairs`` with freshly drawn old-class features (scalar tensor).
+
+        ``index`` is ``pair_index(model, pairs, device)``, looked up once per task so the
+        step reads nothing back from the GPU (default: looked up now).
+        """
         model = strategy.model
         text = model.last_text_features
         if text is None or not model.training:
             text = model.text_features()
-        old_ids = [p[0] for p in pairs]
-        feats, _ = model.gaussians.sample(old_ids, self.samples_per_pair, self._generator)
+        if index is None:
+            index = pair_index(model, pairs, strategy.device)
+        feats, _ = model.gaussians.sample_rows(index.rows, self.samples_per_pair,
+                                               self._generator)
         feats = model.image_embedding(feats.to(strategy.device))
         feats = feats.reshape(len(pairs), self.samples_per_pair, -1)
-        old_cols = model.column_of[torch.tensor(old_ids, device=strategy.device)]
-        new_cols = model.column_of[torch.tensor([p[1] for p in pairs], device=strategy.device)]
-        old_text = text[old_cols] if self.grad_to_old_text else text[old_cols].detach()
-        return hinge_loss(feats, old_text, text[new_cols], margin)
+        old_text = text[index.old_cols]
+        if not self.grad_to_old_text:
+            old_text = old_text.detach()
+        return hinge_loss(feats, old_text, text[index.new_cols], margin)
 
     def before_backward(self, strategy, **kwargs):
-        if self.text_pairs:
-            loss = self.pair_loss(strategy, self.text_pairs, self.text_margin)
-            self.last_losses["text"] = strategy.loss_terms["text_hinge"] = loss.detach()
-            strategy.loss = strategy.loss + self.text_weight * loss
-        if self.image_pairs:
-            loss = self.pair_loss(strategy, self.image_pairs, self.image_margin)
-            self.last_losses["image"] = strategy.loss_terms["image_hinge"] = loss.detach()
-            strategy.loss = strategy.loss + self.image_weight * loss
+        for kind, pairs, margin, weight in (
+                ("text", self.text_pairs, self.text_margin, self.text_weight),
+                ("image", self.image_pairs, self.image_margin, self.image_weight)):
+            if pairs:
+                loss = self.pair_loss(strategy, pairs, margin, self._index[kind])
+                self.last_losses[kind] = strategy.loss_terms[f"{kind}_hinge"] = loss.detach()
+                strategy.loss = strategy.loss + weight * loss
+
+
+class PairIndex(NamedTuple):
+    """Device tensors of a pair list: Gaussian rows of the old classes ``[p]`` and the
+    score columns of the old and new classes ``[p]``."""
+
+    rows: Tensor
+    old_cols: Tensor
+    new_cols: Tensor
+
+
+def pair_index(model, pairs: List[Pair], device) -> PairIndex:
+    """Look ``pairs`` up in ``model``'s Gaussians and score columns (one host sync)."""
+    old_ids = [p[0] for p in pairs]
+    new_ids = torch.tensor([p[1] for p in pairs], device=device)
+    return PairIndex(rows=model.gaussians.index_of(old_ids).to(device),
+                     old_cols=model.column_of[torch.tensor(old_ids, device=device)],
+                     new_cols=model.column_of[new_ids])

@@ -87,7 +87,7 @@ class SecondStagePlugin(SupervisedPlugin):
                       disable=not getattr(strategy, "progress", True))
         with active:
             for _ in epochs:
-                total, count = 0.0, 0
+                total, count = torch.zeros((), device=device), 0
                 for batch in loader:
                     x, y = batch[0].to(device), batch[1].to(device)
                     with strategy.autocast():
@@ -97,9 +97,9 @@ class SecondStagePlugin(SupervisedPlugin):
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
-                    total += loss.item() * len(y)
+                    total += loss.detach() * len(y)     # summed on the device: no sync
                     count += len(y)
-                self.losses.append(total / max(count, 1))
+                self.losses.append(float(total) / max(count, 1))
         head.eval()
         head.requires_grad_(False)
         for param in params:
