@@ -16,7 +16,7 @@ image encoder alone, same process, same precision) and ``extraction_efficiency``
 meaningless. ``--compare-uncached`` runs the same config with ``cache_features=false`` and
 prints both times, their ratio and whether the metrics agree (``--repeats N``: N runs of
 each path, alternating, and the ratio of the median times). Before the timed runs, an
-untimed ``warmup`` runs the first experience with the cache and compile off, so neither
+untimed ``warmup`` runs the first experience of each timed path with compile off, so no
 timed run pays the process's one-time costs (``--no-warmup`` skips it); compile time stays
 inside the timed run.
 """
@@ -236,10 +236,10 @@ def main(argv=None):
                         help="--compare-uncached: timed runs per path, alternating; the "
                              "medians are compared")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
-                        help="skip the untimed warm-up (the first experience once, feature "
-                             "cache and compile off) that takes one-time process costs "
-                             "(lazy imports, kernel set-up, the OS file cache) off the "
-                             "first timed run")
+                        help="skip the untimed warm-up (the first experience once per "
+                             "compared path, compile off) that takes one-time process costs "
+                             "(lazy imports, kernel set-up for new shapes, the OS file "
+                             "cache) off the first timed run")
     args = parser.parse_args(argv)
     if not args.synthetic and args.preset is None:
         parser.error("choose --synthetic (CIFAR-sized data) or --preset tiny")
@@ -290,8 +290,9 @@ def main(argv=None):
           "batch": args.bare_batch})
     if args.warmup:
         began = time.perf_counter()
-        run_once(config.replace(cache_features=False, compile=False), bundle, backbone, device,
-                 experiences=1)
+        for cached in [True, False] if args.compare_uncached else [True]:
+            run_once(config.replace(cache_features=cached, compile=False), bundle, backbone,
+                     device, experiences=1)
         emit({"phase": "warmup", "seconds": round(time.perf_counter() - began, 3)})
     phases, extracted, matrix, peak = run_once(config, bundle, backbone, device)
     for name, seconds in phases.items():

@@ -208,3 +208,23 @@ def test_speed_benchmark_tiny_cpu_mode_prints_every_phase():
     assert records["feature_extraction"]["images"] == 500      # 400 train + 100 test JPEGs
     assert records["compare_uncached"]["same_metrics"] is True
     assert records["total"]["seconds"] > 0
+
+
+def test_loader_workers_and_eval_batch_size_change_no_feature(tiny_config, synthetic_stream,
+                                                              class_names):
+    """num_workers and eval_batch_size only shape data loading: the features stay the same."""
+    from avalanche_cliphinge import CLIPHingeStrategy
+
+    dataset = synthetic_stream.train_stream[0].dataset.eval()
+    extracted = {}
+    for workers, batch in ((0, 64), (2, 64), (0, 7)):
+        torch.manual_seed(0)
+        strategy = CLIPHingeStrategy(config=tiny_config(num_workers=workers,
+                                                        eval_batch_size=batch),
+                                     class_names=class_names, progress=False)
+        extracted[workers, batch] = strategy.extract_features(dataset)
+    feats, labels = extracted[0, 64]
+    assert feats.shape == (60, 64) and labels.tolist() == [0] * 30 + [1] * 30
+    for key in ((2, 64), (0, 7)):
+        torch.testing.assert_close(extracted[key][0], feats, atol=1e-5, rtol=0)
+        assert torch.equal(extracted[key][1], labels)
