@@ -228,3 +228,32 @@ def test_loader_workers_and_eval_batch_size_change_no_feature(tiny_config, synth
     for key in ((2, 64), (0, 7)):
         torch.testing.assert_close(extracted[key][0], feats, atol=1e-5, rtol=0)
         assert torch.equal(extracted[key][1], labels)
+
+
+def test_text_cache_keeps_frozen_tasks_and_never_serves_a_trainable_one_stale(backbone):
+    from avalanche_cliphinge import CLIPHingeModel
+
+    model = CLIPHingeModel(backbone, ["cat", "dog", "red", "blue", "car", "bus"], n_ctx=4)
+    for classes in ([0, 1], [2, 3], [4, 5]):
+        model.add_task(classes)
+    calls = []
+    encode = model.encode_prompts
+    model.encode_prompts = lambda emb, tok: calls.append(len(tok)) or encode(emb, tok)
+    model.set_trainable_prompts([])
+    with torch.no_grad():
+        first = model.text_features()
+        assert len(calls) == 3
+        model.text_features()
+        assert len(calls) == 3                       # all three from the cache
+        model.set_trainable_prompts([2])             # tasks 0 and 1 stay cached
+        model.text_features()
+        assert len(calls) == 4
+        ctx = model.prompts[2].ctx                   # an optimizer step on the trainable task
+        ctx.add_(torch.randn(ctx.shape, generator=torch.Generator().manual_seed(0)))
+        moved = model.text_features()
+        assert len(calls) == 5
+    torch.testing.assert_close(moved[:4], first[:4], atol=0, rtol=0)
+    assert (moved[4:] - first[4:]).abs().max() > 1e-3
+    raw = model.raw_text_features([5, 0])
+    torch.testing.assert_close(raw, model.raw_text_features([0, 5]).flip(0), atol=0, rtol=0)
+    assert raw.shape == (2, backbone.embed_dim)

@@ -99,6 +99,7 @@ class CLIPHingeModel(nn.Module):
         self.register_buffer("column_of", torch.full((len(class_names),), -1, dtype=torch.long))
         self.register_buffer("seen_index", torch.zeros(0, dtype=torch.long))
         self._text_cache: Dict[int, Tensor] = {}
+        self._raw_text: Optional[Tensor] = None
         self.last_text_features: Optional[Tensor] = None
         self.preprocess = DevicePreprocess(backbone) if resize_on_device else None
         self._encode_trainable: Callable[[Tensor, Tensor], Tensor] = self.encode_prompts
@@ -166,25 +167,33 @@ class CLIPHingeModel(nn.Module):
         return task
 
     def set_trainable_prompts(self, tasks: Sequence[int]) -> None:
-        """Make the prompts of ``tasks`` trainable and freeze every other task's."""
+        """Make the prompts of ``tasks`` trainable and freeze every other task's.
+
+        Only the text features of ``tasks`` leave the cache: they are about to change, while
+        the other tasks' prompts stay as they were encoded.
+        """
         for task, prompts in enumerate(self.prompts):
             prompts.ctx.requires_grad_(task in tasks)
-        self.invalidate_text_cache()
+        for task in tasks:
+            self._text_cache.pop(task, None)
 
     def invalidate_text_cache(self) -> None:
-        """Forget cached features of frozen prompts (call after any prompt changes)."""
+        """Forget every cached text feature (call after changing a frozen prompt by hand)."""
         self._text_cache.clear()
 
     # ---- text side --------------------------------------------------------------------------
     def task_text_features(self, task: int) -> Tensor:
         """``[n_classes_of_task, dim]`` prompted text features of ``task``.
 
-        Trainable prompts go through the text encoder with gradients on every call; frozen
-        prompts are encoded once and served from a cache until ``invalidate_text_cache``.
+        Trainable prompts go through the text encoder on every call (with gradients in grad
+        mode), since each optimizer step changes them; frozen prompts are encoded once and
+        served from a cache until they become trainable or ``invalidate_text_cache``.
         """
         prompts = self.prompts[task]
-        if prompts.ctx.requires_grad and torch.is_grad_enabled():
-            return self._encode_trainable(prompts.embeddings(), prompts.tokens)
+        if prompts.ctx.requires_grad:
+            if torch.is_grad_enabled():
+                return self._encode_trainable(prompts.embeddings(), prompts.tokens)
+            return self.encode_prompts(prompts.embeddings(), prompts.tokens)
         cached = self._text_cache.get(task)
         if cached is None:
             with torch.no_grad():
@@ -197,9 +206,18 @@ class CLIPHingeModel(nn.Module):
         return torch.cat([self.task_text_features(t) for t in range(self.n_tasks)])
 
     def raw_text_features(self, class_ids: Sequence[int]) -> Tensor:
-        """``[len(class_ids), dim]`` features of ``prompt_template`` with each class name."""
-        return raw_text_features(self.clip, self.tokenizer,
-                                 [self.class_names[c] for c in class_ids], self.prompt_template)
+        """``[len(class_ids), dim]`` features of ``prompt_template`` with each class name.
+
+        They depend only on the frozen CLIP: the first call encodes every class of the stream
+        in one batch and later calls index it, so a value never depends on which classes were
+        asked for together (a resumed run picks the same hard pairs to the last bit).
+        """
+        if self._raw_text is None:
+            self._raw_text = raw_text_features(self.clip, self.tokenizer, self.class_names,
+                                               self.prompt_template)
+        index = torch.as_tensor([int(c) for c in class_ids], dtype=torch.long,
+                                device=self._raw_text.device)
+        return self._raw_text[index]
 
     # ---- image side -------------------------------------------------------------------------
     @property
