@@ -255,6 +255,7 @@ def main(argv=None):
     else:
         config = config.replace(pretrained=None, resize_on_device=True, class_order="natural")
     config = config.with_overrides(args.set)
+    torch.manual_seed(config.seed)         # random weights are the same in every process
     backbone = load_clip(config.model_name, config.pretrained, device=device)
     if args.preset == "tiny":
         from benchmarks import split_image_folder
