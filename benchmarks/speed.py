@@ -11,8 +11,10 @@ Phases: ``feature_extraction`` (frozen-encoder passes over train and test data),
 ``stage1`` (prompt-learning epochs, hinge included), ``hinge`` (the hinge plugin's share of
 stage 1; on CUDA its device time from events, so steps are not serialised), ``stage2`` (head training), ``evaluation`` (scoring the test stream after every
 task, extraction excluded), ``total`` (the whole run), ``bare_image_encoder`` (open_clip's
-image encoder alone, same process, same precision) and ``extraction_efficiency``
-(extraction throughput / bare throughput). Random weights: timings only, accuracy is
+image encoder alone, same process, same precision), ``extraction_efficiency``
+(extraction throughput / bare throughput) and, on CUDA, ``stage1_host_syncs`` (synchronising
+CUDA calls inside training steps, from torch's sync debug mode: 0 when the steps never stall
+the host). Random weights: timings only, accuracy is
 meaningless. ``--compare-uncached`` runs the same config with ``cache_features=false`` and
 prints both times, their ratio and whether the metrics agree (``--repeats N``: N runs of
 each path, alternating, and the ratio of the median wall times; ``cpu_time_speedup`` is the
@@ -28,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -91,6 +94,45 @@ class PhaseTimer(SupervisedPlugin):
         self.seconds["evaluation"] += self._now() - self._start
 
 
+class StepSyncCounter(SupervisedPlugin):
+    """CUDA only: counts synchronising CUDA calls made inside stage-1 training steps.
+
+    Each step (``before_training_iteration`` .. ``after_training_iteration``) runs under
+    ``torch.cuda.set_sync_debug_mode("warn")``; the warnings it raises are counted and the
+    first few call sites kept, so a GPU run shows whether its steps stall the host.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+        self.syncs = 0
+        self.where: list = []
+        self._catch = None
+        self._log: list = []
+
+    def before_training_iteration(self, strategy, **kwargs):
+        self._catch = warnings.catch_warnings(record=True)
+        self._log = self._catch.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def after_training_iteration(self, strategy, **kwargs):
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(None, None, None)
+        found = [w for w in self._log if "synchroniz" in str(w.message)]
+        self.steps += 1
+        self.syncs += len(found)
+        for w in found:
+            site = f"{Path(w.filename).name}:{w.lineno}"
+            if site not in self.where and len(self.where) < 5:
+                self.where.append(site)
+
+    def record(self) -> dict:
+        """The JSON line of the counts."""
+        return {"phase": "stage1_host_syncs", "steps": self.steps, "syncs": self.syncs,
+                "where": self.where}
+
+
 class Stopwatch:
     """Adds up the duration of every call of a wrapped method.
 
@@ -145,7 +187,8 @@ class Stopwatch:
 
 
 def run_once(config, bundle, backbone, device, experiences=None):
-    """One run; returns (phase seconds, images extracted, accuracy matrix, peak GiB).
+    """One run; returns (phase seconds, images extracted, accuracy matrix, peak GiB,
+    ``StepSyncCounter`` or ``None`` off CUDA).
 
     ``experiences`` limits the run to the first ones (the warm-up uses one).
     """
@@ -153,11 +196,12 @@ def run_once(config, bundle, backbone, device, experiences=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     timer = PhaseTimer(device)
+    syncs = StepSyncCounter() if device.type == "cuda" else None
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
     model = build_model(config, bundle.class_names, device, backbone=backbone)
     strategy = CLIPHingeStrategy(config=config, class_names=bundle.class_names, model=model,
-                                 plugins=[timer], evaluator=evaluator, device=device,
-                                 progress=False)
+                                 plugins=[timer] + ([syncs] if syncs else []),
+                                 evaluator=evaluator, device=device, progress=False)
     extraction, hinge, stage2 = (Stopwatch(device), Stopwatch(device, per_step=True),
                                  Stopwatch(device))
     extraction.wrap(strategy, "extract_features", count_items=True)
@@ -187,7 +231,7 @@ def run_once(config, bundle, backbone, device, experiences=None):
               "stage2": stage2.seconds,
               "evaluation": timer.seconds["evaluation"] - extraction_in_eval,
               "total": total, "total_process_cpu": cpu}
-    return phases, extraction.items, matrix, peak
+    return phases, extraction.items, matrix, peak, syncs
 
 
 @torch.no_grad()
@@ -296,7 +340,7 @@ def main(argv=None):
             run_once(config.replace(cache_features=cached, compile=False), bundle, backbone,
                      device, experiences=1)
         emit({"phase": "warmup", "seconds": round(time.perf_counter() - began, 3)})
-    phases, extracted, matrix, peak = run_once(config, bundle, backbone, device)
+    phases, extracted, matrix, peak, syncs = run_once(config, bundle, backbone, device)
     for name, seconds in phases.items():
         record = {"phase": name, "seconds": round(seconds, 3)}
         if name == "feature_extraction":
@@ -308,13 +352,15 @@ def main(argv=None):
     extraction_rate = extracted / max(phases["feature_extraction"], 1e-9)
     emit({"phase": "extraction_efficiency", "ratio_to_bare": round(extraction_rate / bare, 3)})
     emit({"phase": "final_accuracy", "stream_top1": matrix[-1]})
+    if syncs is not None:
+        emit(syncs.record())
     if args.compare_uncached:
         runs = {"cached": [phases], "uncached": []}
         diff = 0.0
         for repeat in range(args.repeats):
             if repeat > 0:
                 runs["cached"].append(run_once(config, bundle, backbone, device)[0])
-            uncached, _, matrix_u, _ = run_once(config.replace(cache_features=False), bundle,
+            uncached, _, matrix_u, _, _ = run_once(config.replace(cache_features=False), bundle,
                                                 backbone, device)
             runs["uncached"].append(uncached)
             diff = max([diff] + [abs(a - b) for ra, rb in zip(matrix, matrix_u)

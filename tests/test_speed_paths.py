@@ -257,3 +257,26 @@ def test_text_cache_keeps_frozen_tasks_and_never_serves_a_trainable_one_stale(ba
     raw = model.raw_text_features([5, 0])
     torch.testing.assert_close(raw, model.raw_text_features([0, 5]).flip(0), atol=0, rtol=0)
     assert raw.shape == (2, backbone.embed_dim)
+
+
+def test_speed_step_sync_counter_counts_sync_warnings_inside_steps_only(monkeypatch):
+    """The CUDA-only counter of speed.py, driven by hand (no GPU here)."""
+    import warnings
+
+    from benchmarks.speed import StepSyncCounter
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    counter = StepSyncCounter()
+    for step in range(3):
+        counter.before_training_iteration(None)
+        for _ in range(step):
+            warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("an unrelated warning")
+        counter.after_training_iteration(None)
+    warnings.warn("called a synchronizing CUDA operation")     # outside a step: not counted
+    record = counter.record()
+    assert record["steps"] == 3 and record["syncs"] == 0 + 1 + 2
+    # both counted warnings come from one line of this file: one call site
+    assert len(record["where"]) == 1 and record["where"][0].startswith("test_speed_paths.py:")
+    assert modes == ["warn", "default"] * 3
