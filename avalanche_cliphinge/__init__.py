@@ -3,6 +3,7 @@ class-incremental learning, as an Avalanche strategy with plugins."""
 from .config import CLIPHingeConfig, ConfigError
 from .gaussian import ClassGaussians, class_gaussian_stats, make_positive_definite
 from .losses import fuse_logits, hinge_loss, select_hard_pairs
+from .metrics import DeviceEpochAccuracy, DeviceEpochLoss
 from .model import TINY_MODEL, BackboneError, CLIPBackbone, CLIPHingeModel, load_clip
 from .plugins import GaussianReplayPlugin, HardPairHingePlugin, SecondStagePlugin
 from .strategy import CLIPHingeStrategy, build_model, default_plugins
@@ -13,4 +14,5 @@ __all__ = ["CLIPHingeConfig", "ConfigError", "ClassGaussians", "class_gaussian_s
            "make_positive_definite", "fuse_logits", "hinge_loss", "select_hard_pairs",
            "TINY_MODEL", "BackboneError", "CLIPBackbone", "CLIPHingeModel", "load_clip",
            "GaussianReplayPlugin", "HardPairHingePlugin", "SecondStagePlugin",
-           "CLIPHingeStrategy", "build_model", "default_plugins", "__version__"]
+           "CLIPHingeStrategy", "build_model", "default_plugins", "DeviceEpochAccuracy",
+           "DeviceEpochLoss", "__version__"]
