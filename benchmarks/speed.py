@@ -99,13 +99,16 @@ class StepSyncCounter(SupervisedPlugin):
 
     Each step (``before_training_iteration`` .. ``after_training_iteration``) runs under
     ``torch.cuda.set_sync_debug_mode("warn")``; the warnings it raises are counted and the
-    first few call sites kept, so a GPU run shows whether its steps stall the host.
+    first few call sites kept, so a GPU run shows whether its steps stall the host. Syncs in
+    the first epoch of a task (where ``torch.compile`` traces and captures) are counted
+    apart from the steady state of the later epochs.
     """
 
     def __init__(self):
         super().__init__()
         self.steps = 0
         self.syncs = 0
+        self.first_epoch_syncs = 0
         self.where: list = []
         self._catch = None
         self._log: list = []
@@ -121,7 +124,10 @@ class StepSyncCounter(SupervisedPlugin):
         self._catch.__exit__(None, None, None)
         found = [w for w in self._log if "synchroniz" in str(w.message)]
         self.steps += 1
-        self.syncs += len(found)
+        if strategy.clock.train_exp_epochs == 0:
+            self.first_epoch_syncs += len(found)
+        else:
+            self.syncs += len(found)
         for w in found:
             site = f"{Path(w.filename).name}:{w.lineno}"
             if site not in self.where and len(self.where) < 5:
@@ -129,8 +135,9 @@ class StepSyncCounter(SupervisedPlugin):
 
     def record(self) -> dict:
         """The JSON line of the counts."""
-        return {"phase": "stage1_host_syncs", "steps": self.steps, "syncs": self.syncs,
-                "where": self.where}
+        return {"phase": "stage1_host_syncs", "steps": self.steps,
+                "syncs_after_first_epoch": self.syncs,
+                "syncs_in_first_epochs": self.first_epoch_syncs, "where": self.where}
 
 
 class Stopwatch:

@@ -262,21 +262,26 @@ def test_text_cache_keeps_frozen_tasks_and_never_serves_a_trainable_one_stale(ba
 def test_speed_step_sync_counter_counts_sync_warnings_inside_steps_only(monkeypatch):
     """The CUDA-only counter of speed.py, driven by hand (no GPU here)."""
     import warnings
+    from types import SimpleNamespace
 
     from benchmarks.speed import StepSyncCounter
 
     modes = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
     counter = StepSyncCounter()
-    for step in range(3):
-        counter.before_training_iteration(None)
-        for _ in range(step):
+    # (epoch of the task, sync warnings in the step)
+    for epoch, n_syncs in ((0, 2), (0, 1), (1, 0), (1, 3), (2, 1)):
+        strategy = SimpleNamespace(clock=SimpleNamespace(train_exp_epochs=epoch))
+        counter.before_training_iteration(strategy)
+        for _ in range(n_syncs):
             warnings.warn("called a synchronizing CUDA operation")
         warnings.warn("an unrelated warning")
-        counter.after_training_iteration(None)
+        counter.after_training_iteration(strategy)
     warnings.warn("called a synchronizing CUDA operation")     # outside a step: not counted
     record = counter.record()
-    assert record["steps"] == 3 and record["syncs"] == 0 + 1 + 2
-    # both counted warnings come from one line of this file: one call site
+    assert record["steps"] == 5
+    assert record["syncs_in_first_epochs"] == 2 + 1
+    assert record["syncs_after_first_epoch"] == 0 + 3 + 1
+    # every counted warning comes from one line of this file: one call site
     assert len(record["where"]) == 1 and record["where"][0].startswith("test_speed_paths.py:")
-    assert modes == ["warn", "default"] * 3
+    assert modes == ["warn", "default"] * 5
