@@ -292,13 +292,15 @@ class CLIPHingeStrategy(SupervisedTemplate):
                                            self._nonfinite_step)
         for name, value in self.loss_terms.items():
             value = value.detach().float().reshape(())
-            kept = self._nonfinite_terms.get(name, torch.full_like(value, float("nan")))
+            kept = self._nonfinite_terms.get(name)
+            if kept is None:
+                kept = torch.full_like(value, float("nan"))
             self._nonfinite_terms[name] = torch.where(first, value, kept)
         super().backward()
 
     def _before_training_epoch(self, **kwargs):
         self._nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        self._nonfinite_terms: Dict[str, Tensor] = {}
+        self._nonfinite_terms = {}
         for group in self.optimizer.param_groups:
             group["lr"] = self.epoch_lr(self.clock.train_exp_epochs)
         super()._before_training_epoch(**kwargs)
