@@ -55,11 +55,12 @@ from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from .config import CLIPHingeConfig, ConfigError
 from .experiment import package_versions
 from .feature_cache import FeatureCache
+from .loaders import encode_dataset
 from .model.backbone import BackboneError, CLIPBackbone, load_clip
 from .model.clip_hinge import UNSEEN_SCORE
 from .model.prompts import raw_text_features
@@ -342,12 +343,11 @@ def extract_feature_stream(bundle, backbone: CLIPBackbone, device: str | torch.d
     def encode(stream):
         feats, labels = [], []
         for experience in stream:
-            loader = DataLoader(experience.dataset.eval(), batch_size=batch_size, shuffle=False,
-                                num_workers=num_workers, pin_memory=device.type == "cuda")
-            for batch in loader:
-                with autocast:
-                    feats.append(encoder.encode_image(batch[0].to(device)).float().cpu())
-                labels.append(torch.as_tensor(batch[1]).long())
+            f, y = encode_dataset(encoder.encode_image, experience.dataset.eval(),
+                                  batch_size=batch_size, device=device,
+                                  num_workers=num_workers, autocast=lambda: autocast)
+            feats.append(f.cpu())
+            labels.append(y.cpu())
         return TensorDataset(torch.cat(feats), torch.cat(labels))
 
     image_benchmark = bundle.benchmark

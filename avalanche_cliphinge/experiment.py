@@ -310,7 +310,6 @@ def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
                 f"checkpoint {state['path']} does not fit this model "
                 f"({str(err).splitlines()[0][:160]}); resume with the config it was made "
                 "with, or start again with --overwrite") from None
-        model.to(device)
     evaluator, tb_logger = make_evaluator(
         output_dir, wandb=wandb, interactive=interactive,
         csv_rows=state["csv_rows"] if state else None,

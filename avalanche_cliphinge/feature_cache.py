@@ -71,8 +71,13 @@ class FeatureCache:
         """Bytes held in memory."""
         return sum(self._size(e) for e in self._entries.values())
 
-    def get_or_compute(self, key: str, compute: Callable[[], Features]) -> Features:
-        """The entry of ``key``: from memory, else from disk, else ``compute()`` (then stored)."""
+    def get_or_compute(self, key: str, compute: Callable[[], Features],
+                       device: Optional[torch.device] = None) -> Features:
+        """The entry of ``key``: from memory, else from disk, else ``compute()`` (then stored).
+
+        An entry read from disk is kept in memory on ``device`` (default: the CPU), so later
+        hits need no copy.
+        """
         if key in self._entries:
             self.hits += 1
             self._entries.move_to_end(key)
@@ -81,7 +86,7 @@ class FeatureCache:
         path = None if self.directory is None else self.directory / f"{key}.pt"
         if path is not None and path.is_file():
             try:
-                loaded = torch.load(path, map_location="cpu", weights_only=True)
+                loaded = torch.load(path, map_location=device or "cpu", weights_only=True)
                 entry = (loaded["features"], loaded["labels"])
                 self.hits += 1
             except Exception:  # an unreadable cache file is recomputed, never trusted

@@ -1,14 +1,44 @@
-"""Minibatch order shared by the cached-feature and the image paths.
+"""Minibatch order shared by the cached-feature and the image paths, and the one encoder pass.
 
 Both paths draw the same index permutation from the same generator, so a run on cached
 features and a run through the image encoder see identical minibatches.
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def encode_dataset(encode: Callable[[Tensor], Tensor], dataset, *, batch_size: int,
+                   device: torch.device, num_workers: int = 0,
+                   autocast: Callable[[], ContextManager] = nullcontext,
+                   desc: str = "features", progress: bool = False) -> Tuple[Tensor, Tensor]:
+    """Run ``encode`` (images ``[b, 3, H, W]`` -> ``[b, dim]``) over ``(image, label, ...)`` items.
+
+    Returns ``(features [n, dim] float32, labels [n] long)``, both on ``device``. Nothing is
+    read back per batch: while the device encodes one batch, the host already loads the next.
+    ``autocast`` makes the context each batch is encoded in (bf16 on CUDA, for instance).
+
+    Raises:
+        ValueError: ``dataset`` is empty.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    feats, labels = [], []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 2 or not progress):
+        with autocast():
+            feats.append(encode(batch[0].to(device, non_blocking=True)).float())
+        labels.append(torch.as_tensor(batch[1]).long())
+    if not feats:
+        raise ValueError(f"{desc}: the experience has no samples; every experience needs "
+                         "data (check the stream's split)")
+    return torch.cat(feats), torch.cat(labels).to(device)
 
 
 class EpochBatchSampler:

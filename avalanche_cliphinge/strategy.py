@@ -12,11 +12,10 @@ from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .config import CLIPHingeConfig, ConfigError
 from .feature_cache import FeatureCache, dataset_fingerprint
-from .loaders import EpochBatchSampler, TensorBatchLoader
+from .loaders import EpochBatchSampler, TensorBatchLoader, encode_dataset
 from .model.backbone import CLIPBackbone, load_clip
 from .model.clip_hinge import CLIPHingeModel
 from .plugins.gaussian_replay import GaussianReplayPlugin
@@ -147,28 +146,15 @@ class CLIPHingeStrategy(SupervisedTemplate):
         """Whether training and eval may run on cached frozen features (no LoRA re-encoding)."""
         return self.config.cache_features and self.model.lora is None
 
-    @torch.no_grad()
     def extract_features(self, dataset, desc: str = "features") -> Tuple[Tensor, Tensor]:
         """Frozen image features of a dataset of ``(image, label, ...)`` items.
 
         Returns ``(features [n, dim] float32, labels [n] long)``, both on the strategy's device.
         """
-        loader = DataLoader(dataset, batch_size=self.config.eval_batch_size, shuffle=False,
-                            num_workers=self.config.num_workers,
-                            pin_memory=self.device.type == "cuda")
-        feats, labels = [], []
-        # Nothing is read back per batch: while the device encodes one batch, the host
-        # already loads the next.
-        for batch in tqdm(loader, desc=desc, leave=False,
-                          disable=len(loader) < 2 or not self.progress):
-            with self.autocast():
-                images = batch[0].to(self.device, non_blocking=True)
-                feats.append(self.model.encode_images(images).float())
-            labels.append(torch.as_tensor(batch[1]).long())
-        if not feats:
-            raise ValueError(f"{desc}: the experience has no samples; every experience needs "
-                             "data (check the stream's split)")
-        return torch.cat(feats), torch.cat(labels).to(self.device)
+        return encode_dataset(self.model.encode_images, dataset,
+                              batch_size=self.config.eval_batch_size, device=self.device,
+                              num_workers=self.config.num_workers, autocast=self.autocast,
+                              desc=desc, progress=self.progress)
 
     def features_of(self, dataset, desc: str) -> Tuple[Tensor, Tensor]:
         """``extract_features`` through the feature cache when caching is on."""
@@ -176,7 +162,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
             return self.extract_features(dataset, desc)
         key = self._cache_key(dataset)
         feats, labels = self.feature_cache.get_or_compute(
-            key, lambda: self.extract_features(dataset, desc))
+            key, lambda: self.extract_features(dataset, desc), device=self.device)
         return feats.to(self.device), labels.to(self.device)
 
     def _cache_key(self, dataset) -> str:
