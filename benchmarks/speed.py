@@ -2,15 +2,16 @@
 """Time every phase of a CLIPHingeStrategy run; print one JSON line per phase.
 
     # one GPU, ViT-B/16 random weights, CIFAR-100-sized synthetic data, B0 Inc10, both stages
-    python benchmarks/speed.py --synthetic --device cuda --set precision=bf16
+    python benchmarks/speed.py --synthetic --device cuda --set precision=bf16 --set eval_batch_size=512
     # 2-core CPU: tiny CLIP on real CIFAR-10 JPEGs (../shared/data), 5 epochs per task,
     # cached vs uncached
     python benchmarks/speed.py --preset tiny --compare-uncached
 
 Phases: ``feature_extraction`` (frozen-encoder passes over train and test data),
 ``stage1`` (prompt-learning epochs, hinge included), ``hinge`` (the hinge plugin's share of
-stage 1; on CUDA its device time from events, so steps are not serialised), ``stage2`` (head training), ``evaluation`` (scoring the test stream after every
-task, extraction excluded), ``total`` (the whole run), ``bare_image_encoder`` (open_clip's
+stage 1; on CUDA its device time from events, so steps are not serialised), ``stage2``
+(head training), ``evaluation`` (scoring the test stream after every task, extraction
+excluded), ``total`` (the whole run), ``bare_image_encoder`` (open_clip's
 image encoder alone, same process, same precision), ``extraction_efficiency``
 (extraction throughput / bare throughput) and, on CUDA, ``stage1_host_syncs`` (synchronising
 CUDA calls inside training steps, from torch's sync debug mode: 0 when the steps never stall
