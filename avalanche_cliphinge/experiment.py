@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from .config import CLIPHingeConfig
 from .metrics import DeviceEpochAccuracy, DeviceEpochLoss
 from .model.backbone import CLIPBackbone
+from .plugins.hard_pair_hinge import HardPairHingePlugin
 from .results import (cil_metrics, format_results, grouped_accuracy, plot_accuracy_curve,
                       plot_accuracy_matrix)
 from .strategy import CLIPHingeStrategy, build_model
@@ -382,7 +383,7 @@ def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start
         "versions": package_versions(),
         "config": config.to_dict(),
     }
-    hinge = next((p for p in strategy.plugins if hasattr(p, "text_pairs")), None)
+    hinge = next((p for p in strategy.plugins if isinstance(p, HardPairHingePlugin)), None)
     model = strategy.model
     for index in range(start, n_exps):
         experience = bundle.benchmark.train_stream[index]

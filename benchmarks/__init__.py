@@ -5,7 +5,7 @@ class ids, the class names indexed by those ids, the task order of the classes, 
 JSON-serialisable protocol record to store next to the results.
 """
 
-from .cifar100 import CIFAR100_ORDERS, split_cifar100
+from .cifar100 import CIFAR100_ORDERS, device_resize_transforms, split_cifar100
 from .common import StreamBundle, check_task_split
 from .image_folder import split_image_folder
 from .imagenet_r import split_imagenet_r
@@ -15,6 +15,7 @@ from .synthetic import CLIP_MEAN, CLIP_STD, synthetic
 __all__ = [
     "StreamBundle",
     "split_cifar100",
+    "device_resize_transforms",
     "split_imagenet_r",
     "split_image_folder",
     "synthetic",

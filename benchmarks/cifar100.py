@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
+from torchvision import transforms
 from torchvision.datasets import CIFAR100
 from torchvision.datasets import cifar as tv_cifar
 
@@ -142,6 +143,20 @@ def _resolve_order(class_order) -> tuple[str, list[int]]:
             )
         return class_order, list(CIFAR100_ORDERS[class_order])
     return "explicit", check_class_order(class_order, 100)
+
+
+def device_resize_transforms(augment: bool = False) -> tuple[Callable, Callable]:
+    """``(train, eval)`` transforms for a model that resizes and normalises on its device.
+
+    Each 32-px PIL image becomes a ``uint8 [3, 32, 32]`` tensor (``PILToTensor``): no float
+    conversion on the host and a quarter of ``ToTensor``'s bytes to copy to the device, where
+    ``images.float() / 255`` gives exactly ``ToTensor``'s values. ``augment`` adds a mild
+    ``RandomResizedCrop(32, scale=(0.9, 1.0))`` to the training transform.
+    """
+    eval_tf = transforms.PILToTensor()
+    train_tf = (transforms.Compose([transforms.RandomResizedCrop(32, scale=(0.9, 1.0)), eval_tf])
+                if augment else eval_tf)
+    return train_tf, eval_tf
 
 
 def _check_files(root: Path) -> None:

@@ -3,6 +3,8 @@
 
     # one GPU, ViT-B/16 random weights, CIFAR-100-sized synthetic data, B0 Inc10, both stages
     python benchmarks/speed.py --synthetic --device cuda --set precision=bf16 --set eval_batch_size=512
+    # the data loader alone: PILToTensor vs ToTensor, 0/2/4 workers
+    python benchmarks/speed.py --synthetic --loader-only --repeats 7
     # 2-core CPU: tiny CLIP on real CIFAR-10 JPEGs (../shared/data), 5 epochs per task,
     # cached vs uncached
     python benchmarks/speed.py --preset tiny --compare-uncached
@@ -35,27 +37,57 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.data import TensorDataset
+from PIL import Image
+from torch.utils.data import Dataset, TensorDataset
 
 from avalanche_cliphinge import CLIPHingeConfig, CLIPHingeStrategy, build_model, load_clip
 from avalanche_cliphinge.cli import SMOKE
 from avalanche_cliphinge.plugins import HardPairHingePlugin, SecondStagePlugin
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.evaluation.metrics import accuracy_metrics
+from benchmarks import device_resize_transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class ImageTensors(TensorDataset):
-    """``(uint8 image [3, 32, 32], label)`` items with a ``targets`` list for Avalanche."""
+    """``(uint8 image [3, 32, 32], label)`` items sliced from one tensor, with no per-image
+    PIL work (``--synthetic-items tensor``); ``targets`` is the list Avalanche reads."""
 
     def __init__(self, images, labels):
         super().__init__(images, labels)
         self.targets = labels.tolist()
 
 
-def synthetic_cifar(n_classes: int, train_per_class: int, test_per_class: int, seed: int):
-    """CIFAR-100-sized uint8 stream: a random 32-px prototype per class plus noise."""
+class CIFARLikeImages(Dataset):
+    """Random 32-px images served item by item the way torchvision's ``CIFAR100`` serves them.
+
+    Each item is an HWC uint8 array made into a PIL image, then the transform that
+    ``run_split_cifar.py`` uses with ``resize_on_device`` (``device_resize_transforms``), so the
+    host pays the real per-image cost: ``(uint8 image [3, 32, 32], label)``. ``transform``
+    replaces that transform (``ToTensor()`` gives float images, as without ``resize_on_device``).
+    """
+
+    def __init__(self, images, labels, transform=None):
+        self.data = images.permute(0, 2, 3, 1).contiguous().numpy()
+        self.targets = labels.tolist()
+        self.transform = transform or device_resize_transforms()[1]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return self.transform(Image.fromarray(self.data[index])), self.targets[index]
+
+
+def synthetic_cifar(n_classes: int, train_per_class: int, test_per_class: int, seed: int,
+                    items: str = "pil"):
+    """CIFAR-100-sized uint8 stream: a random 32-px prototype per class plus noise.
+
+    ``items``: ``"pil"`` serves each image through PIL like torchvision's ``CIFAR100``
+    (``CIFARLikeImages``); ``"tensor"`` slices it from a tensor (``ImageTensors``). Both give
+    the same ``uint8 [3, 32, 32]`` images.
+    """
     g = torch.Generator().manual_seed(seed)
     protos = torch.rand(n_classes, 3, 32, 32, generator=g) * 255
 
@@ -63,9 +95,46 @@ def synthetic_cifar(n_classes: int, train_per_class: int, test_per_class: int, s
         labels = torch.arange(n_classes).repeat_interleave(per_class)
         noise = torch.randn(len(labels), 3, 32, 32, generator=g) * 40
         images = (protos[labels] + noise).clamp(0, 255).to(torch.uint8)
-        return ImageTensors(images, labels)
+        return (CIFARLikeImages if items == "pil" else ImageTensors)(images, labels)
 
     return split(train_per_class), split(test_per_class)
+
+
+def loader_rates(args, config):
+    """``--loader-only``: images/s of one DataLoader pass over the first training experience.
+
+    The synthetic PIL items go through ``nc_benchmark`` (Avalanche's dataset wrappers), for
+    ``PILToTensor`` (what the model gets with ``resize_on_device``) and ``ToTensor``, with 0,
+    2 and 4 workers; worker start and stop are inside the timed pass. Medians of
+    ``--repeats`` passes, the combinations alternating; one JSON line per combination.
+    """
+    from avalanche.benchmarks import nc_benchmark
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    g = torch.Generator().manual_seed(config.seed)
+    per_class = args.train_per_class
+    labels = torch.arange(config.n_classes).repeat_interleave(per_class)
+    images = (torch.rand(len(labels), 3, 32, 32, generator=g) * 255).to(torch.uint8)
+    datasets = {}
+    for name, transform in (("PILToTensor", device_resize_transforms()[1]),
+                            ("ToTensor", transforms.ToTensor())):
+        data = CIFARLikeImages(images, labels, transform)
+        benchmark = nc_benchmark(data, data, config.total_tasks, task_labels=False,
+                                 fixed_class_order=list(range(config.n_classes)))
+        datasets[name] = benchmark.train_stream[0].dataset.eval()
+    rates = {(name, workers): [] for name in datasets for workers in (0, 2, 4)}
+    for _ in range(args.repeats):          # alternating, so a drifting machine hits all alike
+        for name, workers in rates:
+            began = time.perf_counter()
+            n = sum(len(batch[0]) for batch in DataLoader(
+                datasets[name], batch_size=config.eval_batch_size, num_workers=workers))
+            rates[name, workers].append(n / (time.perf_counter() - began))
+    for (name, workers), runs in rates.items():
+        emit({"phase": "loader", "transform": name, "num_workers": workers,
+              "images": len(datasets[name]), "batch": config.eval_batch_size,
+              "images_per_s": round(statistics.median(runs), 1),
+              "runs": [round(r, 1) for r in runs]})
 
 
 class PhaseTimer(SupervisedPlugin):
@@ -274,7 +343,12 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--synthetic", action="store_true",
-                        help="CIFAR-100-sized uint8 32-px data, resized on the device")
+                        help="CIFAR-100-sized random 32-px images, served per item through "
+                             "PIL like torchvision's CIFAR100, resized on the device")
+    parser.add_argument("--synthetic-items", choices=["pil", "tensor"], default="pil",
+                        help="--synthetic: 'pil' pays torchvision CIFAR100's per-image PIL "
+                             "work; 'tensor' slices uint8 tensors (the path of the GPU figures "
+                             "measured at commit 600fee6)")
     parser.add_argument("--preset", choices=["tiny"], default=None,
                         help="tiny: the smoke preset's tiny CLIP on the JPEG folder of "
                              "--data-root with CLIP's eval transform, 5 epochs per task")
@@ -287,7 +361,11 @@ def main(argv=None):
     parser.add_argument("--compare-uncached", action="store_true")
     parser.add_argument("--repeats", type=int, default=1,
                         help="--compare-uncached: timed runs per path, alternating; the "
-                             "medians are compared")
+                             "medians are compared. --loader-only: passes per combination")
+    parser.add_argument("--loader-only", action="store_true",
+                        help="with --synthetic: time only the data loader (PIL items through "
+                             "Avalanche's wrappers, PILToTensor vs ToTensor, 0/2/4 workers) "
+                             "for one training experience; no model")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the untimed warm-up (the first experience once per "
                              "compared path, compile off) that takes one-time process costs "
@@ -298,6 +376,8 @@ def main(argv=None):
         parser.error("choose --synthetic (CIFAR-sized data) or --preset tiny")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.loader_only and not args.synthetic:
+        parser.error("--loader-only times the synthetic CIFAR items: add --synthetic")
     device = torch.device(args.device)
     config = CLIPHingeConfig.from_json(args.config)
     if args.preset == "tiny":
@@ -307,6 +387,9 @@ def main(argv=None):
     else:
         config = config.replace(pretrained=None, resize_on_device=True, class_order="natural")
     config = config.with_overrides(args.set)
+    if args.loader_only:
+        loader_rates(args, config)
+        return
     torch.manual_seed(config.seed)         # random weights are the same in every process
     backbone = load_clip(config.model_name, config.pretrained, device=device)
     if args.preset == "tiny":
@@ -322,7 +405,7 @@ def main(argv=None):
         from benchmarks.common import StreamBundle
 
         train, test = synthetic_cifar(config.n_classes, args.train_per_class,
-                                      args.test_per_class, config.seed)
+                                      args.test_per_class, config.seed, args.synthetic_items)
         per_exp = {0: config.init_class} if config.init_class != config.increment else None
         benchmark = nc_benchmark(train, test, config.total_tasks, task_labels=False,
                                  fixed_class_order=list(range(config.n_classes)),
@@ -336,6 +419,8 @@ def main(argv=None):
           "precision": config.precision, "compile": config.compile and device.type == "cuda",
           "tasks": config.total_tasks, "epochs": [config.init_epochs, config.epochs],
           "second_stage_epochs": config.second_stage_epochs,
+          "data": f"synthetic, {args.synthetic_items} items" if args.synthetic else "jpeg folder",
+          "num_workers": config.num_workers,
           "train_images": sum(len(e.dataset) for e in bundle.benchmark.train_stream),
           "test_images": sum(len(e.dataset) for e in bundle.benchmark.test_stream),
           "torch": torch.__version__})

@@ -32,18 +32,14 @@ def check_cifar_files(args, config):
 
 def cifar_stream(args, config, backbone):
     """Avalanche's SplitCIFAR100 (or nc_benchmark for unequal tasks) with CLIP's transforms."""
-    from benchmarks import split_cifar100
+    from benchmarks import device_resize_transforms, split_cifar100
 
     order = list(range(100)) if config.class_order == "natural" else config.class_order
     train_tf = backbone.train_transform if args.augment else backbone.eval_transform
     eval_tf = backbone.eval_transform
     if config.resize_on_device:
-        # 32-px tensors; the model resizes to its input size and normalises on its device
-        from torchvision import transforms
-
-        eval_tf = transforms.ToTensor()
-        train_tf = transforms.Compose([transforms.RandomResizedCrop(32, scale=(0.9, 1.0)),
-                                       eval_tf]) if args.augment else eval_tf
+        # 32-px uint8 tensors; the model resizes to its input size and normalises on its device
+        train_tf, eval_tf = device_resize_transforms(args.augment)
     return split_cifar100(args.data_root, init_class=config.init_class,
                           increment=config.increment, class_order=order,
                           train_transform=train_tf, eval_transform=eval_tf,

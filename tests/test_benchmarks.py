@@ -147,6 +147,18 @@ def test_cifar_targets_are_original_ids_and_names_follow_meta(offline_cifar):
                 assert task == 0
 
 
+def test_cifar_with_device_resize_transforms_serves_uint8_images(offline_cifar):
+    from benchmarks import device_resize_transforms
+
+    train_tf, eval_tf = device_resize_transforms()
+    bundle = split_cifar100(offline_cifar, init_class=10, increment=10, class_order="icarl",
+                            train_transform=train_tf, eval_transform=eval_tf)
+    for stream in (bundle.benchmark.train_stream, bundle.benchmark.test_stream):
+        for image, target, _ in items(stream[2].dataset):
+            assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+            assert (image == target).all()  # every pixel of a class-k image holds k
+
+
 @pytest.mark.parametrize(
     "name, first",
     [("icarl", [87, 0, 52, 58, 44]), ("rapf", [99, 71, 95, 8, 57]), ("pycil", None)],

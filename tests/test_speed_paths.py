@@ -150,6 +150,28 @@ def test_device_preprocess_resizes_and_normalises_like_the_formula(backbone):
     torch.testing.assert_close(preprocess(as_uint8), preprocess(as_uint8.float() / 255))
 
 
+def test_device_resize_transforms_give_exactly_to_tensors_model_input(backbone):
+    from PIL import Image
+    from torchvision import transforms
+
+    from benchmarks import device_resize_transforms
+
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    train_tf, eval_tf = device_resize_transforms()
+    assert train_tf is eval_tf
+    images = [Image.fromarray(p) for p in pixels]
+    as_uint8 = torch.stack([eval_tf(i) for i in images])
+    assert as_uint8.dtype == torch.uint8
+    assert torch.equal(as_uint8, torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    as_float = torch.stack([transforms.ToTensor()(i) for i in images])
+    preprocess = DevicePreprocess(backbone)
+    assert torch.equal(preprocess(as_uint8), preprocess(as_float))  # bit for bit
+    augment, _ = device_resize_transforms(augment=True)
+    torch.manual_seed(0)
+    cropped = augment(images[0])
+    assert cropped.dtype == torch.uint8 and cropped.shape == (3, 32, 32)
+
+
 def test_resize_on_device_feeds_the_encoder_the_preprocessed_images(tiny_config, backbone):
     from avalanche_cliphinge import build_model
 
@@ -208,6 +230,65 @@ def test_speed_benchmark_tiny_cpu_mode_prints_every_phase():
     assert records["feature_extraction"]["images"] == 500      # 400 train + 100 test JPEGs
     assert records["compare_uncached"]["same_metrics"] is True
     assert records["total"]["seconds"] > 0
+
+
+def test_speed_benchmark_synthetic_mode_runs_the_cifar_path_on_the_cpu():
+    """--synthetic (the GPU benchmark's data) with the tiny CLIP: per-item PIL data, 2 workers."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/speed.py", "--synthetic", "--device", "cpu",
+         "--set", f"model_name={TINY_MODEL}", "--set", "init_epochs=1", "--set", "epochs=1",
+         "--set", "second_stage_epochs=1", "--set", "num_workers=2",
+         "--train-per-class", "3", "--test-per-class", "2", "--bare-batch", "16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = {r["phase"]: r for r in map(json.loads, (line for line in done.stdout.splitlines()
+                                                      if line.startswith("{")))}
+    assert records["setup"]["train_images"] == 300 and records["setup"]["test_images"] == 200
+    assert records["setup"]["data"] == "synthetic, pil items"
+    assert records["setup"]["num_workers"] == 2
+    assert records["feature_extraction"]["images"] == 500
+    assert len(records["final_accuracy"]["stream_top1"]) == 10
+    assert "stage1_host_syncs" not in records  # CUDA only
+
+
+def test_speed_loader_only_times_every_transform_and_worker_count():
+    done = subprocess.run(
+        [sys.executable, "benchmarks/speed.py", "--synthetic", "--loader-only",
+         "--train-per-class", "2", "--repeats", "2", "--set", "eval_batch_size=4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [(r["transform"], r["num_workers"]) for r in records] == [
+        ("PILToTensor", 0), ("PILToTensor", 2), ("PILToTensor", 4),
+        ("ToTensor", 0), ("ToTensor", 2), ("ToTensor", 4)]
+    for r in records:
+        assert r["phase"] == "loader" and r["images"] == 20 and r["batch"] == 4  # 10 classes x 2
+        assert len(r["runs"]) == 2 and r["images_per_s"] == pytest.approx(
+            sorted(r["runs"])[0] / 2 + sorted(r["runs"])[1] / 2, abs=0.1)
+    refused = subprocess.run([sys.executable, "benchmarks/speed.py", "--preset", "tiny",
+                              "--loader-only"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert "--loader-only times the synthetic CIFAR items: add --synthetic" in refused.stderr
+
+
+def test_speed_synthetic_items_pil_and_tensor_hold_the_same_images():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import speed
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    pil_train, pil_test = speed.synthetic_cifar(4, 3, 2, seed=5, items="pil")
+    tensor_train, tensor_test = speed.synthetic_cifar(4, 3, 2, seed=5, items="tensor")
+    assert isinstance(pil_train, speed.CIFARLikeImages)
+    assert isinstance(tensor_train, speed.ImageTensors)
+    for pil, tensor in ((pil_train, tensor_train), (pil_test, tensor_test)):
+        assert len(pil) == len(tensor) and pil.targets == tensor.targets
+        for i in range(len(pil)):
+            image, label = pil[i]
+            assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+            assert torch.equal(image, tensor[i][0]) and label == int(tensor[i][1])
+    assert pil_train.targets == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
 
 
 def test_loader_workers_and_eval_batch_size_change_no_feature(tiny_config, synthetic_stream,
