@@ -366,3 +366,31 @@ def test_speed_step_sync_counter_counts_sync_warnings_inside_steps_only(monkeypa
     # every counted warning comes from one line of this file: one call site
     assert len(record["where"]) == 1 and record["where"][0].startswith("test_speed_paths.py:")
     assert modes == ["warn", "default"] * 5
+
+
+def test_entry_speed_runs_the_main_entry_on_random_cifar100_files(tmp_path):
+    """benchmarks/entry_speed.py: the real CIFAR path (SplitCIFAR100, PIL items), timed."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/entry_speed.py", "--train-per-class", "3",
+         "--test-per-class", "2", "--work-dir", str(tmp_path), "--", "--device", "cpu",
+         "--quiet", "--set", f"model_name={TINY_MODEL}", "--set", "init_epochs=1",
+         "--set", "epochs=1", "--set", "second_stage_epochs=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(done.stdout.splitlines()[-1])
+    assert record["phase"] == "entry" and record["exit_code"] == 0
+    assert record["completed_tasks"] == 10
+    assert (record["train_images"], record["test_images"]) == (300, 200)
+    assert 0 < record["train_seconds"] <= record["wall_seconds"] <= record["process_seconds"]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["protocol"]["stream_builder"] == "avalanche SplitCIFAR100"
+    assert results["protocol"]["pretrained"] is None
+    assert results["test_sizes"] == [20] * 10
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/entry_speed.py", "--train-per-class", "1",
+         "--test-per-class", "1", "--work-dir", str(tmp_path / "bad"), "--", "--device", "cpu",
+         "--set", "batch_size=0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert "error: config key 'batch_size' must be >= 1, got 0" in bad.stderr
+    assert json.loads(bad.stdout.splitlines()[-1])["exit_code"] == 2
