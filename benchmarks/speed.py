@@ -29,6 +29,7 @@ inside the timed run.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -112,14 +113,12 @@ def loader_rates(args, config):
     from torch.utils.data import DataLoader
     from torchvision import transforms
 
-    g = torch.Generator().manual_seed(config.seed)
-    per_class = args.train_per_class
-    labels = torch.arange(config.n_classes).repeat_interleave(per_class)
-    images = (torch.rand(len(labels), 3, 32, 32, generator=g) * 255).to(torch.uint8)
+    items, _ = synthetic_cifar(config.n_classes, args.train_per_class, 1, config.seed)
     datasets = {}
-    for name, transform in (("PILToTensor", device_resize_transforms()[1]),
+    for name, transform in (("PILToTensor", items.transform),
                             ("ToTensor", transforms.ToTensor())):
-        data = CIFARLikeImages(images, labels, transform)
+        data = copy.copy(items)
+        data.transform = transform
         benchmark = nc_benchmark(data, data, config.total_tasks, task_labels=False,
                                  fixed_class_order=list(range(config.n_classes)))
         datasets[name] = benchmark.train_stream[0].dataset.eval()
