@@ -11,16 +11,16 @@ and a rename; the newest two are kept.
 """
 from __future__ import annotations
 
-import os
+import errno
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from .atomic import kill_point, remove_temp_files, write_atomic
 from .model.clip_hinge import CLIPHingeModel
 from .model.heads import ImageAdapter, TaskHead
 
@@ -64,9 +64,7 @@ def load_model_state(model: CLIPHingeModel, state: Dict[str, Any]) -> None:
             model.prompts[task].ctx.copy_(ctx.to(device))
     model.set_trainable_prompts([])
     gaussians = state["gaussians"]
-    model.gaussians.class_ids = gaussians["class_ids"].to(device)
-    model.gaussians.means = gaussians["means"].to(device)
-    model.gaussians.chols = gaussians["chols"].to(device)
+    model.gaussians.load_state_dict(gaussians)
     for key, head_state in state["heads"].items():
         n_classes, dim = head_state["linear.weight"].shape
         head = TaskHead(torch.zeros(n_classes, dim), state["head_scales"][key]).to(device)
@@ -158,51 +156,33 @@ RUNTIME_KEYS = ("num_workers", "feature_cache_dir", "feature_cache_max_gb")
 REQUIRED_KEYS = ("completed", "config", "model", "clock", "evaluator", "rng", "run", "csv_rows")
 
 
-def _umask_mode() -> int:
-    """``0o666`` minus the process umask: what ``open(path, "w")`` would have given."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+def save_atomic(obj: Any, path: Path, experience: Optional[int] = None) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (temporary file, fsync, rename).
 
+    torch reports a full disk as ``RuntimeError`` (``inline_container.cc ... unexpected
+    pos``); it is raised as an ``OSError`` naming ``path``.
+    """
+    def write(file):
+        try:
+            torch.save(obj, file)
+        except RuntimeError as err:
+            reason = (str(err).strip().splitlines() or [""])[0][:160]
+            raise OSError(errno.EIO, f"torch.save failed, disk full? ({reason})",
+                          str(path)) from None
 
-def _write_atomic(path: Path, mode: str, write: Callable[[Any], None]) -> None:
-    """Write through a temporary file in the same folder, fsync, rename over ``path``, fsync
-    the folder: a reader (or a crash) sees the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, mode) as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; results are for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically (temporary file, fsync, rename)."""
-    _write_atomic(path, "wb", lambda file: torch.save(obj, file))
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
-    _write_atomic(path, "w", lambda file: file.write(text))
+    write_atomic(path, "wb", write, kill_tag="checkpoint" if experience is not None else None,
+                 experience=experience)
 
 
 def checkpoint_path(folder: Path, experience: int) -> Path:
     """``folder/exp_<k>.pt``: the checkpoint taken after training and evaluating experience
     ``k`` (0-based, as Avalanche's ``Exp<k>`` metric names)."""
     return Path(folder) / f"exp_{experience:03d}.pt"
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` is a checkpoint file name (``exp_<k>.pt``)."""
+    return bool(_NAME.match(name))
 
 
 def list_checkpoints(folder: Path) -> List[Tuple[int, Path]]:
@@ -221,11 +201,11 @@ def save_checkpoint(state: Dict[str, Any], folder: Path, keep: int = 2) -> Path:
     leaves at least one whole checkpoint. Temporary files of a killed save are removed.
     """
     folder = Path(folder)
-    path = checkpoint_path(folder, state["completed"] - 1)
-    if folder.is_dir():
-        for stale in folder.glob(".exp_*.pt.*"):
-            stale.unlink(missing_ok=True)
-    save_atomic({**state, "format": FORMAT_VERSION}, path)
+    experience = state["completed"] - 1
+    path = checkpoint_path(folder, experience)
+    remove_temp_files(folder, is_checkpoint_name)
+    save_atomic({**state, "format": FORMAT_VERSION}, path, experience=experience)
+    kill_point("checkpoint", experience)
     for _, old in list_checkpoints(folder)[keep:]:
         old.unlink(missing_ok=True)
     return path
@@ -246,8 +226,74 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete (no {', '.join(missing)})")
+    problem = _structure_problem(state)
+    match = _NAME.match(Path(path).name)
+    if problem is None and match and int(match.group(1)) + 1 != state["completed"]:
+        problem = f"completed={state['completed']} in a file named {Path(path).name}"
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged or forged ({problem})")
     state["path"] = str(path)
     return state
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _structure_problem(state: Dict[str, Any]) -> Optional[str]:
+    """The first field of a loaded checkpoint that does not have the shape ``save_checkpoint``
+    writes, or ``None``. Checked before anything of the checkpoint is used."""
+    done = state["completed"]
+    if not _is_int(done) or done < 1:
+        return f"completed={done!r} is not a positive experience count"
+    if not isinstance(state["config"], dict):
+        return f"config is a {type(state['config']).__name__}, not a mapping of keys"
+    model = state["model"]
+    if not isinstance(model, dict) or not {"task_classes", "prompts", "gaussians", "heads",
+                                           "head_scales", "adapter", "lora"} <= set(model):
+        return "model lacks some of its parts"
+    tasks, prompts = model["task_classes"], model["prompts"]
+    if not (isinstance(tasks, list) and len(tasks) == done
+            and all(isinstance(t, list) and t and all(map(_is_int, t)) for t in tasks)):
+        return f"model.task_classes is not {done} lists of class ids"
+    if not (isinstance(prompts, list) and len(prompts) == done and all(
+            isinstance(p, torch.Tensor) and p.dim() == 3 and p.shape[0] == len(t)
+            for p, t in zip(prompts, tasks))):
+        return f"model.prompts is not {done} tensors [classes of the task, n_ctx, width]"
+    gaussians = model["gaussians"]
+    if not (isinstance(gaussians, dict) and all(isinstance(gaussians.get(k), torch.Tensor)
+                                                for k in ("class_ids", "means", "chols"))):
+        return "model.gaussians lacks class_ids, means or chols"
+    clock = state["clock"]
+    if not (isinstance(clock, dict) and set(clock) == set(_CLOCK_FIELDS)
+            and all(_is_int(v) and v >= 0 for v in clock.values())):
+        return "clock is not Avalanche's counters"
+    rng = state["rng"]
+    if not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
+            and isinstance(rng.get("python"), list) and len(rng["python"]) == 3
+            and isinstance(rng["python"][1], list) and len(rng["python"][1]) == 625
+            and isinstance(rng.get("numpy"), list) and len(rng["numpy"]) == 5
+            and isinstance(rng["numpy"][1], torch.Tensor) and rng["numpy"][1].numel() == 624):
+        return "rng lacks the python, numpy or torch generator state"
+    run = state["run"]
+    if not isinstance(run, dict) or not {"matrix", "per_task", "stream_forgetting",
+                                         "hard_pairs"} <= set(run):
+        return "run lacks the results so far"
+    matrix = run["matrix"]
+    if not (isinstance(matrix, list) and len(matrix) == done
+            and all(isinstance(row, list) and len(row) == len(matrix[0]) >= done
+                    for row in matrix)):
+        return f"run.matrix is not {done} rows of one accuracy per test experience"
+    if any(not isinstance(run[k], list) or len(run[k]) != done
+           for k in ("per_task", "stream_forgetting", "hard_pairs")):
+        return f"run.per_task, stream_forgetting or hard_pairs do not hold {done} entries"
+    rows = state["csv_rows"]
+    if not (isinstance(rows, dict) and all(isinstance(k, str) and _is_int(v) and v >= 1
+                                           for k, v in rows.items())):
+        return "csv_rows is not a line count per CSV file"
+    if not isinstance(state["evaluator"], list):
+        return "evaluator is not a list of metric states"
+    return None
 
 
 def load_latest(folder: Path, warn: Callable[[str], None] = print) -> Optional[Dict[str, Any]]:

@@ -20,10 +20,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from avalanche.evaluation.metrics import (accuracy_metrics, bwt_metrics, forgetting_metrics,
                                           loss_metrics, timing_metrics)
-from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger
-from avalanche.training.plugins import EvaluationPlugin
+from avalanche.logging import (BaseLogger, CSVLogger, InteractiveLogger, TensorboardLogger,
+                               TextLogger)
+from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 
 from . import checkpoint as ckpt
+from . import run_lock
+from .atomic import kill_point, remove_temp_files, write_bytes_atomic, write_text_atomic
 from .config import CLIPHingeConfig
 from .metrics import DeviceEpochAccuracy, DeviceEpochLoss
 from .model.backbone import CLIPBackbone
@@ -54,13 +57,15 @@ def package_versions() -> Dict[str, str]:
 #: Files and folders a run writes into its output folder (``--overwrite`` removes these only).
 RUN_FILES = ("results.json", "results.txt", "log.txt", "config.json", "csv", "tb",
              "checkpoints", "accuracy_matrix.png", "accuracy_curve.png")
+#: Files written whole through a temporary file, fsync and rename (``atomic.write_atomic``).
+ATOMIC_FILES = ("results.json", "results.txt", "config.json", "accuracy_matrix.png",
+                "accuracy_curve.png")
 #: What an attempt that failed before its first checkpoint leaves behind.
 LOG_FILES = ("log.txt", "csv", "tb")
 
 
 def make_evaluator(output_dir: Path, wandb: bool = False, interactive: bool = True,
-                   csv_rows: Optional[Dict[str, int]] = None,
-                   resume_step: Optional[int] = None):
+                   resume: bool = False):
     """Avalanche ``EvaluationPlugin`` with accuracy, forgetting, BWT, loss and timing metrics.
 
     The training-epoch accuracy and loss are ``DeviceEpochAccuracy`` and ``DeviceEpochLoss``:
@@ -69,32 +74,14 @@ def make_evaluator(output_dir: Path, wandb: bool = False, interactive: bool = Tr
     Loggers: ``InteractiveLogger`` (progress bars), ``TextLogger`` (``log.txt``),
     ``CSVLogger`` (``csv/``), ``TensorboardLogger`` (``tb/``) and ``WandBLogger`` when asked.
 
-    On resume, ``csv_rows`` keeps that many lines (header included) of each earlier CSV file,
-    and ``resume_step`` hides from TensorBoard every event the interrupted process logged at
-    that Avalanche step (``clock.train_iterations``) or later, so the resumed curves have no
-    duplicated or orphaned points.
+    With ``resume`` the CSV files are appended to, never truncated: ``restore_logs`` has
+    already cut them (and the TensorBoard files) back to the checkpoint.
 
     Returns ``(evaluator, tensorboard_logger)``.
     """
     output_dir = Path(output_dir)
-    csv_dir = output_dir / "csv"
-    kept: Dict[str, List[str]] = {}
-    for name, rows in (csv_rows or {}).items():
-        path = csv_dir / name
-        if path.exists():
-            kept[name] = path.read_text().splitlines(keepends=True)[1:rows]
     tb_logger = TensorboardLogger(tb_log_dir=str(output_dir / "tb"))
-    if resume_step is not None:
-        _purge_tensorboard_from(tb_logger.writer, resume_step)
-    csv_logger = CSVLogger(log_folder=str(csv_dir))
-    # CSVLogger has just truncated its files and written the headers. The rows of the
-    # experiences already done go back through its own handles: a second handle appending
-    # would be overwritten by CSVLogger's next write at its own file position.
-    for name, handle in (("training_results.csv", csv_logger.training_file),
-                         ("eval_results.csv", csv_logger.eval_file)):
-        if kept.get(name):
-            handle.writelines(kept[name])
-            handle.flush()
+    csv_logger = _csv_logger(output_dir / "csv", append=resume)
     text_file = open(output_dir / "log.txt", "a", buffering=1)  # line-buffered: survives kill
     loggers: List[Any] = [TextLogger(text_file), csv_logger, tb_logger]
     if interactive:
@@ -117,18 +104,84 @@ def make_evaluator(output_dir: Path, wandb: bool = False, interactive: bool = Tr
     return evaluator, tb_logger
 
 
-def _purge_tensorboard_from(writer, step: int) -> None:
+def _csv_logger(csv_dir: Path, append: bool) -> CSVLogger:
+    """Avalanche's ``CSVLogger``; with ``append``, one that continues the existing files.
+
+    ``CSVLogger`` opens its files with mode ``"w"``: a resume killed right after it would
+    lose every kept row. The appending logger sets the same attributes over handles opened
+    with ``"a"`` (the headers are already there).
+    """
+    if not append:
+        return CSVLogger(log_folder=str(csv_dir))
+    logger = CSVLogger.__new__(CSVLogger)
+    BaseLogger.__init__(logger)
+    csv_dir.mkdir(parents=True, exist_ok=True)
+    logger.log_folder = str(csv_dir)
+    logger.training_file = open(csv_dir / "training_results.csv", "a")
+    logger.eval_file = open(csv_dir / "eval_results.csv", "a")
+    logger.training_exp_id = None
+    logger.in_train_phase = None
+    logger.val_acc, logger.val_loss = 0, 0
+    return logger
+
+
+def restore_logs(output_dir: Path, state: Dict[str, Any], log: Callable[[str], None]) -> None:
+    """Cut the CSV and TensorBoard files back to what they held when ``state`` was saved.
+
+    Each CSV file is rewritten (temporary file, fsync, rename; never truncated in place) to
+    the checkpoint's line count. Each TensorBoard event file is rewritten to its size at the
+    checkpoint, and event files made after it (by a process killed before its first
+    checkpoint) are deleted: every event of the interrupted experience goes, whatever its
+    tag or step axis. A checkpoint of an older version without TensorBoard sizes falls back
+    to TensorBoard's restart marker at the checkpoint's training step.
+    """
+    csv_dir = Path(output_dir) / "csv"
+    for name, rows in state["csv_rows"].items():
+        path = csv_dir / name
+        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        if len(lines) < rows:
+            log(f"warning: {path} holds {len(lines)} lines but the checkpoint counted {rows}; "
+                "its missing rows cannot be restored")
+        elif len(lines) > rows:
+            write_text_atomic("".join(lines[:rows]), path)
+    tb_dir = Path(output_dir) / "tb"
+    sizes = state.get("tb_files")
+    if sizes is None:
+        if tb_dir.is_dir():
+            _purge_tensorboard_from(tb_dir, state["clock"]["train_iterations"] + 1)
+        return
+    for path in sorted(tb_dir.rglob("*")) if tb_dir.is_dir() else []:
+        if not path.is_file():
+            continue
+        keep = sizes.get(path.relative_to(tb_dir).as_posix())
+        if keep is None:
+            path.unlink()
+        elif path.stat().st_size > keep:
+            with open(path, "rb") as file:
+                write_bytes_atomic(file.read(keep), path)
+
+
+def tensorboard_sizes(output_dir: Path, tb_logger) -> Dict[str, int]:
+    """``{path under tb/: bytes}`` of every TensorBoard file, after a flush (for checkpoints)."""
+    tb_logger.writer.flush()
+    tb_dir = Path(output_dir) / "tb"
+    return {p.relative_to(tb_dir).as_posix(): p.stat().st_size
+            for p in sorted(tb_dir.rglob("*")) if p.is_file()}
+
+
+def _purge_tensorboard_from(tb_dir: Path, step: int) -> None:
     """Write TensorBoard's restart marker: readers drop earlier events at ``step`` or later.
 
-    The same two events ``SummaryWriter(purge_step=step)`` writes; Avalanche's
-    ``TensorboardLogger`` does not expose that argument.
+    The same two events ``SummaryWriter(purge_step=step)`` writes, in a file of their own.
     """
     from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+    from torch.utils.tensorboard import SummaryWriter
 
+    writer = SummaryWriter(log_dir=str(tb_dir), filename_suffix=".purge")
     file_writer = writer._get_file_writer()
     file_writer.add_event(Event(step=step, file_version="brain.Event:2"))
     file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
-    writer.flush()
+    writer.close()
 
 
 def _close_loggers(evaluator, tb_logger) -> None:
@@ -146,6 +199,34 @@ def csv_row_counts(output_dir: Path) -> Dict[str, int]:
     for path in (Path(output_dir) / "csv").glob("*.csv"):
         counts[path.name] = len(path.read_text().splitlines())
     return counts
+
+
+class FiniteScoresCheck(SupervisedPlugin):
+    """Stops an evaluation whose scores hold NaN or Inf (non-finite test features).
+
+    Counted on the device per minibatch, read back once per test experience; raises
+    ``FloatingPointError`` naming the experience before its accuracy is logged.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._bad: Optional[torch.Tensor] = None
+
+    def before_eval_exp(self, strategy, **kwargs):
+        self._bad = torch.zeros((), dtype=torch.long, device=strategy.device)
+
+    def after_eval_forward(self, strategy, **kwargs):
+        scores = strategy.mb_output.detach()
+        self._bad += (~torch.isfinite(scores).all(dim=1)).sum()
+
+    def after_eval_exp(self, strategy, **kwargs):
+        bad = int(self._bad)
+        if bad:
+            exp = strategy.experience
+            raise FloatingPointError(
+                f"test experience {exp.current_experience}: {bad} of {len(exp.dataset)} "
+                "samples give NaN or Inf scores (non-finite image features); check that "
+                "experience's test images and the transforms")
 
 
 @dataclass
@@ -198,14 +279,8 @@ def check_stream(config: CLIPHingeConfig, bundle) -> None:
                                "and the class order)")
 
 
-def check_output_dir(output_dir: str | Path, *, resume: bool = False,
-                     overwrite: bool = False) -> None:
-    """Cheap checks of the output folder, before a model or a dataset is loaded.
-
-    Creates the folder; refuses (``RunError``) one that cannot be written, one that holds a
-    finished run (unless ``overwrite``) and one that holds an unfinished run unless
-    ``resume`` or ``overwrite``. Deletes nothing.
-    """
+def prepare_output_dir(output_dir: str | Path) -> Path:
+    """Create ``output_dir``; ``RunError`` if it is a file or cannot be written."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise RunError(f"--output-dir {output_dir} is a file, not a folder; choose another "
@@ -217,23 +292,47 @@ def check_output_dir(output_dir: str | Path, *, resume: bool = False,
     except OSError as err:
         raise RunError(f"cannot write to --output-dir {output_dir} ({err.strerror or err}); "
                        "choose a writable folder") from None
-    if overwrite:
-        return
-    results_path = output_dir / "results.json"
-    if _is_finished(results_path):
-        raise RunError(f"{output_dir} already holds a finished run (results.json); pass "
-                       "--overwrite to run again or choose another --output-dir")
-    checkpoints = ckpt.list_checkpoints(output_dir / "checkpoints")
-    if not resume and (checkpoints or results_path.exists()):
-        done = f" ({checkpoints[0][0] + 1} experiences done)" if checkpoints else ""
-        raise RunError(f"{output_dir} holds an unfinished run{done}; pass --resume to "
-                       "continue it or --overwrite to start again")
+    return output_dir
 
 
-def _is_finished(results_path: Path) -> bool:
+def check_output_dir(output_dir: str | Path, *, resume: bool = False,
+                     overwrite: bool = False) -> None:
+    """Cheap checks of the output folder, before a model or a dataset is loaded.
+
+    Creates the folder; refuses (``RunError``) one that cannot be written, one another run
+    is writing into (its lock is held: ``run_lock.RunLockedError``), one that holds a
+    finished run (unless ``overwrite``) and one that holds an unfinished run unless
+    ``resume`` or ``overwrite``. Deletes nothing.
+    """
+    output_dir = prepare_output_dir(output_dir)
+    with run_lock.hold(output_dir):
+        if overwrite:
+            return
+        results_path = output_dir / "results.json"
+        checkpoints = ckpt.list_checkpoints(output_dir / "checkpoints")
+        if _is_finished(results_path, checkpoints):
+            raise RunError(f"{output_dir} already holds a finished run (results.json); pass "
+                           "--overwrite to run again or choose another --output-dir")
+        if not resume and (checkpoints or results_path.exists()):
+            done = f" ({checkpoints[0][0] + 1} experiences done)" if checkpoints else ""
+            raise RunError(f"{output_dir} holds an unfinished run{done}; pass --resume to "
+                           "continue it or --overwrite to start again")
+
+
+def _is_finished(results_path: Path, checkpoints) -> bool:
+    """results.json says finished and the newest checkpoint covers every task it reports.
+
+    A run killed after results.json and before its last checkpoint (written by an older
+    version, which marked the run finished first) is not finished: ``--resume`` redoes the
+    last experience and brings the plots, TensorBoard and checkpoints up to date. A
+    finished run whose checkpoints were deleted stays finished.
+    """
     try:
-        return bool(json.loads(results_path.read_text()).get("finished"))
-    except (OSError, ValueError, AttributeError):
+        results = json.loads(results_path.read_text())
+        done = int(results.get("completed_tasks", 0))
+        return bool(results.get("finished")) and (
+            not checkpoints or checkpoints[0][0] + 1 >= done)
+    except (OSError, ValueError, AttributeError, TypeError):
         return False
 
 
@@ -287,19 +386,26 @@ def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
         raise RunError("resume and overwrite exclude each other: continue the run or start "
                        "it again")
     output_dir = Path(output_dir)
-    checkpoints = output_dir / "checkpoints"
-    results_path = output_dir / "results.json"
     check_stream(config, bundle)
+    check_run_paths(config)
+    prepare_output_dir(output_dir)
+    with run_lock.hold(output_dir) as lock:
+        check_output_dir(output_dir, resume=resume, overwrite=overwrite)
+        return _run_locked(config, bundle, output_dir, lock, backbone=backbone, device=device,
+                           resume=resume, overwrite=overwrite, force=force, wandb=wandb,
+                           interactive=interactive, protocol=protocol, plugins=plugins,
+                           log=log)
+
+
+def _run_locked(config: CLIPHingeConfig, bundle, output_dir: Path, lock, *, backbone, device,
+                resume, overwrite, force, wandb, interactive, protocol, plugins, log):
+    """``run_experiment`` once the folder is locked and checked."""
+    checkpoints = output_dir / "checkpoints"
     n_exps = len(bundle.benchmark.train_stream)
     fingerprint = stream_fingerprint(bundle)
-    check_output_dir(output_dir, resume=resume, overwrite=overwrite)
-    state = _load_resume_state(output_dir, checkpoints, config, fingerprint, resume, force, log)
-    if state is None:
-        # --overwrite, --resume of a run without checkpoint, or a start after an attempt that
-        # failed before its first checkpoint: old logs would mix with the new run's.
-        _remove_run_files(output_dir, RUN_FILES if overwrite or resume else LOG_FILES)
-    config.to_json(output_dir / "config.json")
-
+    state = _load_resume_state(checkpoints, config, fingerprint, resume, force, log)
+    if state is not None:
+        _check_resumable(state, config, bundle)
     torch.manual_seed(config.seed)
     model = build_model(config, bundle.class_names, device, backbone=backbone)
     backbone = model.backbone
@@ -311,14 +417,22 @@ def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
                 f"checkpoint {state['path']} does not fit this model "
                 f"({str(err).splitlines()[0][:160]}); resume with the config it was made "
                 "with, or start again with --overwrite") from None
-    evaluator, tb_logger = make_evaluator(
-        output_dir, wandb=wandb, interactive=interactive,
-        csv_rows=state["csv_rows"] if state else None,
-        resume_step=state["clock"]["train_iterations"] + 1 if state else None)
+    # Everything is checked: from here on the folder is this run's.
+    lock.announce()
+    _remove_temp_files(output_dir)
+    if state is None:
+        # --overwrite, --resume of a run without checkpoint, or a start after an attempt that
+        # failed before its first checkpoint: old logs would mix with the new run's.
+        _remove_run_files(output_dir, RUN_FILES if overwrite or resume else LOG_FILES)
+    else:
+        restore_logs(output_dir, state, log)
+    write_text_atomic(config.to_json(), output_dir / "config.json")
+    evaluator, tb_logger = make_evaluator(output_dir, wandb=wandb, interactive=interactive,
+                                          resume=state is not None)
     try:
         strategy = CLIPHingeStrategy(config=config, class_names=bundle.class_names,
-                                     model=model, plugins=list(plugins), evaluator=evaluator,
-                                     device=device, progress=interactive)
+                                     model=model, plugins=[*plugins, FiniteScoresCheck()],
+                                     evaluator=evaluator, device=device, progress=interactive)
         run = RunState()
         start = 0
         if state is not None:
@@ -332,18 +446,34 @@ def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
                        f"{start - 1} ({start} of {n_exps} done)")
             log(message)
             print(f"=== {message} ===", file=_text_file(evaluator))
+            kill_point("resume_loggers", start)
         _train_and_evaluate(strategy, bundle, output_dir, run, start, config, fingerprint,
                             backbone, protocol, device, tb_logger, evaluator, log)
     finally:
         _close_loggers(evaluator, tb_logger)
-    return json.loads(results_path.read_text())
+    return json.loads((output_dir / "results.json").read_text())
+
+
+def _remove_temp_files(output_dir: Path) -> None:
+    """Temporary files of atomic writes a killed run left (results, plots, checkpoints)."""
+    remove_temp_files(output_dir, lambda name: name in ATOMIC_FILES)
+    remove_temp_files(output_dir / "checkpoints",
+                      ckpt.is_checkpoint_name)
+
+
+def check_run_paths(config: CLIPHingeConfig) -> None:
+    """Refuse (``RunError``) a ``feature_cache_dir`` that exists but is not a folder."""
+    folder = config.feature_cache_dir
+    if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+        raise RunError(f"feature_cache_dir {folder} is a file, not a folder; choose another "
+                       "feature_cache_dir or set it to null")
 
 
 def _text_file(evaluator):
     return next(lg.file for lg in evaluator.loggers if isinstance(lg, TextLogger))
 
 
-def _load_resume_state(output_dir: Path, checkpoints: Path, config: CLIPHingeConfig,
+def _load_resume_state(checkpoints: Path, config: CLIPHingeConfig,
                        fingerprint: Dict[str, Any], resume: bool, force: bool,
                        log: Callable[[str], None]) -> Optional[Dict[str, Any]]:
     """The checkpoint to resume from, checked against the config and the stream."""
@@ -365,6 +495,32 @@ def _load_resume_state(output_dir: Path, checkpoints: Path, config: CLIPHingeCon
     return state
 
 
+def _check_resumable(state: Dict[str, Any], config: CLIPHingeConfig, bundle) -> None:
+    """Refuse, even with ``--force``, a checkpoint this stream and config cannot continue:
+    more experiences done than the stream has, another task layout, another prompt length."""
+    name = Path(state["path"]).name
+    done, n_exps = state["completed"], len(bundle.benchmark.train_stream)
+    ending = ("; --force cannot bridge that: resume with the config and data it was made "
+              "with, or start again with --overwrite")
+    if done > n_exps or len(state["run"]["matrix"][0]) != n_exps:
+        raise RunError(f"{name} holds {done} experiences of a {len(state['run']['matrix'][0])}"
+                       f"-experience stream, but this stream has {n_exps}{ending}")
+    order, layout, begin = list(bundle.class_order), [], 0
+    for task in range(done):
+        size = config.task_size(task)
+        layout.append(sorted(int(c) for c in order[begin:begin + size]))
+        begin += size
+    saved = state["model"]["task_classes"]
+    if [sorted(t) for t in saved] != layout:
+        raise RunError(f"{name} was trained on tasks of {[len(t) for t in saved]} classes "
+                       f"({saved}), but this stream's first {done} tasks hold "
+                       f"{[len(t) for t in layout]} ({layout}){ending}")
+    n_ctx = {int(p.shape[1]) for p in state["model"]["prompts"]}
+    if n_ctx != {config.n_ctx}:
+        raise RunError(f"{name} has prompts of {sorted(n_ctx)} context tokens, the config "
+                       f"n_ctx={config.n_ctx}{ending}")
+
+
 def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start: int,
                         config: CLIPHingeConfig, fingerprint: Dict[str, Any], backbone,
                         protocol: Optional[Dict[str, Any]], device: str, tb_logger, evaluator,
@@ -375,6 +531,7 @@ def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start
         "model": config.model_name,
         "pretrained": backbone.pretrained,
         "weights_sha256": backbone.weights_sha256,
+        "activation": backbone.activation,
         "class_order": bundle.class_order,
         **(protocol or {}),
         **{f"stream_{k}": v for k, v in bundle.protocol.items()},
@@ -401,9 +558,15 @@ def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start
         run.hard_pairs.append({"text": [list(p) for p in hinge.text_pairs],
                                "image": [list(p) for p in hinge.image_pairs]}
                               if hinge is not None else {"text": [], "image": []})
-        # Results first, then the checkpoint: a crash in between redoes this experience.
-        summary = _write_results(output_dir, run, test_sizes, full_protocol, n_exps, tb_logger,
-                                 index)
+        # results, plots, TensorBoard, checkpoint, and only then "finished": a kill at any
+        # point between redoes this experience on --resume, and the redone experience cuts
+        # the logs back to the previous checkpoint.
+        summary = _write_results(output_dir, run, test_sizes, full_protocol, n_exps, False)
+        kill_point("results", index)
+        figures = _write_plots(output_dir, run)
+        kill_point("plots", index)
+        _log_results(tb_logger, figures, summary["metrics"], run, index)
+        kill_point("tensorboard", index)
         ckpt.save_checkpoint({
             "completed": index + 1,
             "config": config.to_dict(),
@@ -414,14 +577,14 @@ def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start
             "rng": ckpt.rng_state(),
             "run": dict(run.__dict__),
             "csv_rows": csv_row_counts(output_dir),
+            "tb_files": tensorboard_sizes(output_dir, tb_logger),
         }, output_dir / "checkpoints")
         log(f"task {index}: accuracy on seen classes {run.per_task[-1]['all']:.2f}% "
             f"(AIA so far {summary['metrics']['AIA']:.2f}%)")
-    if start == n_exps and run.matrix:
-        # The last checkpoint was written but the process stopped before anything else:
-        # results.json may predate it.
-        _write_results(output_dir, run, test_sizes, full_protocol, n_exps, tb_logger,
-                       n_exps - 1)
+    if len(run.matrix) == n_exps:
+        # Also when resumed from the last checkpoint: its plots and TensorBoard points were
+        # written before it, only the "finished" results may be missing.
+        _write_results(output_dir, run, test_sizes, full_protocol, n_exps, True)
 
 
 def _device_name(device: str) -> str:
@@ -432,9 +595,10 @@ def _device_name(device: str) -> str:
 
 
 def _write_results(output_dir: Path, run: RunState, sizes: Sequence[int],
-                   protocol: Dict[str, Any], n_exps: int, tb_logger, index: int):
+                   protocol: Dict[str, Any], n_exps: int, finished: bool) -> Dict[str, Any]:
+    """results.json and results.txt (atomic); ``finished`` only once everything else of the
+    last experience is written."""
     metrics = cil_metrics(run.matrix, sizes)
-    finished = len(run.matrix) == n_exps
     summary = {
         "finished": finished,
         "completed_tasks": len(run.matrix),
@@ -452,22 +616,32 @@ def _write_results(output_dir: Path, run: RunState, sizes: Sequence[int],
         if not math.isfinite(value):
             raise FloatingPointError(f"metric {name} is {value}: the accuracy matrix holds "
                                      f"non-finite values {run.matrix}")
-    ckpt.write_text_atomic(json.dumps(summary, indent=2) + "\n", output_dir / "results.json")
-    ckpt.write_text_atomic(format_results(run.per_task, metrics, run.stream_forgetting[-1],
-                                          protocol), output_dir / "results.txt")
+    write_text_atomic(json.dumps(summary, indent=2) + "\n", output_dir / "results.json")
+    write_text_atomic(format_results(run.per_task, metrics, run.stream_forgetting[-1],
+                                     protocol), output_dir / "results.txt")
+    return summary
+
+
+def _write_plots(output_dir: Path, run: RunState):
+    """The accuracy matrix and curve PNGs (atomic); returns the two figures."""
     matrix_fig = plot_accuracy_matrix(run.matrix, output_dir / "accuracy_matrix.png")
     curve_fig = plot_accuracy_curve({"all seen classes": [g["all"] for g in run.per_task],
                                      "new classes": [g["new"] for g in run.per_task]},
                                     output_dir / "accuracy_curve.png")
+    return matrix_fig, curve_fig
+
+
+def _log_results(tb_logger, figures, metrics: Dict[str, float], run: RunState,
+                 index: int) -> None:
+    """The results of experience ``index`` as TensorBoard scalars and images (flushed)."""
     writer = tb_logger.writer
     # add_figure closes the figures (matplotlib would otherwise keep every one alive).
-    writer.add_figure("results/accuracy_matrix", matrix_fig, global_step=index)
-    writer.add_figure("results/accuracy_curve", curve_fig, global_step=index)
+    writer.add_figure("results/accuracy_matrix", figures[0], global_step=index)
+    writer.add_figure("results/accuracy_curve", figures[1], global_step=index)
     for name, value in metrics.items():
         writer.add_scalar(f"results/{name}", value, global_step=index)
     writer.add_scalar("results/accuracy_seen_classes", run.per_task[-1]["all"], index)
     writer.flush()
-    return summary
 
 
 def print_summary(results: Dict[str, Any], out=None) -> None:

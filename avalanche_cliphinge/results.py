@@ -10,11 +10,12 @@ and is reported under its own name.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+
+from .atomic import write_atomic
 
 
 def grouped_accuracy(row: Sequence[float], sizes: Sequence[int], task: int) -> Dict[str, object]:
@@ -82,15 +83,9 @@ def format_results(per_task: List[Dict[str, object]], metrics: Dict[str, float],
 
 
 def save_figure(fig, path) -> None:
-    """``fig.savefig`` through a temporary file and a rename: a run killed while saving
-    leaves the previous plot, never a broken PNG."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``fig.savefig`` as PNG through a temporary file, fsync and a rename: a run killed
+    while saving leaves the previous plot, never a broken PNG."""
+    write_atomic(Path(path), "wb", lambda file: fig.savefig(file, dpi=120, format="png"))
 
 
 def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], path=None):

@@ -3,9 +3,13 @@ check, a file-backed image dataset and the call into Avalanche's `nc_benchmark`.
 
 from __future__ import annotations
 
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -117,10 +121,34 @@ def default_transform():
     return transforms.ToTensor()
 
 
+class BadImageError(ValueError):
+    """An image file that cannot be read (corrupt, truncated, empty, not an image)."""
+
+
+#: What PIL raises for a file it cannot decode.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else 'unreadable'}"
+
+
+def _read_error(path: Path) -> Optional[str]:
+    """Why the image at `path` cannot be decoded, or `None` when it can."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except _DECODE_ERRORS as err:
+        return _reason(err)
+    return None
+
+
 class ImageFileDataset(Dataset):
     """Images on disk with integer labels, in the form Avalanche reads (`targets` attribute).
 
     Item `i` is `(PIL RGB image, targets[i])`; Avalanche applies the stream's transforms.
+    A file that cannot be decoded raises `BadImageError` naming it.
     """
 
     def __init__(self, paths: Sequence[Path], targets: Sequence[int]):
@@ -133,8 +161,59 @@ class ImageFileDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        with Image.open(self.paths[index]) as image:
-            return image.convert("RGB"), self.targets[index]
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB"), self.targets[index]
+        except _DECODE_ERRORS as err:
+            raise BadImageError(
+                f"cannot read image {path} ({_reason(err)}); replace or delete it, or pass "
+                f"--skip-bad-images to leave unreadable files out"
+            ) from None
+
+    def without_unreadable(self) -> tuple["ImageFileDataset", list[Path]]:
+        """A copy without the files that cannot be decoded, and those files' paths.
+
+        Every file is decoded once (in threads: PIL releases the GIL while decoding).
+        """
+        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+            errors = list(pool.map(_read_error, self.paths))
+        bad = [p for p, e in zip(self.paths, errors) if e is not None]
+        if not bad:
+            return self, []
+        kept = [(p, t) for p, t, e in zip(self.paths, self.targets, errors) if e is None]
+        return ImageFileDataset([p for p, _ in kept], [t for _, t in kept]), bad
+
+
+_SKIP_UNREADABLE = False
+
+
+@contextmanager
+def skip_unreadable_images(enabled: bool = True) -> Iterator[None]:
+    """While active (and `enabled`), `make_nc_benchmark` decodes every image of an
+    `ImageFileDataset` once and leaves out the files that cannot be read, with one warning
+    giving their count and the first paths (the CLI's `--skip-bad-images`)."""
+    global _SKIP_UNREADABLE
+    previous, _SKIP_UNREADABLE = _SKIP_UNREADABLE, bool(enabled) or _SKIP_UNREADABLE
+    try:
+        yield
+    finally:
+        _SKIP_UNREADABLE = previous
+
+
+def _drop_unreadable(dataset):
+    """`dataset` without unreadable image files when `skip_unreadable_images` is active."""
+    if not (_SKIP_UNREADABLE and isinstance(dataset, ImageFileDataset)):
+        return dataset
+    kept, bad = dataset.without_unreadable()
+    if bad:
+        shown = ", ".join(str(p) for p in bad[:3])
+        warnings.warn(
+            f"--skip-bad-images: left out {len(bad)} unreadable image file(s) of "
+            f"{len(dataset)}: {shown}{', ...' if len(bad) > 3 else ''}",
+            stacklevel=3,
+        )
+    return kept
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -156,6 +235,7 @@ def make_nc_benchmark(
 ):
     """Class-incremental benchmark over `class_order` with original class ids as targets."""
     n_experiences = check_task_split(len(class_order), init_class, increment)
+    train_dataset, test_dataset = _drop_unreadable(train_dataset), _drop_unreadable(test_dataset)
     # nc_benchmark fails with a bare KeyError when a class has no test (or train) sample.
     for side, dataset in (("training", train_dataset), ("test", test_dataset)):
         targets = dataset.targets if hasattr(dataset, "targets") else dataset.tensors[1]

@@ -7,11 +7,19 @@ memorise images; a tiny random-weight CLIP separates the classes once prompts ar
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .common import StreamBundle, check_task_split, describe_stream, make_nc_benchmark
+from .common import (
+    StreamBundle,
+    check_class_order,
+    check_task_split,
+    describe_stream,
+    make_nc_benchmark,
+)
 
 # CLIP's image normalisation (open_clip OPENAI_DATASET_MEAN / _STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -77,6 +85,7 @@ def synthetic(
     image_size: int = 32,
     noise: float = 0.1,
     seed: int = 0,
+    class_order: Optional[Sequence[int]] = None,
 ) -> StreamBundle:
     """Class-incremental stream of synthetic coloured-pattern images, fully offline.
 
@@ -89,16 +98,18 @@ def synthetic(
         image_size: side of the square images in pixels.
         noise: standard deviation of the Gaussian pixel noise, in [0, 1] pixel units.
         seed: the same seed gives identical tensors.
+        class_order: the class ids in task order (a permutation of 0..n_classes-1);
+            `None` -> ascending. The images of a class do not depend on the order.
 
     Returns:
         StreamBundle whose experiences hold `(image, target, task_label)` items with images
         float32 `[3, image_size, image_size]`, already normalised with CLIP's mean and std
         (no further transform is needed); targets are class ids 0..n_classes-1, visited in
-        ascending order; `class_names` like "red horizontal stripes".
+        `class_order`; `class_names` like "red horizontal stripes".
 
     Raises:
-        ValueError: more than 120 classes, non-positive sizes, or class counts that do not
-            add up.
+        ValueError: more than 120 classes, non-positive sizes, class counts that do not
+            add up, or a `class_order` that is not a permutation of the class ids.
     """
     if not 1 <= n_classes <= MAX_SYNTHETIC_CLASSES:
         raise ValueError(
@@ -115,7 +126,10 @@ def synthetic(
     rng = np.random.RandomState(seed)
     train = _render_split(rng, n_classes, train_per_class, image_size, noise)
     test = _render_split(rng, n_classes, test_per_class, image_size, noise)
-    order = list(range(n_classes))
+    if class_order is None:
+        order, order_name = list(range(n_classes)), "ascending"
+    else:
+        order, order_name = check_class_order(class_order, n_classes), "explicit"
     benchmark = make_nc_benchmark(
         TensorDataset(*train), TensorDataset(*test), order, init_class, increment, None, None
     )
@@ -124,7 +138,7 @@ def synthetic(
         name="synthetic",
         dataset="synthetic coloured patterns",
         root=None,
-        class_order_name="ascending",
+        class_order_name=order_name,
         class_order=order,
         init_class=init_class,
         increment=increment,

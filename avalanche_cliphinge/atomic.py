@@ -1,0 +1,105 @@
+"""Atomic file writes for the run folder, and the private kill points its tests use.
+
+Every file a run rewrites (results, plots, ``config.json``, checkpoints, the rewritten CSV
+logs and TensorBoard files of a resume) goes through ``write_atomic``: a temporary file
+``.<name>.<random>`` in the same folder, fsynced, renamed over the target, then the folder
+fsynced. A reader, or a crash at any moment, sees the old file or the new one, never a part.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+#: Environment variable of the kill points (tests only): ``<point>:<experience>``.
+KILL_ENV = "CLIPHINGE_KILL_AT"
+
+
+def kill_point(point: str, experience: Optional[int] = None) -> None:
+    """SIGKILL this process when ``CLIPHINGE_KILL_AT`` names ``point`` (and ``experience``).
+
+    A test hook, inert unless the variable is set: the kill-point tests stop a run at each
+    write boundary exactly, as a power cut or the OOM killer would (no cleanup, no flush).
+    """
+    wanted = os.environ.get(KILL_ENV)
+    if not wanted:
+        return
+    name, _, index = wanted.partition(":")
+    if name == point and (not index or experience is None or int(index) == experience):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _umask_mode() -> int:
+    """``0o666`` minus the process umask: what ``open(path, "w")`` would have given."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of ``write_atomic``'s temporary files for a target called ``name``."""
+    return f".{name}."
+
+
+def write_atomic(path: Path, mode: str, write: Callable[[Any], None],
+                 kill_tag: Optional[str] = None, experience: Optional[int] = None) -> None:
+    """Write through a temporary file in the same folder, fsync, rename over ``path``, fsync
+    the folder: a reader (or a crash) sees the old file or the new one, never a partial one.
+
+    ``kill_tag`` names the kill points ``<tag>_write`` (the data handed to the file, not yet
+    flushed) and ``<tag>_temp`` (the temporary file complete, not yet renamed).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
+    try:
+        with os.fdopen(handle, mode) as file:
+            write(file)
+            if kill_tag:
+                kill_point(f"{kill_tag}_write", experience)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; results are for everyone
+        if kill_tag:
+            kill_point(f"{kill_tag}_temp", experience)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
+    write_atomic(path, "w", lambda file: file.write(text))
+
+
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
+    write_atomic(path, "wb", lambda file: file.write(data))
+
+
+def remove_temp_files(folder: Path, is_target: Callable[[str], bool]) -> List[Path]:
+    """Delete the temporary files a killed ``write_atomic`` left directly in ``folder``.
+
+    Only ``.<name>.<random>`` files whose ``<name>`` passes ``is_target`` (a file the caller
+    writes atomically) are removed. Returns the removed paths.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        stem, dot, suffix = path.name[1:].rpartition(".")
+        if (path.name.startswith(".") and dot and suffix and is_target(stem)
+                and path.is_file()):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
