@@ -52,18 +52,60 @@ def make_positive_definite(covs: Tensor, shrinkage: float = 0.0,
             + jitter * eye)
 
 
+def rapf_shrink_cov(covs: Tensor) -> Tensor:
+    """RAPF's covariance shrinkage (its ``shrink_cov``), for each ``[dim, dim]`` matrix.
+
+    Adds the mean of the diagonal to every diagonal entry and the mean of the non-zero
+    off-diagonal entries to every off-diagonal entry: ``cov + d * I + o * (1 - I)``. Input
+    ``[..., dim, dim]``; output same shape. RAPF applies it after its ``1e-4 * I`` ridge.
+    """
+    dim = covs.shape[-1]
+    eye = torch.eye(dim, dtype=covs.dtype, device=covs.device)
+    diag_mean = torch.diagonal(covs, dim1=-2, dim2=-1).mean(-1)
+    off = covs * (1 - eye)
+    nonzero = (off != 0).sum((-2, -1)).clamp(min=1)
+    off_mean = off.sum((-2, -1)) / nonzero
+    return covs + diag_mean[..., None, None] * eye + off_mean[..., None, None] * (1 - eye)
+
+
+def pool_gaussian_stats(count_a: Tensor, mean_a: Tensor, cov_a: Tensor, count_b: Tensor,
+                        mean_b: Tensor, cov_b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Count, mean and unbiased covariance of the union of two samples, from their statistics.
+
+    With ``n = n_a + n_b``: ``mean = (n_a mean_a + n_b mean_b) / n`` and
+    ``cov = ((n_a - 1) cov_a + (n_b - 1) cov_b + n_a n_b / n (mean_a - mean_b)(...)^T) / (n - 1)``,
+    the same as the statistics of the concatenated samples. Shapes: counts ``[k]``, means
+    ``[k, dim]``, covariances ``[k, dim, dim]``; computed in float64.
+    """
+    n_a, n_b = count_a.double(), count_b.double()
+    n = n_a + n_b
+    delta = mean_a.double() - mean_b.double()
+    mean = (n_a[:, None] * mean_a.double() + n_b[:, None] * mean_b.double()) / n[:, None]
+    scatter = ((n_a - 1).clamp(min=0)[:, None, None] * cov_a.double()
+               + (n_b - 1).clamp(min=0)[:, None, None] * cov_b.double()
+               + (n_a * n_b / n)[:, None, None] * delta[:, :, None] * delta[:, None, :])
+    cov = scatter / (n - 1).clamp(min=1)[:, None, None]
+    return count_a + count_b, mean, cov
+
+
 class ClassGaussians(nn.Module):
     """A Gaussian per class over frozen image features; buffers, so it moves and saves.
 
-    Buffers: ``class_ids [k]`` (long), ``means [k, dim]``, ``chols [k, dim, dim]`` (lower
-    Cholesky factors of the positive-definite covariances, factorised once at ``fit``).
+    Buffers: ``class_ids [k]`` (long), ``counts [k]`` (long, samples seen), ``means [k, dim]``,
+    ``covs [k, dim, dim]`` (unbiased sample covariances, kept so a class that comes back is
+    merged exactly) and ``chols [k, dim, dim]`` (lower Cholesky factors of the
+    positive-definite covariances, factorised at ``fit``).
     """
+
+    _BUFFERS = ("class_ids", "counts", "means", "covs", "chols")
 
     def __init__(self, dim: int):
         super().__init__()
         self.dim = dim
         self.register_buffer("class_ids", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("counts", torch.zeros(0, dtype=torch.long))
         self.register_buffer("means", torch.zeros(0, dim))
+        self.register_buffer("covs", torch.zeros(0, dim, dim))
         self.register_buffer("chols", torch.zeros(0, dim, dim))
 
     def __len__(self) -> int:
@@ -71,44 +113,60 @@ class ClassGaussians(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the buffers grow with every task: take the saved sizes before loading
-        for name in ("class_ids", "means", "chols"):
+        for name in self._BUFFERS:
             saved = state_dict.get(prefix + name)
             if saved is not None:
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def fit(self, features: Tensor, labels: Tensor, shrinkage: float = 0.0,
-            jitter: float = 1e-4) -> Tensor:
-        """Add (or replace) the Gaussians of the classes in ``labels``.
+            jitter: float = 1e-4, rapf_shrink: bool = False) -> Tensor:
+        """Add the Gaussians of the classes in ``labels``; merge those already fitted.
+
+        A class fitted before (it comes back in a later experience, or the same experience
+        is trained twice) gets the pooled statistics of its old and new samples, exactly as
+        if all of them had been fitted at once (``pool_gaussian_stats``).
 
         Args:
             features: ``[n, dim]`` frozen image features (before any adapter).
             labels: ``[n]`` class ids.
             shrinkage, jitter: see ``make_positive_definite``.
+            rapf_shrink: then apply ``rapf_shrink_cov`` (RAPF's ImageNet-R setting).
 
         Returns:
             ``[k]`` the class ids fitted.
         """
         classes, means, covs = class_gaussian_stats(features, labels)
-        counts = torch.bincount(labels.cpu() - int(labels.min()))
-        for c in classes.tolist():
-            n_c = int(counts[c - int(labels.min())])
+        device = self.means.device
+        classes = classes.to(device)
+        counts = (labels.to(device)[None, :] == classes[:, None]).sum(1)
+        known = torch.isin(classes, self.class_ids)
+        means, covs = means.double().to(device), covs.double().to(device)
+        if known.any():
+            rows = self.index_of(classes[known])
+            counts[known], means[known], covs[known] = pool_gaussian_stats(
+                self.counts[rows], self.means[rows], self.covs[rows], counts[known],
+                means[known], covs[known])
+        for c, n_c in zip(classes.tolist(), counts.tolist()):
             if n_c < 2:
                 warnings.warn(f"class {c} has {n_c} training sample: its covariance is zero, "
                               f"replay draws its mean plus jitter {jitter:g} noise",
                               stacklevel=2)
-        pd = make_positive_definite(covs.double(), shrinkage, jitter)
+        pd = make_positive_definite(covs, shrinkage, jitter)
+        if rapf_shrink:
+            pd = rapf_shrink_cov(pd)
         chols, info = torch.linalg.cholesky_ex(pd)
         for i in torch.nonzero(info).flatten().tolist():
             warnings.warn(f"class {int(classes[i])}: covariance not positive definite after "
                           f"jitter {jitter:g}; using a diagonal fallback", stacklevel=2)
             diag = torch.clamp(torch.diagonal(pd[i]), min=max(jitter, 1e-8))
             chols[i] = torch.diag(diag.sqrt())
-        keep = ~torch.isin(self.class_ids, classes.to(self.class_ids.device))
-        device = self.means.device
-        self.class_ids = torch.cat([self.class_ids[keep], classes.to(device)])
-        self.means = torch.cat([self.means[keep], means.to(device)])
-        self.chols = torch.cat([self.chols[keep], chols.float().to(device)])
+        keep = ~torch.isin(self.class_ids, classes)
+        self.class_ids = torch.cat([self.class_ids[keep], classes])
+        self.counts = torch.cat([self.counts[keep], counts])
+        self.means = torch.cat([self.means[keep], means.float()])
+        self.covs = torch.cat([self.covs[keep], covs.float()])
+        self.chols = torch.cat([self.chols[keep], chols.float()])
         return classes
 
     def index_of(self, class_ids: Sequence[int] | Tensor) -> Tensor:

@@ -80,11 +80,14 @@ class TensorBatchLoader:
         features: ``[n, dim]`` features.
         labels: ``[n]`` class ids.
         sampler: an ``EpochBatchSampler`` over ``n``.
+        task_labels: ``[n]`` task labels of the items (default: all 0).
     """
 
-    def __init__(self, features: Tensor, labels: Tensor, sampler: EpochBatchSampler):
+    def __init__(self, features: Tensor, labels: Tensor, sampler: EpochBatchSampler,
+                 task_labels: Optional[Tensor] = None):
         self.features, self.labels, self.sampler = features, labels, sampler
-        self._tasks = torch.zeros_like(labels)
+        self._tasks = (torch.zeros_like(labels) if task_labels is None
+                       else task_labels.to(labels.device))
 
     def __len__(self) -> int:
         return len(self.sampler)

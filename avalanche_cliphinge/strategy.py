@@ -1,13 +1,15 @@
 """``CLIPHingeStrategy``: the method as an Avalanche ``SupervisedTemplate``."""
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from avalanche.models.dynamic_modules import avalanche_model_adaptation
-from avalanche.training.plugins import SupervisedPlugin
+from avalanche.training.plugins import LRSchedulerPlugin, SupervisedPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor
@@ -17,18 +19,21 @@ from .config import CLIPHingeConfig, ConfigError
 from .feature_cache import FeatureCache, dataset_fingerprint
 from .loaders import EpochBatchSampler, TensorBatchLoader, encode_dataset
 from .model.backbone import CLIPBackbone, load_clip
-from .model.clip_hinge import CLIPHingeModel
+from .model.clip_hinge import CLIPHingeModel, ClassNames, class_name_table
 from .plugins.gaussian_replay import GaussianReplayPlugin
 from .plugins.hard_pair_hinge import HardPairHingePlugin
 from .plugins.second_stage import SecondStagePlugin
+from .streams import (STREAM_FIX, ClipInput, StreamInputError, find_random_transform,
+                      foreign_normalize)
 
 
-def build_model(config: CLIPHingeConfig, class_names: Sequence[str],
+def build_model(config: CLIPHingeConfig, class_names: ClassNames,
                 device: str | torch.device = "cpu",
                 backbone: Optional[CLIPBackbone] = None) -> CLIPHingeModel:
     """Wrap ``backbone`` (default: the one ``config`` names, loaded now) in a ``CLIPHingeModel``."""
     if backbone is None:
-        backbone = load_clip(config.model_name, config.pretrained, device=device)
+        backbone = load_clip(config.model_name, config.pretrained, device=device,
+                             allow_activation_mismatch=config.allow_activation_mismatch)
     lora = ((config.lora_layers, config.lora_rank, config.lora_alpha)
             if config.use_lora_in_second_stage and config.second_stage_epochs > 0 else None)
     return CLIPHingeModel(backbone, class_names, n_ctx=config.n_ctx, ctx_init=config.ctx_init,
@@ -45,12 +50,63 @@ def default_plugins(config: CLIPHingeConfig) -> List[SupervisedPlugin]:
     plugins: List[SupervisedPlugin] = []
     if config.samples_per_old_class > 0:
         plugins.append(GaussianReplayPlugin(samples_per_old_class=config.samples_per_old_class,
+                                            classes_per_step=config.replay_classes_per_step,
                                             seed=config.seed))
     if config.text_use_hinge_loss or config.use_image_hinge_loss:
         plugins.append(HardPairHingePlugin.from_config(config))
     if config.second_stage_epochs > 0:
         plugins.append(SecondStagePlugin.from_config(config))
     return plugins
+
+
+@dataclass
+class StepState:
+    """What one stage-1 training iteration shares between the strategy and its plugins.
+
+    Made empty at the start and at the end of every iteration, so no graph-attached tensor
+    outlives its step and the model can be copied (LwF, ``copy.deepcopy``) between steps.
+
+    Attributes:
+        replay_features: ``[k, dim]`` replayed old-class features of this minibatch
+            (written by ``GaussianReplayPlugin`` in ``before_forward``).
+        replay_labels: ``[k]`` their class ids.
+        replay_scores: ``[k, n_outputs]`` their scores, computed with the minibatch's.
+        text_features: ``[n_seen, dim]`` prompted text features of this step (in the graph),
+            shared with the loss terms of the plugins (the hinge).
+        loss_terms: scalar loss terms by name, for the non-finite-loss report.
+    """
+
+    replay_features: Optional[Tensor] = None
+    replay_labels: Optional[Tensor] = None
+    replay_scores: Optional[Tensor] = None
+    text_features: Optional[Tensor] = None
+    loss_terms: Dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ExperienceClasses:
+    """The classes of the experience being trained, as the plugins need them.
+
+    Attributes:
+        present: class ids with samples in the experience, ascending.
+        new: those learned for the first time (the task created for them is ``task``).
+        returning: those learned in an earlier experience.
+        old: classes learned earlier and absent from this experience (replay, hinge pairs).
+        task: index of the task created for ``new``, or ``None`` when every class returns.
+    """
+
+    present: List[int] = field(default_factory=list)
+    new: List[int] = field(default_factory=list)
+    returning: List[int] = field(default_factory=list)
+    old: List[int] = field(default_factory=list)
+    task: Optional[int] = None
+
+
+def _step_field(name: str) -> property:
+    """A strategy attribute that reads and writes ``strategy.step.<name>``."""
+    return property(lambda self: getattr(self.step, name),
+                    lambda self, value: setattr(self.step, name, value),
+                    doc=f"``step.{name}`` (see ``StepState``).")
 
 
 class CLIPHingeStrategy(SupervisedTemplate):
@@ -62,60 +118,105 @@ class CLIPHingeStrategy(SupervisedTemplate):
     ``SecondStagePlugin``) trains a per-task linear head after stage 1; evaluation fuses
     ``clip + alpha * head``. Frozen CLIP weights never enter the optimizer.
 
+    A drop-in for Avalanche's ``Naive`` on any stream: whatever the stream serves (PIL
+    images, uint8 or ``[0, 1]`` float tensors of any size, or CLIP's own input) is brought to
+    CLIP's input by ``streams.ClipInput``; scores are ``[batch, n_outputs]`` indexed by the
+    stream's class ids, ``UNSEEN_SCORE`` for classes not learned yet (every class before
+    the first experience). A class that comes back in a later experience keeps its task and
+    its prompts (trained again or frozen, ``returning_class_prompts``); its Gaussian is
+    merged with the new samples. Stage-1 state of a step lives in ``step`` (``StepState``).
+
     With ``cache_features`` (default) every image goes through the frozen encoder once per
-    experience: the training loop and evaluation then run on ``[batch, dim]`` features.
+    experience: the training loop and evaluation then run on ``[batch, dim]`` features. A
+    random training transform turns the cache off for training (a warning names it).
 
     Args:
         config: the method's settings.
-        class_names: names indexed by the stream's class ids (``len`` = number of classes).
+        class_names: names indexed by the stream's class ids, or a dict ``{class id: name}``
+            (``streams.class_names_for`` reads them off a benchmark).
         model: a ready ``CLIPHingeModel`` (default: built from ``config``).
+        optimizer: a torch optimizer whose type and defaults (lr, weight decay...) stage 1
+            uses; its parameter groups are replaced by the trainable prompts at every
+            experience, the object stays (default: Adam with the config's lr and weight decay).
+        criterion: the stage-1 loss over ``(logits [n, n_seen], column targets [n])``
+            (default: cross-entropy).
+        train_mb_size, train_epochs, eval_mb_size: Avalanche's names for ``batch_size``,
+            ``init_epochs`` and ``epochs`` (both), ``eval_batch_size``; they override the
+            config when given.
         plugins: extra Avalanche plugins; a method plugin passed here replaces the default one.
+            With an ``LRSchedulerPlugin`` the method's step decay (``lr_decay_epochs``) is off
+            and the scheduler alone sets the learning rate.
         use_default_plugins: add the replay, hinge and stage-2 plugins the config asks for
             (not those whose type, or a subclass of it, is already in ``plugins``).
             ``False`` runs only the plugins passed by hand.
         evaluator: an Avalanche ``EvaluationPlugin`` (or factory).
         device: torch device.
-        eval_every: Avalanche's periodic evaluation (-1: only when ``eval`` is called).
+        eval_every, peval_mode: Avalanche's periodic evaluation.
         feature_cache: a ``FeatureCache`` to share between strategies on the same stream
             (default: a new one sized by ``feature_cache_max_gb``, on disk under
             ``feature_cache_dir`` when set).
         progress: show tqdm bars for feature extraction and stage 2.
     """
 
-    def __init__(self, *, config: CLIPHingeConfig, class_names: Sequence[str],
+    replay_features = _step_field("replay_features")
+    replay_labels = _step_field("replay_labels")
+    replay_scores = _step_field("replay_scores")
+    loss_terms = _step_field("loss_terms")
+
+    def __init__(self, *, config: CLIPHingeConfig, class_names: ClassNames,
                  model: Optional[CLIPHingeModel] = None,
+                 optimizer: Optional[torch.optim.Optimizer] = None,
+                 criterion: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                 train_mb_size: Optional[int] = None, train_epochs: Optional[int] = None,
+                 eval_mb_size: Optional[int] = None,
                  plugins: Optional[Sequence[SupervisedPlugin]] = None,
                  use_default_plugins: bool = True, evaluator=default_evaluator,
                  device: str | torch.device = "cpu", eval_every: int = -1,
+                 peval_mode: str = "epoch",
                  feature_cache: Optional[FeatureCache] = None, progress: bool = True):
         if not isinstance(config, CLIPHingeConfig):
             raise ConfigError(f"config must be a CLIPHingeConfig, got {type(config).__name__}; "
                               "use CLIPHingeConfig.from_json(path)")
-        config.check_class_count(len(class_names), "class_names")
+        overrides = {key: value for key, value in (
+            ("batch_size", train_mb_size), ("init_epochs", train_epochs),
+            ("epochs", train_epochs), ("eval_batch_size", eval_mb_size)) if value is not None}
+        config = config.replace(**overrides) if overrides else config
+        try:
+            names = class_name_table(class_names)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        config.check_class_count(len(names), "class_names")
         device = torch.device(device)
-        model = build_model(config, class_names, device) if model is None else model.to(device)
+        model = build_model(config, names, device) if model is None else model.to(device)
         plugins = list(plugins or [])
         if use_default_plugins:
             plugins += [p for p in default_plugins(config)
                         if not any(isinstance(q, type(p)) for q in plugins)]
-        # Avalanche needs an optimizer object now; make_optimizer replaces it per experience
-        # with one over the trainable prompts only.
-        placeholder = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=config.lr)
-        super().__init__(model=model, optimizer=placeholder, criterion=torch.nn.CrossEntropyLoss(),
+        self._user_optimizer = optimizer is not None
+        if optimizer is None:
+            # one optimizer for the whole stream; make_optimizer swaps in the trainable
+            # prompts at each experience (a scheduler plugin keeps stepping this object)
+            optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)],
+                                         lr=config.init_lr, weight_decay=config.weight_decay,
+                                         fused=device.type == "cuda")
+        super().__init__(model=model, optimizer=optimizer,
+                         criterion=criterion or torch.nn.CrossEntropyLoss(),
                          train_mb_size=config.batch_size, train_epochs=config.init_epochs,
                          eval_mb_size=config.eval_batch_size, device=device, plugins=plugins,
-                         evaluator=evaluator, eval_every=eval_every)
+                         evaluator=evaluator, eval_every=eval_every, peval_mode=peval_mode)
         self.config = config
-        self.class_names = list(class_names)
+        self.class_names = names
         self.current_task = -1
-        self.replay_features: Optional[Tensor] = None
-        self.replay_labels: Optional[Tensor] = None
-        self.replay_scores: Optional[Tensor] = None
-        self.loss_terms: Dict[str, Tensor] = {}
+        self.step = StepState()
+        self.experience_classes = ExperienceClasses()
         self.current_features: Optional[Tuple[Tensor, Tensor]] = None
         self._nonfinite_step = torch.full((), -1, dtype=torch.long)
         self._nonfinite_terms: Dict[str, Tensor] = {}
         self._dataset_keys: Dict[Tuple[int, bool], Tuple[object, str]] = {}
+        self._frozen_rows: List[Tuple[Tensor, Tensor]] = []
+        self._random_train_transform: Optional[str] = None
+        self._warned_random: set = set()
+        self.clip_input = ClipInput.for_backbone(self.model.backbone, config.resize_on_device)
         self.progress = progress
         self.feature_cache = feature_cache or FeatureCache(
             max_bytes=int(config.feature_cache_max_gb * 2 ** 30),
@@ -143,8 +244,14 @@ class CLIPHingeStrategy(SupervisedTemplate):
 
     @property
     def features_cacheable(self) -> bool:
-        """Whether training and eval may run on cached frozen features (no LoRA re-encoding)."""
-        return self.config.cache_features and self.model.lora is None
+        """Whether this phase may run on cached frozen features.
+
+        Not with LoRA (stage 2 re-encodes images), and not in training when the training
+        transform is random (each epoch must see new draws).
+        """
+        if not self.config.cache_features or self.model.lora is not None:
+            return False
+        return not (self.is_training and self._random_train_transform is not None)
 
     def extract_features(self, dataset, desc: str = "features") -> Tuple[Tensor, Tensor]:
         """Frozen image features of a dataset of ``(image, label, ...)`` items.
@@ -157,8 +264,8 @@ class CLIPHingeStrategy(SupervisedTemplate):
                               desc=desc, progress=self.progress)
 
     def features_of(self, dataset, desc: str) -> Tuple[Tensor, Tensor]:
-        """``extract_features`` through the feature cache when caching is on."""
-        if not self.config.cache_features:
+        """``extract_features`` through the feature cache when this phase may use it."""
+        if not self.features_cacheable:
             return self.extract_features(dataset, desc)
         key = self._cache_key(dataset)
         feats, labels = self.feature_cache.get_or_compute(
@@ -194,9 +301,25 @@ class CLIPHingeStrategy(SupervisedTemplate):
     def _loader(self, dataset, features, batch_size: int, shuffle: bool):
         sampler = self._batch_sampler(len(dataset), batch_size, shuffle)
         if features is not None:
-            return TensorBatchLoader(features[0], features[1], sampler)
+            return TensorBatchLoader(features[0], features[1], sampler,
+                                     task_labels=task_labels_of(dataset))
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.config.num_workers,
                           pin_memory=self.device.type == "cuda")
+
+    def _to_clip_input(self, dataset):
+        """``dataset`` with ``ClipInput`` applied on top of its own transforms.
+
+        Raises ``StreamInputError`` (one line, naming the fix) for a stream normalised with
+        statistics other than CLIP's.
+        """
+        foreign = foreign_normalize(dataset, self.clip_input.mean.flatten().tolist(),
+                                    self.clip_input.std.flatten().tolist())
+        if foreign is not None:
+            raise StreamInputError(f"the stream normalises its images with {foreign}, not "
+                                   f"CLIP's statistics; {STREAM_FIX}")
+        if len(dataset) > 0:
+            self.clip_input(dataset[0][0])          # refuse a bad stream before any work
+        return dataset.freeze_transforms().replace_current_transform_group(self.clip_input)
 
     def model_adaptation(self, model=None):
         """Avalanche's per-experience model hook, without moving the model again.
@@ -212,30 +335,77 @@ class CLIPHingeStrategy(SupervisedTemplate):
 
     # ---- training -------------------------------------------------------------------------
     def _before_training_exp(self, **kwargs):
-        classes = sorted(int(c) for c in self.experience.classes_in_this_experience)
-        task = self.model.n_tasks
-        expected = self.config.task_size(task)
-        if len(classes) != expected:
-            raise ConfigError(f"experience {task} has {len(classes)} classes but the config "
-                              f"expects {expected} (init_class={self.config.init_class}, "
-                              f"increment={self.config.increment}); make them agree")
-        if task >= self.config.total_tasks:
-            raise ConfigError(f"experience {task} is beyond total_tasks="
-                              f"{self.config.total_tasks}; raise total_tasks")
-        self.current_task = self.model.add_task(classes)
-        trainable = range(task + 1) if self.config.update_old_text_prompts else [task]
-        self.model.set_trainable_prompts(list(trainable))
-        self.train_epochs = self.config.init_epochs if task == 0 else self.config.epochs
+        present = sorted(int(c) for c in classes_of(self.experience))
+        seen = set(self.model.seen_classes)
+        new = [c for c in present if c not in seen]
+        returning = [c for c in present if c in seen]
+        task = None
+        if new:
+            task = self.model.n_tasks
+            expected = self.config.task_size(task)
+            if not returning and len(new) != expected:
+                raise ConfigError(f"experience {task} has {len(new)} classes but the config "
+                                  f"expects {expected} (init_class={self.config.init_class}, "
+                                  f"increment={self.config.increment}); make them agree")
+            if task >= self.config.total_tasks:
+                raise ConfigError(f"experience {task} is beyond total_tasks="
+                                  f"{self.config.total_tasks}; raise total_tasks")
+            self.model.add_task(new)
+        self.experience_classes = ExperienceClasses(
+            present=present, new=new, returning=returning, task=task,
+            old=[c for c in self.model.seen_classes if c not in set(present)])
+        self.current_task = self.model.n_tasks - 1
+        trainable = self._set_trainable_prompts()
+        # nothing to train when every class returns with frozen prompts: statistics only
+        self.train_epochs = 0 if not trainable else (
+            self.config.init_epochs if self.current_task == 0 else self.config.epochs)
         super()._before_training_exp(**kwargs)
 
+    def _set_trainable_prompts(self) -> bool:
+        """Prompts of this experience: the new task's, every earlier task's with
+        ``update_old_text_prompts``, and those of returning classes unless
+        ``returning_class_prompts == "freeze"`` (other classes of their tasks stay fixed).
+
+        Returns whether anything (prompts or the image adapter) trains in this experience.
+        """
+        model, classes = self.model, self.experience_classes
+        trainable = set(range(model.n_tasks)) if self.config.update_old_text_prompts else set()
+        if classes.task is not None:
+            trainable.add(classes.task)
+        self._frozen_rows = []
+        if self.config.returning_class_prompts == "train":
+            for task in sorted({model.task_of(c) for c in classes.returning} - trainable):
+                keep = torch.tensor([c not in classes.returning for c in model.task_classes[task]],
+                                    device=model.prompts[task].ctx.device)
+                self._frozen_rows.append((model.prompts[task].ctx, keep))
+                trainable.add(task)
+        model.set_trainable_prompts(sorted(trainable))
+        return bool(trainable) or model.adapter is not None
+
     def train_dataset_adaptation(self, **kwargs):
-        """One frozen-encoder pass: fits the new classes' Gaussians; feeds the cache."""
+        """CLIP's input; one frozen-encoder pass fits (or merges) the classes' Gaussians."""
         super().train_dataset_adaptation(**kwargs)
+        self.adapted_dataset = self._to_clip_input(self.adapted_dataset)
+        self._random_train_transform = None
+        if self.config.cache_features:
+            self._random_train_transform = find_random_transform(self.adapted_dataset)
+            name = self._random_train_transform
+            if name is not None and name not in self._warned_random:
+                self._warned_random.add(name)
+                warnings.warn(f"random training transform {name}: training runs without the "
+                              "feature cache, re-encoding the images every epoch (evaluation "
+                              "stays cached)", stacklevel=2)
         feats, labels = self.features_of(self.adapted_dataset,
                                          f"train features, task {self.current_task}")
         self.model.gaussians.fit(feats, labels, shrinkage=self.config.covariance_shrinkage,
-                                 jitter=self.config.covariance_jitter)
+                                 jitter=self.config.covariance_jitter,
+                                 rapf_shrink=self.config.rapf_shrink_cov)
         self.current_features = (feats, labels)
+
+    def eval_dataset_adaptation(self, **kwargs):
+        """The experience's eval dataset, brought to CLIP's input."""
+        super().eval_dataset_adaptation(**kwargs)
+        self.adapted_dataset = self._to_clip_input(self.adapted_dataset)
 
     def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None,
                               persistent_workers=False, drop_last=False, **kwargs):
@@ -243,27 +413,62 @@ class CLIPHingeStrategy(SupervisedTemplate):
         cached = self.current_features if self.features_cacheable else None
         self.dataloader = self._loader(self.adapted_dataset, cached, self.train_mb_size, shuffle)
 
-    def make_optimizer(self, **kwargs):
-        """Adam over the trainable prompts (and the adapter): never the frozen CLIP."""
+    def check_model_and_optimizer(self, reset_optimizer_state=False, **kwargs):
+        """Model adaptation and ``make_optimizer`` at every experience (online ones too)."""
+        self.model = self.model_adaptation()
+        self.make_optimizer(reset_optimizer_state=reset_optimizer_state, **kwargs)
+
+    @property
+    def user_scheduler(self) -> bool:
+        """Whether an ``LRSchedulerPlugin`` is among the plugins (it then owns the lr)."""
+        return any(isinstance(p, LRSchedulerPlugin) for p in self.plugins)
+
+    def base_lr(self) -> float:
+        """Stage-1 learning rate before decay: the user optimizer's, else the config's."""
+        if self._user_optimizer:
+            return float(self.optimizer.defaults["lr"])
+        return self.config.init_lr if self.current_task == 0 else self.config.lr
+
+    def make_optimizer(self, reset_optimizer_state=False, **kwargs):
+        """The trainable prompts (and the adapter) become the optimizer's one param group.
+
+        The optimizer object stays for the whole stream (a scheduler plugin keeps a reference
+        to it); its state is reset when the parameters change. Never the frozen CLIP.
+        """
         params = [p.ctx for p in self.model.prompts if p.ctx.requires_grad]
         if self.model.adapter is not None:
             params += list(self.model.adapter.parameters())
-        lr = self.config.init_lr if self.current_task == 0 else self.config.lr
-        self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=self.config.weight_decay,
-                                          fused=self.device.type == "cuda")
+        groups = self.optimizer.param_groups
+        current = [p for g in groups for p in g["params"]]
+        if not reset_optimizer_state and [id(p) for p in current] == [id(p) for p in params]:
+            return
+        lr = groups[0]["lr"] if self.user_scheduler and groups else self.base_lr()
+        groups.clear()
+        self.optimizer.state.clear()
+        self.optimizer.add_param_group({"params": params, "lr": lr})
 
     def epoch_lr(self, epoch: int) -> float:
         """Stage-1 learning rate at ``epoch`` (0-based) of the current task (step decay)."""
-        base = self.config.init_lr if self.current_task == 0 else self.config.lr
         steps = sum(1 for e in self.config.lr_decay_epochs if epoch >= e)
-        return base * self.config.lr_decay_factor ** steps
+        return self.base_lr() * self.config.lr_decay_factor ** steps
 
     def _before_training_iteration(self, **kwargs):
-        self.replay_features = self.replay_labels = self.replay_scores = None
-        self.loss_terms = {}
+        self.step = StepState()
         if self.config.compile and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         super()._before_training_iteration(**kwargs)
+
+    def _after_training_iteration(self, **kwargs):
+        super()._after_training_iteration(**kwargs)
+        self.step = StepState()
+
+    def optimizer_step(self):
+        """Adam step; rows of a returning task whose classes are absent stay as they were."""
+        kept = [(ctx, keep, ctx.detach()[keep].clone()) for ctx, keep in self._frozen_rows]
+        super().optimizer_step()
+        with torch.no_grad():
+            for ctx, keep, values in kept:
+                ctx[keep] = values
 
     def backward(self):
         """Backward pass; the first NaN or Inf loss of the epoch is recorded on the device.
@@ -276,7 +481,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
         first = ~torch.isfinite(loss).all() & (self._nonfinite_step < 0)
         self._nonfinite_step = torch.where(first, self.clock.train_epoch_iterations,
                                            self._nonfinite_step)
-        for name, value in self.loss_terms.items():
+        for name, value in self.step.loss_terms.items():
             value = value.detach().float().reshape(())
             kept = self._nonfinite_terms.get(name)
             if kept is None:
@@ -287,8 +492,9 @@ class CLIPHingeStrategy(SupervisedTemplate):
     def _before_training_epoch(self, **kwargs):
         self._nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self._nonfinite_terms = {}
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.epoch_lr(self.clock.train_exp_epochs)
+        if not self.user_scheduler:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.epoch_lr(self.clock.train_exp_epochs)
         super()._before_training_epoch(**kwargs)
 
     def _after_training_epoch(self, **kwargs):
@@ -302,47 +508,53 @@ class CLIPHingeStrategy(SupervisedTemplate):
                 f"{step} ({terms}); lower lr or check the data. Earlier checkpoints are intact")
 
     def forward(self):
-        """Scores of the minibatch ``[b, n_classes]``.
+        """Scores of the minibatch ``[b, n_outputs]``, through ``self.model(...)``.
 
-        In training, replayed features join the minibatch's features in one pass, so the
-        trainable prompts go through the text encoder once per step; their scores are kept
-        in ``replay_scores`` for the cross-entropy.
+        In training, the minibatch's frozen features and the replayed features go through
+        the model in one call with the step's text features (kept in ``step``), so the
+        trainable prompts go through the text encoder once per step; the replayed rows'
+        scores are kept in ``step.replay_scores`` for the cross-entropy.
         """
         with self.autocast():
             if not self.is_training:
                 return self.model(self.mb_x)
             feats = self.model.image_features(self.mb_x)
             n_real = feats.shape[0]
-            if self.replay_features is not None:
-                feats = torch.cat([feats, self.replay_features.to(feats.dtype)])
-            scores = self.model.seen_scores(feats)
-            if self.replay_features is not None:
-                self.replay_scores = scores[n_real:]
-            return self.model.to_full_width(scores[:n_real])
+            replay = self.step.replay_features
+            if replay is not None:
+                feats = torch.cat([feats, replay.to(feats.dtype)])
+            self.step.text_features = self.model.text_features()
+            scores = self.model(feats, text_features=self.step.text_features)
+            if replay is not None:
+                self.step.replay_scores = scores[n_real:]
+            return scores[:n_real]
 
     def criterion(self):
-        """Cross-entropy over the seen classes, on real samples plus replayed features.
+        """``criterion`` (cross-entropy) over the seen classes, real samples plus replay.
 
         In evaluation, samples of classes not seen yet (future experiences of the test
-        stream) are left out of the loss; an experience made only of them reports loss 0.
+        stream, every class before the first experience) are left out of the loss; an
+        experience made only of them reports loss 0.
         """
-        logits = self.mb_output[:, self.model.seen_index].float()
+        seen = self.model.seen_index
+        logits = self.mb_output[:, seen].float()
         targets = self.model.column_of[self.mb_y]
-        if self.is_training and self.replay_scores is not None:
-            logits = torch.cat([logits, self.replay_scores.float()])
-            targets = torch.cat([targets, self.model.column_of[self.replay_labels]])
+        if self.is_training and self.step.replay_scores is not None:
+            logits = torch.cat([logits, self.step.replay_scores[:, seen].float()])
+            targets = torch.cat([targets, self.model.column_of[self.step.replay_labels]])
         if not self.is_training:
             keep = targets >= 0
             if not keep.any():
                 return torch.zeros((), device=self.device)
             logits, targets = logits[keep], targets[keep]
-        loss = F.cross_entropy(logits, targets)
+        loss = self._criterion(logits, targets)
         if self.is_training:
-            self.loss_terms["cross_entropy"] = loss.detach()
+            self.step.loss_terms["cross_entropy"] = loss.detach()
         return loss
 
     def _after_training_exp(self, **kwargs):
         self.model.set_trainable_prompts([])
+        self._frozen_rows = []
         super()._after_training_exp(**kwargs)
 
     # ---- evaluation -----------------------------------------------------------------------
@@ -356,3 +568,17 @@ class CLIPHingeStrategy(SupervisedTemplate):
                                       f"{exp.origin_stream.name} features, exp "
                                       f"{exp.current_experience}")
         self.dataloader = self._loader(self.adapted_dataset, cached, self.eval_mb_size, False)
+
+
+def classes_of(experience) -> List[int]:
+    """Class ids with samples in ``experience`` (its ``classes_in_this_experience`` when set)."""
+    classes = getattr(experience, "classes_in_this_experience", None)
+    if classes is None:
+        classes = set(int(t) for t in experience.dataset.targets)
+    return [int(c) for c in classes]
+
+
+def task_labels_of(dataset) -> Optional[Tensor]:
+    """``[n]`` task labels of an Avalanche dataset's items (``None`` without the attribute)."""
+    labels = getattr(dataset, "targets_task_labels", None)
+    return None if labels is None else torch.as_tensor(list(labels), dtype=torch.long)

@@ -26,8 +26,14 @@ class LabelledTensorDataset(TensorDataset):
         self.targets: List[int] = labels.tolist()
 
 
+#: CLIP's normalisation: the synthetic images are what CLIP's eval transform would serve.
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+
 def make_images(n_per_class: int, generator: torch.Generator):
-    """``[6 * n, 3, 32, 32]`` images and ``[6 * n]`` labels, grouped by class in id order."""
+    """``[6 * n, 3, 32, 32]`` CLIP-normalised images (every pixel the image of one in
+    ``[0, 1]``) and ``[6 * n]`` labels, grouped by class in id order."""
     images, labels = [], []
     for c in range(N_CLASSES):
         base = torch.zeros(3, 32, 32)
@@ -36,7 +42,9 @@ def make_images(n_per_class: int, generator: torch.Generator):
             base[:, :, ::4] = -1.5
         images.append(base + 0.3 * torch.randn(n_per_class, 3, 32, 32, generator=generator))
         labels += [c] * n_per_class
-    return torch.cat(images), torch.tensor(labels)
+    images = torch.cat(images)
+    images = torch.maximum(torch.minimum(images, (1 - CLIP_MEAN) / CLIP_STD), -CLIP_MEAN / CLIP_STD)
+    return images, torch.tensor(labels)
 
 
 @pytest.fixture(scope="session")

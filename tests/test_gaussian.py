@@ -134,7 +134,7 @@ def test_same_generator_seed_gives_identical_samples():
     assert not torch.allclose(a, c)
 
 
-def test_refit_replaces_a_class_and_keeps_the_others():
+def test_refit_merges_a_returning_class_and_keeps_the_others():
     feats, labels = two_class_data()
     gaussians = ClassGaussians(4)
     gaussians.fit(torch.tensor(feats), torch.tensor(labels))
@@ -145,7 +145,12 @@ def test_refit_replaces_a_class_and_keeps_the_others():
     new_labels = np.array([8] * 10 + [11] * 10)
     gaussians.fit(torch.tensor(new), torch.tensor(new_labels))
     assert sorted(gaussians.class_ids.tolist()) == [3, 8, 11] and len(gaussians) == 3
-    np.testing.assert_allclose(gaussians.mean_of([8])[0].numpy(), new[:10].mean(0), atol=1e-4)
+    # class 8 came back: its statistics are those of its 60 old and 10 new samples together
+    all_8 = np.concatenate([feats[labels == 8], new[:10]]).astype(np.float64)
+    np.testing.assert_allclose(gaussians.mean_of([8])[0].numpy(), all_8.mean(0), atol=1e-4)
+    np.testing.assert_allclose(gaussians.covs[gaussians.index_of([8])][0].numpy(),
+                               np.cov(all_8, rowvar=False), rtol=1e-4, atol=1e-3)
+    assert int(gaussians.counts[gaussians.index_of([8])]) == 70
     np.testing.assert_allclose(gaussians.mean_of([11])[0].numpy(), new[10:].mean(0), atol=1e-4)
     assert torch.equal(gaussians.mean_of([3]), mean_3)
     assert torch.equal(gaussians.covariance_of([3]), cov_3)

@@ -200,7 +200,7 @@ def test_hinge_grad_to_old_text_lets_the_hinge_move_old_prompts(tiny_config, run
         for prompts in model.prompts:
             prompts.ctx.grad = None           # drop what the last training step left
         plugin = next(p for p in strategy.plugins if isinstance(p, HardPairHingePlugin))
-        model.last_text_features = None
+        strategy.step.text_features = None
         loss = plugin.pair_loss(strategy, plugin.text_pairs, 10.0)
         loss.backward()
         grads[flag] = float(model.prompts[0].ctx.grad.abs().sum())

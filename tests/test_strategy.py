@@ -133,7 +133,7 @@ class Recorder(SupervisedPlugin):
         model, cfg = strategy.model, self.config
         generator = torch.Generator()
         generator.set_state(state)
-        text = model.last_text_features.detach().double().numpy()
+        text = strategy.step.text_features.detach().double().numpy()
         seen = model.seen_classes
         total = 0.0
         for pairs, margin, weight in (

@@ -1,7 +1,7 @@
 """``CLIPHingeModel``: frozen CLIP + per-task prompts, class Gaussians, stage-2 heads, fusion."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,27 @@ class DevicePreprocess(nn.Module):
 #: Score given to classes not seen yet: finite (safe under bf16) and far below any cosine logit.
 UNSEEN_SCORE = -1e4
 
+#: Class names as a list indexed by class id, or a mapping ``{class id: name}``.
+ClassNames = Union[Sequence[str], Mapping[int, str]]
+
+
+def class_name_table(class_names: ClassNames) -> Dict[int, str]:
+    """``{class id: name}`` from a list indexed by class id or from a mapping.
+
+    Raises:
+        ValueError: no names, a negative or non-integer id, or a name that is not a string.
+    """
+    table = (dict(class_names.items()) if isinstance(class_names, Mapping)
+             else dict(enumerate(class_names)))
+    if not table:
+        raise ValueError("class_names is empty; pass one name per class of the stream")
+    bad = [k for k, v in table.items()
+           if isinstance(k, bool) or not isinstance(k, int) or k < 0 or not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"class_names entries {bad[:5]} are not 'class id >= 0: name'; pass a "
+                         "list of names indexed by class id or a dict {class id: name}")
+    return table
+
 
 class CLIPHingeModel(nn.Module):
     """Scores over every class of the stream, from a frozen CLIP and the method's parts.
@@ -57,7 +78,8 @@ class CLIPHingeModel(nn.Module):
 
     Args:
         backbone: the frozen CLIP from ``load_clip``.
-        class_names: names indexed by class id (``len`` = number of classes of the stream).
+        class_names: names indexed by class id, or a mapping ``{class id: name}`` (ids need
+            not be contiguous; the score width is the largest id + 1).
         n_ctx, ctx_init: prompt length and initial phrase (see ``TaskPrompts``).
         prompt_template: fixed template of the raw text features (hard pairs, zero-shot).
         use_image_adapter: add the residual stage-1 image adapter.
@@ -71,7 +93,7 @@ class CLIPHingeModel(nn.Module):
             (``DevicePreprocess``), instead of per image on the CPU.
     """
 
-    def __init__(self, backbone: CLIPBackbone, class_names: Sequence[str], *, n_ctx: int = 4,
+    def __init__(self, backbone: CLIPBackbone, class_names: ClassNames, *, n_ctx: int = 4,
                  ctx_init: str = "a photo of a", prompt_template: str = "a good photo of a {}.",
                  use_image_adapter: bool = False, fusion_weight: float = 0.3,
                  head_logit_scale: float = 20.0,
@@ -80,7 +102,10 @@ class CLIPHingeModel(nn.Module):
         self.backbone = backbone
         self.clip = backbone.model
         self.tokenizer = backbone.tokenizer
-        self.class_names = list(class_names)
+        self.names = class_name_table(class_names)
+        #: the stream's class ids, ascending; ``n_outputs`` = largest id + 1 score columns
+        self.class_ids = sorted(self.names)
+        self.n_outputs = self.class_ids[-1] + 1
         self.n_ctx = n_ctx
         self.ctx_init = ctx_init
         self.prompt_template = prompt_template
@@ -90,17 +115,16 @@ class CLIPHingeModel(nn.Module):
         dim = backbone.embed_dim
         self.prompts = nn.ModuleList()
         # one prompt length for the whole stream: every task's prompts get the same shape
-        self.prompt_length = prompt_length(self.tokenizer, self.class_names, n_ctx)
+        self.prompt_length = prompt_length(self.tokenizer, list(self.names.values()), n_ctx)
         self.task_classes: List[List[int]] = []
         self.gaussians = ClassGaussians(dim)
         self.adapter = ImageAdapter(dim) if use_image_adapter else None
         self.heads = nn.ModuleDict()
         self.lora = VisualLoRA(self.clip.visual, *lora) if lora is not None else None
-        self.register_buffer("column_of", torch.full((len(class_names),), -1, dtype=torch.long))
+        self.register_buffer("column_of", torch.full((self.n_outputs,), -1, dtype=torch.long))
         self.register_buffer("seen_index", torch.zeros(0, dtype=torch.long))
         self._text_cache: Dict[int, Tensor] = {}
         self._raw_text: Optional[Tensor] = None
-        self.last_text_features: Optional[Tensor] = None
         self.preprocess = DevicePreprocess(backbone) if resize_on_device else None
         self._encode_trainable: Callable[[Tensor, Tensor], Tensor] = self.encode_prompts
 
@@ -143,20 +167,26 @@ class CLIPHingeModel(nn.Module):
         raise KeyError(f"class {class_id} belongs to no registered task")
 
     def add_task(self, class_ids: Sequence[int]) -> int:
-        """Register a task's classes and create its prompts; returns the task index."""
+        """Register a task's new classes and create their prompts; returns the task index.
+
+        Raises:
+            ValueError: a class without a name in ``class_names``, or one already registered
+                (a class that comes back keeps its task: see ``CLIPHingeStrategy``).
+        """
         class_ids = [int(c) for c in class_ids]
-        bad = [c for c in class_ids if not 0 <= c < len(self.class_names)]
+        bad = [c for c in class_ids if c not in self.names]
         if bad:
-            raise ValueError(f"class ids {bad} are outside class_names (0..{len(self.class_names) - 1});"
-                             " pass class_names indexed by the stream's class ids")
+            raise ValueError(f"class ids {bad} have no name in class_names (known ids: "
+                             f"{self.class_ids[0]}..{self.class_ids[-1]}, {len(self.names)} "
+                             "names); pass names for every class id of the stream")
         repeated = sorted(set(class_ids) & set(self.seen_classes))
         if repeated:
-            raise ValueError(f"classes {repeated} were already learned in an earlier task; "
-                             "the strategy expects a class-incremental stream")
+            raise ValueError(f"classes {repeated} are already registered; add_task takes new "
+                             "classes only")
         task = self.n_tasks
         generator = torch.Generator().manual_seed(self.seed * 1000 + task)
         self.prompts.append(TaskPrompts(self.clip, self.tokenizer,
-                                        [self.class_names[c] for c in class_ids], self.n_ctx,
+                                        [self.names[c] for c in class_ids], self.n_ctx,
                                         self.ctx_init, generator, length=self.prompt_length))
         self.task_classes.append(class_ids)
         start = len(self.seen_classes) - len(class_ids)
@@ -213,10 +243,11 @@ class CLIPHingeModel(nn.Module):
         asked for together (a resumed run picks the same hard pairs to the last bit).
         """
         if self._raw_text is None:
-            self._raw_text = raw_text_features(self.clip, self.tokenizer, self.class_names,
+            self._raw_text = raw_text_features(self.clip, self.tokenizer,
+                                               [self.names[c] for c in self.class_ids],
                                                self.prompt_template)
-        index = torch.as_tensor([int(c) for c in class_ids], dtype=torch.long,
-                                device=self._raw_text.device)
+        rows = [self.class_ids.index(int(c)) for c in class_ids]
+        index = torch.as_tensor(rows, dtype=torch.long, device=self._raw_text.device)
         return self._raw_text[index]
 
     # ---- image side -------------------------------------------------------------------------
@@ -248,15 +279,17 @@ class CLIPHingeModel(nn.Module):
             features = self.adapter(features)
         return F.normalize(features, dim=-1)
 
-    def clip_logits(self, features: Tensor) -> Tensor:
+    def clip_logits(self, features: Tensor, text_features: Optional[Tensor] = None) -> Tensor:
         """``[batch, dim]`` frozen features -> ``[batch, n_seen]`` stage-1 logits.
 
-        In grad mode the text features used are kept in ``last_text_features`` so a loss
-        term of the same step (the hinge) reuses them instead of re-running the text encoder.
+        ``text_features`` ``[n_seen, dim]`` (default: ``text_features()``) lets a training
+        step encode the prompts once and share them with its loss terms (the hinge). The
+        normalisation and the cosine matmul run in float32 outside autocast.
         """
-        text = self.text_features()
-        self.last_text_features = text if torch.is_grad_enabled() else None
-        return self.logit_scale * self.image_embedding(features) @ text.T
+        text = self.text_features() if text_features is None else text_features
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            image = self.image_embedding(features.float())
+            return self.logit_scale * image @ text.float().T
 
     def head_logits(self, x: Tensor, features: Tensor) -> Tensor:
         """``[batch, n_seen]`` stage-2 head logits.
@@ -281,28 +314,38 @@ class CLIPHingeModel(nn.Module):
                         feats = self.encode_images(x)
                 out[:, start:stop] = self.heads[key](feats)
             else:
-                image = F.normalize(features.float(), dim=-1)
-                out[:, start:stop] = self.head_logit_scale * image @ self.task_text_features(task).T
+                text = self.task_text_features(task).float()
+                with torch.autocast(device_type=features.device.type, enabled=False):
+                    image = F.normalize(features.float(), dim=-1)
+                    out[:, start:stop] = self.head_logit_scale * image @ text.T
             start = stop
         return out
 
     def to_full_width(self, seen_scores: Tensor) -> Tensor:
-        """``[batch, n_seen]`` -> ``[batch, n_classes]`` in class-id order, unseen = UNSEEN_SCORE."""
-        out = torch.full((seen_scores.shape[0], len(self.class_names)), UNSEEN_SCORE,
+        """``[batch, n_seen]`` -> ``[batch, n_outputs]`` in class-id order, unseen = UNSEEN_SCORE."""
+        out = torch.full((seen_scores.shape[0], self.n_outputs), UNSEEN_SCORE,
                          dtype=seen_scores.dtype, device=seen_scores.device)
         out[:, self.seen_index] = seen_scores
         return out
 
-    def seen_scores(self, x: Tensor) -> Tensor:
-        """``[batch, n_seen]`` scores: CLIP logits, fused with the heads in eval mode."""
+    def seen_scores(self, x: Tensor, text_features: Optional[Tensor] = None) -> Tensor:
+        """``[batch, n_seen]`` scores: CLIP logits, fused with the heads in eval mode.
+
+        ``text_features``: see ``clip_logits``.
+        """
         features = self.image_features(x)
-        scores = self.clip_logits(features)
+        scores = self.clip_logits(features, text_features)
         if not self.training and len(self.heads) > 0:
             scores = fuse_logits(scores, self.head_logits(x, features), self.fusion_weight)
         return scores
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Images ``[b, 3, H, W]`` or features ``[b, dim]`` -> scores ``[b, n_classes]``."""
+    def forward(self, x: Tensor, text_features: Optional[Tensor] = None) -> Tensor:
+        """Images ``[b, 3, H, W]`` or features ``[b, dim]`` -> scores ``[b, n_outputs]``.
+
+        Before any task is registered every class is unseen: every score is
+        ``UNSEEN_SCORE`` (Avalanche evaluates before training with ``eval_every >= 0``).
+        ``text_features``: see ``clip_logits``.
+        """
         if self.n_tasks == 0:
-            raise RuntimeError("the model has no classes yet: train on an experience first")
-        return self.to_full_width(self.seen_scores(x))
+            return torch.full((x.shape[0], self.n_outputs), UNSEEN_SCORE, device=x.device)
+        return self.to_full_width(self.seen_scores(x, text_features))

@@ -1,6 +1,7 @@
 """Stage 2: a per-task linear head (optionally with LoRA) fused with CLIP at inference."""
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import List
 
@@ -23,7 +24,9 @@ class SecondStagePlugin(SupervisedPlugin):
     ``use_lora_in_second_stage``) a new adapter ``task<t>`` on the chosen image blocks trains
     with the head and is used only for that head's features. At inference the model scores
     ``clip + fusion_weight * head``. Runs in ``after_training_exp``, so before Avalanche's
-    end-of-experience evaluation.
+    end-of-experience evaluation. An experience that creates no task (every class comes back)
+    trains no head; one that mixes new and returning classes trains the new task's head on
+    the new classes' samples only.
 
     Args:
         start_task: first task that gets a head (earlier tasks' classes get head logit 0).
@@ -55,7 +58,8 @@ class SecondStagePlugin(SupervisedPlugin):
     def after_training_exp(self, strategy, **kwargs):
         model = strategy.model
         task = model.n_tasks - 1
-        if task < self.start_task or self.epochs == 0:
+        created = getattr(strategy, "experience_classes", None)
+        if task < self.start_task or self.epochs == 0 or (created and created.task is None):
             return
         device = strategy.device
         classes = torch.tensor(model.task_classes[task], device=device)
@@ -69,12 +73,18 @@ class SecondStagePlugin(SupervisedPlugin):
             adapter = f"task{task}"
             model.lora.add(adapter)
             params += model.lora.parameters(adapter)
-            dataset = strategy.experience.dataset.train()
+            dataset = strategy.adapted_dataset
+            own = torch.isin(torch.as_tensor(list(dataset.targets)), classes.cpu())
+            if not own.all():
+                dataset = dataset.subset(torch.nonzero(own).flatten().tolist())
             sampler = EpochBatchSampler(len(dataset), self.batch_size, True, generator)
             loader = DataLoader(dataset, batch_sampler=sampler,
                                 num_workers=strategy.config.num_workers)
         else:
             feats, labels = strategy.current_features
+            own = torch.isin(labels, classes)
+            if not bool(own.all()):
+                feats, labels = feats[own], labels[own]
             sampler = EpochBatchSampler(len(labels), self.batch_size, True, generator)
             loader = TensorBatchLoader(feats, labels, sampler)
         optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
@@ -86,7 +96,7 @@ class SecondStagePlugin(SupervisedPlugin):
         epochs = tqdm(range(self.epochs), desc=f"stage 2, task {task}", leave=False,
                       disable=not getattr(strategy, "progress", True))
         with active:
-            for _ in epochs:
+            for epoch in epochs:
                 total, count = torch.zeros((), device=device), 0
                 for batch in loader:
                     x, y = batch[0].to(device), batch[1].to(device)
@@ -100,6 +110,16 @@ class SecondStagePlugin(SupervisedPlugin):
                     total += loss.detach() * len(y)     # summed on the device: no sync
                     count += len(y)
                 self.losses.append(float(total) / max(count, 1))
+                if not math.isfinite(self.losses[-1]):
+                    raise FloatingPointError(
+                        f"non-finite stage-2 loss at task {task}, epoch {epoch} "
+                        f"({self.losses[-1]}); lower second_stage_lr, second_stage_weight_decay "
+                        "or second_stage_logit_scale. Earlier checkpoints are intact")
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise FloatingPointError(
+                f"stage 2 of task {task} left NaN or Inf weights in its head; lower "
+                "second_stage_lr, second_stage_weight_decay or second_stage_logit_scale. "
+                "Earlier checkpoints are intact")
         head.eval()
         head.requires_grad_(False)
         for param in params:

@@ -1,0 +1,260 @@
+"""What a stream must serve, and how the strategy brings any Avalanche stream to CLIP's input.
+
+A stream may serve PIL images, uint8 tensors ``[3, h, w]``, float tensors in ``[0, 1]`` of any
+size, or CLIP's own input (what the backbone's eval transform makes: ``[3, S, S]`` normalised
+with CLIP's mean and std). ``ClipInput`` turns each item into what the model reads, the same
+way as the package's own stream builders (PIL bicubic resize, centre crop, CLIP's mean/std).
+Float tensors normalised with other statistics (Avalanche's default CIFAR transforms, for
+instance) are refused: their pixels cannot be recovered without knowing the statistics.
+
+Also here: the transforms to give one's own Avalanche benchmark (``stream_transforms``), class
+names for a benchmark (``class_names_for``), and the random-transform check behind the
+feature cache (``find_random_transform``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision import transforms
+from torchvision.transforms.functional import to_pil_image
+
+#: OpenAI CLIP's normalisation, used when a backbone's transform names none.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: Transforms that draw random numbers, besides every class whose name starts with "Random".
+RANDOM_TRANSFORMS = frozenset({"ColorJitter", "GaussianBlur", "AutoAugment", "RandAugment",
+                               "TrivialAugmentWide", "AugMix", "ElasticTransform", "MixUp",
+                               "CutMix", "ScaleJitter"})
+
+STREAM_FIX = ("serve PIL images or [0, 1] tensors (transforms.ToTensor() only, no Normalize), or "
+        "use avalanche_cliphinge.stream_transforms(...)")
+
+
+class StreamInputError(ValueError):
+    """An item the strategy cannot bring to CLIP's input (normalised by someone else)."""
+
+
+def clip_mean_std(backbone) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """``(mean, std)`` of the ``Normalize`` step of ``backbone.eval_transform`` (CLIP's default)."""
+    for step in walk_transforms(backbone.eval_transform):
+        if isinstance(step, transforms.Normalize):
+            return tuple(float(v) for v in step.mean), tuple(float(v) for v in step.std)
+    return CLIP_MEAN, CLIP_STD
+
+
+def walk_transforms(source, _depth: int = 0, _seen: Optional[set] = None) -> Iterator[object]:
+    """Every leaf transform applied to the items of ``source``.
+
+    ``source`` is a transform (``Compose`` and Avalanche's wrappers are opened), an Avalanche
+    dataset (its current and frozen transform groups, through every nested dataset), or a
+    torch dataset with a ``transform`` attribute (through ``Subset.dataset``).
+    """
+    seen = set() if _seen is None else _seen
+    if source is None or id(source) in seen or _depth > 16:
+        return
+    seen.add(id(source))
+    groups = getattr(source, "transform_groups", None)
+    if isinstance(groups, dict):                  # Avalanche TransformGroups: the active group
+        yield from walk_transforms(groups.get(source.current_group), _depth + 1, seen)
+        return
+    children: List[object] = []
+    for name in ("_flat_data", "_frozen_transform_groups", "_transform_groups"):
+        if hasattr(source, name):
+            children.append(getattr(source, name))
+    children += list(getattr(source, "_datasets", None) or [])
+    nested = getattr(source, "transforms", None)
+    if isinstance(nested, (list, tuple)):
+        children += list(nested)
+    for name in ("transform", "dataset"):
+        value = getattr(source, name, None)
+        if value is not None and not isinstance(value, (str, int, float)):
+            children.append(value)
+    if callable(source) and not isinstance(source, torch.utils.data.Dataset):
+        yield source
+    for child in children:
+        yield from walk_transforms(child, _depth + 1, seen)
+
+
+def is_random_transform(transform) -> bool:
+    """Whether ``transform`` is one of torchvision's random transforms (by class name)."""
+    name = type(transform).__name__
+    return name.startswith("Random") or name in RANDOM_TRANSFORMS
+
+
+def find_random_transform(dataset, probes: int = 3) -> Optional[str]:
+    """Name of a random transform of ``dataset``, or ``None`` when its items are reproducible.
+
+    A known random torchvision transform among its transforms is named at once; otherwise
+    ``probes`` items (first, middle, last) are read twice and compared, which catches any
+    other transform whose output changes between two reads of the same item.
+    """
+    for step in walk_transforms(dataset):
+        if is_random_transform(step):
+            return repr(step).replace("\n", " ")
+    n = len(dataset)
+    for index in sorted({0, n // 2, n - 1} if n else set())[:probes]:
+        first, second = dataset[index][0], dataset[index][0]
+        if not _same_item(first, second):
+            return "the stream's transform (an item read twice came out different)"
+    return None
+
+
+def _same_item(a, b) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, Image.Image) and isinstance(b, Image.Image):
+        return a.size == b.size and a.tobytes() == b.tobytes()
+    return a is b or a == b
+
+
+def foreign_normalize(dataset, mean: Sequence[float], std: Sequence[float]) -> Optional[str]:
+    """The repr of a ``Normalize`` among ``dataset``'s transforms whose statistics differ from
+    CLIP's ``mean``/``std`` (the stream would then serve pixels CLIP cannot read), or ``None``."""
+    for step in walk_transforms(dataset):
+        if isinstance(step, transforms.Normalize):
+            same = (torch.allclose(torch.as_tensor(step.mean, dtype=torch.float64),
+                                   torch.as_tensor(mean, dtype=torch.float64), atol=1e-6)
+                    and torch.allclose(torch.as_tensor(step.std, dtype=torch.float64),
+                                       torch.as_tensor(std, dtype=torch.float64), atol=1e-6))
+            if not same:
+                return repr(step)
+    return None
+
+
+class ClipInput:
+    """Per-item conversion of what a stream serves into what ``CLIPHingeModel`` reads.
+
+    Without ``resize_on_device`` the output is CLIP's input ``[3, S, S]``, made by
+    ``eval_transform`` (the backbone's: bicubic resize, centre crop, CLIP's mean/std) from a
+    PIL image; uint8 tensors and ``[0, 1]`` float tensors are turned into that PIL image
+    first (floats rounded to 8 bits, lossless for ``ToTensor`` output). With
+    ``resize_on_device`` the output is an unnormalised image (uint8 ``[3, h, w]`` or float in
+    ``[0, 1]``) that the model resizes and normalises on its device. A float tensor already
+    normalised with CLIP's mean and std at ``[3, S, S]`` passes (de-normalised for the device
+    path); any other float tensor outside ``[0, 1]`` raises ``StreamInputError``.
+
+    Args:
+        eval_transform: the backbone's eval transform (PIL -> normalised ``[3, S, S]``).
+        size: ``S``, the backbone's input side in pixels.
+        mean, std: CLIP's normalisation (3 values each).
+        resize_on_device: see above.
+    """
+
+    def __init__(self, eval_transform: Callable, size: int, mean: Sequence[float],
+                 std: Sequence[float], resize_on_device: bool = False):
+        self.eval_transform, self.size = eval_transform, int(size)
+        self.resize_on_device = resize_on_device
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    @classmethod
+    def for_backbone(cls, backbone, resize_on_device: bool = False) -> "ClipInput":
+        """The conversion for a ``CLIPBackbone``."""
+        mean, std = clip_mean_std(backbone)
+        return cls(backbone.eval_transform, backbone.image_size, mean, std, resize_on_device)
+
+    def is_clip_input(self, x: Tensor) -> bool:
+        """Whether float ``x`` is ``[3, S, S]`` with every channel in CLIP's normalised range."""
+        if tuple(x.shape) != (3, self.size, self.size):
+            return False
+        low, high = (0 - self.mean) / self.std, (1 - self.mean) / self.std
+        flat = x.reshape(3, -1)
+        return bool((flat.amin(1) >= low.flatten() - 1e-3).all()
+                    and (flat.amax(1) <= high.flatten() + 1e-3).all())
+
+    def __call__(self, x):
+        if isinstance(x, Image.Image):
+            if self.resize_on_device:
+                return transforms.functional.pil_to_tensor(x.convert("RGB"))
+            return self.eval_transform(x)
+        if not isinstance(x, Tensor):
+            raise StreamInputError(f"the stream serves {type(x).__name__} items; {STREAM_FIX}")
+        if x.ndim != 3 or x.shape[0] not in (1, 3):
+            raise StreamInputError(f"the stream serves tensors of shape {tuple(x.shape)}, not "
+                                   f"images [3, h, w]; {STREAM_FIX}")
+        if x.dtype == torch.uint8:
+            return x if self.resize_on_device else self.eval_transform(to_pil_image(x))
+        x = x.float()
+        low, high = float(x.min()), float(x.max())
+        if low >= 0.0 and high <= 1.0:
+            if self.resize_on_device:
+                return x
+            return self.eval_transform(to_pil_image((x * 255).round().to(torch.uint8)))
+        if self.is_clip_input(x):
+            return (x * self.std + self.mean).clamp(0, 1) if self.resize_on_device else x
+        raise StreamInputError(f"the stream serves float images with values in [{low:.3g}, "
+                               f"{high:.3g}], normalised by someone else; {STREAM_FIX}")
+
+
+def stream_transforms(backbone, *, augment: bool = False,
+                      resize_on_device: bool = False) -> Tuple[Callable, Callable]:
+    """``(train_transform, eval_transform)`` to give one's own Avalanche benchmark.
+
+    The stream then serves what the package's own builders serve: CLIP's input (the
+    backbone's eval transform) or, with ``resize_on_device``, uint8 tensors the model resizes
+    on its device. ``augment`` makes the training transform the backbone's random training
+    preprocessing (or a light random crop on the device path), which turns the feature cache
+    off for training. ``backbone`` is a ``CLIPBackbone``, a ``CLIPHingeModel`` or a
+    ``CLIPHingeStrategy``.
+    """
+    backbone = getattr(getattr(backbone, "model", backbone), "backbone", backbone)
+    if resize_on_device:
+        eval_tf = transforms.PILToTensor()
+        train_tf = (transforms.Compose([transforms.RandomResizedCrop(
+            backbone.image_size, scale=(0.9, 1.0)), eval_tf]) if augment else eval_tf)
+        return train_tf, eval_tf
+    return (backbone.train_transform if augment else backbone.eval_transform,
+            backbone.eval_transform)
+
+
+def _find_classes(source, depth: int = 0) -> Optional[List[str]]:
+    """The ``classes`` list of ``source`` or of a dataset nested in it (Avalanche, Subset)."""
+    if source is None or depth > 12:
+        return None
+    classes = getattr(source, "classes", None)
+    if isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) for c in classes):
+        return list(classes)
+    for name in ("original_train_dataset", "_flat_data", "dataset"):
+        found = _find_classes(getattr(source, name, None), depth + 1)
+        if found is not None:
+            return found
+    for child in getattr(source, "_datasets", None) or []:
+        found = _find_classes(child, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def class_names_for(source, benchmark=None) -> Union[List[str], Dict[int, str]]:
+    """Class names for ``CLIPHingeStrategy(class_names=...)``, underscores read as spaces.
+
+    Args:
+        source: an Avalanche benchmark built from a dataset with ``classes`` (the classic
+            ``SplitCIFAR100``, ``SplitCIFAR10``, ``SplitFMNIST``... or ``nc_benchmark`` over a
+            torchvision dataset), a dataset with ``classes``, or a list of names indexed by
+            the dataset's original class ids.
+        benchmark: the benchmark whose class ids the names must follow, when ``source`` is
+            not the benchmark itself.
+
+    Returns:
+        A list indexed by class id, or, when the benchmark remapped the class ids
+        (``class_ids_from_zero_from_first_exp`` and the like), a dict ``{stream id: name}``.
+
+    Raises:
+        ValueError: no class names could be found; the message says what to pass.
+    """
+    names = (list(source) if isinstance(source, (list, tuple)) else _find_classes(source))
+    if names is None:
+        raise ValueError(f"no class names found in {type(source).__name__}; pass a dataset "
+                         "with a 'classes' list or the names themselves")
+    names = [str(n).replace("_", " ") for n in names]
+    benchmark = source if benchmark is None and not isinstance(source, (list, tuple)) \
+        else benchmark
+    mapping = getattr(benchmark, "class_mapping", None)
+    if not mapping or list(mapping) == list(range(len(mapping))):
+        return names
+    return {int(new): names[old] for old, new in enumerate(mapping) if int(new) >= 0}

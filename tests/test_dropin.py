@@ -1,0 +1,426 @@
+"""Drop-in contracts: what an Avalanche script sees of ``Naive`` it sees of ``CLIPHingeStrategy``.
+
+Each contract runs both strategies on the same small stream and compares what a user can
+observe (callback order, metric names, learning rates, hooks, task labels...). Where the
+method differs by design (its own preprocessing, unseen classes scored ``UNSEEN_SCORE``),
+the expected values are worked out here from torchvision/open_clip directly.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from avalanche.benchmarks import nc_benchmark
+from avalanche.benchmarks.scenarios.online import split_online_stream
+from avalanche.evaluation.metrics import (accuracy_metrics, bwt_metrics,
+                                          class_accuracy_metrics, confusion_matrix_metrics,
+                                          forgetting_metrics, forward_transfer_metrics,
+                                          loss_metrics, timing_metrics)
+from avalanche.logging import CSVLogger, TensorboardLogger, TextLogger
+from avalanche.training.plugins import (EarlyStoppingPlugin, EvaluationPlugin,
+                                        LRSchedulerPlugin, LwFPlugin, ReplayPlugin,
+                                        SupervisedPlugin)
+from avalanche.training.supervised import Naive
+from PIL import Image
+from torchvision import transforms
+
+from avalanche_cliphinge import CLIPHingeStrategy, ConfigError, build_model
+from avalanche_cliphinge.model.clip_hinge import UNSEEN_SCORE
+from avalanche_cliphinge.streams import (ClipInput, StreamInputError, class_names_for,
+                                         stream_transforms)
+
+FAST = dict(init_epochs=2, epochs=2, second_stage_epochs=1, samples_per_old_class=4,
+            text_hard_pair_threshold=-1.0, text_top_hard_pairs=2, hinge_samples_per_pair=4)
+
+
+def quiet_evaluator(*metrics, loggers=()):
+    return EvaluationPlugin(*(metrics or (accuracy_metrics(experience=True, stream=True),)),
+                            loggers=list(loggers))
+
+
+@pytest.fixture
+def clip_strategy(tiny_config, class_names):
+    """Factory: a fast ``CLIPHingeStrategy`` with the given keyword arguments."""
+    def make(config=None, names=None, **kwargs):
+        torch.manual_seed(0)
+        kwargs.setdefault("evaluator", quiet_evaluator())
+        return CLIPHingeStrategy(config=config or tiny_config(**FAST),
+                                 class_names=names or class_names, progress=False, **kwargs)
+    return make
+
+
+@pytest.fixture
+def naive_strategy():
+    """Factory: Avalanche's ``Naive`` on a linear model over the same images."""
+    def make(n_classes=6, **kwargs):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, n_classes))
+        kwargs.setdefault("evaluator", quiet_evaluator())
+        kwargs.setdefault("train_epochs", 2)
+        return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=16,
+                     eval_mb_size=64, **kwargs)
+    return make
+
+
+class CallbackRecorder(SupervisedPlugin):
+    """Records the name of every callback Avalanche calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __getattribute__(self, name):
+        attr = object.__getattribute__(self, name)
+        if name.startswith(("before_", "after_")) and callable(attr):
+            def record(strategy, *args, **kwargs):
+                object.__getattribute__(self, "calls").append(name)
+                return attr(strategy, *args, **kwargs)
+            return record
+        return attr
+
+
+def both(clip_strategy, naive_strategy, **kwargs):
+    return {"clip": clip_strategy(**kwargs), "naive": naive_strategy(**kwargs)}
+
+
+# ---- evaluation before training, periodic evaluation, callbacks --------------------------
+def test_eval_before_training_scores_every_class_unseen(clip_strategy, naive_strategy,
+                                                        synthetic_stream, synthetic_data):
+    results = {name: s.eval(synthetic_stream.test_stream)
+               for name, s in both(clip_strategy, naive_strategy).items()}
+    assert set(results["clip"]) == set(results["naive"])
+    clip = clip_strategy()
+    with torch.no_grad():
+        scores = clip.model(synthetic_data["test_x"][:5])
+    assert scores.shape == (5, 6) and bool((scores == UNSEEN_SCORE).all())
+
+
+def test_callback_order_equals_naive_with_eval_every_and_peval_mode(
+        clip_strategy, naive_strategy, synthetic_stream):
+    recorded = {}
+    for name, strategy in both(clip_strategy, naive_strategy, eval_every=1,
+                               peval_mode="iteration").items():
+        recorder = CallbackRecorder()
+        strategy.plugins.insert(0, recorder)
+        strategy.train(synthetic_stream.train_stream[0],
+                       eval_streams=[synthetic_stream.test_stream[:2]])
+        strategy.eval(synthetic_stream.test_stream[1:])
+        recorded[name] = recorder.calls
+    assert recorded["clip"] == recorded["naive"]
+    assert recorded["clip"][:2] == ["before_training", "before_eval"]
+    assert recorded["clip"].count("before_eval") == 1 + 8 + 1 + 1  # initial, 8 its, final, eval
+
+
+def test_train_on_a_list_of_experiences_and_early_stopping(clip_strategy, naive_strategy,
+                                                          synthetic_stream):
+    epochs = {}
+    for name, strategy in both(clip_strategy, naive_strategy, eval_every=1).items():
+        stopper = EarlyStoppingPlugin(patience=1, val_stream_name="test_stream",
+                                      metric_name="Top1_Acc_Stream")
+        strategy.plugins.insert(0, stopper)
+        result = strategy.train(synthetic_stream.train_stream[:2],
+                                eval_streams=[synthetic_stream.test_stream[:2]])
+        assert any(k.startswith("Top1_Acc_Stream/eval_phase/test_stream") for k in result)
+        epochs[name] = strategy.clock.train_exp_counter
+    assert epochs["clip"] == epochs["naive"] == 2
+
+
+# ---- model state, deepcopy, LwF, hooks -----------------------------------------------------
+def graph_tensors(module: torch.nn.Module):
+    """Tensors held as plain attributes by ``module`` or a submodule that are in a graph."""
+    found = []
+    for sub in module.modules():
+        for key, value in vars(sub).items():
+            values = value.values() if isinstance(value, dict) else [value]
+            found += [key for v in values if isinstance(v, torch.Tensor) and v.grad_fn is not None]
+    return found
+
+
+class DeepCopyProbe(SupervisedPlugin):
+    def __init__(self):
+        super().__init__()
+        self.copies, self.graph = 0, []
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self.graph += graph_tensors(strategy.model)
+        copy.deepcopy(strategy.model)
+        self.copies += 1
+
+
+def test_no_graph_on_the_model_between_steps_deepcopy_and_lwf(clip_strategy, naive_strategy,
+                                                              synthetic_stream):
+    for strategy in both(clip_strategy, naive_strategy).values():
+        probe = DeepCopyProbe()
+        strategy.plugins[:0] = [LwFPlugin(alpha=1.0, temperature=2.0), probe]
+        for experience in synthetic_stream.train_stream[:2]:
+            strategy.train(experience)
+        assert probe.copies == 16 and probe.graph == []
+    assert strategy.__class__ is Naive
+
+
+def test_forward_hooks_fire_in_training(clip_strategy, naive_strategy, synthetic_stream):
+    calls = {}
+    for name, strategy in both(clip_strategy, naive_strategy).items():
+        seen = []
+        strategy.model.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+        strategy.train(synthetic_stream.train_stream[0])
+        calls[name] = seen
+    assert len(calls["clip"]) == len(calls["naive"]) >= 8
+    assert set(calls["clip"]) == {6}
+
+
+# ---- learning rate ------------------------------------------------------------------------
+class LrRecorder(SupervisedPlugin):
+    def __init__(self):
+        super().__init__()
+        self.lrs = []
+
+    def before_training_epoch(self, strategy, **kwargs):
+        self.lrs.append(strategy.optimizer.param_groups[0]["lr"])
+
+
+def test_a_user_lr_scheduler_takes_over_the_method_decay(tiny_config, class_names,
+                                                         naive_strategy, synthetic_stream):
+    config = tiny_config(**{**FAST, "init_epochs": 3, "epochs": 3, "lr_decay_epochs": [1]})
+    lrs = {}
+    for name in ("clip", "naive", "clip_default"):
+        torch.manual_seed(0)
+        recorder = LrRecorder()
+        if name == "naive":
+            strategy = naive_strategy(train_epochs=3)
+            optimizer = strategy.optimizer
+        else:
+            model = build_model(config, class_names)
+            optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+            strategy = CLIPHingeStrategy(config=config, class_names=class_names, model=model,
+                                         optimizer=optimizer if name == "clip" else None,
+                                         evaluator=quiet_evaluator(), progress=False)
+        plugins = [recorder]
+        if name != "clip_default":
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[2],
+                                                             gamma=0.5)
+            plugins.insert(0, LRSchedulerPlugin(scheduler))
+        strategy.plugins[:0] = plugins
+        for experience in synthetic_stream.train_stream[:2]:
+            strategy.train(experience)
+        lrs[name] = recorder.lrs
+    base = 0.01
+    assert lrs["naive"] == pytest.approx([base, base, base / 2] * 2)
+    assert lrs["clip"] == pytest.approx([0.05, 0.05, 0.025] * 2)
+    # without a scheduler plugin the method's step decay (x0.1 from epoch 1) applies
+    assert lrs["clip_default"] == pytest.approx([config.init_lr, config.init_lr * 0.1,
+                                                 config.init_lr * 0.1,
+                                                 config.lr, config.lr * 0.1, config.lr * 0.1])
+
+
+# ---- plugins and metrics alongside --------------------------------------------------------
+def test_replay_plugin_and_every_metric_family_with_loggers(clip_strategy, naive_strategy,
+                                                           synthetic_stream, tmp_path):
+    names = {}
+    for name in ("clip", "naive"):
+        folder = tmp_path / name
+        folder.mkdir()
+        text, csv = open(folder / "log.txt", "w"), CSVLogger(str(folder / "csv"))
+        board = TensorboardLogger(str(folder / "tb"))
+        evaluator = EvaluationPlugin(
+            accuracy_metrics(minibatch=True, epoch=True, experience=True, stream=True),
+            loss_metrics(minibatch=True, epoch=True, experience=True, stream=True),
+            forgetting_metrics(experience=True, stream=True), bwt_metrics(experience=True),
+            forward_transfer_metrics(experience=True, stream=True),
+            class_accuracy_metrics(stream=True), timing_metrics(epoch=True),
+            confusion_matrix_metrics(num_classes=6, save_image=False, stream=True),
+            loggers=[TextLogger(text), csv, board])
+        factory = clip_strategy if name == "clip" else naive_strategy
+        strategy = factory(evaluator=evaluator, eval_every=1,
+                           plugins=[ReplayPlugin(mem_size=20)])
+        for experience in synthetic_stream.train_stream[:2]:
+            strategy.train(experience, eval_streams=[synthetic_stream.test_stream])
+            strategy.eval(synthetic_stream.test_stream)
+        names[name] = set(evaluator.get_all_metrics())
+        csv.close()
+        board.writer.close()
+        text.close()
+        assert (folder / "csv" / "eval_results.csv").is_file()
+    assert names["clip"] == names["naive"]
+
+
+def test_task_labels_reach_the_metrics(clip_strategy, naive_strategy, synthetic_data):
+    from conftest import LabelledTensorDataset
+    train = LabelledTensorDataset(synthetic_data["train_x"], synthetic_data["train_y"])
+    test = LabelledTensorDataset(synthetic_data["test_x"], synthetic_data["test_y"])
+    stream = nc_benchmark(train, test, n_experiences=3, task_labels=True, seed=0,
+                          fixed_class_order=list(range(6)),
+                          class_ids_from_zero_in_each_exp=False)
+    keys = {}
+    for name, strategy in both(clip_strategy, naive_strategy).items():
+        strategy.train(stream.train_stream[0])
+        keys[name] = {k for k in strategy.eval(stream.test_stream) if "Task" in k}
+    assert keys["clip"] == keys["naive"]
+    assert any("/Task002/" in k for k in keys["clip"])
+
+
+# ---- class ids, names, classes that come back ----------------------------------------------
+def test_class_ids_with_gaps_and_a_name_mapping(tiny_config, synthetic_data):
+    from conftest import LabelledTensorDataset
+    ids = torch.tensor([10, 11, 20, 21, 30, 31])
+    train = LabelledTensorDataset(synthetic_data["train_x"], ids[synthetic_data["train_y"]])
+    test = LabelledTensorDataset(synthetic_data["test_x"], ids[synthetic_data["test_y"]])
+    stream = nc_benchmark(train, test, n_experiences=3, task_labels=False, seed=0,
+                          fixed_class_order=ids.tolist())
+    names = {10: "red", 11: "green", 20: "blue", 21: "red stripes", 30: "green stripes",
+             31: "blue stripes"}
+    torch.manual_seed(0)
+    strategy = CLIPHingeStrategy(config=tiny_config(**FAST), class_names=names,
+                                 evaluator=quiet_evaluator(), progress=False)
+    for experience in stream.train_stream[:2]:
+        strategy.train(experience)
+    result = strategy.eval(stream.test_stream)
+    assert strategy.model.seen_classes == [10, 11, 20, 21]
+    assert strategy.model.prompts[1].class_names == ["blue", "red stripes"]
+    assert result["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp002"] == 0.0
+    with torch.no_grad():
+        assert strategy.model(synthetic_data["test_x"][:2]).shape == (2, 32)
+
+
+def test_class_names_for_follows_the_remapping():
+    class Source(torch.utils.data.Dataset):
+        classes = ["apple_pie", "bus", "sea_lion"]
+
+        def __init__(self):
+            self.targets = [0, 1, 2] * 4
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return torch.zeros(3, 4, 4), self.targets[i]
+
+    assert class_names_for(Source()) == ["apple pie", "bus", "sea lion"]
+    remapped = nc_benchmark(Source(), Source(), n_experiences=3, task_labels=False,
+                            fixed_class_order=[2, 0, 1], class_ids_from_zero_from_first_exp=True)
+    assert class_names_for(remapped) == {0: "sea lion", 1: "apple pie", 2: "bus"}
+    assert class_names_for(Source.classes, remapped) == class_names_for(remapped)
+    kept = nc_benchmark(Source(), Source(), n_experiences=3, task_labels=False,
+                        fixed_class_order=[2, 0, 1])
+    assert class_names_for(kept) == ["apple pie", "bus", "sea lion"]
+
+
+def test_classes_come_back_train_twice_and_freeze_option(tiny_config, class_names,
+                                                         synthetic_stream):
+    ctx = {}
+    for mode in ("train", "freeze"):
+        torch.manual_seed(0)
+        strategy = CLIPHingeStrategy(config=tiny_config(**FAST, returning_class_prompts=mode),
+                                     class_names=class_names, evaluator=quiet_evaluator(),
+                                     progress=False)
+        strategy.train(synthetic_stream.train_stream[0])
+        before = strategy.model.prompts[0].ctx.detach().clone()
+        strategy.train(synthetic_stream.train_stream[0])          # the same classes again
+        assert strategy.model.n_tasks == 1 and strategy.experience_classes.task is None
+        assert int(strategy.model.gaussians.counts.sum()) == 2 * 60
+        ctx[mode] = (before, strategy.model.prompts[0].ctx.detach().clone())
+    assert not torch.equal(*ctx["train"])
+    assert torch.equal(*ctx["freeze"])
+
+
+def test_an_online_stream_runs(clip_strategy, naive_strategy, synthetic_stream):
+    for strategy in both(clip_strategy, naive_strategy).values():
+        torch.manual_seed(0)
+        online = split_online_stream(synthetic_stream.train_stream[:2], experience_size=20,
+                                     seed=0)
+        for experience in online:
+            strategy.train(experience)
+        result = strategy.eval(synthetic_stream.test_stream[:2])
+        assert "Top1_Acc_Stream/eval_phase/test_stream/Task000" in result
+    clip = [s for s in (strategy,)]
+    assert clip
+
+
+# ---- what the stream serves ---------------------------------------------------------------
+def pil_images(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_pil_uint8_and_unit_float_items_give_the_builders_input(tiny_config, class_names):
+    model = build_model(tiny_config(), class_names)
+    convert = ClipInput.for_backbone(model.backbone)
+    for image in pil_images(3):
+        expected = model.backbone.eval_transform(image)       # what the package's builders serve
+        assert torch.equal(convert(image), expected)
+        assert torch.equal(convert(transforms.PILToTensor()(image)), expected)
+        assert torch.equal(convert(transforms.ToTensor()(image)), expected)
+        assert torch.equal(convert(expected), expected)       # CLIP's input passes as it is
+    device = ClipInput.for_backbone(model.backbone, resize_on_device=True)
+    image = pil_images(1)[0]
+    assert torch.equal(device(image), transforms.PILToTensor()(image))
+
+
+def test_avalanche_default_cifar_transforms_are_refused_with_the_fix(clip_strategy):
+    from avalanche.benchmarks.classic.ccifar100 import (_default_cifar100_eval_transform,
+                                                         _default_cifar100_train_transform)
+
+    class Cifar(torch.utils.data.Dataset):
+        def __init__(self):
+            self.images, self.targets = pil_images(12), [0, 1, 2, 3, 4, 5] * 2
+
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return self.images[i], self.targets[i]
+
+    stream = nc_benchmark(Cifar(), Cifar(), n_experiences=3, task_labels=False,
+                          fixed_class_order=list(range(6)),
+                          train_transform=_default_cifar100_train_transform,
+                          eval_transform=_default_cifar100_eval_transform)
+    strategy = clip_strategy()
+    with pytest.raises(StreamInputError, match=r"Normalize.*transforms\.ToTensor\(\) only"):
+        strategy.train(stream.train_stream[0])
+    with pytest.raises(StreamInputError, match="stream_transforms"):
+        strategy.eval(stream.test_stream)
+    plain = nc_benchmark(Cifar(), Cifar(), n_experiences=3, task_labels=False,
+                         fixed_class_order=list(range(6)))        # PIL items: accepted
+    train, test = stream_transforms(strategy)
+    assert train is test is strategy.model.backbone.eval_transform
+    strategy.train(plain.train_stream[0])
+
+
+def test_random_train_transform_turns_the_cache_off_and_warns_once(clip_strategy,
+                                                                   synthetic_data):
+    from conftest import LabelledTensorDataset
+    unit = (synthetic_data["train_x"] * 0.2 + 0.5).clamp(0, 1)
+    train = LabelledTensorDataset(unit, synthetic_data["train_y"])
+    stream = nc_benchmark(train, train, n_experiences=3, task_labels=False,
+                          fixed_class_order=list(range(6)),
+                          train_transform=transforms.RandomHorizontalFlip(),
+                          eval_transform=None)
+    strategy = clip_strategy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        strategy.train(stream.train_stream[0])
+        strategy.train(stream.train_stream[1])
+    messages = [str(w.message) for w in caught if "random training transform" in str(w.message)]
+    assert len(messages) == 1 and "RandomHorizontalFlip" in messages[0]
+    assert strategy._random_train_transform is not None
+
+    class Jitter:                                   # random, but not a torchvision class
+        def __call__(self, x):
+            return (x + 0.01 * torch.rand_like(x)).clamp(0, 1)
+
+    custom = nc_benchmark(train, train, n_experiences=3, task_labels=False,
+                          fixed_class_order=list(range(6)), train_transform=Jitter())
+    strategy = clip_strategy()
+    with pytest.warns(UserWarning, match="an item read twice came out different"):
+        strategy.train(custom.train_stream[0])
+
+
+def test_wrong_layout_still_errors(clip_strategy, synthetic_stream, tiny_config):
+    strategy = clip_strategy(config=tiny_config(**{**FAST, "init_class": 3, "increment": 1,
+                                                   "total_tasks": 4}))
+    with pytest.raises(ConfigError, match="experience 0 has 2 classes but the config expects 3"):
+        strategy.train(synthetic_stream.train_stream[0])
