@@ -206,9 +206,15 @@ def save_checkpoint(state: Dict[str, Any], folder: Path, keep: int = 2) -> Path:
     remove_temp_files(folder, is_checkpoint_name)
     save_atomic({**state, "format": FORMAT_VERSION}, path, experience=experience)
     kill_point("checkpoint", experience)
+    prune_checkpoints(folder, keep)
+    return path
+
+
+def prune_checkpoints(folder: Path, keep: int = 2) -> None:
+    """Delete all but the newest ``keep`` checkpoints (a save killed after its rename left
+    one too many)."""
     for _, old in list_checkpoints(folder)[keep:]:
         old.unlink(missing_ok=True)
-    return path
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:

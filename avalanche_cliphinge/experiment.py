@@ -426,6 +426,7 @@ def _run_locked(config: CLIPHingeConfig, bundle, output_dir: Path, lock, *, back
         _remove_run_files(output_dir, RUN_FILES if overwrite or resume else LOG_FILES)
     else:
         restore_logs(output_dir, state, log)
+        ckpt.prune_checkpoints(checkpoints)
     write_text_atomic(config.to_json(), output_dir / "config.json")
     evaluator, tb_logger = make_evaluator(output_dir, wandb=wandb, interactive=interactive,
                                           resume=state is not None)
