@@ -70,9 +70,8 @@ from .strategy import CLIPHingeStrategy, build_model
 ZEROSHOT = "zeroshot"
 CLIPHINGE = "cliphinge"
 BENCHMARKS = ("split_cifar100", "imagenet_r", "smoke")
-DEFAULT_CONFIGS = {"split_cifar100": "experiments/configs/cifar100_split.json",
-                   "imagenet_r": "experiments/configs/imagenet_r_split.json",
-                   "smoke": "experiments/configs/cifar100_split.json"}
+DEFAULT_CONFIGS = {"split_cifar100": "cifar100_b0_inc10", "imagenet_r": "imagenet_r_b0_inc20",
+                   "smoke": "cifar100_b0_inc10"}
 
 #: CLIPHinge ablations: config overrides on top of the run's config.
 ABLATIONS: Dict[str, Dict[str, Any]] = {
@@ -841,8 +840,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if "
                                                        "available)")
     parser.add_argument("--config", default=None,
-                        help="CLIPHinge JSON config (default: the benchmark's file in "
-                             "experiments/configs)")
+                        help="a shipped preset name or a JSON config file (default: "
+                             "cifar100_b0_inc10, or imagenet_r_b0_inc20 for ImageNet-R)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (JSON value), repeatable; "
                              "baseline.<key>=... sets a baseline setting (baseline.lr=0.05)")
@@ -922,7 +921,8 @@ def load_backbone(config: CLIPHingeConfig, seed: int,
     """``load_clip`` after seeding torch with ``seed``: random weights (``pretrained=None``)
     are then the same in every process, so smoke comparisons reproduce."""
     seed_everything(seed)
-    return load_clip(config.model_name, config.pretrained, device=device)
+    return load_clip(config.model_name, config.pretrained, device=device,
+                     allow_activation_mismatch=config.allow_activation_mismatch)
 
 
 def prepare_output(output_dir: Path, overwrite: bool) -> None:

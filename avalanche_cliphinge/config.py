@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -51,8 +52,11 @@ class CLIPHingeConfig:
     ctx_init: str = "a photo of a"
     prompt_template: str = "a good photo of a {}."
     update_old_text_prompts: bool = False
+    returning_class_prompts: str = "train"
     # --- Gaussian replay -------------------------------------------------------------------
     samples_per_old_class: int = 20
+    replay_classes_per_step: int = 0
+    rapf_shrink_cov: bool = False
     covariance_shrinkage: float = 0.0
     covariance_jitter: float = 1e-4
     # --- text-side hinge -------------------------------------------------------------------
@@ -60,7 +64,8 @@ class CLIPHingeConfig:
     text_hinge_margin: float = 0.1
     text_hinge_weight: float = 1.0
     text_hard_pair_threshold: float = 0.85
-    text_top_hard_pairs: int = 10
+    text_hard_pair_metric: str = "cosine"
+    text_top_hard_pairs: Optional[int] = 10
     hinge_samples_per_pair: int = 8
     hinge_grad_to_old_text: bool = False
     # --- image-side hinge ------------------------------------------------------------------
@@ -68,7 +73,7 @@ class CLIPHingeConfig:
     image_hinge_margin: float = 0.1
     image_hinge_weight: float = 1.0
     image_hard_pair_threshold: float = 0.8
-    image_top_hard_pairs: int = 10
+    image_top_hard_pairs: Optional[int] = 10
     # --- image adapter ---------------------------------------------------------------------
     use_image_adapter: bool = False
     # --- stage 2 ---------------------------------------------------------------------------
@@ -84,8 +89,9 @@ class CLIPHingeConfig:
     lora_alpha: float = 16.0
     lora_layers: List[int] = field(default_factory=lambda: [10, 11])
     # --- backbone and implementation -------------------------------------------------------
-    model_name: str = "ViT-B-16"
+    model_name: str = "ViT-B-16-quickgelu"
     pretrained: Optional[str] = "openai"
+    allow_activation_mismatch: bool = False
     cache_features: bool = True
     feature_cache_dir: Optional[str] = None
     feature_cache_max_gb: float = 8.0
@@ -116,19 +122,26 @@ class CLIPHingeConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "CLIPHingeConfig":
-        """Read a JSON object of config keys (missing keys keep their defaults)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass a JSON file such as "
-                              "experiments/configs/cifar100_split.json")
+        """Read a JSON object of config keys (missing keys keep their defaults).
+
+        ``path`` is a file, or the name of a shipped preset (``cifar100_b0_inc10``; see
+        ``list_presets``). A ``"reproduces"`` entry (what the file reproduces, in words) is
+        not a config key: it is read by ``config_reproduces`` and skipped here.
+        """
+        path = resolve_config_path(path)
         try:
-            values = json.loads(path.read_text())
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: "
+                              f"{err.object[err.start:err.start + 1]!r}); save it as UTF-8 "
+                              "JSON") from None
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}): "
                               f"{err.msg}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold one JSON object of config keys, got "
                               f"{type(values).__name__}")
+        values.pop("reproduces", None)
         return cls.from_dict(values, source=str(path))
 
     def to_dict(self) -> Dict[str, Any]:
@@ -189,8 +202,8 @@ class CLIPHingeConfig:
                         "eval_batch_size", "lora_rank"]
         for key in positive_int:
             _require(key, getattr(self, key) >= 1, ">= 1", getattr(self, key))
-        non_negative = ["init_epochs", "epochs", "samples_per_old_class", "text_top_hard_pairs",
-                        "image_top_hard_pairs", "hinge_samples_per_pair", "second_stage_epochs",
+        non_negative = ["init_epochs", "epochs", "samples_per_old_class",
+                        "replay_classes_per_step", "hinge_samples_per_pair", "second_stage_epochs",
                         "second_stage_start_task", "num_workers", "weight_decay",
                         "second_stage_weight_decay", "text_hinge_weight", "image_hinge_weight",
                         "second_stage_fusion_weight", "covariance_jitter", "text_hinge_margin",
@@ -206,17 +219,40 @@ class CLIPHingeConfig:
             _require(key, 0 <= value <= 1, "in [0, 1]", value)
         _require("covariance_shrinkage", 0 <= self.covariance_shrinkage <= 1, "in [0, 1]",
                  self.covariance_shrinkage)
-        for key in ["text_hard_pair_threshold", "image_hard_pair_threshold"]:
+        for key in ["text_top_hard_pairs", "image_top_hard_pairs"]:
             value = getattr(self, key)
-            _require(key, -1 <= value <= 1, "a cosine similarity in [-1, 1]", value)
+            _require(key, value is None or value >= 0, ">= 0, or null for no cap", value)
+        _require("text_hard_pair_metric", self.text_hard_pair_metric in ("cosine", "euclidean"),
+                 "'cosine' (pairs above the threshold) or 'euclidean' (pairs of unit text "
+                 "features closer than the threshold)", self.text_hard_pair_metric)
+        if self.text_hard_pair_metric == "euclidean":
+            _require("text_hard_pair_threshold", 0 <= self.text_hard_pair_threshold <= 2,
+                     "a distance between unit vectors in [0, 2] with text_hard_pair_metric "
+                     "'euclidean'", self.text_hard_pair_threshold)
+        else:
+            _require("text_hard_pair_threshold", -1 <= self.text_hard_pair_threshold <= 1,
+                     "a cosine similarity in [-1, 1]", self.text_hard_pair_threshold)
+        _require("image_hard_pair_threshold", -1 <= self.image_hard_pair_threshold <= 1,
+                 "a cosine similarity in [-1, 1]", self.image_hard_pair_threshold)
+        if self.replay_classes_per_step > 0:
+            _require("samples_per_old_class", self.samples_per_old_class >= 1,
+                     ">= 1 when replay_classes_per_step > 0 (features per replayed class and "
+                     "step)", self.samples_per_old_class)
+        _require("returning_class_prompts", self.returning_class_prompts in ("train", "freeze"),
+                 "'train' or 'freeze'", self.returning_class_prompts)
         _require("precision", self.precision in ("fp32", "bf16"), "'fp32' or 'bf16'",
                  self.precision)
         _require("lr_decay_epochs", all(e >= 1 for e in self.lr_decay_epochs),
                  "a list of epoch indices >= 1", self.lr_decay_epochs)
         _require("lora_layers", all(i >= 0 for i in self.lora_layers),
                  "a list of transformer block indices >= 0", self.lora_layers)
-        _require("prompt_template", "{}" in self.prompt_template,
-                 "a template with one '{}' for the class name", self.prompt_template)
+        _require("prompt_template", _template_fields(self.prompt_template) == [("", "", None)],
+                 "a template with exactly one '{}' for the class name and no other field",
+                 self.prompt_template)
+        _require("pretrained", self.pretrained is None or self.pretrained.strip() != "",
+                 "an open_clip tag (openai), a weights file, or null for random weights",
+                 self.pretrained)
+        self._check_upper_bounds()
         if isinstance(self.class_order, str):
             _require("class_order", self.class_order in ("icarl", "rapf", "pycil", "natural"),
                      "'icarl', 'rapf', 'pycil', 'natural' or a list of class ids",
@@ -228,12 +264,113 @@ class CLIPHingeConfig:
                               f"of integer class ids, got {self.class_order!r}")
 
 
+    def _check_upper_bounds(self) -> None:
+        """Upper bounds the run can honour: float32 range, the text encoder's context,
+        replay and hinge tensors within ``MEMORY_BUDGET_BYTES``, seeds that every generator
+        (numpy's legacy one included) accepts, sane epoch and worker counts."""
+        for key, kind in _TYPES.items():
+            value = getattr(self, key)
+            if kind == "float":
+                _require(key, math.isfinite(value) and abs(value) <= FLOAT32_MAX,
+                         f"finite and within float32's range (|x| <= {FLOAT32_MAX:.4g})",
+                         value)
+        for key, most in INT_BOUNDS.items():
+            value = getattr(self, key)
+            values = value if isinstance(value, list) else [value]
+            _require(key, all(v is None or v <= most for v in values), f"at most {most}",
+                     value)
+        _require("seed", 0 <= self.seed < 2 ** 32, "in 0..2**32 - 1 (numpy's legacy seeds)",
+                 self.seed)
+        _require("hinge_samples_per_pair", self.hinge_samples_per_pair >= 1, ">= 1",
+                 self.hinge_samples_per_pair)
+        n_classes = self.n_classes
+        per_sample = n_classes * MAX_FEATURE_DIM * 4
+        most = MEMORY_BUDGET_BYTES // per_sample
+        _require("samples_per_old_class", self.samples_per_old_class <= most,
+                 f"at most {most} (replayed {MAX_FEATURE_DIM}-d float32 features of "
+                 f"{n_classes} classes within {MEMORY_BUDGET_BYTES >> 30} GiB)",
+                 self.samples_per_old_class)
+        caps = [n_classes * n_classes if cap is None else cap      # None: no cap
+                for cap in (self.text_top_hard_pairs, self.image_top_hard_pairs)]
+        pairs = max(1, min(max(caps), n_classes * n_classes))
+        most = MEMORY_BUDGET_BYTES // (pairs * MAX_FEATURE_DIM * 4)
+        _require("hinge_samples_per_pair", self.hinge_samples_per_pair <= most,
+                 f"at most {most} (hinge samples of {pairs} pairs, {MAX_FEATURE_DIM}-d float32, "
+                 f"within {MEMORY_BUDGET_BYTES >> 30} GiB)", self.hinge_samples_per_pair)
+
+
+#: Largest finite float32: every float key must fit (the model computes in float32).
+FLOAT32_MAX = 3.4028234663852886e38
+#: Memory estimate bounds: replayed and hinge features are at most this many bytes, counted
+#: with CLIP's widest image feature (ViT-H/14: 1024).
+MEMORY_BUDGET_BYTES = 8 << 30
+MAX_FEATURE_DIM = 1024
+#: Upper bounds of the integer keys. n_ctx: CLIP's 77-token context holds the start and end
+#: tokens, the context, at least one token of the class name and the full stop.
+INT_BOUNDS = {"init_class": 100_000, "increment": 100_000, "total_tasks": 10_000,
+              "init_epochs": 10_000, "epochs": 10_000, "second_stage_epochs": 10_000,
+              "batch_size": 1 << 20, "eval_batch_size": 1 << 20, "n_ctx": 73,
+              "text_top_hard_pairs": 1_000_000, "image_top_hard_pairs": 1_000_000,
+              "second_stage_start_task": 10_000, "lora_rank": 4096, "num_workers": 512,
+              "lr_decay_epochs": 10_000, "lora_layers": 1000}
+
+
+def _template_fields(template: str):
+    """``(literal, field name, format spec, conversion)`` minus the literal, per field of a
+    ``str.format`` template; ``[("?", "?", "?")]`` for a template ``format`` cannot parse."""
+    try:
+        return [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+                if name is not None]
+    except ValueError:
+        return [("?", "?", "?")]
+
+
 _TYPES = {f.name: f.type for f in dataclasses.fields(CLIPHingeConfig)}
+
+
+#: The shipped presets: one JSON file each, holding only what differs from the defaults.
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def list_presets() -> Dict[str, str]:
+    """``{preset name: what it reproduces}`` for every shipped preset, sorted by name."""
+    return {path.stem: config_reproduces(path) or ""
+            for path in sorted(PRESETS_DIR.glob("*.json"))}
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """The file of a config: an existing path, else the shipped preset of that name.
+
+    Raises:
+        ConfigError: neither a file nor a preset; the message lists the presets.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESETS_DIR / f"{path.name.removesuffix('.json')}.json"
+    if path.parent == Path(".") and preset.is_file():
+        return preset
+    close = difflib.get_close_matches(str(name_or_path), list(list_presets()), n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(f"config '{name_or_path}' is neither a file nor a shipped preset; "
+                      f"{hint}presets: {', '.join(list_presets())}")
+
+
+def config_reproduces(name_or_path: str | Path) -> Optional[str]:
+    """The ``"reproduces"`` entry of a config file or preset (``None`` when it has none)."""
+    try:
+        values = json.loads(resolve_config_path(name_or_path).read_text(encoding="utf-8"))
+    except (ValueError, OSError):       # the config itself reports a bad file
+        return None
+    note = values.get("reproduces") if isinstance(values, dict) else None
+    return note if isinstance(note, str) else None
 
 
 def unknown_key_message(key: str, source: str) -> str:
     """One line for an unknown key, naming the closest known key when there is one."""
-    close = difflib.get_close_matches(key, CLIPHingeConfig.keys(), n=1, cutoff=0.5)
+    same_letters = [k for k in CLIPHingeConfig.keys() if k.lower() == key.lower()]
+    close = same_letters or difflib.get_close_matches(key, CLIPHingeConfig.keys(), n=1,
+                                                      cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; see the README's config table"
     return f"{source}: unknown config key '{key}'{hint}"
 
@@ -263,6 +400,9 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             raise bad
     elif kind == "Optional[str]":
         if value is not None and not isinstance(value, str):
+            raise bad
+    elif kind == "Optional[int]":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise bad
     elif kind == "List[int]":
         if not isinstance(value, (list, tuple)) or any(

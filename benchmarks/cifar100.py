@@ -32,18 +32,11 @@ _ICARL_ORDER = [
     54, 26, 35, 39,
 ]
 
-# RAPF's released class_orders/cifar100_order.yaml.
-_RAPF_ORDER = [
-    99, 71, 95, 8, 57, 25, 87, 21, 65, 86, 10, 2, 22, 12, 63, 34, 18, 96, 32, 92, 48, 68, 62, 54,
-    17, 82, 29, 56, 38, 50, 14, 31, 94, 11, 13, 76, 59, 20, 84, 93, 41, 78, 35, 73, 70, 28, 30,
-    69, 4, 7, 47, 60, 3, 16, 45, 19, 83, 81, 5, 55, 67, 98, 75, 26, 51, 49, 80, 72, 15, 42, 6, 77,
-    27, 39, 61, 36, 37, 88, 64, 91, 44, 66, 46, 85, 74, 79, 52, 40, 89, 33, 43, 0, 97, 9, 1, 23,
-    90, 24, 53, 58,
-]
-
 CIFAR100_ORDERS: dict[str, list[int]] = {
     "icarl": _ICARL_ORDER,
-    "rapf": _RAPF_ORDER,
+    # RAPF's released class_orders/cifar100_order.yaml is iCaRL's order (an earlier commit of
+    # that file held another permutation, superseded).
+    "rapf": _ICARL_ORDER,
     # PyCIL / PILOT / PROOF: numpy's legacy RNG with seed 1993.
     "pycil": np.random.RandomState(1993).permutation(100).tolist(),
 }

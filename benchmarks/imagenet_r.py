@@ -29,6 +29,23 @@ from .imagenet_r_classes import IMAGENET_R_CLASS_NAMES, IMAGENET_R_WNIDS
 _FOLDER = "imagenet-r"
 _URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
 
+#: Named class orders: indices into the 200 sorted wnids. "rapf" is RAPF's released
+#: class_orders/imagenet_R_order.yaml (ECCV'24 code).
+IMAGENET_R_ORDERS: dict[str, list[int]] = {
+    "rapf": [
+        29, 75, 18, 9, 62, 46, 133, 54, 89, 24, 135, 158, 119, 198, 49, 96, 32, 21, 79, 3, 65,
+        131, 191, 30, 140, 113, 84, 95, 188, 167, 127, 164, 185, 170, 168, 136, 98, 12, 121, 186,
+        193, 172, 51, 19, 104, 108, 161, 178, 73, 152, 7, 61, 39, 67, 14, 91, 111, 41, 56, 194,
+        23, 145, 184, 165, 189, 122, 128, 48, 66, 47, 148, 92, 199, 109, 160, 110, 132, 102, 154,
+        107, 33, 70, 80, 173, 187, 97, 43, 81, 153, 147, 112, 17, 52, 195, 144, 50, 146, 40, 141,
+        143, 106, 10, 22, 115, 162, 44, 1, 34, 134, 26, 183, 4, 87, 139, 45, 94, 27, 83, 130, 103,
+        126, 138, 35, 123, 190, 105, 71, 88, 76, 156, 180, 176, 25, 37, 137, 6, 15, 175, 192, 63,
+        11, 31, 8, 196, 36, 159, 85, 28, 77, 93, 174, 78, 171, 150, 42, 99, 0, 2, 149, 86, 72,
+        163, 166, 117, 116, 74, 125, 55, 90, 120, 114, 20, 182, 68, 69, 181, 157, 38, 59, 179, 16,
+        177, 64, 57, 5, 58, 129, 13, 118, 124, 100, 169, 142, 155, 101, 53, 82, 60, 151, 197,
+    ],
+}
+
 
 def split_imagenet_r(
     root: Union[str, Path],
@@ -38,7 +55,7 @@ def split_imagenet_r(
     split: Union[str, Path] = "seeded",
     seed: int = 1993,
     train_fraction: float = 0.8,
-    class_order: Optional[Sequence[int]] = None,
+    class_order: Union[None, str, Sequence[int]] = None,
     train_transform: Optional[Callable] = None,
     eval_transform: Optional[Callable] = None,
 ) -> StreamBundle:
@@ -52,12 +69,17 @@ def split_imagenet_r(
             are permuted by `numpy.random.RandomState([seed, <wnid digits>])` and the first
             `round(train_fraction * n)` (half rounds up) go to train; a class with >= 2 images
             keeps >= 1 of each. A class's split depends only on its own files and the seed.
-            Otherwise a directory holding `train.txt` and `test.txt`, one `relative/path label`
-            per line (e.g. `imagenet-r/n01443537/art_0.jpg 0`), paths relative to the folder
-            above `imagenet-r/` or inside it; labels must be the class ids defined below.
+            Otherwise a published list: a directory holding `train.txt` and `test.txt`, one
+            `relative/path label` per line (e.g. `imagenet-r/n01443537/art_0.jpg 0`), paths
+            relative to the folder above `imagenet-r/` or inside it, labels the class ids
+            defined below; or one file in RAPF's format (its
+            `imgr_split/imgr_train_test_split.txt`): a line `train`, paths `wnid/file.jpg`,
+            a line `test`, paths, the label taken from the wnid folder. The format is told
+            by the path: a directory or a file.
         seed: seed of the "seeded" split (ignored with split lists).
         train_fraction: share of each class used for training in the "seeded" split, in (0, 1).
-        class_order: the class ids in task order; `None` -> ascending ids (0, 1, 2, ...).
+        class_order: the class ids in task order; `None` -> ascending ids (0, 1, 2, ...);
+            "rapf" -> RAPF's order (`IMAGENET_R_ORDERS`, needs all 200 class folders).
         train_transform: applied to training images (PIL RGB); `None` -> `ToTensor()`. Images
             vary in size: pass a transform that resizes (CLIP's preprocessing) to batch them.
         eval_transform: applied to test images; `None` -> `ToTensor()`.
@@ -75,6 +97,14 @@ def split_imagenet_r(
     """
     data_dir = _find_data_dir(Path(root).expanduser())
     wnids = [w for w in IMAGENET_R_WNIDS if (data_dir / w).is_dir()]
+    known = set(IMAGENET_R_WNIDS)
+    strays = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and p.name not in known)
+    if strays:
+        warnings.warn(
+            f"ImageNet-R at {data_dir}: {len(strays)} folder(s) are not ImageNet-R wnids and are "
+            f"left out: {', '.join(strays[:5])}{' ...' if len(strays) > 5 else ''}",
+            stacklevel=2,
+        )
     if len(wnids) < len(IMAGENET_R_WNIDS):
         warnings.warn(
             f"ImageNet-R at {data_dir} has {len(wnids)} of the 200 class folders: class ids "
@@ -84,10 +114,7 @@ def split_imagenet_r(
     names = [IMAGENET_R_CLASS_NAMES[IMAGENET_R_WNIDS.index(w)] for w in wnids]
     n_classes = len(wnids)
     check_task_split(n_classes, init_class, increment)
-    if class_order is None:
-        order, order_name = list(range(n_classes)), "ascending"
-    else:
-        order, order_name = check_class_order(class_order, n_classes), "explicit"
+    order, order_name = _resolve_order(class_order, n_classes)
 
     if str(split) == "seeded":
         if not 0.0 < train_fraction < 1.0:
@@ -100,25 +127,40 @@ def split_imagenet_r(
             "seed": seed,
         }
     else:
-        split_dir = Path(split).expanduser()
-        lists = [split_dir / "train.txt", split_dir / "test.txt"]
-        missing = [str(p) for p in lists if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"Split list(s) {missing} not found: `split` must be 'seeded' or a directory "
-                f"holding train.txt and test.txt (lines `imagenet-r/<wnid>/<file> <label>`)."
+        split_path = Path(split).expanduser()
+        if split_path.is_file():
+            lists = [split_path]
+            (train_files, train_labels), (test_files, test_labels) = _read_rapf_list(
+                split_path, data_dir, wnids
             )
-        train_files, train_labels = _read_list(lists[0], data_dir, wnids)
-        test_files, test_labels = _read_list(lists[1], data_dir, wnids)
+            split_format = "RAPF's single-file list"
+        else:
+            lists = [split_path / "train.txt", split_path / "test.txt"]
+            missing = [str(p) for p in lists if not p.is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"Split list(s) {missing} not found: `split` must be 'seeded', a directory "
+                    f"holding train.txt and test.txt (lines `imagenet-r/<wnid>/<file> "
+                    f"<label>`), or a file in RAPF's format (`train`, paths, `test`, paths)."
+                )
+            train_files, train_labels = _read_list(lists[0], data_dir, wnids)
+            test_files, test_labels = _read_list(lists[1], data_dir, wnids)
+            split_format = "train.txt / test.txt lists"
         without_train = sorted(set(range(n_classes)) - set(train_labels))
         if without_train:
             raise ValueError(
-                f"{lists[0]} has no image of class(es) {without_train[:10]} "
+                f"{lists[0]} has no training image of class(es) {without_train[:10]} "
                 f"({', '.join(wnids[c] for c in without_train[:3])}...); every class present "
                 f"in {data_dir} needs training images."
             )
+        both = sorted(set(train_files) & set(test_files))
+        if both:
+            raise ValueError(
+                f"{len(both)} image(s) are in both the train and the test list, e.g. "
+                f"{both[0]}; a split list must keep them apart."
+            )
         split_record = {
-            "split": f"lists {lists[0]} and {lists[1]}",
+            "split": f"{split_format}: {', '.join(str(p) for p in lists)}",
             "split_md5": {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in lists},
             "seed": None,
         }
@@ -147,6 +189,80 @@ def split_imagenet_r(
         **split_record,
     )
     return StreamBundle(benchmark, names, order, protocol)
+
+
+def _resolve_order(class_order, n_classes: int) -> tuple[list[int], str]:
+    """(class ids in task order, the order's name for the protocol record)."""
+    if class_order is None:
+        return list(range(n_classes)), "ascending"
+    if isinstance(class_order, str):
+        if class_order not in IMAGENET_R_ORDERS:
+            raise ValueError(
+                f"class_order {class_order!r} is not an ImageNet-R order; use 'natural' "
+                f"(sorted wnids), {', '.join(repr(k) for k in IMAGENET_R_ORDERS)} or a list "
+                f"of class ids."
+            )
+        if n_classes != len(IMAGENET_R_WNIDS):
+            raise ValueError(
+                f"class_order {class_order!r} orders the 200 ImageNet-R classes but only "
+                f"{n_classes} class folders are present; restore the others or pass a list."
+            )
+        return list(IMAGENET_R_ORDERS[class_order]), class_order
+    return check_class_order(class_order, n_classes), "explicit"
+
+
+def _read_text_lines(list_file: Path) -> list[str]:
+    """The lines of a split list; a binary or non-UTF-8 file is a one-line error."""
+    try:
+        return list_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{list_file} is not a UTF-8 text file (byte {err.start}); a split list holds one "
+            f"image path per line."
+        ) from None
+
+
+def _read_rapf_list(list_file: Path, data_dir: Path, wnids: list[str]):
+    """RAPF's format: `train`, then `wnid/file.jpg` lines, then `test`, then paths.
+
+    Returns `((train_files, train_labels), (test_files, test_labels))`, labels from the wnid.
+    """
+    class_of = {w: i for i, w in enumerate(wnids)}
+    parts = {"train": ([], []), "test": ([], [])}
+    section = None
+    for line_number, line in enumerate(_read_text_lines(list_file), start=1):
+        entry = line.strip()
+        if not entry:
+            continue
+        where = f"{list_file}, line {line_number}"
+        if entry in parts:
+            if parts[entry][0] or entry == section:
+                raise ValueError(f"{where}: a second `{entry}` section; the list holds one "
+                                 f"`train` and one `test` section.")
+            section = entry
+            continue
+        if section is None:
+            raise ValueError(
+                f"{where}: expected the line `train` before any path (RAPF's format: `train`, "
+                f"paths, `test`, paths), got {entry!r}."
+            )
+        relative = Path(entry.removeprefix(_FOLDER + "/"))
+        if len(relative.parts) != 2:
+            raise ValueError(f"{where}: expected `<wnid>/<file>`, got {entry!r}.")
+        wnid = relative.parts[0]
+        if wnid not in class_of:
+            known = "not an ImageNet-R wnid" if wnid not in IMAGENET_R_WNIDS else (
+                f"has no class folder in {data_dir}")
+            raise ValueError(f"{where}: {wnid} {known}.")
+        path = data_dir / relative
+        if not path.is_file():
+            raise ValueError(f"{where}: {path} does not exist.")
+        parts[section][0].append(path)
+        parts[section][1].append(class_of[wnid])
+    if not parts["test"][0]:
+        raise ValueError(f"{list_file} has no `test` section with paths (RAPF's format: "
+                         f"`train`, paths, `test`, paths).")
+    return parts["train"], parts["test"]
 
 
 def _find_data_dir(root: Path) -> Path:
@@ -190,36 +306,35 @@ def _read_list(list_file: Path, data_dir: Path, wnids: list[str]):
     class_of = {w: i for i, w in enumerate(wnids)}
     n_classes = len(wnids)
     files, labels = [], []
-    with open(list_file, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            where = f"{list_file}, line {line_number}"
-            if len(fields) != 2:
-                raise ValueError(
-                    f"{where}: expected `relative/path label`, got {line.strip()!r}."
-                )
-            relative, label_text = fields
-            try:
-                label = int(label_text)
-            except ValueError:
-                raise ValueError(f"{where}: label {label_text!r} is not an integer.") from None
-            if not 0 <= label < n_classes:
-                raise ValueError(
-                    f"{where}: label {label} outside 0..{n_classes - 1} "
-                    f"({n_classes} class folders in {data_dir})."
-                )
-            relative = relative.removeprefix(_FOLDER + "/")
-            path = data_dir / relative
-            if not path.is_file():
-                raise ValueError(f"{where}: {path} does not exist.")
-            folder = Path(relative).parts[0]
-            if folder in class_of and class_of[folder] != label:
-                raise ValueError(
-                    f"{where}: label {label} but {folder} is class {class_of[folder]} (wnids "
-                    f"sorted); this list numbers classes differently, relabel it."
-                )
-            files.append(path)
-            labels.append(label)
+    for line_number, line in enumerate(_read_text_lines(list_file), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        where = f"{list_file}, line {line_number}"
+        if len(fields) != 2:
+            raise ValueError(
+                f"{where}: expected `relative/path label`, got {line.strip()!r}."
+            )
+        relative, label_text = fields
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise ValueError(f"{where}: label {label_text!r} is not an integer.") from None
+        if not 0 <= label < n_classes:
+            raise ValueError(
+                f"{where}: label {label} outside 0..{n_classes - 1} "
+                f"({n_classes} class folders in {data_dir})."
+            )
+        relative = relative.removeprefix(_FOLDER + "/")
+        path = data_dir / relative
+        if not path.is_file():
+            raise ValueError(f"{where}: {path} does not exist.")
+        folder = Path(relative).parts[0]
+        if folder in class_of and class_of[folder] != label:
+            raise ValueError(
+                f"{where}: label {label} but {folder} is class {class_of[folder]} (wnids "
+                f"sorted); this list numbers classes differently, relabel it."
+            )
+        files.append(path)
+        labels.append(label)
     return files, labels

@@ -338,7 +338,8 @@ def emit(record):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "experiments/configs/cifar100_split.json"))
+    parser.add_argument("--config", default="cifar100_b0_inc10",
+                        help="a shipped preset name or a JSON config file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--synthetic", action="store_true",
@@ -390,7 +391,8 @@ def main(argv=None):
         loader_rates(args, config)
         return
     torch.manual_seed(config.seed)         # random weights are the same in every process
-    backbone = load_clip(config.model_name, config.pretrained, device=device)
+    backbone = load_clip(config.model_name, config.pretrained, device=device,
+                         allow_activation_mismatch=config.allow_activation_mismatch)
     if args.preset == "tiny":
         from benchmarks import split_image_folder
 

@@ -17,7 +17,11 @@ CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 
 
 def check_cifar_files(args, config):
-    """Fail at once, before CLIP loads, when the CIFAR-100 files are not where expected."""
+    """Fail at once, before CLIP loads, when the config is another dataset's or the CIFAR-100
+    files are not where expected."""
+    if config.dataset != "cifar100":
+        raise ValueError(f"config {args.config} is for dataset '{config.dataset}', not "
+                         "CIFAR-100; run experiments/run_imagenet_r.py for ImageNet-R")
     if args.download:
         return
     root = Path(args.data_root).expanduser()
@@ -47,5 +51,5 @@ def cifar_stream(args, config, backbone):
 
 
 if __name__ == "__main__":
-    sys.exit(main(None, __doc__.splitlines()[0], "experiments/configs/cifar100_split.json",
+    sys.exit(main(None, __doc__.splitlines()[0], "cifar100_b0_inc10",
                   cifar_stream, check_data=check_cifar_files))

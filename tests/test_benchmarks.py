@@ -161,7 +161,8 @@ def test_cifar_with_device_resize_transforms_serves_uint8_images(offline_cifar):
 
 @pytest.mark.parametrize(
     "name, first",
-    [("icarl", [87, 0, 52, 58, 44]), ("rapf", [99, 71, 95, 8, 57]), ("pycil", None)],
+    # RAPF's current class_orders/cifar100_order.yaml is iCaRL's order
+    [("icarl", [87, 0, 52, 58, 44]), ("rapf", [87, 0, 52, 58, 44]), ("pycil", None)],
 )
 def test_cifar_named_orders(offline_cifar, name, first):
     expected = np.random.RandomState(1993).permutation(100).tolist() if first is None else None
@@ -444,3 +445,128 @@ def test_public_api_is_exported():
     assert set(CIFAR100_ORDERS) == {"icarl", "rapf", "pycil"}
     for order in CIFAR100_ORDERS.values():
         assert sorted(order) == list(range(100))
+
+
+# ---------------------------------------------------------------- published protocols
+def _rapf_list(tmp_path, sections, name="imgr_train_test_split.txt"):
+    """A split file in RAPF's format: `train`, paths, `test`, paths."""
+    path = tmp_path / name
+    lines = []
+    for section, paths in sections:
+        lines += [section] + paths
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_imagenet_r_reads_rapf_single_file_list(imagenet_r_root, tmp_path):
+    train, test, expected_train = [], [], []
+    for position, wnid in enumerate(IMAGENET_R_SUBSET):
+        for i in range(IMAGES_PER_WNID):
+            (test if i % 4 == 1 else train).append(f"{wnid}/art_{i}.jpg")
+            if i % 4 != 1:
+                expected_train.append((position, i))
+    path = _rapf_list(tmp_path, [("train", train), ("test", test)])
+    bundle = _imagenet_r(imagenet_r_root, split=path)
+    got_train, got_test = _split_identities(bundle)
+    assert got_train == sorted(expected_train)
+    assert got_test == sorted((p, i) for p in range(4) for i in (1, 5, 9))
+    for exp in bundle.benchmark.train_stream:      # labels come from the wnid folder
+        for image, target, _ in items(exp.dataset):
+            assert _identity(image)[0] == target
+    assert "RAPF" in bundle.protocol["split"]
+    assert list(bundle.protocol["split_md5"]) == [path.name]
+
+
+@pytest.mark.parametrize("lines, message", [
+    (["n01443537/art_0.jpg"], r"line 1: expected the line `train`"),
+    (["train", "n01443537/art_0.jpg", "test", "n01443537"], r"line 4: expected `<wnid>/<file>`"),
+    (["train", "n99999999/art_0.jpg"], r"line 2: n99999999 not an ImageNet-R wnid"),
+    (["train", f"{IMAGENET_R_WNIDS[1]}/art_0.jpg"], r"line 2: n\d+ has no class folder"),
+    (["train", "n01443537/art_99.jpg"], r"line 2: .*art_99.jpg does not exist"),
+    (["train", "n01443537/art_0.jpg", "train"], r"line 3: a second `train` section"),
+])
+def test_imagenet_r_rapf_list_errors_name_file_and_line(imagenet_r_root, tmp_path, lines,
+                                                          message):
+    path = tmp_path / "split.txt"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=f"split.txt, {message}"):
+        _imagenet_r(imagenet_r_root, split=path)
+
+
+def test_imagenet_r_split_list_checks(imagenet_r_root, tmp_path):
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"train\n\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match="binary.txt is not a UTF-8 text file"):
+        _imagenet_r(imagenet_r_root, split=binary)
+    train = [f"{w}/art_{i}.jpg" for w in IMAGENET_R_SUBSET for i in range(IMAGES_PER_WNID)]
+    both = _rapf_list(tmp_path, [("train", train), ("test", train[:3])], name="both.txt")
+    with pytest.raises(ValueError, match=r"3 image\(s\) are in both the train and the test"):
+        _imagenet_r(imagenet_r_root, split=both)
+
+
+def test_imagenet_r_stray_folders_are_named(imagenet_r_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(imagenet_r_root, root)
+    (root / "imagenet-r" / "n0144353").mkdir()          # a misspelt wnid
+    with pytest.warns(UserWarning, match=r"1 folder\(s\) are not ImageNet-R wnids.*n0144353"):
+        _imagenet_r(root)
+
+
+@pytest.fixture(scope="module")
+def full_imagenet_r_root(tmp_path_factory):
+    """All 200 wnid folders, two tiny images each (train and test of the seeded split)."""
+    root = tmp_path_factory.mktemp("inr_full")
+    for wnid in IMAGENET_R_WNIDS:
+        folder = root / "imagenet-r" / wnid
+        folder.mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (4, 4), (i, 0, 0)).save(folder / f"sketch_{i}.jpg")
+    return root
+
+
+def test_imagenet_r_rapf_order_by_name(full_imagenet_r_root, imagenet_r_root):
+    from benchmarks.imagenet_r import IMAGENET_R_ORDERS
+
+    order = IMAGENET_R_ORDERS["rapf"]
+    assert sorted(order) == list(range(200)) and order[:5] == [29, 75, 18, 9, 62]
+    bundle = split_imagenet_r(full_imagenet_r_root, class_order="rapf")
+    assert experience_classes(bundle)[0] == order[:20]
+    assert experience_classes(bundle)[-1] == order[180:]
+    assert bundle.protocol["class_order_name"] == "rapf"
+    assert bundle.protocol["class_order"] == order
+    with pytest.raises(ValueError, match="orders the 200 ImageNet-R classes but only 4"):
+        _imagenet_r(imagenet_r_root, class_order="rapf")
+    with pytest.raises(ValueError, match="'icarl' is not an ImageNet-R order"):
+        split_imagenet_r(full_imagenet_r_root, class_order="icarl")
+
+
+CIFAR_PRESET_LAYOUTS = {"cifar100_b0_inc10": [10] * 10, "cifar100_b0_inc5": [5] * 20,
+                        "cifar100_b0_inc20": [20] * 5, "cifar100_b50_inc10": [50] + [10] * 5,
+                        "cifar100_b50_inc5": [50] + [5] * 10,
+                        "rapf_cifar100_b0_inc10": [10] * 10}
+IMAGENET_R_PRESET_LAYOUTS = {"imagenet_r_b0_inc20": [20] * 10, "imagenet_r_b0_inc10": [10] * 20,
+                             "imagenet_r_b0_inc40": [40] * 5,
+                             "rapf_imagenet_r_b0_inc20": [20] * 10}
+
+
+def test_every_preset_builds_its_stated_task_layout(offline_cifar, full_imagenet_r_root):
+    from avalanche_cliphinge.config import CLIPHingeConfig, list_presets
+
+    assert set(list_presets()) == set(CIFAR_PRESET_LAYOUTS) | set(IMAGENET_R_PRESET_LAYOUTS)
+    for name, sizes in {**CIFAR_PRESET_LAYOUTS, **IMAGENET_R_PRESET_LAYOUTS}.items():
+        config = CLIPHingeConfig.from_json(name)
+        assert config.model_name == "ViT-B-16-quickgelu" and config.pretrained == "openai"
+        layout = dict(init_class=config.init_class, increment=config.increment)
+        if name in CIFAR_PRESET_LAYOUTS:
+            assert config.dataset == "cifar100"
+            bundle = split_cifar100(offline_cifar, class_order=config.class_order, **layout)
+            assert bundle.class_order == CIFAR100_ORDERS["icarl"]
+        else:
+            assert config.dataset == "imagenet_r"
+            order = None if config.class_order == "natural" else config.class_order
+            bundle = split_imagenet_r(full_imagenet_r_root, class_order=order, **layout)
+        assert [len(c) for c in experience_classes(bundle)] == sizes, name
+        assert config.total_tasks == len(sizes)
+        assert config.task_size(0) == sizes[0]

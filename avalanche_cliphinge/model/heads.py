@@ -28,8 +28,13 @@ class TaskHead(nn.Module):
         self.logit_scale = float(logit_scale)
 
     def forward(self, features: Tensor) -> Tensor:
-        """``[batch, dim]`` image features -> ``[batch, n_classes]`` logits."""
-        return self.logit_scale * self.linear(F.normalize(features.float(), dim=-1))
+        """``[batch, dim]`` image features -> ``[batch, n_classes]`` float32 logits.
+
+        Runs in float32 under any autocast: fused with CLIP's logits near 30, a bf16 head
+        would move scores by whole bf16 steps.
+        """
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.logit_scale * self.linear(F.normalize(features.float(), dim=-1))
 
 
 class ImageAdapter(nn.Module):

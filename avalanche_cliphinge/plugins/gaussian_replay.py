@@ -19,30 +19,49 @@ class GaussianReplayPlugin(SupervisedPlugin):
     gets its chunk as ``strategy.replay_features [k, dim]`` / ``strategy.replay_labels [k]``,
     which the strategy scores without the image encoder and adds to the cross-entropy.
 
+    With ``classes_per_step = k > 0`` the volume follows RAPF's released code instead: every
+    minibatch replays ``k`` old classes with ``samples_per_old_class`` features each, the
+    classes taken in turn from a list of the old classes shuffled once per epoch (batch b
+    gets list positions ``b*k .. b*k + k - 1``, modulo its length), so each epoch visits every
+    old class when ``k * batches >= old classes``. All draws of an epoch are made at its start.
+
     Args:
-        samples_per_old_class: features drawn per old class per epoch (0 disables replay).
+        samples_per_old_class: features drawn per old class per epoch, or with
+            ``classes_per_step`` per replayed class per minibatch (0 disables replay).
+        classes_per_step: ``k`` of the per-minibatch volume (0: the per-epoch volume).
         seed: base seed of the per-(task, epoch) generators.
     """
 
-    def __init__(self, samples_per_old_class: int = 20, seed: int = 0):
+    def __init__(self, samples_per_old_class: int = 20, seed: int = 0,
+                 classes_per_step: int = 0):
         super().__init__()
         self.samples_per_old_class = samples_per_old_class
+        self.classes_per_step = classes_per_step
         self.seed = seed
         self.chunks: Optional[List[Tuple[Tensor, Tensor]]] = None
 
     def before_training_epoch(self, strategy, **kwargs):
         model = strategy.model
-        old = [c for t in range(model.n_tasks - 1) for c in model.task_classes[t]]
+        old = strategy.experience_classes.old      # learned before, absent from this experience
         self.chunks = None
         if not old or self.samples_per_old_class == 0:
             return
         generator = torch.Generator().manual_seed(
             self.seed * 7919 + strategy.current_task * 1009 + strategy.clock.train_exp_epochs)
-        feats, labels = model.gaussians.sample(old, self.samples_per_old_class, generator)
-        order = torch.randperm(labels.numel(), generator=generator).to(labels.device)
-        feats, labels = feats[order].to(strategy.device), labels[order].to(strategy.device)
-        # contiguous views: a step takes its chunk without indexing or copying
         n_chunks = max(len(strategy.dataloader), 1)
+        if self.classes_per_step > 0:
+            cycle = torch.randperm(len(old), generator=generator)
+            picks = cycle[torch.arange(n_chunks * self.classes_per_step) % len(old)]
+            rows = model.gaussians.index_of([old[i] for i in picks.tolist()])
+            # grouped by pick, so chunk b holds exactly the k classes of minibatch b
+            feats, labels = model.gaussians.sample_rows(rows, self.samples_per_old_class,
+                                                        generator)
+        else:
+            feats, labels = model.gaussians.sample(old, self.samples_per_old_class, generator)
+            order = torch.randperm(labels.numel(), generator=generator).to(labels.device)
+            feats, labels = feats[order], labels[order]
+        feats, labels = feats.to(strategy.device), labels.to(strategy.device)
+        # contiguous views: a step takes its chunk without indexing or copying
         self.chunks = list(zip(torch.tensor_split(feats, n_chunks),
                                torch.tensor_split(labels, n_chunks)))
 

@@ -25,8 +25,11 @@ class HardPairHingePlugin(SupervisedPlugin):
 
     Args:
         text_hinge: enable the text-side pairs and loss.
-        text_margin, text_weight, text_threshold, text_top_k: their margin, weight, similarity
-            threshold (strictly greater) and maximum number of pairs.
+        text_margin, text_weight, text_threshold, text_top_k: their margin, weight, threshold
+            and maximum number of pairs (``None``: no cap, as RAPF).
+        text_metric: ``"cosine"`` (pairs with similarity strictly above ``text_threshold``)
+            or ``"euclidean"`` (pairs of unit text features strictly closer than it, RAPF's
+            rule); see ``select_hard_pairs``.
         image_hinge, image_margin, image_weight, image_threshold, image_top_k: the same for
             the image side.
         samples_per_pair: features drawn per pair per step.
@@ -36,14 +39,16 @@ class HardPairHingePlugin(SupervisedPlugin):
     """
 
     def __init__(self, *, text_hinge: bool = True, text_margin: float = 0.1,
-                 text_weight: float = 1.0, text_threshold: float = 0.85, text_top_k: int = 10,
+                 text_weight: float = 1.0, text_threshold: float = 0.85,
+                 text_top_k: Optional[int] = 10, text_metric: str = "cosine",
                  image_hinge: bool = False, image_margin: float = 0.1,
                  image_weight: float = 1.0, image_threshold: float = 0.8,
-                 image_top_k: int = 10, samples_per_pair: int = 8,
+                 image_top_k: Optional[int] = 10, samples_per_pair: int = 8,
                  grad_to_old_text: bool = False, seed: int = 0):
         super().__init__()
         self.text_hinge, self.text_margin, self.text_weight = text_hinge, text_margin, text_weight
         self.text_threshold, self.text_top_k = text_threshold, text_top_k
+        self.text_metric = text_metric
         self.image_hinge, self.image_margin = image_hinge, image_margin
         self.image_weight, self.image_threshold = image_weight, image_threshold
         self.image_top_k = image_top_k
@@ -63,6 +68,7 @@ class HardPairHingePlugin(SupervisedPlugin):
                    text_weight=config.text_hinge_weight,
                    text_threshold=config.text_hard_pair_threshold,
                    text_top_k=config.text_top_hard_pairs,
+                   text_metric=config.text_hard_pair_metric,
                    image_hinge=config.use_image_hinge_loss,
                    image_margin=config.image_hinge_margin,
                    image_weight=config.image_hinge_weight,
@@ -79,14 +85,16 @@ class HardPairHingePlugin(SupervisedPlugin):
         # noise is drawn on the training device, so a step never copies it from the host
         self._generator = torch.Generator(device=strategy.device)
         self._generator.manual_seed(self.seed * 104729 + task)
-        if task == 0:
+        # pairs of an old class (absent from this experience) and a class being trained
+        new = strategy.experience_classes.present
+        old = strategy.experience_classes.old
+        if not new or not old:
             return
-        new = model.task_classes[task]
-        old = [c for t in range(task) for c in model.task_classes[t]]
         if self.text_hinge:
             self.text_pairs = select_hard_pairs(model.raw_text_features(new),
                                                 model.raw_text_features(old), new, old,
-                                                self.text_threshold, self.text_top_k)
+                                                self.text_threshold, self.text_top_k,
+                                                self.text_metric)
         if self.image_hinge:
             self.image_pairs = select_hard_pairs(model.gaussians.mean_of(new),
                                                  model.gaussians.mean_of(old), new, old,
@@ -103,19 +111,21 @@ class HardPairHingePlugin(SupervisedPlugin):
         step reads nothing back from the GPU (default: looked up now).
         """
         model = strategy.model
-        text = model.last_text_features
+        text = strategy.step.text_features
         if text is None or not model.training:
             text = model.text_features()
         if index is None:
             index = pair_index(model, pairs, strategy.device)
         feats, _ = model.gaussians.sample_rows(index.rows, self.samples_per_pair,
                                                self._generator)
-        feats = model.image_embedding(feats.to(strategy.device))
-        feats = feats.reshape(len(pairs), self.samples_per_pair, -1)
-        old_text = text[index.old_cols]
-        if not self.grad_to_old_text:
-            old_text = old_text.detach()
-        return hinge_loss(feats, old_text, text[index.new_cols], margin)
+        # cosines in fp32 even under bf16 autocast: a margin of 0.1 is a few bf16 steps
+        with torch.autocast(strategy.device.type, enabled=False):
+            feats = model.image_embedding(feats.to(strategy.device).float())
+            feats = feats.reshape(len(pairs), self.samples_per_pair, -1)
+            old_text = text[index.old_cols].float()
+            if not self.grad_to_old_text:
+                old_text = old_text.detach()
+            return hinge_loss(feats, old_text, text[index.new_cols].float(), margin)
 
     def before_backward(self, strategy, **kwargs):
         for kind, pairs, margin, weight in (
