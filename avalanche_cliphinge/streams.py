@@ -198,9 +198,14 @@ def stream_transforms(backbone, *, augment: bool = False,
     backbone's eval transform) or, with ``resize_on_device``, uint8 tensors the model resizes
     on its device. ``augment`` makes the training transform the backbone's random training
     preprocessing (or a light random crop on the device path), which turns the feature cache
-    off for training. ``backbone`` is a ``CLIPBackbone``, a ``CLIPHingeModel`` or a
-    ``CLIPHingeStrategy``.
+    off for training. ``backbone`` is a ``CLIPBackbone``, a ``CLIPHingeModel``, a
+    ``CLIPHingeStrategy`` or an open_clip architecture name (e.g. ``"ViT-B-16-quickgelu"``;
+    its transforms do not depend on the weights, so none are loaded).
     """
+    if isinstance(backbone, str):
+        from .model.backbone import load_clip
+
+        backbone = load_clip(backbone, pretrained=None)
     backbone = getattr(getattr(backbone, "model", backbone), "backbone", backbone)
     if resize_on_device:
         eval_tf = transforms.PILToTensor()

@@ -8,7 +8,9 @@ the expected values are worked out here from torchvision/open_clip directly.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +36,14 @@ from avalanche_cliphinge.streams import (ClipInput, StreamInputError, class_name
 
 FAST = dict(init_epochs=2, epochs=2, second_stage_epochs=1, samples_per_old_class=4,
             text_hard_pair_threshold=-1.0, text_top_hard_pairs=2, hinge_samples_per_pair=4)
+
+
+class Labelled(torch.utils.data.TensorDataset):
+    """``(image, label)`` items with the ``targets`` list Avalanche reads."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        super().__init__(images, labels)
+        self.targets = labels.tolist()
 
 
 def quiet_evaluator(*metrics, loggers=()):
@@ -141,12 +151,17 @@ def graph_tensors(module: torch.nn.Module):
 
 
 class DeepCopyProbe(SupervisedPlugin):
+    """Looks for graph tensors on the model after every step; copies it after each epoch."""
+
     def __init__(self):
         super().__init__()
-        self.copies, self.graph = 0, []
+        self.steps, self.copies, self.graph = 0, 0, []
 
     def after_training_iteration(self, strategy, **kwargs):
         self.graph += graph_tensors(strategy.model)
+        self.steps += 1
+
+    def after_training_epoch(self, strategy, **kwargs):
         copy.deepcopy(strategy.model)
         self.copies += 1
 
@@ -158,8 +173,7 @@ def test_no_graph_on_the_model_between_steps_deepcopy_and_lwf(clip_strategy, nai
         strategy.plugins[:0] = [LwFPlugin(alpha=1.0, temperature=2.0), probe]
         for experience in synthetic_stream.train_stream[:2]:
             strategy.train(experience)
-        assert probe.copies == 16 and probe.graph == []
-    assert strategy.__class__ is Naive
+        assert (probe.steps, probe.copies, probe.graph) == (16, 4, [])
 
 
 def test_forward_hooks_fire_in_training(clip_strategy, naive_strategy, synthetic_stream):
@@ -249,9 +263,8 @@ def test_replay_plugin_and_every_metric_family_with_loggers(clip_strategy, naive
 
 
 def test_task_labels_reach_the_metrics(clip_strategy, naive_strategy, synthetic_data):
-    from conftest import LabelledTensorDataset
-    train = LabelledTensorDataset(synthetic_data["train_x"], synthetic_data["train_y"])
-    test = LabelledTensorDataset(synthetic_data["test_x"], synthetic_data["test_y"])
+    train = Labelled(synthetic_data["train_x"], synthetic_data["train_y"])
+    test = Labelled(synthetic_data["test_x"], synthetic_data["test_y"])
     stream = nc_benchmark(train, test, n_experiences=3, task_labels=True, seed=0,
                           fixed_class_order=list(range(6)),
                           class_ids_from_zero_in_each_exp=False)
@@ -265,10 +278,9 @@ def test_task_labels_reach_the_metrics(clip_strategy, naive_strategy, synthetic_
 
 # ---- class ids, names, classes that come back ----------------------------------------------
 def test_class_ids_with_gaps_and_a_name_mapping(tiny_config, synthetic_data):
-    from conftest import LabelledTensorDataset
     ids = torch.tensor([10, 11, 20, 21, 30, 31])
-    train = LabelledTensorDataset(synthetic_data["train_x"], ids[synthetic_data["train_y"]])
-    test = LabelledTensorDataset(synthetic_data["test_x"], ids[synthetic_data["test_y"]])
+    train = Labelled(synthetic_data["train_x"], ids[synthetic_data["train_y"]])
+    test = Labelled(synthetic_data["test_x"], ids[synthetic_data["test_y"]])
     stream = nc_benchmark(train, test, n_experiences=3, task_labels=False, seed=0,
                           fixed_class_order=ids.tolist())
     names = {10: "red", 11: "green", 20: "blue", 21: "red stripes", 30: "green stripes",
@@ -336,8 +348,6 @@ def test_an_online_stream_runs(clip_strategy, naive_strategy, synthetic_stream):
             strategy.train(experience)
         result = strategy.eval(synthetic_stream.test_stream[:2])
         assert "Top1_Acc_Stream/eval_phase/test_stream/Task000" in result
-    clip = [s for s in (strategy,)]
-    assert clip
 
 
 # ---- what the stream serves ---------------------------------------------------------------
@@ -390,23 +400,41 @@ def test_avalanche_default_cifar_transforms_are_refused_with_the_fix(clip_strate
     strategy.train(plain.train_stream[0])
 
 
-def test_random_train_transform_turns_the_cache_off_and_warns_once(clip_strategy,
+class InputRecorder(SupervisedPlugin):
+    """The number of dimensions of the minibatch inputs, in training and in evaluation."""
+
+    def __init__(self):
+        super().__init__()
+        self.train_dims, self.eval_dims = set(), set()
+
+    def before_forward(self, strategy, **kwargs):
+        self.train_dims.add(strategy.mb_x.ndim)
+
+    def before_eval_forward(self, strategy, **kwargs):
+        self.eval_dims.add(strategy.mb_x.ndim)
+
+
+def test_random_train_transform_turns_the_cache_off_and_warns_once(clip_strategy, tiny_config,
                                                                    synthetic_data):
-    from conftest import LabelledTensorDataset
     unit = (synthetic_data["train_x"] * 0.2 + 0.5).clamp(0, 1)
-    train = LabelledTensorDataset(unit, synthetic_data["train_y"])
+    train = Labelled(unit, synthetic_data["train_y"])
     stream = nc_benchmark(train, train, n_experiences=3, task_labels=False,
                           fixed_class_order=list(range(6)),
                           train_transform=transforms.RandomHorizontalFlip(),
                           eval_transform=None)
-    strategy = clip_strategy()
+    one_epoch = tiny_config(**{**FAST, "init_epochs": 1, "epochs": 1, "second_stage_epochs": 0})
+    strategy = clip_strategy(config=one_epoch)
+    inputs = InputRecorder()
+    strategy.plugins.insert(0, inputs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         strategy.train(stream.train_stream[0])
         strategy.train(stream.train_stream[1])
     messages = [str(w.message) for w in caught if "random training transform" in str(w.message)]
     assert len(messages) == 1 and "RandomHorizontalFlip" in messages[0]
-    assert strategy._random_train_transform is not None
+    assert inputs.train_dims == {4}            # images every step: no cached features
+    strategy.eval(stream.test_stream[:1])
+    assert inputs.eval_dims == {2}             # evaluation stays on cached features
 
     class Jitter:                                   # random, but not a torchvision class
         def __call__(self, x):
@@ -414,7 +442,7 @@ def test_random_train_transform_turns_the_cache_off_and_warns_once(clip_strategy
 
     custom = nc_benchmark(train, train, n_experiences=3, task_labels=False,
                           fixed_class_order=list(range(6)), train_transform=Jitter())
-    strategy = clip_strategy()
+    strategy = clip_strategy(config=one_epoch)
     with pytest.warns(UserWarning, match="an item read twice came out different"):
         strategy.train(custom.train_stream[0])
 
@@ -424,3 +452,21 @@ def test_wrong_layout_still_errors(clip_strategy, synthetic_stream, tiny_config)
                                                    "total_tasks": 4}))
     with pytest.raises(ConfigError, match="experience 0 has 2 classes but the config expects 3"):
         strategy.train(synthetic_stream.train_stream[0])
+
+
+def test_readme_own_script_example_runs(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"## Use it in your own Avalanche script.*?```python\n(.*?)```",
+                        readme, re.S).group(1)
+    exec(compile(example, "README.md", "exec"), {"__name__": "readme_example"})
+    printed = capsys.readouterr().out
+    assert printed.count("Top1_Acc_Stream/eval_phase/test_stream/Task000") == 2
+
+
+def test_stream_transforms_by_architecture_name(tiny_config, class_names):
+    train, test = stream_transforms("cliphinge-tiny")
+    model = build_model(tiny_config(), class_names)
+    image = pil_images(1)[0]
+    assert torch.equal(test(image), model.backbone.eval_transform(image)) and train is test
+    train, test = stream_transforms("cliphinge-tiny", augment=True)
+    assert any(type(t).__name__ == "RandomResizedCrop" for t in train.transforms)
