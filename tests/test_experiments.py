@@ -184,7 +184,7 @@ def test_the_last_two_checkpoints_are_kept(smoke_run, results):
 
 # ---- --set parsing ---------------------------------------------------------------------------
 def test_set_values_are_read_as_json_then_as_strings():
-    parser = build_parser("test", str(SCRIPTS / "configs" / "imagenet_r_split.json"))
+    parser = build_parser("test", "imagenet_r_b0_inc20")
     args = parser.parse_args(["--set", "pretrained=null", "--set", 'class_order="natural"',
                               "--set", "lr_decay_epochs=[2, 3]", "--set", "epochs=1",
                               "--set", "model_name=cliphinge-tiny", "--set", "lr=1e-2",
@@ -236,6 +236,9 @@ def test_run_imagenet_r_finishes_on_a_tiny_tree(tmp_path, capsys, monkeypatch):
     assert results["protocol"]["stream"] == "split_imagenet_r"
     assert results["test_sizes"] == [2, 2]  # 5 images per class: 4 train / 1 test
     assert results["protocol"]["class_order"] == [0, 1, 2, 3]
+    assert results["protocol"]["activation"] == "gelu"      # the tiny model's; OpenAI's: quickgelu
+    assert results["protocol"]["config_file"] == "imagenet_r_b0_inc20"
+    assert results["protocol"]["reproduces"].startswith("ImageNet-R B0 Inc20")
     assert len(wnids) == 4
     # The partial tree is announced on one line, not as a Python warning with source code.
     assert "warning: ImageNet-R at" in stderr and "warnings.warn" not in stderr
