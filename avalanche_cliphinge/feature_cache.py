@@ -7,17 +7,22 @@ entries leave first) and, optionally, in ``.pt`` files under a folder so a resum
 another run on the same data skips the extraction.
 
 Keys name everything that shapes a feature: the backbone (architecture and weights tag or file
-checksum), the device-side preprocessing, and a fingerprint of the dataset (its length, all
-its targets, and the bytes of the transformed first, middle and last items, so a changed
-transform or file list gives a new key).
+checksum), the device-side preprocessing, and a fingerprint of the dataset: its length, all
+its targets, the bytes of the transformed first, middle and last items (a changed transform
+or file list gives a new key), and the data under it: for a file-backed dataset the path,
+size and modification time of every file (an image replaced in place gives a new key), for
+an in-memory one (tensors, numpy arrays) the content.
 """
 from __future__ import annotations
 
 import hashlib
+import os
+import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,9 +31,101 @@ from .checkpoint import save_atomic
 Features = Tuple[Tensor, Tensor]
 
 
+#: Attributes through which Avalanche datasets, subsets and concatenations reach their data.
+_WRAPPERS = ("_flat_data", "_datasets", "datasets", "dataset", "_dataset")
+#: Attributes listing the files of a file-backed dataset: ``ImageFileDataset.paths``,
+#: torchvision's ``DatasetFolder.samples`` / ``ImageFolder.imgs`` (``(path, target)`` pairs).
+_FILE_LISTS = ("paths", "samples", "imgs")
+#: Attributes holding the data of an in-memory dataset (``TensorDataset``, CIFAR's arrays).
+_ARRAYS = ("tensors", "data")
+_content_digests: Dict[int, Tuple[Callable[[], object], tuple, bytes]] = {}
+
+
+def _leaves(dataset, depth: int = 0, seen: Optional[set] = None) -> List[object]:
+    """The datasets at the bottom of Avalanche's wrappers, each once."""
+    seen = set() if seen is None else seen
+    if id(dataset) in seen or depth > 32:
+        return []
+    seen.add(id(dataset))
+    inner = [getattr(dataset, name) for name in _WRAPPERS
+             if name in getattr(dataset, "__dict__", {})]
+    if not inner:
+        return [dataset]
+    found = []
+    for child in inner:
+        for item in child if isinstance(child, (list, tuple)) else [child]:
+            found += _leaves(item, depth + 1, seen)
+    return found
+
+
+def _files_of(leaf) -> Optional[List[str]]:
+    for name in _FILE_LISTS:
+        files = getattr(leaf, name, None)
+        if isinstance(files, (list, tuple)) and files:
+            return [str(f[0] if isinstance(f, (list, tuple)) else f) for f in files]
+    return None
+
+
+def _arrays_of(leaf) -> List[object]:
+    arrays = []
+    for name in _ARRAYS:
+        value = getattr(leaf, name, None)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (Tensor, np.ndarray)):
+                arrays.append(item)
+    return arrays
+
+
+def _content_digest(leaf, arrays: List[object]) -> bytes:
+    """Digest of the arrays' bytes, memoised while the arrays are the same objects, at the
+    same addresses and (tensors) not modified in place."""
+    signature = tuple((id(a), a.data_ptr() if isinstance(a, Tensor) else a.ctypes.data,
+                       tuple(a.shape), a._version if isinstance(a, Tensor) else 0)
+                      for a in arrays)
+    known = _content_digests.get(id(leaf))
+    if known is not None and known[0]() is leaf and known[1] == signature:
+        return known[2]
+    digest = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        data = array.detach().cpu().contiguous().numpy() if isinstance(array, Tensor) \
+            else np.ascontiguousarray(array)
+        digest.update(str((data.dtype, data.shape)).encode())
+        digest.update(memoryview(data.reshape(-1).view(np.uint8)))
+    try:
+        _content_digests[id(leaf)] = (weakref.ref(leaf), signature, digest.digest())
+    except TypeError:  # no weak references to this type: nothing memoised
+        pass
+    return digest.digest()
+
+
+def _data_digest(dataset, digest) -> None:
+    """Feed the files (path, size, modification time) or the in-memory content under
+    ``dataset`` into ``digest``."""
+    for leaf in _leaves(dataset):
+        files = _files_of(leaf)
+        if files is not None:
+            for name in files:
+                try:
+                    stat = os.stat(name)
+                    digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+                except OSError:
+                    digest.update(f"{name}|missing\n".encode())
+            continue
+        arrays = _arrays_of(leaf)
+        if arrays:
+            digest.update(_content_digest(leaf, arrays))
+
+
 def dataset_fingerprint(dataset, *extra: object) -> str:
-    """A 24-hex-digit key of a dataset of ``(image, label, ...)`` items plus ``extra`` values."""
+    """A 24-hex-digit key of a dataset of ``(image, label, ...)`` items plus ``extra`` values.
+
+    Besides the length, targets and a few transformed items, the key covers the data under
+    the dataset (through Avalanche's wrappers): every file's path, size and modification
+    time for file-backed datasets, the content of in-memory ones. A file changed in place
+    therefore gives a new key, and the cache never serves features of changed data.
+    """
     digest = hashlib.sha256()
+    _data_digest(dataset, digest)
     for value in extra:
         digest.update(repr(value).encode())
     n = len(dataset)
