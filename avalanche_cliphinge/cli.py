@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import time
@@ -10,9 +11,11 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from .checkpoint import CheckpointError
-from .config import CLIPHingeConfig, ConfigError
-from .experiment import RunError, check_output_dir, print_summary, run_experiment
+from .config import CLIPHingeConfig, ConfigError, config_reproduces, list_presets
+from .experiment import (RunError, check_output_dir, check_run_paths, prepare_output_dir,
+                         print_summary, run_experiment)
 from .model.backbone import TINY_MODEL, BackboneError, CLIPBackbone, load_clip
+from .run_lock import RunLockedError, hold
 
 #: Overrides of ``--preset smoke``: tiny random CLIP and the built-in synthetic stream.
 SMOKE = {"dataset": "synthetic", "model_name": TINY_MODEL, "pretrained": None,
@@ -26,15 +29,25 @@ DataCheck = Callable[[argparse.Namespace, CLIPHingeConfig], None]
 
 #: Failures of the request (config, data, folder, checkpoint, numerics): one ``error:`` line
 #: and exit code 2. Anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS = (ConfigError, BackboneError, RunError, CheckpointError, FileNotFoundError,
-                   NotADirectoryError, PermissionError, ValueError, FloatingPointError)
+EXPECTED_ERRORS = (ConfigError, BackboneError, RunError, CheckpointError, RunLockedError,
+                   FileNotFoundError, NotADirectoryError, PermissionError, ValueError,
+                   FloatingPointError)
+#: Errors of the disk or the folder (full, over quota, read-only, gone): one ``error:`` line
+#: naming the file, also when they come as a plain ``OSError``.
+DISK_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free space within your quota",
+               errno.EFBIG: "free space or raise the file size limit (ulimit -f)",
+               errno.EROFS: "make the file system writable",
+               errno.EACCES: "make the folder writable", errno.EPERM: "make the folder writable",
+               errno.EIO: "check the disk"}
 
 
 def build_parser(description: str, default_config: str) -> argparse.ArgumentParser:
     """The options of both experiment scripts."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, epilog=presets_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=default_config,
-                        help="JSON file of config keys (default: %(default)s)")
+                        help="a shipped preset (listed below) or a JSON file of config keys "
+                             "(default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, repeatable; the value is read as JSON "
                              "(5, 0.1, true, null, [4, 10], \"text\") and otherwise taken as "
@@ -54,6 +67,10 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
                              "offline, under a minute on 2 CPU cores")
     parser.add_argument("--download", action="store_true",
                         help="download the dataset when it is missing (needs internet)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out image files that cannot be read (one warning with "
+                             "their count and the first paths) instead of stopping at the "
+                             "first; reads every image once before the run")
     parser.add_argument("--augment", action="store_true",
                         help="random-resized-crop training augmentation (off by default, as in "
                              "RAPF; turns the feature cache off)")
@@ -73,6 +90,13 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
     return parser
 
 
+def presets_epilog() -> str:
+    """The shipped presets, one line each, for ``--help``."""
+    width = max(map(len, list_presets()))
+    lines = [f"  {name:<{width}}  {note.split(':')[0]}" for name, note in list_presets().items()]
+    return "shipped presets (--config NAME):\n" + "\n".join(lines)
+
+
 def resolve_config(args: argparse.Namespace) -> CLIPHingeConfig:
     """Config file, then the preset, then ``--set``, ``--pretrained`` and ``--seed``."""
     config = CLIPHingeConfig.from_json(args.config)
@@ -89,12 +113,19 @@ def resolve_config(args: argparse.Namespace) -> CLIPHingeConfig:
 
 
 def smoke_stream(config: CLIPHingeConfig):
-    """The synthetic stream of ``--preset smoke``, sized by the config's task layout."""
+    """The synthetic stream of ``--preset smoke``, sized by the config's task layout and in
+    its class order (``natural`` or a list of class ids; the CIFAR-100 orders are refused)."""
     from benchmarks import synthetic
 
+    order = config.class_order
+    if isinstance(order, str) and order != "natural":
+        raise ConfigError(f"class_order '{order}' is a CIFAR-100 order; the smoke stream has "
+                          f"{config.n_classes} classes: use 'natural' or a list of its class "
+                          "ids")
     return synthetic(n_classes=config.n_classes, init_class=config.init_class,
                      increment=config.increment, train_per_class=30, test_per_class=15,
-                     noise=0.25, seed=config.seed)
+                     noise=0.25, seed=config.seed,
+                     class_order=None if order == "natural" else order)
 
 
 class _RandomWeightsNotice(logging.Filter):
@@ -109,9 +140,22 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _one_line(err: BaseException) -> str:
-    """The error's message, at most two lines (the rest is in ``--debug``'s traceback)."""
+    """The error's message, at most two lines (the rest is in ``--debug``'s traceback).
+
+    An error raised in a DataLoader worker arrives wrapped in the worker's traceback; its
+    own message is the traceback's last line.
+    """
     lines = [ln for ln in str(err).strip().splitlines() if ln.strip()] or [type(err).__name__]
+    if lines[0].startswith("Caught ") and "worker" in lines[0] and len(lines) > 1:
+        lines = [lines[-1].split(": ", 1)[-1]]
     return "\n".join(lines[:2])
+
+
+def _disk_error(err: OSError, output_dir: Path) -> str:
+    """One line for a disk or folder error: the file, the reason, what to do."""
+    where = err.filename or output_dir
+    return (f"cannot write {where} ({err.strerror or err}); {DISK_ERRNOS[err.errno]}, then "
+            f"continue with --resume (the files written so far in {output_dir} are intact)")
 
 
 def main(argv: Optional[List[str]], description: str, default_config: str,
@@ -137,10 +181,12 @@ def main(argv: Optional[List[str]], description: str, default_config: str,
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             results, seconds = _run(args, argv, output_dir, stream_factory, check_data)
-    except EXPECTED_ERRORS as err:
-        if args.debug:
+    except (*EXPECTED_ERRORS, OSError) as err:
+        disk = isinstance(err, OSError) and err.errno in DISK_ERRNOS
+        if args.debug or not (disk or isinstance(err, EXPECTED_ERRORS)):
             raise
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {_disk_error(err, output_dir) if disk else _one_line(err)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted; continue with the same command plus --resume (output folder "
@@ -158,23 +204,33 @@ def _run(args: argparse.Namespace, argv: Optional[List[str]], output_dir: Path,
          stream_factory: StreamFactory, check_data: Optional[DataCheck]):
     import torch
 
+    from benchmarks.common import skip_unreadable_images
+
     began = time.perf_counter()
     config = resolve_config(args)
     if check_data is not None and args.preset != "smoke":
         check_data(args, config)
-    check_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # Random weights (pretrained=None) come from the global RNG: seed it first, so a resumed
-    # run gets the same frozen CLIP as the run it continues.
-    torch.manual_seed(config.seed)
-    backbone = load_clip(config.model_name, config.pretrained, device=device)
-    if args.preset == "smoke":
-        bundle = smoke_stream(config)
-    else:
-        bundle = stream_factory(args, config, backbone)
-    protocol = {"stream": bundle.protocol.get("name", config.dataset),
-                "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}
-    results = run_experiment(config, bundle, output_dir, backbone=backbone, device=device,
-                             resume=args.resume, overwrite=args.overwrite, force=args.force,
-                             wandb=args.wandb, interactive=not args.quiet, protocol=protocol)
+    check_run_paths(config)
+    # The folder is locked from the first look at it to the end of the run.
+    with hold(prepare_output_dir(output_dir)):
+        check_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # Random weights (pretrained=None) come from the global RNG: seed it first, so a
+        # resumed run gets the same frozen CLIP as the run it continues.
+        torch.manual_seed(config.seed)
+        backbone = load_clip(config.model_name, config.pretrained, device=device,
+                             allow_activation_mismatch=config.allow_activation_mismatch)
+        with skip_unreadable_images(args.skip_bad_images):
+            if args.preset == "smoke":
+                bundle = smoke_stream(config)
+            else:
+                bundle = stream_factory(args, config, backbone)
+        protocol = {"stream": bundle.protocol.get("name", config.dataset),
+                    "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+                    "config_file": str(args.config),
+                    "reproduces": config_reproduces(args.config)}
+        results = run_experiment(config, bundle, output_dir, backbone=backbone, device=device,
+                                 resume=args.resume, overwrite=args.overwrite,
+                                 force=args.force, wandb=args.wandb,
+                                 interactive=not args.quiet, protocol=protocol)
     return results, time.perf_counter() - began
