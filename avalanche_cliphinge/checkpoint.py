@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from .atomic import kill_point, remove_temp_files, write_atomic
-from .model.clip_hinge import CLIPHingeModel
-from .model.heads import ImageAdapter, TaskHead
+# a checkpoint's "model" entry is the saved-model format's learned state
+from .model.saving import learned_state as model_state  # noqa: F401
+from .model.saving import restore_learned_state as load_model_state  # noqa: F401
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^exp_(\d{3})\.pt$")
@@ -30,58 +31,6 @@ _NAME = re.compile(r"^exp_(\d{3})\.pt$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (corrupt, truncated, or from another run)."""
-
-
-# ---- model ----------------------------------------------------------------------------------
-def model_state(model: CLIPHingeModel) -> Dict[str, Any]:
-    """The learned and fitted parts of ``model`` (the frozen CLIP is not saved)."""
-    lora = {}
-    if model.lora is not None:
-        for name in model.lora.adapters:
-            lora[name] = {n: p.detach().cpu() for n, p in model.clip.visual.named_parameters()
-                          if f".{name}." in n and "lora_" in n}
-    return {
-        "task_classes": [list(c) for c in model.task_classes],
-        "prompts": [p.ctx.detach().cpu() for p in model.prompts],
-        "gaussians": {k: v.detach().cpu() for k, v in model.gaussians.state_dict().items()},
-        "heads": {k: {n: t.detach().cpu() for n, t in h.state_dict().items()}
-                  for k, h in model.heads.items()},
-        "head_scales": {k: h.logit_scale for k, h in model.heads.items()},
-        "adapter": None if model.adapter is None else {
-            k: v.detach().cpu() for k, v in model.adapter.state_dict().items()},
-        "lora": lora,
-    }
-
-
-def load_model_state(model: CLIPHingeModel, state: Dict[str, Any]) -> None:
-    """Rebuild the tasks of a fresh ``model`` from ``model_state`` output."""
-    if model.n_tasks:
-        raise CheckpointError("load_model_state needs a fresh model with no tasks")
-    device = model.column_of.device
-    for classes, ctx in zip(state["task_classes"], state["prompts"]):
-        task = model.add_task(classes)
-        with torch.no_grad():
-            model.prompts[task].ctx.copy_(ctx.to(device))
-    model.set_trainable_prompts([])
-    gaussians = state["gaussians"]
-    model.gaussians.load_state_dict(gaussians)
-    for key, head_state in state["heads"].items():
-        n_classes, dim = head_state["linear.weight"].shape
-        head = TaskHead(torch.zeros(n_classes, dim), state["head_scales"][key]).to(device)
-        head.load_state_dict(head_state)
-        head.requires_grad_(False)
-        model.heads[key] = head
-    if state["adapter"] is not None:
-        if model.adapter is None:
-            model.adapter = ImageAdapter(model.backbone.embed_dim).to(device)
-        model.adapter.load_state_dict(state["adapter"])
-    for name, params in state["lora"].items():
-        model.lora.add(name)
-        named = dict(model.clip.visual.named_parameters())
-        with torch.no_grad():
-            for key, value in params.items():
-                named[key].copy_(value.to(device))
-                named[key].requires_grad_(False)
 
 
 # ---- RNG ------------------------------------------------------------------------------------

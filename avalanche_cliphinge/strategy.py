@@ -36,13 +36,15 @@ def build_model(config: CLIPHingeConfig, class_names: ClassNames,
                              allow_activation_mismatch=config.allow_activation_mismatch)
     lora = ((config.lora_layers, config.lora_rank, config.lora_alpha)
             if config.use_lora_in_second_stage and config.second_stage_epochs > 0 else None)
-    return CLIPHingeModel(backbone, class_names, n_ctx=config.n_ctx, ctx_init=config.ctx_init,
-                          prompt_template=config.prompt_template,
-                          use_image_adapter=config.use_image_adapter,
-                          fusion_weight=config.second_stage_fusion_weight,
-                          head_logit_scale=config.second_stage_logit_scale, lora=lora,
-                          seed=config.seed,
-                          resize_on_device=config.resize_on_device).to(device)
+    model = CLIPHingeModel(backbone, class_names, n_ctx=config.n_ctx, ctx_init=config.ctx_init,
+                           prompt_template=config.prompt_template,
+                           use_image_adapter=config.use_image_adapter,
+                           fusion_weight=config.second_stage_fusion_weight,
+                           head_logit_scale=config.second_stage_logit_scale, lora=lora,
+                           seed=config.seed,
+                           resize_on_device=config.resize_on_device).to(device)
+    model.config = config           # what CLIPHingeModel.save records to rebuild it
+    return model
 
 
 def default_plugins(config: CLIPHingeConfig) -> List[SupervisedPlugin]:

@@ -1,7 +1,7 @@
 """``CLIPHingeModel``: frozen CLIP + per-task prompts, class Gaussians, stage-2 heads, fusion."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -349,3 +349,74 @@ class CLIPHingeModel(nn.Module):
         if self.n_tasks == 0:
             return torch.full((x.shape[0], self.n_outputs), UNSEEN_SCORE, device=x.device)
         return self.to_full_width(self.seen_scores(x, text_features))
+
+    # ---- a trained model as a file ------------------------------------------------------------
+    def save(self, path, config=None):
+        """Write the trained model to ``path`` (see ``avalanche_cliphinge.model.saving``).
+
+        ``config`` defaults to the one the model was built from (``build_model`` records it).
+        Returns the path written.
+        """
+        from .saving import save_model
+
+        config = config if config is not None else getattr(self, "config", None)
+        if config is None:
+            raise ValueError("save needs the CLIPHingeConfig the model was built with: "
+                             "model.save(path, config)")
+        return save_model(self, path, config)
+
+    @classmethod
+    def load(cls, path, device="cpu", pretrained=None) -> "CLIPHingeModel":
+        """A model written by ``save``, in eval mode (``pretrained``: where the frozen weights
+        are on this machine, when not where training found them)."""
+        from .saving import load_model
+
+        return load_model(path, device=device, pretrained=pretrained)
+
+    @torch.no_grad()
+    def predict(self, images, k: int = 5, batch_size: int = 64) -> "Prediction":
+        """Top-``k`` classes of images, among the classes learned so far.
+
+        Args:
+            images: a PIL image, a list of PIL images or image tensors, or a tensor
+                ``[n, 3, h, w]`` (uint8, or float in ``[0, 1]``); brought to CLIP's input the
+                way the strategy does it.
+            k: how many classes per image (at most the number learned).
+            batch_size: images per forward pass.
+
+        Returns:
+            ``Prediction(class_ids [n, k] long, names [n][k], scores [n, k] float)``, best
+            first; the scores are those of ``forward`` (fused with the heads).
+        """
+        from ..streams import ClipInput
+
+        if self.n_tasks == 0:
+            raise ValueError("the model has learned no class yet: train it or load a saved one")
+        if isinstance(images, Tensor) and images.ndim == 3:
+            images = images[None]
+        elif not isinstance(images, (list, tuple, Tensor)):
+            images = [images]
+        on_device = self.preprocess is not None
+        to_input = ClipInput.for_backbone(self.backbone, resize_on_device=on_device)
+        was_training = self.training
+        self.eval()
+        device = self.column_of.device
+        scores = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([to_input(x) for x in images[start:start + batch_size]])
+            scores.append(self(batch.to(device)).float())
+        self.train(was_training)
+        seen = self.seen_index
+        top = torch.cat(scores)[:, seen].topk(min(k, seen.numel()), dim=1)
+        ids = seen[top.indices].cpu()
+        names = [[self.names[int(c)] for c in row] for row in ids]
+        return Prediction(ids, names, top.values.cpu())
+
+
+class Prediction(NamedTuple):
+    """``CLIPHingeModel.predict`` output: ``class_ids [n, k]``, ``names [n][k]``,
+    ``scores [n, k]``, best first."""
+
+    class_ids: Tensor
+    names: List[List[str]]
+    scores: Tensor

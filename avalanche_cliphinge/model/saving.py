@@ -1,0 +1,168 @@
+"""A trained ``CLIPHingeModel`` as one file: save it, load it anywhere, predict with it.
+
+The file holds what training produced (prompts, class Gaussians, stage-2 heads, image adapter,
+LoRA adapters), the class names and task order, the config and the backbone's identity
+(architecture, weights tag or file and its SHA-256). The frozen CLIP weights are not in it,
+except random ones (``pretrained=None``), which no tag or file could rebuild. Everything is
+plain tensors and Python values, so ``torch.load(weights_only=True)`` reads it.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Optional
+
+import torch
+
+from .heads import ImageAdapter, TaskHead
+
+if TYPE_CHECKING:
+    from ..config import CLIPHingeConfig
+    from .clip_hinge import CLIPHingeModel
+
+#: Written into every saved model; ``load_model`` refuses other values.
+MODEL_FORMAT = "avalanche-cliphinge model 1"
+
+
+class SavedModelError(ValueError):
+    """A saved-model file that cannot be used (another format, other weights, damaged)."""
+
+
+def learned_state(model: "CLIPHingeModel") -> Dict[str, Any]:
+    """The learned and fitted parts of ``model`` as CPU tensors (the frozen CLIP is not saved).
+
+    Keys: ``task_classes`` (class ids per task), ``prompts`` (``[n_classes_of_task, n_ctx,
+    width]`` per task), ``gaussians``, ``heads`` and ``head_scales`` (stage 2), ``adapter``,
+    ``lora`` (per-task adapter weights).
+    """
+    lora = {}
+    if model.lora is not None:
+        for name in model.lora.adapters:
+            lora[name] = {n: p.detach().cpu() for n, p in model.clip.visual.named_parameters()
+                          if f".{name}." in n and "lora_" in n}
+    return {
+        "task_classes": [list(c) for c in model.task_classes],
+        "prompts": [p.ctx.detach().cpu() for p in model.prompts],
+        "gaussians": {k: v.detach().cpu() for k, v in model.gaussians.state_dict().items()},
+        "heads": {k: {n: t.detach().cpu() for n, t in h.state_dict().items()}
+                  for k, h in model.heads.items()},
+        "head_scales": {k: h.logit_scale for k, h in model.heads.items()},
+        "adapter": None if model.adapter is None else {
+            k: v.detach().cpu() for k, v in model.adapter.state_dict().items()},
+        "lora": lora,
+    }
+
+
+def restore_learned_state(model: "CLIPHingeModel", state: Dict[str, Any]) -> None:
+    """Rebuild the tasks of a fresh ``model`` (no tasks yet) from ``learned_state`` output."""
+    if model.n_tasks:
+        raise SavedModelError("restoring a trained state needs a fresh model with no tasks")
+    device = model.column_of.device
+    for classes, ctx in zip(state["task_classes"], state["prompts"]):
+        task = model.add_task(classes)
+        with torch.no_grad():
+            model.prompts[task].ctx.copy_(ctx.to(device))
+    model.set_trainable_prompts([])
+    model.gaussians.load_state_dict(state["gaussians"])
+    for key, head_state in state["heads"].items():
+        n_classes, dim = head_state["linear.weight"].shape
+        head = TaskHead(torch.zeros(n_classes, dim), state["head_scales"][key]).to(device)
+        head.load_state_dict(head_state)
+        head.requires_grad_(False)
+        model.heads[key] = head
+    if state["adapter"] is not None:
+        if model.adapter is None:
+            model.adapter = ImageAdapter(model.backbone.embed_dim).to(device)
+        model.adapter.load_state_dict(state["adapter"])
+    for name, params in state["lora"].items():
+        model.lora.add(name)
+        named = dict(model.clip.visual.named_parameters())
+        with torch.no_grad():
+            for key, value in params.items():
+                named[key].copy_(value.to(device))
+                named[key].requires_grad_(False)
+
+
+def save_model(model: "CLIPHingeModel", path: str | Path,
+               config: "CLIPHingeConfig") -> Path:
+    """Write ``model`` (built from ``config``) to ``path`` through a temporary file and a rename.
+
+    Returns the path written.
+    """
+    backbone = model.backbone
+    payload = {
+        "format": MODEL_FORMAT,
+        "config": config.to_dict(),
+        "class_names": dict(model.names),
+        "backbone": {"model_name": backbone.model_name, "pretrained": backbone.pretrained,
+                     "weights_sha256": backbone.weights_sha256,
+                     "activation": backbone.activation},
+        "learned": learned_state(model),
+        "frozen_clip": None if backbone.pretrained is not None else {
+            k: v.detach().cpu() for k, v in model.clip.state_dict().items()
+            if "lora_" not in k},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return path
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               pretrained: Optional[str] = None) -> "CLIPHingeModel":
+    """A model saved by ``save_model``, in eval mode, ready for ``predict``.
+
+    Args:
+        path: the saved file (a run writes ``final_model.pt``).
+        device: where to put it.
+        pretrained: where to find the frozen CLIP weights when they are not where the
+            training run found them (another machine): a tag or a file; a file must have the
+            SHA-256 recorded at training time.
+
+    Raises:
+        SavedModelError: not a saved model, or weights other than those trained with.
+    """
+    from ..config import CLIPHingeConfig
+    from ..strategy import build_model
+    from .backbone import load_clip
+
+    path = Path(path)
+    if not path.is_file():
+        raise SavedModelError(f"saved model {path} does not exist; a finished run writes "
+                              "final_model.pt in its output folder")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # damaged file, not a torch file...
+        raise SavedModelError(f"{path} is not a readable saved model ({type(err).__name__}: "
+                              f"{(str(err).splitlines() or [''])[0][:120]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise SavedModelError(f"{path} is not a saved CLIPHinge model (expected format "
+                              f"'{MODEL_FORMAT}'); pass final_model.pt of a run")
+    config = CLIPHingeConfig.from_dict(payload["config"], source=str(path))
+    identity = payload["backbone"]
+    if payload["frozen_clip"] is not None:
+        backbone = load_clip(identity["model_name"], None, device=device)
+        backbone.model.load_state_dict(payload["frozen_clip"])
+    else:
+        backbone = load_clip(identity["model_name"], pretrained or identity["pretrained"],
+                             device=device,
+                             allow_activation_mismatch=config.allow_activation_mismatch)
+        recorded = identity["weights_sha256"]
+        if recorded is not None and backbone.weights_sha256 != recorded:
+            raise SavedModelError(
+                f"{backbone.pretrained} has SHA-256 {backbone.weights_sha256}, but {path} was "
+                f"trained on weights with {recorded}; pass the same file with pretrained=...")
+    model = build_model(config, payload["class_names"], device, backbone=backbone)
+    restore_learned_state(model, payload["learned"])
+    model.config = config
+    return model.eval()
