@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import socket
+import urllib.error
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -76,7 +78,8 @@ def split_cifar100(
         underscores as spaces ("aquarium fish").
 
     Raises:
-        FileNotFoundError: `download=False` and a `cifar-100-python` file is missing.
+        FileNotFoundError: a `cifar-100-python` file is missing (`DownloadError` when
+            `download=True` and the download fails).
         ValueError: the class counts do not add up to 100, an unknown order name, or an explicit
             order that is not a permutation of 0..99; or corrupt files with `download=False`.
 
@@ -86,8 +89,9 @@ def split_cifar100(
     root = Path(root).expanduser()
     n_experiences = check_task_split(100, init_class, increment)
     order_name, order = _resolve_order(class_order)
-    if not download:
-        _check_files(root)
+    if download:
+        _download(root)
+    _check_files(root)
     if train_transform is None:
         train_transform = default_transform()
     if eval_transform is None:
@@ -150,6 +154,24 @@ def device_resize_transforms(augment: bool = False) -> tuple[Callable, Callable]
     train_tf = (transforms.Compose([transforms.RandomResizedCrop(32, scale=(0.9, 1.0)), eval_tf])
                 if augment else eval_tf)
     return train_tf, eval_tf
+
+
+class DownloadError(FileNotFoundError):
+    """The dataset is missing and could not be downloaded (offline, blocked, server down)."""
+
+
+def _download(root: Path) -> None:
+    """Fetch and extract `cifar-100-python` into `root` with torchvision (a no-op when the
+    files are there and intact); `DownloadError` in one line when the network fails."""
+    try:
+        CIFAR100(str(root), train=True, download=True)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.gaierror) as err:
+        reason = getattr(err, "reason", None) or err
+        raise DownloadError(
+            f"could not download CIFAR-100 into {root} ({reason}); offline? Download "
+            f"https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz on a machine with "
+            f"internet and extract it into {root}, then run without --download"
+        ) from None
 
 
 def _check_files(root: Path) -> None:

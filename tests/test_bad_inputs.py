@@ -87,8 +87,10 @@ def tiny_config(**changes) -> CLIPHingeConfig:
                                       "second_stage_epochs": 1, **changes})
 
 
-def tensor_bundle(train_counts, test_per_class=3, init_class=2, increment=2):
-    """A tiny image stream with ``train_counts[c]`` training images of class c."""
+def tensor_bundle(train_counts, test_per_class=3, init_class=2, increment=2,
+                  flat_test_class=None):
+    """A tiny image stream with ``train_counts[c]`` training images of class c
+    (``flat_test_class``: that class's test images are flat grey)."""
     from benchmarks import StreamBundle
     from benchmarks.common import make_nc_benchmark
 
@@ -102,8 +104,11 @@ def tensor_bundle(train_counts, test_per_class=3, init_class=2, increment=2):
         return TensorDataset(x, y)
 
     order = list(range(n))
-    benchmark = make_nc_benchmark(images(train_counts), images([test_per_class] * n), order,
-                                  init_class, increment, None, None)
+    test = images([test_per_class] * n)
+    if flat_test_class is not None:
+        test.tensors[0][test.tensors[1] == flat_test_class] = 0.5
+    benchmark = make_nc_benchmark(images(train_counts), test, order, init_class, increment,
+                                  None, None)
     return StreamBundle(benchmark, [f"shape {c}" for c in order], order, {"name": "tensors"})
 
 
@@ -137,6 +142,45 @@ def test_config_file_typo_names_the_file(untouched, tmp_path, capsys, monkeypatc
     ("batch_size=0", "error: config key 'batch_size' must be >= 1, got 0"),
     ("lr=-1", "error: config key 'lr' must be > 0 and finite, got -1.0"),
     ("epochs", "error: --set expects key=value, got 'epochs'"),
+    # upper bounds the run can honour
+    ("lr=1e300", "error: config key 'lr' must be finite and within float32's range "
+                 "(|x| <= 3.403e+38), got 1e+300"),
+    ("weight_decay=1e300", "error: config key 'weight_decay' must be finite and within "
+                           "float32's range (|x| <= 3.403e+38), got 1e+300"),
+    ("second_stage_lr=1e300", "error: config key 'second_stage_lr' must be finite and within "
+                              "float32's range (|x| <= 3.403e+38), got 1e+300"),
+    ("second_stage_weight_decay=Infinity", "error: config key 'second_stage_weight_decay' must "
+                                           "be finite and within float32's range (|x| <= "
+                                           "3.403e+38), got inf"),
+    ("second_stage_logit_scale=Infinity", "error: config key 'second_stage_logit_scale' must "
+                                          "be > 0 and finite, got inf"),
+    ("second_stage_fusion_weight=Infinity", "error: config key 'second_stage_fusion_weight' "
+                                            "must be finite and within float32's range (|x| "
+                                            "<= 3.403e+38), got inf"),
+    ("feature_cache_max_gb=1e300", "error: config key 'feature_cache_max_gb' must be finite "
+                                   "and within float32's range (|x| <= 3.403e+38), got 1e+300"),
+    ("n_ctx=100", "error: config key 'n_ctx' must be at most 73, got 100"),
+    ("samples_per_old_class=1000000000000", "error: config key 'samples_per_old_class' must be "
+                                            "at most 349525 (replayed 1024-d float32 features "
+                                            "of 6 classes within 8 GiB), got 1000000000000"),
+    ("hinge_samples_per_pair=1000000000000", "error: config key 'hinge_samples_per_pair' must "
+                                             "be at most 209715 (hinge samples of 10 pairs, "
+                                             "1024-d float32, within 8 GiB), got 1000000000000"),
+    ("hinge_samples_per_pair=0", "error: config key 'hinge_samples_per_pair' must be >= 1, "
+                                 "got 0"),
+    ("seed=18446744073709551616", "error: config key 'seed' must be in 0..2**32 - 1 (numpy's "
+                                  "legacy seeds), got 18446744073709551616"),
+    ("prompt_template=a {} of {}", "error: config key 'prompt_template' must be a template "
+                                   "with exactly one '{}' for the class name and no other "
+                                   "field, got 'a {} of {}'"),
+    ("prompt_template=a photo of {name}", "error: config key 'prompt_template' must be a "
+                                          "template with exactly one '{}' for the class name "
+                                          "and no other field, got 'a photo of {name}'"),
+    ("epochs=1000000", "error: config key 'epochs' must be at most 10000, got 1000000"),
+    ("num_workers=100000", "error: config key 'num_workers' must be at most 512, got 100000"),
+    ("EPOCHS=3", "error: --set: unknown config key 'EPOCHS'; did you mean 'epochs'?"),
+    ("class_order=icarl", "error: class_order 'icarl' is a CIFAR-100 order; the smoke stream "
+                          "has 6 classes: use 'natural' or a list of its class ids"),
 ])
 def test_wrong_types_and_ranges_name_the_key(assignment, message, untouched, capsys,
                                              monkeypatch):
@@ -351,3 +395,219 @@ def test_output_dir_that_is_a_file(tmp_path, capsys, monkeypatch):
     assert the_error(code, stderr) == (f"error: --output-dir {blocker} is a file, not a "
                                        "folder; choose another --output-dir")
     assert blocker.read_text() == "keep me"
+
+
+# ---- issue 14: more config and file inputs --------------------------------------------------
+@pytest.mark.parametrize("option, message", [
+    (["--pretrained", ""], "error: config key 'pretrained' must be an open_clip tag (openai), a "
+                           "weights file, or null for random weights, got ''"),
+    (["--seed", str(2 ** 64)], "error: config key 'seed' must be in 0..2**32 - 1 (numpy's "
+                               f"legacy seeds), got {2 ** 64}"),
+], ids=["empty-pretrained", "seed-beyond-64-bits"])
+def test_options_out_of_range_are_refused(option, message, untouched, capsys, monkeypatch):
+    code, _, stderr = run_script("run_split_cifar.py", [
+        *FAST, "--output-dir", untouched, "--overwrite", *option], capsys, monkeypatch)
+    assert the_error(code, stderr) == message
+
+
+def test_config_file_that_is_not_utf8_names_the_file(untouched, tmp_path, capsys, monkeypatch):
+    config = tmp_path / "latin1.json"
+    config.write_bytes('{"ctx_init": "une photo d\'un caf\xe9"}'.encode("latin-1"))
+    code, _, stderr = run_script("run_split_cifar.py", [
+        "--config", config, "--output-dir", untouched, "--overwrite"], capsys, monkeypatch)
+    assert the_error(code, stderr) == (f"error: {config} is not UTF-8 text (byte 32: b'\\xe9'); "
+                                       "save it as UTF-8 JSON")
+
+
+def test_feature_cache_dir_that_is_a_file(untouched, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a folder")
+    code, _, stderr = run_script("run_split_cifar.py", [
+        *FAST, "--output-dir", untouched, "--overwrite", "--set",
+        f"feature_cache_dir={blocker}"], capsys, monkeypatch)
+    assert the_error(code, stderr) == (f"error: feature_cache_dir {blocker} is a file, not a "
+                                       "folder; choose another feature_cache_dir or set it to "
+                                       "null")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_smoke_preset_follows_the_class_order():
+    from avalanche_cliphinge.cli import smoke_stream
+
+    order = [5, 4, 3, 2, 1, 0]
+    bundle = smoke_stream(tiny_config(class_order=order))
+    assert bundle.class_order == order and bundle.protocol["class_order"] == order
+    assert sorted(int(c) for c in bundle.benchmark.train_stream[0]
+                  .classes_in_this_experience) == [2, 3, 4, 5]
+
+
+def test_download_offline_is_one_line(untouched, tmp_path, capsys, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    code, _, stderr = run_script("run_split_cifar.py", [
+        "--data-root", tmp_path / "data", "--download", "--output-dir", untouched,
+        "--overwrite", "--quiet", *TINY], capsys, monkeypatch)
+    assert the_error(code, stderr) == (
+        f"error: could not download CIFAR-100 into {tmp_path / 'data'} ([Errno -3] Temporary "
+        "failure in name resolution); offline? Download https://www.cs.toronto.edu/~kriz/"
+        f"cifar-100-python.tar.gz on a machine with internet and extract it into "
+        f"{tmp_path / 'data'}, then run without --download")
+
+
+# ---- issue 14: images and numerics -----------------------------------------------------------
+BAD_IMAGES = {
+    "corrupt jpeg": lambda path: path.write_bytes(path.read_bytes()[:20] + b"\x00" * 400),
+    "truncated jpeg": lambda path: path.write_bytes(path.read_bytes()[:-200]),
+    "zero bytes": lambda path: path.write_bytes(b""),
+    "text named .png": None,
+}
+
+
+def spoil(root, kind, index=3):
+    """Spoil image ``art_<index>`` of the first class; returns its path."""
+    from benchmarks import IMAGENET_R_WNIDS
+
+    folder = root / "imagenet-r" / IMAGENET_R_WNIDS[0]
+    if kind == "text named .png":
+        (folder / f"art_{index}.jpg").unlink()
+        path = folder / f"art_{index}.png"
+        path.write_text("this is not an image\n")
+    else:
+        path = folder / f"art_{index}.jpg"
+        BAD_IMAGES[kind](path)
+    return path
+
+
+@pytest.fixture
+def imagenet_r_copy(imagenet_r_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(imagenet_r_root, root)
+    return root
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_IMAGES))
+def test_bad_image_names_the_file(kind, imagenet_r_copy, tmp_path, capsys, monkeypatch):
+    path = spoil(imagenet_r_copy, kind)
+    code, _, stderr = run_script("run_imagenet_r.py", [
+        "--data-root", imagenet_r_copy, "--output-dir", tmp_path / "run", *TINY_IMAGENET_R,
+        "--set", "num_workers=0"], capsys, monkeypatch)
+    error = the_error(code, stderr.replace(_partial_tree_warning(stderr), ""))
+    assert error.startswith(f"error: cannot read image {path} (")
+    assert error.endswith("replace or delete it, or pass --skip-bad-images to leave unreadable "
+                          "files out")
+
+
+def test_skip_bad_images_leaves_them_out_with_one_warning(imagenet_r_copy, tmp_path, capsys,
+                                                          monkeypatch):
+    bad = sorted([spoil(imagenet_r_copy, "zero bytes", 1),
+                  spoil(imagenet_r_copy, "text named .png", 3)])
+    code, _, stderr = run_script("run_imagenet_r.py", [
+        "--data-root", imagenet_r_copy, "--output-dir", tmp_path / "run", *TINY_IMAGENET_R,
+        "--set", "num_workers=0", "--skip-bad-images"], capsys, monkeypatch)
+    assert code == 0, stderr
+    warnings = [ln for ln in stderr.splitlines() if "--skip-bad-images" in ln]
+    assert len(warnings) == 1, stderr
+    assert warnings[0].startswith("warning: --skip-bad-images: left out 2 unreadable image "
+                                  "file(s) of ")
+    assert all(str(p) in warnings[0] for p in bad)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["finished"] is True
+
+
+def test_non_finite_test_features_are_refused_naming_the_experience(tmp_path, monkeypatch):
+    """An encoder that gives NaN features for some test images (here: flat images, through a
+    patched encoder) stops the evaluation naming the experience; nothing is reported."""
+    from avalanche_cliphinge.model.clip_hinge import CLIPHingeModel
+
+    encode = CLIPHingeModel.encode_images
+
+    def nan_for_flat_images(self, images):
+        features = encode(self, images)
+        flat = images.float().flatten(2).std(2).amax(1) == 0
+        return torch.where(flat[:, None], torch.full_like(features, float("nan")), features)
+
+    monkeypatch.setattr(CLIPHingeModel, "encode_images", nan_for_flat_images)
+    poisoned = tensor_bundle([6] * 6, init_class=4, flat_test_class=5)  # test exp 1: 4, 5
+    with pytest.raises(FloatingPointError, match=r"^test experience 1: 3 of 6 samples give NaN "
+                                                 r"or Inf scores \(non-finite image features\); "
+                                                 r"check that experience's test images"):
+        run_experiment(tiny_config(), poisoned, tmp_path / "run", interactive=False,
+                       log=lambda message: None)
+    assert not (tmp_path / "run" / "results.json").exists()  # nothing reported on NaN scores
+
+
+def test_non_finite_stage_two_is_refused_and_earlier_checkpoints_kept(tmp_path, capsys,
+                                                                      monkeypatch):
+    from avalanche_cliphinge import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    code, _, stderr = run_script("run_split_cifar.py", [
+        *FAST, "--output-dir", out, "--set", "second_stage_weight_decay=1e38"],
+        capsys, monkeypatch)
+    error = the_error(code, stderr)
+    assert error.startswith("error: non-finite stage-2 loss at task 1, epoch 0") or \
+        error.startswith("error: stage 2 of task 1 left NaN or Inf weights in its head")
+    assert "second_stage_weight_decay" in error
+    assert json.loads((out / "results.json").read_text())["completed_tasks"] == 1
+    assert ckpt.load_checkpoint(out / "checkpoints" / "exp_000.pt")["completed"] == 1
+
+
+# ---- issue 14: the disk ---------------------------------------------------------------------
+def test_disk_full_is_one_line_naming_the_file_and_the_run_resumes(tmp_path, capsys,
+                                                                   monkeypatch):
+    import errno
+
+    from avalanche_cliphinge import experiment
+
+    out = tmp_path / "run"
+    real_write = experiment.write_text_atomic
+    calls = []
+
+    def full_disk(text, path):
+        calls.append(path)
+        if len(calls) == 4:  # config.json, then results.json and .txt, then results.json
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(text, path)
+
+    monkeypatch.setattr(experiment, "write_text_atomic", full_disk)
+    code, _, stderr = run_script("run_split_cifar.py", [*FAST, "--output-dir", out],
+                                 capsys, monkeypatch)
+    assert the_error(code, stderr) == (
+        f"error: cannot write {out / 'results.json'} (No space left on device); free some "
+        f"space, then continue with --resume (the files written so far in {out} are intact)")
+    assert json.loads((out / "results.json").read_text())["completed_tasks"] == 1
+    assert not [p for p in out.rglob(".*") if p.name != ".lock"]  # no temporary file left
+    monkeypatch.setattr(experiment, "write_text_atomic", real_write)
+    code, _, stderr = run_script("run_split_cifar.py", [*FAST, "--output-dir", out, "--resume"],
+                                 capsys, monkeypatch)
+    assert code == 0, stderr
+    assert json.loads((out / "results.json").read_text())["finished"] is True
+
+
+@pytest.mark.slow
+def test_file_size_limit_while_checkpointing_is_one_line(tmp_path):
+    """A real write failure from the kernel: ``ulimit -f`` stops the checkpoint write."""
+    import resource
+    import signal
+    import subprocess
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "run_split_cifar.py"), *FAST,
+                           "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=limit, timeout=600)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: cannot write {out / 'checkpoints' / 'exp_000.pt'} (")
+    assert "continue with --resume" in lines[0]
+    assert not list((out / "checkpoints").glob("*"))  # neither a partial nor a temporary file

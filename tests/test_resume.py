@@ -214,9 +214,8 @@ def test_save_checkpoint_keeps_two_and_clears_leftover_temporary_files(tmp_path)
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     (folder / ".exp_001.pt.abc123").write_bytes(b"half a file from a killed save")
-    state = {k: {} for k in ckpt.REQUIRED_KEYS}
     for completed in (1, 2, 3):
-        ckpt.save_checkpoint({**state, "completed": completed}, folder)
+        ckpt.save_checkpoint(checkpoint_state(completed), folder)
     assert sorted(p.name for p in folder.iterdir()) == ["exp_001.pt", "exp_002.pt"]
     umask = os.umask(0)
     os.umask(umask)
@@ -225,6 +224,52 @@ def test_save_checkpoint_keeps_two_and_clears_leftover_temporary_files(tmp_path)
     truncate(folder / "exp_002.pt")
     assert ckpt.load_latest(folder, warn=messages.append)["completed"] == 2
     assert len(messages) == 1 and "exp_002.pt" in messages[0] and "exp_001.pt" in messages[0]
+
+
+def checkpoint_state(completed: int, n_exps: int = 4):
+    """A well-formed checkpoint state of ``completed`` 2-class tasks (values are dummies)."""
+    tasks = [[2 * t, 2 * t + 1] for t in range(completed)]
+    return {"completed": completed, "config": {}, "stream": {},
+            "model": {"task_classes": tasks, "prompts": [torch.zeros(2, 4, 8) for _ in tasks],
+                      "gaussians": {k: torch.zeros(0) for k in ("class_ids", "means", "chols")},
+                      "heads": {}, "head_scales": {}, "adapter": None, "lora": {}},
+            "clock": dict.fromkeys(ckpt._CLOCK_FIELDS, 0),
+            "evaluator": [], "rng": ckpt.rng_state(),
+            "run": {"matrix": [[0.0] * n_exps for _ in tasks], "per_task": [{}] * completed,
+                    "stream_forgetting": [None] * completed, "hard_pairs": [{}] * completed,
+                    "train_seconds": 0.0, "wall_seconds": 0.0},
+            "csv_rows": {"eval_results.csv": 1}, "tb_files": {}}
+
+
+FORGERIES = {
+    "completed=-1": (lambda s: s.update(completed=-1), "completed=-1 is not a positive"),
+    "completed=99": (lambda s: s.update(completed=99), "completed=99 is not a positive|"
+                                                       "model.task_classes is not 99"),
+    "no numpy RNG": (lambda s: s["rng"].pop("numpy"), "rng lacks the python, numpy or torch"),
+    "config a list": (lambda s: s.update(config=[1, 2]), "config is a list, not a mapping"),
+    "short matrix": (lambda s: s["run"]["matrix"].pop(), "run.matrix is not 3 rows"),
+    "prompt shape": (lambda s: s["model"]["prompts"].__setitem__(0, torch.zeros(3, 4)),
+                     "model.prompts is not 3 tensors"),
+    "clock": (lambda s: s.update(clock={"train_iterations": -5}), "clock is not Avalanche"),
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+def test_forged_checkpoint_fields_are_refused_by_name(forgery, tmp_path):
+    change, message = FORGERIES[forgery]
+    state = checkpoint_state(3)
+    change(state)
+    path = tmp_path / "exp_002.pt"
+    torch.save({**state, "format": ckpt.FORMAT_VERSION}, path)
+    with pytest.raises(ckpt.CheckpointError, match=rf"{path} is damaged or forged \(({message})"):
+        ckpt.load_checkpoint(path)
+
+
+def test_checkpoint_named_for_another_experience_is_refused(tmp_path):
+    path = tmp_path / "exp_001.pt"
+    torch.save({**checkpoint_state(3), "format": ckpt.FORMAT_VERSION}, path)
+    with pytest.raises(ckpt.CheckpointError, match=r"completed=3 in a file named exp_001.pt"):
+        ckpt.load_checkpoint(path)
 
 
 # ---- refusals ---------------------------------------------------------------------------------
