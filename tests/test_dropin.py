@@ -17,11 +17,15 @@ import pytest
 import torch
 from avalanche.benchmarks import nc_benchmark
 from avalanche.benchmarks.scenarios.online import split_online_stream
-from avalanche.evaluation.metrics import (accuracy_metrics, bwt_metrics,
+from avalanche.evaluation.metrics import (MAC_metrics, accuracy_matrix_metrics,
+                                          accuracy_metrics, amca_metrics, bwt_metrics,
                                           class_accuracy_metrics, confusion_matrix_metrics,
+                                          cpu_usage_metrics, disk_usage_metrics,
                                           forgetting_metrics, forward_transfer_metrics,
-                                          loss_metrics, timing_metrics)
-from avalanche.logging import CSVLogger, TensorboardLogger, TextLogger
+                                          images_samples_metrics, labels_repartition_metrics,
+                                          loss_metrics, mean_scores_metrics, ram_usage_metrics,
+                                          timing_metrics, topk_acc_metrics)
+from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger
 from avalanche.training.plugins import (EarlyStoppingPlugin, EvaluationPlugin,
                                         LRSchedulerPlugin, LwFPlugin, ReplayPlugin,
                                         SupervisedPlugin)
@@ -247,9 +251,14 @@ def test_replay_plugin_and_every_metric_family_with_loggers(clip_strategy, naive
             forward_transfer_metrics(experience=True, stream=True),
             class_accuracy_metrics(stream=True), timing_metrics(epoch=True),
             confusion_matrix_metrics(num_classes=6, save_image=False, stream=True),
-            loggers=[TextLogger(text), csv, board])
+            accuracy_matrix_metrics(), amca_metrics(), topk_acc_metrics(top_k=2, stream=True),
+            labels_repartition_metrics(), mean_scores_metrics(),
+            images_samples_metrics(n_cols=2, n_rows=1), MAC_metrics(experience=True),
+            cpu_usage_metrics(epoch=True), ram_usage_metrics(epoch=True, every=0.05),
+            disk_usage_metrics(epoch=True, paths_to_monitor=[str(folder)]),
+            loggers=[TextLogger(text), csv, board, InteractiveLogger()])
         factory = clip_strategy if name == "clip" else naive_strategy
-        strategy = factory(evaluator=evaluator, eval_every=1,
+        strategy = factory(evaluator=evaluator, eval_every=0,
                            plugins=[ReplayPlugin(mem_size=20)])
         for experience in synthetic_stream.train_stream[:2]:
             strategy.train(experience, eval_streams=[synthetic_stream.test_stream])
@@ -339,6 +348,39 @@ def test_classes_come_back_train_twice_and_freeze_option(tiny_config, class_name
     assert torch.equal(*ctx["freeze"])
 
 
+def test_an_experience_mixing_new_and_returning_classes(tiny_config, class_names,
+                                                       synthetic_data):
+    from avalanche.benchmarks.scenarios.deprecated.generators import dataset_benchmark
+    x, y = synthetic_data["train_x"], synthetic_data["train_y"]
+
+    def classes(*ids):
+        keep = torch.isin(y, torch.tensor(ids))
+        return Labelled(x[keep], y[keep])
+
+    stream = dataset_benchmark([classes(0, 1), classes(1, 2, 3)], [classes(0, 1, 2, 3)])
+    torch.manual_seed(0)
+    strategy = CLIPHingeStrategy(config=tiny_config(**FAST), class_names=class_names,
+                                 evaluator=quiet_evaluator(), progress=False)
+    strategy.train(stream.train_stream[0])
+    before = strategy.model.prompts[0].ctx.detach().clone()
+    strategy.train(stream.train_stream[1])
+    model, seen = strategy.model, strategy.experience_classes
+    assert (seen.new, seen.returning, seen.old, seen.task) == ([2, 3], [1], [0], 1)
+    assert model.task_classes == [[0, 1], [2, 3]]
+    after = model.prompts[0].ctx.detach()
+    assert torch.equal(after[0], before[0]) and not torch.equal(after[1], before[1])
+    gaussians = model.gaussians
+    assert gaussians.counts[gaussians.index_of([0, 1, 2])].tolist() == [30, 60, 30]
+    ones = x[y == 1]
+    with torch.no_grad():
+        feats = model.clip.encode_image(ones).double()
+    merged = torch.cat([feats, feats]).numpy()       # class 1 was seen twice, 30 images each
+    np.testing.assert_allclose(gaussians.mean_of([1])[0].numpy(), merged.mean(0), atol=1e-4)
+    np.testing.assert_allclose(gaussians.covs[gaussians.index_of([1])][0].numpy(),
+                               np.cov(merged, rowvar=False), rtol=1e-3, atol=1e-5)
+    assert model.heads["1"].linear.weight.shape[0] == 2      # stage 2: the new task's head
+
+
 def test_an_online_stream_runs(clip_strategy, naive_strategy, synthetic_stream):
     for strategy in both(clip_strategy, naive_strategy).values():
         torch.manual_seed(0)
@@ -393,11 +435,18 @@ def test_avalanche_default_cifar_transforms_are_refused_with_the_fix(clip_strate
         strategy.train(stream.train_stream[0])
     with pytest.raises(StreamInputError, match="stream_transforms"):
         strategy.eval(stream.test_stream)
-    plain = nc_benchmark(Cifar(), Cifar(), n_experiences=3, task_labels=False,
-                         fixed_class_order=list(range(6)))        # PIL items: accepted
     train, test = stream_transforms(strategy)
     assert train is test is strategy.model.backbone.eval_transform
-    strategy.train(plain.train_stream[0])
+    features = []
+    for transform in (None, transforms.ToTensor(), transforms.PILToTensor(), train):
+        accepted = nc_benchmark(Cifar(), Cifar(), n_experiences=3, task_labels=False,
+                                fixed_class_order=list(range(6)), train_transform=transform,
+                                eval_transform=transform)
+        strategy = clip_strategy()
+        strategy.train(accepted.train_stream[0])
+        features.append(strategy.current_features[0])
+    # PIL, ToTensor, PILToTensor: the same features as the package's builders (CLIP's transform)
+    assert all(torch.equal(f, features[-1]) for f in features)
 
 
 class InputRecorder(SupervisedPlugin):

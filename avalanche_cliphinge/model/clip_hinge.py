@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..gaussian import ClassGaussians
 from ..losses import fuse_logits
+from ..streams import clip_mean_std
 from .backbone import CLIPBackbone
 from .heads import ImageAdapter
 from .lora import VisualLoRA
@@ -26,10 +27,7 @@ class DevicePreprocess(nn.Module):
     def __init__(self, backbone: CLIPBackbone):
         super().__init__()
         self.size = backbone.image_size
-        mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-        for step in getattr(backbone.eval_transform, "transforms", []):
-            if hasattr(step, "mean") and hasattr(step, "std"):
-                mean, std = tuple(step.mean), tuple(step.std)
+        mean, std = clip_mean_std(backbone)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 

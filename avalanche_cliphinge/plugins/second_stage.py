@@ -74,16 +74,16 @@ class SecondStagePlugin(SupervisedPlugin):
             model.lora.add(adapter)
             params += model.lora.parameters(adapter)
             dataset = strategy.adapted_dataset
-            own = torch.isin(torch.as_tensor(list(dataset.targets)), classes.cpu())
-            if not own.all():
+            if created and created.returning:
+                own = torch.isin(torch.as_tensor(list(dataset.targets)), classes.cpu())
                 dataset = dataset.subset(torch.nonzero(own).flatten().tolist())
             sampler = EpochBatchSampler(len(dataset), self.batch_size, True, generator)
             loader = DataLoader(dataset, batch_sampler=sampler,
                                 num_workers=strategy.config.num_workers)
         else:
             feats, labels = strategy.current_features
-            own = torch.isin(labels, classes)
-            if not bool(own.all()):
+            if created and created.returning:      # the new classes' samples only
+                own = torch.isin(labels, classes)
                 feats, labels = feats[own], labels[own]
             sampler = EpochBatchSampler(len(labels), self.batch_size, True, generator)
             loader = TensorBatchLoader(feats, labels, sampler)
