@@ -8,7 +8,7 @@ from .metrics import DeviceEpochAccuracy, DeviceEpochLoss
 from .model import TINY_MODEL, BackboneError, CLIPBackbone, CLIPHingeModel, load_clip
 from .plugins import GaussianReplayPlugin, HardPairHingePlugin, SecondStagePlugin
 from .strategy import CLIPHingeStrategy, StepState, build_model, default_plugins
-from .streams import StreamInputError, class_names_for, stream_transforms
+from .streams import StreamInputError, class_names_for, stream_transforms, task_layout
 
 __version__ = "0.1.0"
 
@@ -19,4 +19,4 @@ __all__ = ["CLIPHingeConfig", "ConfigError", "ClassGaussians", "class_gaussian_s
            "GaussianReplayPlugin", "HardPairHingePlugin", "SecondStagePlugin",
            "CLIPHingeStrategy", "build_model", "default_plugins", "DeviceEpochAccuracy",
            "DeviceEpochLoss", "StepState", "StreamInputError", "class_names_for",
-           "stream_transforms", "__version__"]
+           "stream_transforms", "task_layout", "__version__"]

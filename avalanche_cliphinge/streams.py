@@ -216,6 +216,26 @@ def stream_transforms(backbone, *, augment: bool = False,
             backbone.eval_transform)
 
 
+def task_layout(benchmark) -> Dict[str, int]:
+    """``{"init_class", "increment", "total_tasks"}`` of a class-incremental benchmark.
+
+    Read off its training experiences (``classes_in_this_experience``), for
+    ``CLIPHingeConfig(**task_layout(benchmark), ...)``. The strategy still checks every
+    experience against the config, so a stream and a config that disagree stay an error.
+
+    Raises:
+        ValueError: the tasks after the first differ in size (the config's layout is
+            ``init_class`` then ``increment`` classes per task).
+    """
+    sizes = [len(set(exp.classes_in_this_experience)) for exp in benchmark.train_stream]
+    later = sorted(set(sizes[1:]))
+    if len(later) > 1:
+        raise ValueError(f"the stream's tasks have {sizes} classes: after the first, every "
+                         "task must have the same number (increment)")
+    return {"init_class": sizes[0], "increment": later[0] if later else sizes[0],
+            "total_tasks": len(sizes)}
+
+
 def _find_classes(source, depth: int = 0) -> Optional[List[str]]:
     """The ``classes`` list of ``source`` or of a dataset nested in it (Avalanche, Subset)."""
     if source is None or depth > 12:

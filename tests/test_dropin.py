@@ -496,6 +496,18 @@ def test_random_train_transform_turns_the_cache_off_and_warns_once(clip_strategy
         strategy.train(custom.train_stream[0])
 
 
+def test_task_layout_read_off_the_stream(synthetic_data):
+    from avalanche_cliphinge import task_layout
+    train = Labelled(synthetic_data["train_x"], synthetic_data["train_y"])
+    b3_inc1 = nc_benchmark(train, train, n_experiences=4, task_labels=False,
+                           fixed_class_order=list(range(6)), per_exp_classes={0: 3})
+    assert task_layout(b3_inc1) == {"init_class": 3, "increment": 1, "total_tasks": 4}
+    uneven = nc_benchmark(train, train, n_experiences=3, task_labels=False,
+                          fixed_class_order=list(range(6)), per_exp_classes={0: 1, 1: 3})
+    with pytest.raises(ValueError, match=r"\[1, 3, 2\] classes"):
+        task_layout(uneven)
+
+
 def test_wrong_layout_still_errors(clip_strategy, synthetic_stream, tiny_config):
     strategy = clip_strategy(config=tiny_config(**{**FAST, "init_class": 3, "increment": 1,
                                                    "total_tasks": 4}))
