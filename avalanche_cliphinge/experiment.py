@@ -503,19 +503,23 @@ def _check_resumable(state: Dict[str, Any], config: CLIPHingeConfig, bundle) -> 
     done, n_exps = state["completed"], len(bundle.benchmark.train_stream)
     ending = ("; --force cannot bridge that: resume with the config and data it was made "
               "with, or start again with --overwrite")
-    if done > n_exps or len(state["run"]["matrix"][0]) != n_exps:
-        raise RunError(f"{name} holds {done} experiences of a {len(state['run']['matrix'][0])}"
-                       f"-experience stream, but this stream has {n_exps}{ending}")
     order, layout, begin = list(bundle.class_order), [], 0
-    for task in range(done):
+    for task in range(min(done, n_exps)):
         size = config.task_size(task)
         layout.append(sorted(int(c) for c in order[begin:begin + size]))
         begin += size
     saved = state["model"]["task_classes"]
-    if [sorted(t) for t in saved] != layout:
-        raise RunError(f"{name} was trained on tasks of {[len(t) for t in saved]} classes "
-                       f"({saved}), but this stream's first {done} tasks hold "
-                       f"{[len(t) for t in layout]} ({layout}){ending}")
+    differ = [k for k, classes in enumerate(layout) if sorted(saved[k]) != classes]
+    if differ:
+        k = differ[0]
+        raise RunError(f"{name} was trained on tasks of {[len(t) for t in saved]} classes, but "
+                       f"this stream's first {len(layout)} tasks hold "
+                       f"{[len(t) for t in layout]} (task {k}: classes {sorted(saved[k])} "
+                       f"there, {layout[k]} here){ending}")
+    width = len(state["run"]["matrix"][0])
+    if done > n_exps or width != n_exps:
+        raise RunError(f"{name} holds {done} experiences of a {width}-experience stream, but "
+                       f"this stream has {n_exps}{ending}")
     n_ctx = {int(p.shape[1]) for p in state["model"]["prompts"]}
     if n_ctx != {config.n_ctx}:
         raise RunError(f"{name} has prompts of {sorted(n_ctx)} context tokens, the config "

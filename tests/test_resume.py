@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -415,3 +416,59 @@ def test_resume_restores_adapter_lora_heads_and_image_pairs(tmp_path):
     assert any(pairs["image"] for pairs in resumed["hard_pairs"])
     for key in SAME_RESULTS:
         assert resumed[key] == reference[key], key
+
+
+# ---- checkpoints that cannot continue this run (issue 14) -------------------------------------
+def test_forged_newest_checkpoint_falls_back_and_all_forged_is_an_error(unfinished, capsys,
+                                                                        monkeypatch):
+    newest = unfinished / "checkpoints" / "exp_002.pt"
+    state = torch.load(newest, weights_only=True)
+    torch.save({**state, "completed": -1}, newest)
+    previous = unfinished / "checkpoints" / "exp_001.pt"
+    older = torch.load(previous, weights_only=True)
+    torch.save({**older, "config": list(older["config"].items())}, previous)
+    before = snapshot(unfinished)
+    code, _, stderr = run_script("run_split_cifar.py", [
+        "--preset", "smoke", "--quiet", "--output-dir", unfinished, "--resume"],
+        capsys, monkeypatch)
+    lines = error_lines(stderr)
+    assert code == 2 and len(lines) == 1, stderr
+    assert lines[0].startswith(f"error: no usable checkpoint in {unfinished / 'checkpoints'}: "
+                               "exp_002.pt, exp_001.pt cannot be read")
+    assert snapshot(unfinished) == before
+    torch.save(older, previous)  # the previous one intact again: used, with a warning
+    code, stdout, stderr = run_script("run_split_cifar.py", [
+        "--preset", "smoke", "--quiet", "--output-dir", unfinished, "--resume"],
+        capsys, monkeypatch)
+    assert code == 0, stderr
+    assert f"warning: checkpoint {newest} is damaged or forged (completed=-1 is not a " \
+           "positive experience count)" in stdout
+    assert "resuming from exp_001.pt: after experience 1 (2 of 4 done)" in stdout
+
+
+@pytest.mark.parametrize("changes, message", [
+    (["--set", "init_class=6", "--set", "total_tasks=3"],
+     r"exp_002.pt was trained on tasks of \[4, 2, 2\] classes, but this stream's first 3 "
+     r"tasks hold \[6, 2, 2\]"),
+    (["--set", "increment=3", "--set", "total_tasks=3", "--set", "init_class=4"],
+     r"exp_002.pt was trained on tasks of \[4, 2, 2\] classes, but this stream's first 3 "
+     r"tasks hold \[4, 3, 3\]"),
+    (["--set", "total_tasks=2", "--set", "init_class=8"],
+     r"exp_002.pt was trained on tasks of \[4, 2, 2\] classes, but this stream's first 2 "
+     r"tasks hold \[8, 2\]"),
+    (["--set", "total_tasks=3"],
+     r"exp_002.pt holds 3 experiences of a 4-experience stream, but this stream has 3"),
+    (["--set", "n_ctx=6"], r"exp_002.pt has prompts of \[4\] context tokens, the config n_ctx=6"),
+], ids=["6+2+2", "4+3+3", "8+2", "4+2+2", "n_ctx"])
+def test_checkpoint_of_another_layout_is_refused_even_with_force(changes, message, unfinished,
+                                                                 capsys, monkeypatch):
+    before = snapshot(unfinished)
+    code, _, stderr = run_script("run_split_cifar.py", [
+        "--preset", "smoke", "--quiet", "--output-dir", unfinished, "--resume", "--force",
+        *changes], capsys, monkeypatch)
+    lines = error_lines(stderr)
+    assert code == 2 and len(lines) == 1, stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert lines[0].endswith("--force cannot bridge that: resume with the config and data it "
+                             "was made with, or start again with --overwrite")
+    assert snapshot(unfinished) == before  # no CSV row, TensorBoard point or file written
