@@ -27,7 +27,7 @@ from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from . import checkpoint as ckpt
 from . import run_lock
 from .atomic import kill_point, remove_temp_files, write_bytes_atomic, write_text_atomic
-from .config import CLIPHingeConfig
+from .config import CLIPHingeConfig, ConfigError
 from .metrics import DeviceEpochAccuracy, DeviceEpochLoss
 from .model.backbone import CLIPBackbone
 from .plugins.hard_pair_hinge import HardPairHingePlugin
@@ -409,6 +409,7 @@ def _run_locked(config: CLIPHingeConfig, bundle, output_dir: Path, lock, *, back
     torch.manual_seed(config.seed)
     model = build_model(config, bundle.class_names, device, backbone=backbone)
     backbone = model.backbone
+    check_prompt_length(backbone.tokenizer, bundle.class_names, config)
     if state is not None:
         try:
             ckpt.load_model_state(model, state["model"])
@@ -460,6 +461,25 @@ def _remove_temp_files(output_dir: Path) -> None:
     remove_temp_files(output_dir, lambda name: name in ATOMIC_FILES)
     remove_temp_files(output_dir / "checkpoints",
                       ckpt.is_checkpoint_name)
+
+
+def check_prompt_length(tokenizer, class_names: Sequence[str], config: CLIPHingeConfig) -> None:
+    """Refuse (``ConfigError``) class names whose prompt (``n_ctx`` context tokens, the name,
+    a full stop) or template text does not fit the text encoder's context: the tokenizer
+    would cut the name off silently."""
+    encode = getattr(tokenizer, "encode", None)
+    limit = getattr(tokenizer, "context_length", None)
+    if encode is None or limit is None:
+        return
+    for name in class_names:
+        for what, text in (("the prompt", f"{'X ' * config.n_ctx}{name}."),
+                           ("prompt_template", config.prompt_template.format(name))):
+            length = len(encode(text)) + 2  # start and end of text
+            if length > limit:
+                raise ConfigError(
+                    f"class name {name!r} makes {what} {length} tokens long, beyond the text "
+                    f"encoder's {limit} (n_ctx={config.n_ctx}); lower n_ctx or shorten the "
+                    "name or the template")
 
 
 def check_run_paths(config: CLIPHingeConfig) -> None:

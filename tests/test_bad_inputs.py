@@ -160,6 +160,9 @@ def test_config_file_typo_names_the_file(untouched, tmp_path, capsys, monkeypatc
     ("feature_cache_max_gb=1e300", "error: config key 'feature_cache_max_gb' must be finite "
                                    "and within float32's range (|x| <= 3.403e+38), got 1e+300"),
     ("n_ctx=100", "error: config key 'n_ctx' must be at most 73, got 100"),
+    ("n_ctx=73", "error: class name 'red horizontal stripes' makes the prompt 79 tokens long, "
+                 "beyond the text encoder's 77 (n_ctx=73); lower n_ctx or shorten the name or "
+                 "the template"),
     ("samples_per_old_class=1000000000000", "error: config key 'samples_per_old_class' must be "
                                             "at most 349525 (replayed 1024-d float32 features "
                                             "of 6 classes within 8 GiB), got 1000000000000"),
