@@ -31,7 +31,7 @@ DEFAULT_ENTRIES = (list(compare.DEFAULT_STRATEGIES)
 
 def smoke_config(**overrides) -> CLIPHingeConfig:
     """The config ``--benchmark smoke`` runs CLIPHinge with."""
-    config = CLIPHingeConfig.from_json(ROOT / compare.DEFAULT_CONFIGS["smoke"]).replace(**SMOKE)
+    config = CLIPHingeConfig.from_json(compare.DEFAULT_CONFIGS["smoke"]).replace(**SMOKE)
     return config.replace(**overrides)
 
 
