@@ -555,8 +555,7 @@ def test_non_finite_stage_two_is_refused_and_earlier_checkpoints_kept(tmp_path, 
         *FAST, "--output-dir", out, "--set", "second_stage_weight_decay=1e38"],
         capsys, monkeypatch)
     error = the_error(code, stderr)
-    assert error.startswith("error: non-finite stage-2 loss at task 1, epoch 0") or \
-        error.startswith("error: stage 2 of task 1 left NaN or Inf weights in its head")
+    assert error.startswith("error: non-finite stage-2 loss or weights at task 1, epoch 0")
     assert "second_stage_weight_decay" in error
     assert json.loads((out / "results.json").read_text())["completed_tasks"] == 1
     assert ckpt.load_checkpoint(out / "checkpoints" / "exp_000.pt")["completed"] == 1

@@ -170,7 +170,9 @@ def test_plots_report_and_logs_are_written(smoke_run):
     assert "Start of training phase" in (out / "log.txt").read_text()
     config = json.loads((out / "config.json").read_text())
     assert config == json.loads((out / "results.json").read_text())["protocol"]["config"]
-    assert not list(out.glob(".*")) and not list((out / "checkpoints").glob(".*"))
+    # no temporary file left; the run lock's file stays, emptied
+    assert [p.name for p in out.glob(".*")] == [".lock"] and not (out / ".lock").read_text()
+    assert not list((out / "checkpoints").glob(".*"))
 
 
 def test_the_last_two_checkpoints_are_kept(smoke_run, results):

@@ -122,8 +122,8 @@ def test_lock_is_reentrant_in_one_process_and_exclusive_between_processes(tmp_pa
 @pytest.mark.slow
 def test_a_real_run_in_progress_refuses_a_second_run(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "run"
-    command = smoke_command(folder, "--set", "total_tasks=2", "--set", "init_epochs=3",
-                            "--set", "epochs=3")
+    command = smoke_command(folder, "--set", "total_tasks=2", "--set", "init_epochs=2",
+                            "--set", "epochs=2", "--set", "second_stage_epochs=1")
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lock_file = folder / run_lock.LOCK_NAME
