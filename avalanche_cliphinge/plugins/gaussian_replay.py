@@ -7,6 +7,8 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
+from .contract import check_strategy
+
 
 class GaussianReplayPlugin(SupervisedPlugin):
     """Replays sampled features of every old class in the stage-1 cross-entropy.
@@ -16,7 +18,7 @@ class GaussianReplayPlugin(SupervisedPlugin):
     of each experience. At the start of every epoch this plugin draws
     ``samples_per_old_class`` features per old class, shuffles them and splits them into as
     many chunks as the epoch has minibatches (sizes differ by at most one); each minibatch
-    gets its chunk as ``strategy.replay_features [k, dim]`` / ``strategy.replay_labels [k]``,
+    gets its chunk as ``strategy.step.replay_features [k, dim]`` and ``replay_labels [k]``,
     which the strategy scores without the image encoder and adds to the cross-entropy.
 
     With ``classes_per_step = k > 0`` the volume follows RAPF's released code instead: every
@@ -32,6 +34,10 @@ class GaussianReplayPlugin(SupervisedPlugin):
         seed: base seed of the per-(task, epoch) generators.
     """
 
+    #: What it reads and writes on its strategy (see ``contract.MethodStrategy``).
+    STRATEGY_NEEDS = ("model", "device", "current_task", "experience_classes", "step",
+                      "dataloader", "clock")
+
     def __init__(self, samples_per_old_class: int = 20, seed: int = 0,
                  classes_per_step: int = 0):
         super().__init__()
@@ -39,6 +45,9 @@ class GaussianReplayPlugin(SupervisedPlugin):
         self.classes_per_step = classes_per_step
         self.seed = seed
         self.chunks: Optional[List[Tuple[Tensor, Tensor]]] = None
+
+    def before_training(self, strategy, **kwargs):
+        check_strategy(self, strategy, self.STRATEGY_NEEDS)
 
     def before_training_epoch(self, strategy, **kwargs):
         model = strategy.model
@@ -69,7 +78,7 @@ class GaussianReplayPlugin(SupervisedPlugin):
         if self.chunks is None:
             return
         chunk = self.chunks[strategy.clock.train_epoch_iterations % len(self.chunks)]
-        strategy.replay_features, strategy.replay_labels = chunk
+        strategy.step.replay_features, strategy.step.replay_labels = chunk
 
     def after_training_epoch(self, strategy, **kwargs):
         self.chunks = None

@@ -8,6 +8,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
 from ..losses import hinge_loss, select_hard_pairs
+from .contract import check_strategy
 
 Pair = Tuple[int, int, float]
 
@@ -37,6 +38,9 @@ class HardPairHingePlugin(SupervisedPlugin):
             matters when old prompts are trainable, ``update_old_text_prompts``).
         seed: base seed of the sampling generator.
     """
+
+    #: What it reads and writes on its strategy (see ``contract.MethodStrategy``).
+    STRATEGY_NEEDS = ("model", "device", "experience_classes", "step", "loss")
 
     def __init__(self, *, text_hinge: bool = True, text_margin: float = 0.1,
                  text_weight: float = 1.0, text_threshold: float = 0.85,
@@ -76,6 +80,9 @@ class HardPairHingePlugin(SupervisedPlugin):
                    image_top_k=config.image_top_hard_pairs,
                    samples_per_pair=config.hinge_samples_per_pair,
                    grad_to_old_text=config.hinge_grad_to_old_text, seed=config.seed)
+
+    def before_training(self, strategy, **kwargs):
+        check_strategy(self, strategy, self.STRATEGY_NEEDS)
 
     def before_training_exp(self, strategy, **kwargs):
         model = strategy.model
@@ -133,7 +140,7 @@ class HardPairHingePlugin(SupervisedPlugin):
                 ("image", self.image_pairs, self.image_margin, self.image_weight)):
             if pairs:
                 loss = self.pair_loss(strategy, pairs, margin, self._index[kind])
-                self.last_losses[kind] = strategy.loss_terms[f"{kind}_hinge"] = loss.detach()
+                self.last_losses[kind] = strategy.step.loss_terms[f"{kind}_hinge"] = loss.detach()
                 strategy.loss = strategy.loss + weight * loss
 
 
