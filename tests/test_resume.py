@@ -50,6 +50,12 @@ def stream_events(tb_dir: Path):
     return accumulator
 
 
+def resume(folder: Path, capsys, monkeypatch, *extra):
+    """``--resume`` of the smoke preset in ``folder``: ``(exit code, stdout, stderr)``."""
+    return run_script("run_split_cifar.py", ["--preset", "smoke", "--quiet", "--output-dir",
+                                             folder, "--resume", *extra], capsys, monkeypatch)
+
+
 def truncate(path: Path, keep: float = 0.5) -> None:
     data = path.read_bytes()
     path.write_bytes(data[:int(len(data) * keep)])
@@ -167,9 +173,7 @@ def test_resume_is_marked_in_the_log_and_checkpoints_roll_on(killed_and_resumed)
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(unfinished, uninterrupted,
                                                                    capsys, monkeypatch):
     truncate(unfinished / "checkpoints" / "exp_002.pt")
-    code, stdout, stderr = run_script("run_split_cifar.py", [
-        "--preset", "smoke", "--quiet", "--output-dir", unfinished, "--resume"],
-        capsys, monkeypatch)
+    code, stdout, stderr = resume(unfinished, capsys, monkeypatch)
     assert code == 0, stderr
     assert f"warning: checkpoint {unfinished / 'checkpoints' / 'exp_002.pt'} is corrupt or " \
            "truncated" in stdout
@@ -428,18 +432,14 @@ def test_forged_newest_checkpoint_falls_back_and_all_forged_is_an_error(unfinish
     older = torch.load(previous, weights_only=True)
     torch.save({**older, "config": list(older["config"].items())}, previous)
     before = snapshot(unfinished)
-    code, _, stderr = run_script("run_split_cifar.py", [
-        "--preset", "smoke", "--quiet", "--output-dir", unfinished, "--resume"],
-        capsys, monkeypatch)
+    code, _, stderr = resume(unfinished, capsys, monkeypatch)
     lines = error_lines(stderr)
     assert code == 2 and len(lines) == 1, stderr
     assert lines[0].startswith(f"error: no usable checkpoint in {unfinished / 'checkpoints'}: "
                                "exp_002.pt, exp_001.pt cannot be read")
     assert snapshot(unfinished) == before
     torch.save(older, previous)  # the previous one intact again: used, with a warning
-    code, stdout, stderr = run_script("run_split_cifar.py", [
-        "--preset", "smoke", "--quiet", "--output-dir", unfinished, "--resume"],
-        capsys, monkeypatch)
+    code, stdout, stderr = resume(unfinished, capsys, monkeypatch)
     assert code == 0, stderr
     assert f"warning: checkpoint {newest} is damaged or forged (completed=-1 is not a " \
            "positive experience count)" in stdout
@@ -463,9 +463,7 @@ def test_forged_newest_checkpoint_falls_back_and_all_forged_is_an_error(unfinish
 def test_checkpoint_of_another_layout_is_refused_even_with_force(changes, message, unfinished,
                                                                  capsys, monkeypatch):
     before = snapshot(unfinished)
-    code, _, stderr = run_script("run_split_cifar.py", [
-        "--preset", "smoke", "--quiet", "--output-dir", unfinished, "--resume", "--force",
-        *changes], capsys, monkeypatch)
+    code, _, stderr = resume(unfinished, capsys, monkeypatch, "--force", *changes)
     lines = error_lines(stderr)
     assert code == 2 and len(lines) == 1, stderr
     assert re.search(message, lines[0]), lines[0]
