@@ -354,8 +354,9 @@ def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
                    log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train on every experience of ``bundle``, evaluating the full test stream after each.
 
-    After every experience the results so far (``results.json``, ``results.txt``, plots) and
-    a checkpoint (``checkpoints/exp_<k>.pt``, the last two kept) are written atomically, so
+    After every experience the results so far (``results.json``, ``results.txt``, plots,
+    TensorBoard) and a checkpoint (``checkpoints/exp_<k>.pt``, the last two kept) are written
+    atomically, in that order, and the run is marked finished only after the last of them, so
     an interrupted run continues with ``resume=True`` exactly as if it had not stopped.
 
     Args:
@@ -380,7 +381,12 @@ def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
 
     Raises:
         ConfigError, RunError, CheckpointError: the request cannot run (nothing is deleted).
-        FloatingPointError: a non-finite loss; the checkpoints written so far are intact.
+        run_lock.RunLockedError: another process is running in ``output_dir`` (the folder is
+            locked for the whole run; the lock of a dead process never blocks).
+        FloatingPointError: a non-finite loss, stage-2 weight or test score; the checkpoints
+            written so far are intact.
+        OSError: the disk or the folder failed (full, quota, read-only); the files written
+            so far are intact and ``resume=True`` continues.
     """
     if resume and overwrite:
         raise RunError("resume and overwrite exclude each other: continue the run or start "
