@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..loaders import EpochBatchSampler, TensorBatchLoader
 from ..model.heads import TaskHead
+from .contract import check_strategy
 
 
 class SecondStagePlugin(SupervisedPlugin):
@@ -37,6 +38,10 @@ class SecondStagePlugin(SupervisedPlugin):
         seed: base seed of the shuffling generator.
     """
 
+    #: What it reads on its strategy (see ``contract.MethodStrategy``).
+    STRATEGY_NEEDS = ("model", "device", "config", "experience_classes", "current_features",
+                      "adapted_dataset", "autocast")
+
     def __init__(self, *, start_task: int = 1, epochs: int = 5, lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 0.0, logit_scale: float = 20.0,
                  batch_size: int = 100, seed: int = 0):
@@ -55,10 +60,13 @@ class SecondStagePlugin(SupervisedPlugin):
                    logit_scale=config.second_stage_logit_scale,
                    batch_size=config.batch_size, seed=config.seed)
 
+    def before_training(self, strategy, **kwargs):
+        check_strategy(self, strategy, self.STRATEGY_NEEDS)
+
     def after_training_exp(self, strategy, **kwargs):
         model = strategy.model
         task = model.n_tasks - 1
-        created = getattr(strategy, "experience_classes", None)
+        created = strategy.experience_classes
         if task < self.start_task or self.epochs == 0 or (created and created.task is None):
             return
         device = strategy.device
