@@ -17,7 +17,7 @@ $(STAMP): $(PY) requirements.txt setup.cfg pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	$(PY) experiments/run_split_cifar.py --preset smoke --output-dir runs/demo --overwrite

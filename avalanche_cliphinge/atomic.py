@@ -7,11 +7,14 @@ fsynced. A reader, or a crash at any moment, sees the old file or the new one, n
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, List, Optional
+
+import torch
 
 #: Environment variable of the kill points (tests only): ``<point>:<experience>``.
 KILL_ENV = "CLIPHINGE_KILL_AT"
@@ -103,3 +106,21 @@ def remove_temp_files(folder: Path, is_target: Callable[[str], bool]) -> List[Pa
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def save_atomic(obj: Any, path: Path, experience: Optional[int] = None) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (temporary file, fsync, rename).
+
+    torch reports a full disk as ``RuntimeError`` (``inline_container.cc ... unexpected
+    pos``); it is raised as an ``OSError`` naming ``path``.
+    """
+    def write(file):
+        try:
+            torch.save(obj, file)
+        except RuntimeError as err:
+            reason = (str(err).strip().splitlines() or [""])[0][:160]
+            raise OSError(errno.EIO, f"torch.save failed, disk full? ({reason})",
+                          str(path)) from None
+
+    write_atomic(path, "wb", write, kill_tag="checkpoint" if experience is not None else None,
+                 experience=experience)

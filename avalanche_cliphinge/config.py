@@ -2,7 +2,7 @@
 
 The key names are the seed's (``configs/cifar100_split.json`` of the original code); the
 implementation adds a few (model, prompt and speed keys). Defaults follow the published
-starting points listed in ``DESIGN.md`` section 3 (RAPF on CIFAR-100 B0 Inc10 for the
+starting points listed in the README's config table (RAPF on CIFAR-100 B0 Inc10 for the
 optimiser, hinge margin, threshold and replay budget; CoOp for the prompt length).
 """
 from __future__ import annotations

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import save_atomic
+from .atomic import save_atomic
 
 Features = Tuple[Tensor, Tensor]
 

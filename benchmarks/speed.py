@@ -42,11 +42,11 @@ from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
 from avalanche_cliphinge import CLIPHingeConfig, CLIPHingeStrategy, build_model, load_clip
-from avalanche_cliphinge.cli import SMOKE
+from avalanche_cliphinge.app.cli import SMOKE
 from avalanche_cliphinge.plugins import HardPairHingePlugin, SecondStagePlugin
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.evaluation.metrics import accuracy_metrics
-from benchmarks import device_resize_transforms
+from avalanche_cliphinge.benchmarks import device_resize_transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -394,7 +394,7 @@ def main(argv=None):
     backbone = load_clip(config.model_name, config.pretrained, device=device,
                          allow_activation_mismatch=config.allow_activation_mismatch)
     if args.preset == "tiny":
-        from benchmarks import split_image_folder
+        from avalanche_cliphinge.benchmarks import split_image_folder
 
         bundle = split_image_folder(args.data_root, init_class=config.init_class,
                                     increment=config.increment,
@@ -403,7 +403,7 @@ def main(argv=None):
     else:
         from avalanche.benchmarks import nc_benchmark
 
-        from benchmarks.common import StreamBundle
+        from avalanche_cliphinge.benchmarks.common import StreamBundle
 
         train, test = synthetic_cifar(config.n_classes, args.train_per_class,
                                       args.test_per_class, config.seed, args.synthetic_items)

@@ -5,11 +5,17 @@ avalanche-lib installs its own top-level ``tests`` package, so nothing here is i
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
+
+# `make test` runs the suite in pytest-xdist workers: share the cores out instead of every
+# worker's torch using all of them
+torch.set_num_threads(max(1, (os.cpu_count() or 1)
+                          // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 #: Class c: colour channel c % 3, vertical stripes when c >= 3 (ids follow the stream order).
 CLASS_NAMES = ["red", "green", "blue", "red stripes", "green stripes", "blue stripes"]

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from avalanche_cliphinge.cli import SMOKE
+from avalanche_cliphinge.app.cli import SMOKE
 from avalanche_cliphinge.config import CLIPHingeConfig, ConfigError
-from avalanche_cliphinge.experiment import RunError, run_experiment
+from avalanche_cliphinge.app.experiment import RunError, run_experiment
 from avalanche_cliphinge.strategy import CLIPHingeStrategy
 
 from cli_helpers import ROOT, SCRIPTS, run_script, snapshot
@@ -69,7 +69,7 @@ def untouched(previous_run):
 @pytest.fixture(scope="module")
 def imagenet_r_root(tmp_path_factory):
     """``<root>/imagenet-r/<wnid>/art_<i>.jpg``: the first 4 ImageNet-R wnids, 5 images each."""
-    from benchmarks import IMAGENET_R_WNIDS
+    from avalanche_cliphinge.benchmarks import IMAGENET_R_WNIDS
 
     root = tmp_path_factory.mktemp("imr")
     rng = np.random.RandomState(0)
@@ -91,8 +91,8 @@ def tensor_bundle(train_counts, test_per_class=3, init_class=2, increment=2,
                   flat_test_class=None):
     """A tiny image stream with ``train_counts[c]`` training images of class c
     (``flat_test_class``: that class's test images are flat grey)."""
-    from benchmarks import StreamBundle
-    from benchmarks.common import make_nc_benchmark
+    from avalanche_cliphinge.benchmarks import StreamBundle
+    from avalanche_cliphinge.benchmarks.common import make_nc_benchmark
 
     generator = torch.Generator().manual_seed(0)
     n = len(train_counts)
@@ -318,7 +318,7 @@ def test_missing_imagenet_r_names_the_layout(untouched, tmp_path, capsys, monkey
 def test_split_list_with_a_bad_line_names_file_and_line(line, message, untouched,
                                                          imagenet_r_root, tmp_path, capsys,
                                                          monkeypatch):
-    from benchmarks import IMAGENET_R_WNIDS
+    from avalanche_cliphinge.benchmarks import IMAGENET_R_WNIDS
 
     wnid = IMAGENET_R_WNIDS[0]
     (tmp_path / "train.txt").write_text(f"imagenet-r/{wnid}/art_1.jpg 0\n"
@@ -435,7 +435,7 @@ def test_feature_cache_dir_that_is_a_file(untouched, tmp_path, capsys, monkeypat
 
 
 def test_smoke_preset_follows_the_class_order():
-    from avalanche_cliphinge.cli import smoke_stream
+    from avalanche_cliphinge.app.cli import smoke_stream
 
     order = [5, 4, 3, 2, 1, 0]
     bundle = smoke_stream(tiny_config(class_order=order))
@@ -473,7 +473,7 @@ BAD_IMAGES = {
 
 def spoil(root, kind, index=3):
     """Spoil image ``art_<index>`` of the first class; returns its path."""
-    from benchmarks import IMAGENET_R_WNIDS
+    from avalanche_cliphinge.benchmarks import IMAGENET_R_WNIDS
 
     folder = root / "imagenet-r" / IMAGENET_R_WNIDS[0]
     if kind == "text named .png":
@@ -548,7 +548,7 @@ def test_non_finite_test_features_are_refused_naming_the_experience(tmp_path, mo
 
 def test_non_finite_stage_two_is_refused_and_earlier_checkpoints_kept(tmp_path, capsys,
                                                                       monkeypatch):
-    from avalanche_cliphinge import checkpoint as ckpt
+    from avalanche_cliphinge.app import checkpoint as ckpt
 
     out = tmp_path / "run"
     code, _, stderr = run_script("run_split_cifar.py", [
@@ -566,7 +566,7 @@ def test_disk_full_is_one_line_naming_the_file_and_the_run_resumes(tmp_path, cap
                                                                    monkeypatch):
     import errno
 
-    from avalanche_cliphinge import experiment
+    from avalanche_cliphinge.app import experiment
 
     out = tmp_path / "run"
     real_write = experiment.write_text_atomic

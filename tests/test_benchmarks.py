@@ -11,8 +11,8 @@ import torch
 import torchvision.datasets.cifar as tv_cifar
 from PIL import Image
 
-import benchmarks
-from benchmarks import (
+import avalanche_cliphinge.benchmarks as benchmarks
+from avalanche_cliphinge.benchmarks import (
     CIFAR100_ORDERS,
     IMAGENET_R_CLASS_NAMES,
     IMAGENET_R_WNIDS,
@@ -116,7 +116,7 @@ def test_cifar_b50_inc10_uses_per_exp_classes(offline_cifar):
 
 
 def test_cifar_equal_tasks_go_through_avalanche_split_cifar100(offline_cifar, monkeypatch):
-    import benchmarks.cifar100 as module
+    import avalanche_cliphinge.benchmarks.cifar100 as module
 
     calls = []
     real = module.SplitCIFAR100
@@ -148,7 +148,7 @@ def test_cifar_targets_are_original_ids_and_names_follow_meta(offline_cifar):
 
 
 def test_cifar_with_device_resize_transforms_serves_uint8_images(offline_cifar):
-    from benchmarks import device_resize_transforms
+    from avalanche_cliphinge.benchmarks import device_resize_transforms
 
     train_tf, eval_tf = device_resize_transforms()
     bundle = split_cifar100(offline_cifar, init_class=10, increment=10, class_order="icarl",
@@ -527,7 +527,7 @@ def full_imagenet_r_root(tmp_path_factory):
 
 
 def test_imagenet_r_rapf_order_by_name(full_imagenet_r_root, imagenet_r_root):
-    from benchmarks.imagenet_r import IMAGENET_R_ORDERS
+    from avalanche_cliphinge.benchmarks.imagenet_r import IMAGENET_R_ORDERS
 
     order = IMAGENET_R_ORDERS["rapf"]
     assert sorted(order) == list(range(200)) and order[:5] == [29, 75, 18, 9, 62]

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from avalanche_cliphinge.cli import SMOKE
+from avalanche_cliphinge.app.cli import SMOKE
 from avalanche_cliphinge.config import CLIPHingeConfig
-from avalanche_cliphinge.experiment import run_experiment
+from avalanche_cliphinge.app.experiment import run_experiment
 from avalanche_cliphinge.feature_cache import dataset_fingerprint
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 60, 230), (230, 220, 30)]
@@ -44,7 +44,7 @@ def image_tree(tmp_path):
 
 
 def image_stream(root):
-    from benchmarks import split_image_folder
+    from avalanche_cliphinge.benchmarks import split_image_folder
 
     return split_image_folder(root, init_class=2, increment=2)  # [0, 1] tensors
 

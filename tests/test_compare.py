@@ -1,4 +1,4 @@
-"""experiments/compare.py and avalanche_cliphinge.compare: every entry on one stream, one table.
+"""experiments/compare.py and avalanche_cliphinge.app.compare: every entry on one stream, one table.
 
 One subprocess run of the script on the smoke stream (all default entries) feeds several tests;
 the rest runs in-process on the same smoke stream with the tiny random CLIP.
@@ -18,9 +18,12 @@ from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin
 
 from avalanche_cliphinge import CLIPHingeConfig, CLIPHingeStrategy, SecondStagePlugin
-from avalanche_cliphinge import compare
-from avalanche_cliphinge.cli import SMOKE, smoke_stream
+from avalanche_cliphinge.app import compare
+from avalanche_cliphinge.app.cli import SMOKE, smoke_stream
 from avalanche_cliphinge.strategy import build_model
+
+#: subprocess runs of the application: `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "compare.py"

@@ -10,7 +10,7 @@ from avalanche_cliphinge import CLIPHingeConfig, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: DESIGN.md section 3: the seed's key names, every one of which must exist.
+#: the seed's key names (its configs/cifar100_split.json), every one of which must exist.
 SEED_KEYS = """dataset init_class increment total_tasks init_epochs epochs batch_size lr init_lr
 weight_decay seed text_use_hinge_loss text_hinge_margin text_hinge_weight
 text_hard_pair_threshold text_top_hard_pairs use_image_hinge_loss image_hinge_margin

@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avalanche_cliphinge.checkpoint import list_checkpoints, load_checkpoint
-from avalanche_cliphinge.cli import build_parser, resolve_config
-from avalanche_cliphinge.results import cil_metrics, grouped_accuracy
+from avalanche_cliphinge.app.checkpoint import list_checkpoints, load_checkpoint
+from avalanche_cliphinge.app.cli import build_parser, resolve_config
+from avalanche_cliphinge.app.results import cil_metrics, grouped_accuracy
 
 from cli_helpers import SCRIPTS, run_script, uninterrupted_smoke_run
+
+#: subprocess runs of the application: `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow
 N_TASKS = 4  # --preset smoke: 4 + 2 + 2 + 2 synthetic classes
 EPOCHS = 8   # --preset smoke: init_epochs = epochs = 8
 STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
@@ -202,7 +205,7 @@ def test_set_values_are_read_as_json_then_as_strings():
 # ---- run_imagenet_r.py -------------------------------------------------------------------------
 def make_imagenet_r_tree(root: Path, n_classes: int = 4, per_class: int = 5) -> list:
     """``root/imagenet-r/<wnid>/*.jpg`` for the first ``n_classes`` ImageNet-R wnids."""
-    from benchmarks import IMAGENET_R_WNIDS
+    from avalanche_cliphinge.benchmarks import IMAGENET_R_WNIDS
 
     rng = np.random.RandomState(0)
     wnids = list(IMAGENET_R_WNIDS[:n_classes])

@@ -3,8 +3,6 @@ covariance shrinkage as config keys, and the shipped presets found by name."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -212,15 +210,16 @@ def test_unknown_preset_names_the_closest_and_lists_all():
         CLIPHingeConfig.from_json("cifar100_b0_inc1O")
 
 
-def test_run_script_takes_a_preset_name_from_any_folder(tmp_path):
-    script = REPO / "experiments" / "run_split_cifar.py"
-    shown = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
-                           text=True, cwd=tmp_path, timeout=120)
-    assert shown.returncode == 0
+def test_run_script_takes_a_preset_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    from avalanche_cliphinge.app.cli import build_parser, main
+
+    monkeypatch.chdir(tmp_path)
+    shown = build_parser("run", "cifar100_b0_inc10").format_help()
     for name in list_presets():
-        assert name in shown.stdout
-    wrong = subprocess.run([sys.executable, str(script), "--config", "imagenet_r_b0_inc20",
-                            "--output-dir", str(tmp_path / "run")], capture_output=True,
-                           text=True, cwd=tmp_path, timeout=120)
-    assert wrong.returncode == 2
-    assert "for dataset 'imagenet_r'" in wrong.stderr and "run_imagenet_r.py" in wrong.stderr
+        assert name in shown
+    code = main(["--config", "imagenet_r_b0_inc20", "--output-dir", str(tmp_path / "run")],
+                dataset="cifar100")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "for dataset 'imagenet_r'" in err
+    assert "cliphinge run --config imagenet_r_b0_inc20" in err

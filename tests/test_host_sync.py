@@ -19,7 +19,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from avalanche_cliphinge import CLIPHingeStrategy
-from avalanche_cliphinge.experiment import make_evaluator
+from avalanche_cliphinge.app.experiment import make_evaluator
 from avalanche_cliphinge.plugins import SecondStagePlugin
 
 HOST_OPS = {"aten._local_scalar_dense.default", "aten.lift_fresh.default"}

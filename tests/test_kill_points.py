@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from avalanche_cliphinge import checkpoint as ckpt
+from avalanche_cliphinge.app import checkpoint as ckpt
 from avalanche_cliphinge.atomic import KILL_ENV
 
 from cli_helpers import ROOT, SCRIPTS
@@ -72,7 +72,7 @@ def _main(output_dir: str, extra, kill_at, log_path: str) -> None:
 def launcher(tmp_path_factory):
     """``launch(folder, *extra, kill_at=None) -> exit code`` through a preloaded forkserver."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["avalanche_cliphinge.cli", "avalanche_cliphinge.experiment",
+    context.set_forkserver_preload(["avalanche_cliphinge.app.cli", "avalanche_cliphinge.app.experiment",
                                     "benchmarks", "matplotlib.pyplot", "tensorboard"])
     logs = tmp_path_factory.mktemp("logs")
 

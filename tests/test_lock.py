@@ -16,9 +16,12 @@ import time
 
 import pytest
 
-from avalanche_cliphinge import run_lock
+from avalanche_cliphinge.app import run_lock
 
 from cli_helpers import ROOT, run_script, smoke_command, snapshot
+
+#: subprocess runs of the application: `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow
 
 FAST = ["--preset", "smoke", "--quiet", "--set", "total_tasks=2", "--set", "init_epochs=1",
         "--set", "epochs=1", "--set", "second_stage_epochs=1"]

@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from avalanche_cliphinge.results import (cil_metrics, format_results, grouped_accuracy,
+from avalanche_cliphinge.app.results import (cil_metrics, format_results, grouped_accuracy,
                                          plot_accuracy_curve, plot_accuracy_matrix)
 
 SIZES = [10, 20, 30]

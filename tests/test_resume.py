@@ -21,13 +21,16 @@ import pytest
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
-from avalanche_cliphinge import checkpoint as ckpt
-from avalanche_cliphinge.cli import SMOKE
+from avalanche_cliphinge.app import checkpoint as ckpt
+from avalanche_cliphinge.app.cli import SMOKE
 from avalanche_cliphinge.config import CLIPHingeConfig
-from avalanche_cliphinge.experiment import run_experiment
+from avalanche_cliphinge.app.experiment import run_experiment
 from avalanche_cliphinge.strategy import build_model
 
 from cli_helpers import ROOT, run_script, smoke_command, snapshot, uninterrupted_smoke_run
+
+#: subprocess runs of the application: `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow
 N_TASKS = 4
 EPOCHS = 8
 STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
@@ -406,7 +409,7 @@ def test_resume_restores_adapter_lora_heads_and_image_pairs(tmp_path):
         "use_image_adapter": True, "use_image_hinge_loss": True,
         "image_hard_pair_threshold": -1.0, "use_lora_in_second_stage": True,
         "lora_layers": [0, 1], "lora_rank": 2})
-    from avalanche_cliphinge.cli import smoke_stream
+    from avalanche_cliphinge.app.cli import smoke_stream
 
     bundle = smoke_stream(config)
     quiet = {"interactive": False, "log": lambda message: None}

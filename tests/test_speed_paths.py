@@ -15,6 +15,9 @@ from avalanche_cliphinge.loaders import EpochBatchSampler, TensorBatchLoader
 from avalanche_cliphinge.model.clip_hinge import DevicePreprocess
 from avalanche_cliphinge.model.prompts import TaskPrompts
 
+#: subprocess runs of the application: `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -154,7 +157,7 @@ def test_device_resize_transforms_give_exactly_to_tensors_model_input(backbone):
     from PIL import Image
     from torchvision import transforms
 
-    from benchmarks import device_resize_transforms
+    from avalanche_cliphinge.benchmarks import device_resize_transforms
 
     pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     train_tf, eval_tf = device_resize_transforms()
@@ -272,12 +275,18 @@ def test_speed_loader_only_times_every_transform_and_worker_count():
     assert "--loader-only times the synthetic CIFAR items: add --synthetic" in refused.stderr
 
 
-def test_speed_synthetic_items_pil_and_tensor_hold_the_same_images():
+def speed_module():
+    """benchmarks/speed.py as a module: the repository's benchmarks are scripts, not installed."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import speed
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return speed
+
+
+def test_speed_synthetic_items_pil_and_tensor_hold_the_same_images():
+    speed = speed_module()
     pil_train, pil_test = speed.synthetic_cifar(4, 3, 2, seed=5, items="pil")
     tensor_train, tensor_test = speed.synthetic_cifar(4, 3, 2, seed=5, items="tensor")
     assert isinstance(pil_train, speed.CIFARLikeImages)
@@ -345,7 +354,7 @@ def test_speed_step_sync_counter_counts_sync_warnings_inside_steps_only(monkeypa
     import warnings
     from types import SimpleNamespace
 
-    from benchmarks.speed import StepSyncCounter
+    StepSyncCounter = speed_module().StepSyncCounter
 
     modes = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)

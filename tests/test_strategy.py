@@ -21,6 +21,7 @@ from avalanche_cliphinge import (TINY_MODEL, CLIPHingeStrategy, ConfigError,
                                  GaussianReplayPlugin, HardPairHingePlugin, SecondStagePlugin,
                                  build_model, class_gaussian_stats, default_plugins,
                                  load_clip, select_hard_pairs)
+from avalanche_cliphinge.strategy import ExperienceClasses
 
 ACC_STREAM = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
 FORGETTING_STREAM = "StreamForgetting/eval_phase/test_stream"
@@ -435,9 +436,13 @@ def test_stage2_head_follows_sgd_with_the_configured_hyperparameters(no_stage2_r
     lr, momentum, decay, scale = 0.5, 0.9, 0.01, 15.0
     plugin = SecondStagePlugin(start_task=0, epochs=2, lr=lr, momentum=momentum,
                                weight_decay=decay, logit_scale=scale, batch_size=64, seed=0)
+    # the strategy side the plugin declares (STRATEGY_NEEDS), by hand: task 2 was just created
+    created = ExperienceClasses(present=model.task_classes[2], new=model.task_classes[2],
+                                task=2)
     fake = SimpleNamespace(model=model, device=torch.device("cpu"), autocast=nullcontext,
                            current_features=(feats, labels), experience=None,
-                           config=source.config)
+                           config=source.config, experience_classes=created,
+                           adapted_dataset=None)
     with torch.no_grad():
         weight = model.task_text_features(2).double().clone()
     bias = torch.zeros(2, dtype=torch.float64)

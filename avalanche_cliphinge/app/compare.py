@@ -57,15 +57,15 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from .config import CLIPHingeConfig, ConfigError
+from ..config import CLIPHingeConfig, ConfigError
 from .experiment import package_versions
-from .feature_cache import FeatureCache
-from .loaders import encode_dataset
-from .model.backbone import BackboneError, CLIPBackbone, load_clip
-from .model.clip_hinge import UNSEEN_SCORE
-from .model.prompts import raw_text_features
+from ..feature_cache import FeatureCache
+from ..loaders import encode_dataset
+from ..model.backbone import BackboneError, CLIPBackbone, load_clip
+from ..model.clip_hinge import UNSEEN_SCORE
+from ..model.prompts import raw_text_features
 from .results import cil_metrics, grouped_accuracy, plot_accuracy_curve
-from .strategy import CLIPHingeStrategy, build_model
+from ..strategy import CLIPHingeStrategy, build_model
 
 ZEROSHOT = "zeroshot"
 CLIPHINGE = "cliphinge"
@@ -331,7 +331,7 @@ def extract_feature_stream(bundle, backbone: CLIPBackbone, device: str | torch.d
     was (``benchmarks.common.make_nc_benchmark``, original class ids as targets). ``bf16``
     autocasts the encoder on CUDA; ``num_workers`` feeds the DataLoader.
     """
-    from benchmarks.common import make_nc_benchmark
+    from ..benchmarks.common import make_nc_benchmark
 
     began = time.perf_counter()
     device = torch.device(device)
@@ -792,7 +792,7 @@ def format_report(comparison: Comparison, rows: Sequence[Dict[str, Any]]) -> str
              "- AIA = mean over tasks of the accuracy on all classes seen so far; Last = that "
              "accuracy after the last task; AA = mean of the per-task accuracies after the last "
              "task; Forgetting = mean over old tasks of (best earlier accuracy - last accuracy) "
-             "(DESIGN.md section 4). Avalanche StreamForgetting = accuracy right after learning "
+             "(as in the README). Avalanche StreamForgetting = accuracy right after learning "
              "minus the last accuracy, averaged over experiences: a different quantity.",
              "- train time: wall seconds inside `strategy.train`; `-` = no training (zero-shot). "
              "Zero-shot and the Avalanche baselines train on features extracted once and shared "
@@ -893,7 +893,7 @@ def stream_factory_for(args: argparse.Namespace,
 
         return smoke_stream
     if args.benchmark == "split_cifar100":
-        from benchmarks import split_cifar100
+        from ..benchmarks import split_cifar100
 
         def cifar(config):
             order = (list(range(100)) if config.class_order == "natural"
@@ -904,7 +904,7 @@ def stream_factory_for(args: argparse.Namespace,
                                   eval_transform=backbone.eval_transform,
                                   download=args.download)
         return cifar
-    from benchmarks import split_imagenet_r
+    from ..benchmarks import split_imagenet_r
 
     def imagenet_r(config):
         order = None if config.class_order == "natural" else config.class_order

@@ -1,7 +1,7 @@
 """Run checkpoints: plain tensors and Python values, loadable with ``weights_only=True``.
 
 Avalanche's own ``save_checkpoint`` pickles the whole strategy with dill, which fails under
-torch 2.14 (DESIGN.md section 6). A checkpoint here holds exactly what a run needs to continue
+torch 2.14 (optimizer classes pickled by value). A checkpoint here holds exactly what a run needs to continue
 after experience k as if it had never stopped: the learned parts of the model (prompts, class
 Gaussians, stage-2 heads, image adapter, LoRA adapters; the frozen CLIP is rebuilt from the
 config), Avalanche's clock and forgetting-metric state, the RNG states, the metric history
@@ -11,7 +11,6 @@ and a rename; the newest two are kept.
 """
 from __future__ import annotations
 
-import errno
 import random
 import re
 from pathlib import Path
@@ -20,10 +19,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .atomic import kill_point, remove_temp_files, write_atomic
+from ..atomic import kill_point, remove_temp_files, save_atomic, write_atomic
 # a checkpoint's "model" entry is the saved-model format's learned state
-from .model.saving import learned_state as model_state  # noqa: F401
-from .model.saving import restore_learned_state as load_model_state  # noqa: F401
+from ..model.saving import learned_state as model_state  # noqa: F401
+from ..model.saving import restore_learned_state as load_model_state  # noqa: F401
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^exp_(\d{3})\.pt$")
@@ -103,24 +102,6 @@ def set_evaluator_state(evaluator, states: List[Optional[Dict[str, Any]]]) -> No
 RUNTIME_KEYS = ("num_workers", "feature_cache_dir", "feature_cache_max_gb")
 #: What every checkpoint holds (``load_checkpoint`` refuses a file without one of them).
 REQUIRED_KEYS = ("completed", "config", "model", "clock", "evaluator", "rng", "run", "csv_rows")
-
-
-def save_atomic(obj: Any, path: Path, experience: Optional[int] = None) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically (temporary file, fsync, rename).
-
-    torch reports a full disk as ``RuntimeError`` (``inline_container.cc ... unexpected
-    pos``); it is raised as an ``OSError`` naming ``path``.
-    """
-    def write(file):
-        try:
-            torch.save(obj, file)
-        except RuntimeError as err:
-            reason = (str(err).strip().splitlines() or [""])[0][:160]
-            raise OSError(errno.EIO, f"torch.save failed, disk full? ({reason})",
-                          str(path)) from None
-
-    write_atomic(path, "wb", write, kill_tag="checkpoint" if experience is not None else None,
-                 experience=experience)
 
 
 def checkpoint_path(folder: Path, experience: int) -> Path:

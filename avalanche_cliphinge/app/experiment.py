@@ -26,14 +26,14 @@ from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 
 from . import checkpoint as ckpt
 from . import run_lock
-from .atomic import kill_point, remove_temp_files, write_bytes_atomic, write_text_atomic
-from .config import CLIPHingeConfig, ConfigError
-from .metrics import DeviceEpochAccuracy, DeviceEpochLoss
-from .model.backbone import CLIPBackbone
-from .plugins.hard_pair_hinge import HardPairHingePlugin
+from ..atomic import kill_point, remove_temp_files, write_bytes_atomic, write_text_atomic
+from ..config import CLIPHingeConfig, ConfigError
+from ..metrics import DeviceEpochAccuracy, DeviceEpochLoss
+from ..model.backbone import CLIPBackbone
+from ..plugins.hard_pair_hinge import HardPairHingePlugin
 from .results import (cil_metrics, format_results, grouped_accuracy, plot_accuracy_curve,
                       plot_accuracy_matrix)
-from .strategy import CLIPHingeStrategy, build_model
+from ..strategy import CLIPHingeStrategy, build_model
 
 PACKAGES = ("avalanche-cliphinge", "avalanche-lib", "torch", "torchvision", "open_clip_torch",
             "peft", "numpy")
@@ -56,7 +56,7 @@ def package_versions() -> Dict[str, str]:
 
 #: Files and folders a run writes into its output folder (``--overwrite`` removes these only).
 RUN_FILES = ("results.json", "results.txt", "log.txt", "config.json", "csv", "tb",
-             "checkpoints", "accuracy_matrix.png", "accuracy_curve.png")
+             "checkpoints", "final_model.pt", "accuracy_matrix.png", "accuracy_curve.png")
 #: Files written whole through a temporary file, fsync and rename (``atomic.write_atomic``).
 ATOMIC_FILES = ("results.json", "results.txt", "config.json", "accuracy_matrix.png",
                 "accuracy_curve.png")
@@ -615,6 +615,7 @@ def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start
     if len(run.matrix) == n_exps:
         # Also when resumed from the last checkpoint: its plots and TensorBoard points were
         # written before it, only the "finished" results may be missing.
+        strategy.model.save(output_dir / "final_model.pt", config)
         _write_results(output_dir, run, test_sizes, full_protocol, n_exps, True)
 
 

@@ -2,7 +2,7 @@
 
 ``acc[t][j]`` is the accuracy (percent) on the test classes of task ``j`` after training task
 ``t``, as Avalanche's ``Top1_Acc_Exp`` measures it on test experience ``j``. Definitions
-(DESIGN.md section 4): ``A_t`` = accuracy over all classes seen after task t (the size-weighted
+(the README's metrics): ``A_t`` = accuracy over all classes seen after task t (the size-weighted
 mean of ``acc[t][:t+1]``); AIA = mean_t A_t ("Avg" in papers); Last = A_T;
 AA = mean_j acc[T][j]; Forgetting = mean_{j<T} (max_{j<=t<T} acc[t][j] - acc[T][j]).
 Avalanche's ``StreamForgetting`` (accuracy right after learning minus the last) is different
@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .atomic import write_atomic
+from ..atomic import write_atomic
 
 
 def grouped_accuracy(row: Sequence[float], sizes: Sequence[int], task: int) -> Dict[str, object]:

@@ -1,4 +1,4 @@
-"""Split CIFAR-100 with the class orders used in the literature (DESIGN.md section 4)."""
+"""Split CIFAR-100 with the class orders used in the literature (iCaRL's, PyCIL's)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,6 @@
+"""``python -m avalanche_cliphinge``: the ``cliphinge`` command."""
+import sys
+
+from .app.command import main
+
+sys.exit(main())

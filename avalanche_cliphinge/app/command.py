@@ -1,0 +1,105 @@
+"""``cliphinge``: the package's command, also ``python -m avalanche_cliphinge``.
+
+Subcommands: ``run`` (a whole run of any preset or config, on the stream its ``dataset``
+names), ``compare`` (beside Avalanche's strategies and zero-shot CLIP), ``presets`` (the
+shipped configs and what they reproduce), ``predict`` (top classes of images with a saved
+model), ``aggregate`` (mean ± std over finished runs).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+USAGE = """usage: cliphinge COMMAND [options]
+
+commands:
+  run       train and evaluate on a stream: a shipped preset or a config file
+            (cliphinge run --preset smoke runs offline in under a minute)
+  compare   CLIPHingeStrategy beside Avalanche's strategies and zero-shot CLIP
+  presets   list the shipped presets and what they reproduce
+  predict   top classes of images with a saved model (a run's final_model.pt)
+  aggregate mean ± std over finished runs (seeds), one row per (config, method)
+
+cliphinge COMMAND --help shows the options of a command."""
+
+
+def presets_main(argv: List[str]) -> int:
+    """Print every shipped preset with what it reproduces."""
+    from ..config import list_presets
+
+    argparse.ArgumentParser(prog="cliphinge presets",
+                            description="The shipped presets (--config NAME).").parse_args(argv)
+    for name, note in list_presets().items():
+        print(f"{name}\n    {note}")
+    return 0
+
+
+def predict_main(argv: List[str]) -> int:
+    """Print the top classes of each image with a saved model."""
+    parser = argparse.ArgumentParser(prog="cliphinge predict",
+                                     description="Top classes of images with a saved model.")
+    parser.add_argument("--model", required=True,
+                        help="a saved model: final_model.pt in a run's output folder")
+    parser.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    parser.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--pretrained", default=None,
+                        help="the frozen CLIP weights on this machine (a tag or a file with "
+                             "the SHA-256 recorded at training) when not where training "
+                             "found them")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default: cpu)")
+    args = parser.parse_args(argv)
+    from PIL import Image, UnidentifiedImageError
+
+    from ..model.backbone import BackboneError
+    from ..model.clip_hinge import CLIPHingeModel
+    from ..model.saving import SavedModelError
+
+    if args.top < 1:
+        parser.error("--top must be >= 1")
+    try:
+        model = CLIPHingeModel.load(args.model, device=args.device, pretrained=args.pretrained)
+        images = []
+        for path in args.images:
+            try:
+                with Image.open(path) as image:
+                    images.append(image.convert("RGB"))
+            except (OSError, UnidentifiedImageError) as err:
+                raise SavedModelError(f"cannot read image {path} ({type(err).__name__}); pass "
+                                      "JPEG, PNG or another format PIL reads") from None
+        prediction = model.predict(images, k=args.top)
+    except (SavedModelError, BackboneError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path, names, scores in zip(args.images, prediction.names, prediction.scores.tolist()):
+        ranked = ", ".join(f"{name} ({score:.2f})" for name, score in zip(names, scores))
+        print(f"{path}: {ranked}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Dispatch ``cliphinge COMMAND ...``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        from .cli import main as run_main
+
+        return run_main(rest, prog="cliphinge run")
+    if command == "compare":
+        from .compare import main as compare_main
+
+        return compare_main(rest)
+    if command == "presets":
+        return presets_main(rest)
+    if command == "predict":
+        return predict_main(rest)
+    if command == "aggregate":
+        from .aggregate import main as aggregate_main
+
+        return aggregate_main(rest)
+    print(f"error: unknown command '{command}'; choose run, compare, presets, predict or "
+          "aggregate (cliphinge --help)", file=sys.stderr)
+    return 2
