@@ -33,9 +33,11 @@ class CLIPHingeConfig:
 
     # --- stream layout -------------------------------------------------------------------
     dataset: str = "cifar100"
-    init_class: int = 10
-    increment: int = 10
-    total_tasks: int = 10
+    # None: read off the stream (CLIPHingeStrategy takes every experience as it comes; a run
+    # of the package's stream builders needs them set, as the presets do)
+    init_class: Optional[int] = None
+    increment: Optional[int] = None
+    total_tasks: Optional[int] = None
     class_order: Any = "icarl"
     # --- stage 1 optimisation ------------------------------------------------------------
     init_epochs: int = 15
@@ -178,17 +180,36 @@ class CLIPHingeConfig:
 
     # ------------------------------------------------------------------------------------
     @property
-    def n_classes(self) -> int:
-        """Number of classes the layout covers: ``init_class + increment * (total_tasks - 1)``."""
+    def n_classes(self) -> Optional[int]:
+        """Number of classes the layout covers: ``init_class + increment * (total_tasks - 1)``
+        (``None`` while a layout key is left to the stream)."""
+        if None in (self.init_class, self.increment, self.total_tasks):
+            return None
         return self.init_class + self.increment * (self.total_tasks - 1)
 
-    def task_size(self, task: int) -> int:
-        """Number of classes of task ``task`` (0-based)."""
+    @property
+    def layout_is_set(self) -> bool:
+        """Whether ``init_class``, ``increment`` and ``total_tasks`` are all set."""
+        return self.n_classes is not None
+
+    def require_layout(self, what: str) -> None:
+        """Raise ``ConfigError`` naming the layout keys left to the stream, which ``what``
+        (a stream builder) needs set."""
+        unset = [k for k in ("init_class", "increment", "total_tasks") if getattr(self, k) is None]
+        if unset:
+            raise ConfigError(f"{what} needs the task layout but {', '.join(unset)} "
+                              f"{'is' if len(unset) == 1 else 'are'} unset; set "
+                              f"{' '.join(f'--set {k}=...' for k in unset)} or use a preset "
+                              "(cliphinge presets)")
+
+    def task_size(self, task: int) -> Optional[int]:
+        """Number of classes of task ``task`` (0-based); ``None`` when left to the stream."""
         return self.init_class if task == 0 else self.increment
 
     def check_class_count(self, n_classes: int, what: str = "the stream") -> None:
-        """Raise ``ConfigError`` unless the layout covers exactly ``n_classes`` classes."""
-        if self.n_classes != n_classes:
+        """Raise ``ConfigError`` unless the layout covers exactly ``n_classes`` classes (a
+        layout left to the stream covers any)."""
+        if self.layout_is_set and self.n_classes != n_classes:
             raise ConfigError(
                 f"init_class + increment * (total_tasks - 1) = {self.init_class} + "
                 f"{self.increment} * {self.total_tasks - 1} = {self.n_classes}, but {what} has "
@@ -198,8 +219,11 @@ class CLIPHingeConfig:
         """Type and range checks; raises ``ConfigError`` with the key and the allowed values."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), "config"))
-        positive_int = ["init_class", "increment", "total_tasks", "batch_size", "n_ctx",
-                        "eval_batch_size", "lora_rank"]
+        for key in ["init_class", "increment", "total_tasks"]:
+            value = getattr(self, key)
+            _require(key, value is None or value >= 1, ">= 1, or null to read it off the stream",
+                     value)
+        positive_int = ["batch_size", "n_ctx", "eval_batch_size", "lora_rank"]
         for key in positive_int:
             _require(key, getattr(self, key) >= 1, ">= 1", getattr(self, key))
         non_negative = ["init_epochs", "epochs", "samples_per_old_class",
@@ -283,16 +307,19 @@ class CLIPHingeConfig:
                  self.seed)
         _require("hinge_samples_per_pair", self.hinge_samples_per_pair >= 1, ">= 1",
                  self.hinge_samples_per_pair)
-        n_classes = self.n_classes
+        # a layout left to the stream is sized as CIFAR-100 for these estimates
+        n_classes = self.n_classes if self.layout_is_set else 100
         per_sample = n_classes * MAX_FEATURE_DIM * 4
         most = MEMORY_BUDGET_BYTES // per_sample
         _require("samples_per_old_class", self.samples_per_old_class <= most,
                  f"at most {most} (replayed {MAX_FEATURE_DIM}-d float32 features of "
                  f"{n_classes} classes within {MEMORY_BUDGET_BYTES >> 30} GiB)",
                  self.samples_per_old_class)
-        caps = [n_classes * n_classes if cap is None else cap      # None: no cap
+        # a task's pairs are (new, old): at most n**2 / 4, when half the classes are new
+        most_pairs = max(1, n_classes * n_classes // 4)
+        caps = [most_pairs if cap is None else cap      # None: no cap
                 for cap in (self.text_top_hard_pairs, self.image_top_hard_pairs)]
-        pairs = max(1, min(max(caps), n_classes * n_classes))
+        pairs = max(1, min(max(caps), most_pairs))
         most = MEMORY_BUDGET_BYTES // (pairs * MAX_FEATURE_DIM * 4)
         _require("hinge_samples_per_pair", self.hinge_samples_per_pair <= most,
                  f"at most {most} (hinge samples of {pairs} pairs, {MAX_FEATURE_DIM}-d float32, "

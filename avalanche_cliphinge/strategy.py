@@ -344,12 +344,13 @@ class CLIPHingeStrategy(SupervisedTemplate):
         task = None
         if new:
             task = self.model.n_tasks
+            # a layout key left unset (None) takes the stream's experiences as they come
             expected = self.config.task_size(task)
-            if not returning and len(new) != expected:
+            if not returning and expected is not None and len(new) != expected:
                 raise ConfigError(f"experience {task} has {len(new)} classes but the config "
                                   f"expects {expected} (init_class={self.config.init_class}, "
                                   f"increment={self.config.increment}); make them agree")
-            if task >= self.config.total_tasks:
+            if self.config.total_tasks is not None and task >= self.config.total_tasks:
                 raise ConfigError(f"experience {task} is beyond total_tasks="
                                   f"{self.config.total_tasks}; raise total_tasks")
             self.model.add_task(new)

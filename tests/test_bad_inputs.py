@@ -167,7 +167,7 @@ def test_config_file_typo_names_the_file(untouched, tmp_path, capsys, monkeypatc
                                             "at most 349525 (replayed 1024-d float32 features "
                                             "of 6 classes within 8 GiB), got 1000000000000"),
     ("hinge_samples_per_pair=1000000000000", "error: config key 'hinge_samples_per_pair' must "
-                                             "be at most 209715 (hinge samples of 10 pairs, "
+                                             "be at most 233016 (hinge samples of 9 pairs, "
                                              "1024-d float32, within 8 GiB), got 1000000000000"),
     ("hinge_samples_per_pair=0", "error: config key 'hinge_samples_per_pair' must be >= 1, "
                                  "got 0"),

@@ -508,6 +508,34 @@ def test_task_layout_read_off_the_stream(synthetic_data):
         task_layout(uneven)
 
 
+def test_layout_left_unset_is_taken_from_the_stream(clip_strategy, synthetic_data,
+                                                    tiny_config, class_names, tmp_path):
+    from avalanche_cliphinge.app.experiment import run_experiment
+    from avalanche_cliphinge.benchmarks import StreamBundle
+
+    train = Labelled(synthetic_data["train_x"], synthetic_data["train_y"])
+    test = Labelled(synthetic_data["test_x"], synthetic_data["test_y"])
+    uneven = nc_benchmark(train, test, n_experiences=3, task_labels=False,
+                          fixed_class_order=list(range(6)), per_exp_classes={0: 1, 1: 3})
+    config = tiny_config(**{**FAST, "init_class": None, "increment": None, "total_tasks": None})
+    assert config.n_classes is None and not config.layout_is_set
+    strategy = clip_strategy(config=config)
+    for experience in uneven.train_stream:            # 1, 3 and 2 classes: any layout runs
+        strategy.train(experience)
+    assert [len(c) for c in strategy.model.task_classes] == [1, 3, 2]
+    with pytest.raises(ConfigError, match=r"init_class, increment, total_tasks are unset; "
+                                          r"set --set init_class=\.\.\. "):
+        config.require_layout("the cifar100 stream builder")
+    # the application reads an unset layout off the stream and records it
+    even = nc_benchmark(train, test, n_experiences=3, task_labels=False,
+                        fixed_class_order=list(range(6)))
+    bundle = StreamBundle(even, list(class_names), list(range(6)), {"name": "even"})
+    torch.manual_seed(0)
+    results = run_experiment(config, bundle, tmp_path / "run", interactive=False)
+    saved = results["protocol"]["config"]
+    assert (saved["init_class"], saved["increment"], saved["total_tasks"]) == (2, 2, 3)
+
+
 def test_wrong_layout_still_errors(clip_strategy, synthetic_stream, tiny_config):
     strategy = clip_strategy(config=tiny_config(**{**FAST, "init_class": 3, "increment": 1,
                                                    "total_tasks": 4}))

@@ -135,7 +135,7 @@ def test_rapf_shrink_cov_matches_numpy_and_fit_uses_it():
                        rtol=1e-4, atol=1e-5)
 
 
-# ---- RAPF's replay volume -------------------------------------------------------------------------
+# ---- RAPF's replay volume ----------------------------------------------------------------------
 class ChunkRecorder(SupervisedPlugin):
     """Reads the replay plugin's chunks at the start of every epoch (runs after it)."""
 

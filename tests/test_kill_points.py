@@ -72,8 +72,10 @@ def _main(output_dir: str, extra, kill_at, log_path: str) -> None:
 def launcher(tmp_path_factory):
     """``launch(folder, *extra, kill_at=None) -> exit code`` through a preloaded forkserver."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["avalanche_cliphinge.app.cli", "avalanche_cliphinge.app.experiment",
-                                    "benchmarks", "matplotlib.pyplot", "tensorboard"])
+    context.set_forkserver_preload(["avalanche_cliphinge.app.cli",
+                                    "avalanche_cliphinge.app.experiment",
+                                    "avalanche_cliphinge.benchmarks", "matplotlib.pyplot",
+                                    "tensorboard"])
     logs = tmp_path_factory.mktemp("logs")
 
     def launch(folder: Path, *extra: str, kill_at=None) -> int:

@@ -1,9 +1,9 @@
 """``cliphinge aggregate``: finished runs (seeds, presets) into one table with mean ± std.
 
 Runs are grouped by (config, method): the config is the preset name or config file a run was
-started with (``smoke`` for ``--preset smoke``), the method ``cliphinge``. Within a group every protocol entry but the seed (and
-what the seed alone decides: the synthetic stream's seed, the command line) must agree;
-otherwise the group is refused, naming the entries that differ. Each row holds the mean and
+started with (``smoke`` for ``--preset smoke``), the method ``cliphinge``. Within a group
+every protocol entry but the seed (and what the seed alone decides: the synthetic stream's
+seed, the command line) must agree; otherwise the group is refused, naming the entries that differ. Each row holds the mean and
 the sample standard deviation (``n - 1``; none with one run) of AIA, Last, AA and Forgetting,
 and the accuracy-on-seen-classes curve with its band.
 

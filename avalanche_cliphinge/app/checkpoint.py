@@ -1,10 +1,10 @@
 """Run checkpoints: plain tensors and Python values, loadable with ``weights_only=True``.
 
 Avalanche's own ``save_checkpoint`` pickles the whole strategy with dill, which fails under
-torch 2.14 (optimizer classes pickled by value). A checkpoint here holds exactly what a run needs to continue
-after experience k as if it had never stopped: the learned parts of the model (prompts, class
-Gaussians, stage-2 heads, image adapter, LoRA adapters; the frozen CLIP is rebuilt from the
-config), Avalanche's clock and forgetting-metric state, the RNG states, the metric history
+torch 2.14 (optimizer classes pickled by value). A checkpoint here holds exactly what a run
+needs to continue after experience k as if it had never stopped: the learned parts of the
+model (prompts, class Gaussians, stage-2 heads, image adapter, LoRA adapters; the frozen CLIP
+is rebuilt from the config), Avalanche's clock and forgetting-metric state, the RNG states, the metric history
 and results so far, the CSV line counts, the config and the stream's shape. The file
 ``checkpoints/exp_<k>.pt`` is written after experience k (0-based) through a temporary file
 and a rename; the newest two are kept.

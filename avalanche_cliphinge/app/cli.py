@@ -248,6 +248,7 @@ def _run(args: argparse.Namespace, argv: Optional[List[str]], output_dir: Path,
             raise ConfigError(f"config {args.config} is for dataset '{config.dataset}', not "
                               f"'{dataset}'; run it with: cliphinge run --config {args.config}")
         check_data, stream_factory = dataset_entry(config)
+        config.require_layout(f"the {config.dataset} stream builder")
         check_data(args, config)
     check_run_paths(config)
     # The folder is locked from the first look at it to the end of the run.

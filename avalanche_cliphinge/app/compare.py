@@ -622,6 +622,7 @@ def run_comparison(entries: Sequence[Entry], *, config: CLIPHingeConfig,
     streams, extraction = [], []
     for seed in seeds:
         cfg = config.replace(seed=int(seed))
+        cfg.require_layout("a comparison's stream")
         bundle = stream_factory(cfg)
         cfg.check_class_count(len(bundle.class_names), "the stream")
         if bundle.n_experiences != cfg.total_tasks:

@@ -34,6 +34,7 @@ from ..plugins.hard_pair_hinge import HardPairHingePlugin
 from .results import (cil_metrics, format_results, grouped_accuracy, plot_accuracy_curve,
                       plot_accuracy_matrix)
 from ..strategy import CLIPHingeStrategy, build_model
+from ..streams import task_layout
 
 PACKAGES = ("avalanche-cliphinge", "avalanche-lib", "torch", "torchvision", "open_clip_torch",
             "peft", "numpy")
@@ -360,7 +361,8 @@ def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
     an interrupted run continues with ``resume=True`` exactly as if it had not stopped.
 
     Args:
-        config: the method's settings (checked against the stream's class count).
+        config: the method's settings (checked against the stream's class count; layout keys
+            left unset are read off the stream and recorded in the results).
         bundle: a ``benchmarks.StreamBundle`` (Avalanche benchmark, class names and order).
         output_dir: where results, logs, TensorBoard events, plots and checkpoints go.
         backbone: the already loaded CLIP (its transforms built the stream); loaded from the
@@ -392,6 +394,9 @@ def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
         raise RunError("resume and overwrite exclude each other: continue the run or start "
                        "it again")
     output_dir = Path(output_dir)
+    if not config.layout_is_set:        # the keys left unset are read off the stream
+        layout = task_layout(bundle.benchmark)
+        config = config.replace(**{k: v for k, v in layout.items() if getattr(config, k) is None})
     check_stream(config, bundle)
     check_run_paths(config)
     prepare_output_dir(output_dir)

@@ -79,7 +79,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def uses_quick_gelu(model_name: str) -> bool:
-    """Whether the open_clip architecture ``model_name`` uses QuickGELU (``x * sigmoid(1.702 x)``)."""
+    """Whether the open_clip architecture ``model_name`` uses QuickGELU (x * sigmoid(1.702 x))."""
     return bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False))
 
 
