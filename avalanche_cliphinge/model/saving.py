@@ -8,13 +8,12 @@ plain tensors and Python values, so ``torch.load(weights_only=True)`` reads it.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 
+from ..atomic import save_atomic
 from .heads import ImageAdapter, TaskHead
 
 if TYPE_CHECKING:
@@ -86,7 +85,7 @@ def restore_learned_state(model: "CLIPHingeModel", state: Dict[str, Any]) -> Non
 
 def save_model(model: "CLIPHingeModel", path: str | Path,
                config: "CLIPHingeConfig") -> Path:
-    """Write ``model`` (built from ``config``) to ``path`` through a temporary file and a rename.
+    """Write ``model`` (built from ``config``) to ``path`` atomically (``atomic.save_atomic``).
 
     Returns the path written.
     """
@@ -105,16 +104,7 @@ def save_model(model: "CLIPHingeModel", path: str | Path,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    save_atomic(payload, path)
     return path
 
 
