@@ -23,6 +23,7 @@ from .model.clip_hinge import CLIPHingeModel, ClassNames, class_name_table
 from .plugins.gaussian_replay import GaussianReplayPlugin
 from .plugins.hard_pair_hinge import HardPairHingePlugin
 from .plugins.second_stage import SecondStagePlugin
+from .seeding import Draw, generator as seeded
 from .streams import (STREAM_FIX, ClipInput, StreamInputError, find_random_transform,
                       foreign_normalize)
 
@@ -228,15 +229,13 @@ class CLIPHingeStrategy(SupervisedTemplate):
 
     # ---- helpers used by plugins ----------------------------------------------------------
     def generator(self, *parts: int) -> torch.Generator:
-        """A CPU generator seeded from ``config.seed`` and ``parts`` (task, epoch, ...).
+        """``seeding.generator(config.seed, *parts)``: a CPU generator for one purpose
+        (``parts[0]``, a ``seeding.Draw``) and its task, epoch, ...
 
-        Every random draw of a run comes from such a generator, so an experience replays
+        Every random draw of the method comes from such a generator, so an experience replays
         identically whether the run is fresh or resumed.
         """
-        seed = self.config.seed
-        for part in parts:
-            seed = seed * 1_000_003 + int(part)
-        return torch.Generator().manual_seed(seed % (2 ** 63))
+        return seeded(self.config.seed, *parts)
 
     def autocast(self):
         """bf16 autocast on CUDA when ``precision == 'bf16'``; a no-op context otherwise."""
@@ -297,7 +296,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
         return known[1]
 
     def _batch_sampler(self, n: int, batch_size: int, shuffle: bool) -> EpochBatchSampler:
-        generator = self.generator(self.current_task, 1) if shuffle else None
+        generator = self.generator(Draw.BATCHES, self.current_task) if shuffle else None
         return EpochBatchSampler(n, batch_size, shuffle, generator)
 
     def _loader(self, dataset, features, batch_size: int, shuffle: bool):

@@ -44,6 +44,7 @@ from torch.utils.data import Dataset, TensorDataset
 from avalanche_cliphinge import CLIPHingeConfig, CLIPHingeStrategy, build_model, load_clip
 from avalanche_cliphinge.app.cli import SMOKE
 from avalanche_cliphinge.plugins import HardPairHingePlugin, SecondStagePlugin
+from avalanche_cliphinge.seeding import seed_everything
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche_cliphinge.benchmarks import device_resize_transforms
@@ -390,7 +391,7 @@ def main(argv=None):
     if args.loader_only:
         loader_rates(args, config)
         return
-    torch.manual_seed(config.seed)         # random weights are the same in every process
+    seed_everything(config.seed)           # random weights are the same in every process
     backbone = load_clip(config.model_name, config.pretrained, device=device,
                          allow_activation_mismatch=config.allow_activation_mismatch)
     if args.preset == "tiny":

@@ -20,6 +20,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from avalanche_cliphinge import CLIPHingeConfig, CLIPHingeStrategy, SecondStagePlugin
 from avalanche_cliphinge.app import compare
 from avalanche_cliphinge.app.cli import SMOKE, smoke_stream
+from avalanche_cliphinge.seeding import seed_everything
 from avalanche_cliphinge.strategy import build_model
 
 #: subprocess runs of the application: `pytest -m "not slow"` leaves them out
@@ -131,7 +132,7 @@ def test_no_replay_no_hinge_equals_strategy_without_those_plugins(smoke_run):
     assert config.samples_per_old_class > 0 and config.text_use_hinge_loss
     backbone = compare.load_backbone(config, config.seed)  # the weights the script used
     bundle = smoke_stream(config)
-    compare.seed_everything(config.seed)
+    seed_everything(config.seed)
     strategy = CLIPHingeStrategy(
         config=config, class_names=bundle.class_names,
         model=build_model(config, bundle.class_names, backbone=backbone),

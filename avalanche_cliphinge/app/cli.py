@@ -18,6 +18,7 @@ from ..config import CLIPHingeConfig, ConfigError, config_reproduces, list_prese
 from .experiment import (RunError, check_output_dir, check_run_paths, prepare_output_dir,
                          print_summary, run_experiment)
 from ..model.backbone import TINY_MODEL, BackboneError, load_clip
+from ..seeding import seed_everything
 from .run_lock import RunLockedError, hold
 
 #: Overrides of ``--preset smoke``: tiny random CLIP and the built-in synthetic stream.
@@ -257,7 +258,7 @@ def _run(args: argparse.Namespace, argv: Optional[List[str]], output_dir: Path,
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         # Random weights (pretrained=None) come from the global RNG: seed it first, so a
         # resumed run gets the same frozen CLIP as the run it continues.
-        torch.manual_seed(config.seed)
+        seed_everything(config.seed)
         backbone = load_clip(config.model_name, config.pretrained, device=device,
                              allow_activation_mismatch=config.allow_activation_mismatch)
         with skip_unreadable_images(args.skip_bad_images):

@@ -34,7 +34,6 @@ import csv
 import dataclasses
 import difflib
 import json
-import random
 import resource
 import shutil
 import sys
@@ -64,7 +63,9 @@ from ..loaders import encode_dataset
 from ..model.backbone import BackboneError, CLIPBackbone, load_clip
 from ..model.clip_hinge import UNSEEN_SCORE
 from ..model.prompts import raw_text_features
-from .results import cil_metrics, grouped_accuracy, plot_accuracy_curve
+from ..seeding import seed_everything
+from .figures import comparison_figure, figure_files, save_figure, stream_title
+from .results import cil_metrics, grouped_accuracy
 from ..strategy import CLIPHingeStrategy, build_model
 
 ZEROSHOT = "zeroshot"
@@ -504,13 +505,6 @@ def build_strategy(entry: Entry, *, config: CLIPHingeConfig, bundle, backbone: C
     return BASELINES[entry.name](context)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch, numpy and random (every entry starts from the same RNG state)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    random.seed(seed)
-
-
 def accuracy_row(results: Dict[str, float], n_exps: int) -> List[float]:
     """``Top1_Acc_Exp`` of every test experience (percent) from Avalanche's last metrics."""
     row = []
@@ -745,20 +739,23 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def write_outputs(comparison: Comparison, output_dir: str | Path) -> Dict[str, Path]:
-    """``comparison.md``, ``comparison.csv``, ``comparison.json`` and ``accuracy_vs_task.png``."""
+    """``comparison.md``, ``comparison.csv``, ``comparison.json`` and
+    ``accuracy_vs_task.{png,pdf}`` (``figures.comparison_figure``)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = summarize(comparison)
     paths = {name: output_dir / name for name in
-             ("comparison.md", "comparison.csv", "comparison.json", "accuracy_vs_task.png")}
-    figure = plot_accuracy_curve({row["entry"]: row["curve"] for row in rows},
-                                 paths["accuracy_vs_task.png"],
-                                 title="accuracy on seen classes vs task"
-                                       + (" (mean over seeds)" if len(comparison.seeds) > 1
-                                          else ""))
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
+             ("comparison.md", "comparison.csv", "comparison.json",
+              *figure_files("accuracy_vs_task"))}
+    kinds = {e.name: ("ablation" if e.overrides else "method" if e.kind == "cliphinge"
+                      else "baseline") for e in comparison.entries}
+    stream = comparison.protocol.get("stream", {})
+    title = (stream_title(stream, "CLIPHinge vs baselines")
+             + (f", mean over {len(comparison.seeds)} seeds" if len(comparison.seeds) > 1
+                else ""))
+    save_figure(comparison_figure({row["entry"]: row["curve"] for row in rows}, kinds,
+                                  stream.get("classes_per_experience"), title),
+                output_dir / "accuracy_vs_task")
     with open(paths["comparison.csv"], "w", newline="") as handle:
         writer = csv.writer(handle)
         header = ["entry", "n_seeds"]
@@ -789,7 +786,8 @@ def format_report(comparison: Comparison, rows: Sequence[Dict[str, Any]]) -> str
               else f"seed {seeds[0]}")
     lines = ["# Comparison", "", f"Class-incremental, evaluated on the whole test stream after "
              f"every task; {spread}.", "", markdown_table(rows),
-             "![accuracy on seen classes vs task](accuracy_vs_task.png)", "",
+             "![accuracy on seen classes vs classes seen](accuracy_vs_task.png) "
+             "([PDF](accuracy_vs_task.pdf))", "",
              "- AIA = mean over tasks of the accuracy on all classes seen so far; Last = that "
              "accuracy after the last task; AA = mean of the per-task accuracies after the last "
              "task; Forgetting = mean over old tasks of (best earlier accuracy - last accuracy) "

@@ -31,8 +31,10 @@ from ..config import CLIPHingeConfig, ConfigError
 from ..metrics import DeviceEpochAccuracy, DeviceEpochLoss
 from ..model.backbone import CLIPBackbone
 from ..plugins.hard_pair_hinge import HardPairHingePlugin
-from .results import (cil_metrics, format_results, grouped_accuracy, plot_accuracy_curve,
-                      plot_accuracy_matrix)
+from ..seeding import seed_everything
+from .figures import (accuracy_matrix_figure, confusion_matrix_figure, figure_files,
+                      run_curve_figure, run_title, save_figure)
+from .results import cil_metrics, format_results, grouped_accuracy
 from ..strategy import CLIPHingeStrategy, build_model
 from ..streams import task_layout
 
@@ -55,12 +57,15 @@ def package_versions() -> Dict[str, str]:
     return versions
 
 
+#: The figures of a run (``_write_plots``), each as PNG and PDF; the confusion matrix once the
+#: last task is evaluated.
+PLOT_FILES = (*figure_files("accuracy_matrix"), *figure_files("accuracy_curve"),
+              *figure_files("confusion_matrix"))
 #: Files and folders a run writes into its output folder (``--overwrite`` removes these only).
 RUN_FILES = ("results.json", "results.txt", "log.txt", "config.json", "csv", "tb",
-             "checkpoints", "final_model.pt", "accuracy_matrix.png", "accuracy_curve.png")
+             "checkpoints", "final_model.pt", *PLOT_FILES)
 #: Files written whole through a temporary file, fsync and rename (``atomic.write_atomic``).
-ATOMIC_FILES = ("results.json", "results.txt", "config.json", "accuracy_matrix.png",
-                "accuracy_curve.png")
+ATOMIC_FILES = ("results.json", "results.txt", "config.json", *PLOT_FILES)
 #: What an attempt that failed before its first checkpoint leaves behind.
 LOG_FILES = ("log.txt", "csv", "tb")
 
@@ -417,7 +422,7 @@ def _run_locked(config: CLIPHingeConfig, bundle, output_dir: Path, lock, *, back
     state = _load_resume_state(checkpoints, config, fingerprint, resume, force, log)
     if state is not None:
         _check_resumable(state, config, bundle)
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
     model = build_model(config, bundle.class_names, device, backbone=backbone)
     backbone = model.backbone
     check_prompt_length(backbone.tokenizer, bundle.class_names, config)
@@ -659,22 +664,38 @@ def _write_results(output_dir: Path, run: RunState, sizes: Sequence[int],
     return summary
 
 
-def _write_plots(output_dir: Path, run: RunState):
-    """The accuracy matrix and curve PNGs (atomic); returns the two figures."""
-    matrix_fig = plot_accuracy_matrix(run.matrix, output_dir / "accuracy_matrix.png")
-    curve_fig = plot_accuracy_curve({"all seen classes": [g["all"] for g in run.per_task],
-                                     "new classes": [g["new"] for g in run.per_task]},
-                                    output_dir / "accuracy_curve.png")
-    return matrix_fig, curve_fig
+def _write_plots(output_dir: Path, run: RunState, *, protocol: Optional[Dict[str, Any]] = None,
+                 confusion=None) -> Dict[str, Any]:
+    """The run's figures as PNG (300 dpi) and PDF, each atomic (``figures.save_figure``):
+    ``accuracy_matrix``, ``accuracy_curve`` and, when ``confusion`` is given,
+    ``confusion_matrix``. Returns ``{TensorBoard tag: figure}``.
+
+    Args:
+        protocol: the run's protocol (results.json's): the title (method, dataset, preset)
+            and the classes per task (x axis: classes seen; without it: the task number).
+        confusion: ``[C, C]`` counts of the last evaluation in the stream's class order
+            (``ConfusionMatrixPlugin.matrix(bundle.class_order)``), or ``None``.
+    """
+    protocol = protocol or {}
+    title = run_title(protocol)
+    sizes = protocol.get("stream_classes_per_experience")
+    figures = {"results/accuracy_matrix": accuracy_matrix_figure(run.matrix, title),
+               "results/accuracy_curve": run_curve_figure(run.per_task, sizes, title)}
+    if confusion is not None:
+        figures["results/confusion_matrix"] = confusion_matrix_figure(
+            confusion, sizes or [len(confusion)], title)
+    for tag, figure in figures.items():
+        save_figure(figure, output_dir / tag.split("/")[-1])
+    return figures
 
 
 def _log_results(tb_logger, figures, metrics: Dict[str, float], run: RunState,
                  index: int) -> None:
     """The results of experience ``index`` as TensorBoard scalars and images (flushed)."""
     writer = tb_logger.writer
-    # add_figure closes the figures (matplotlib would otherwise keep every one alive).
-    writer.add_figure("results/accuracy_matrix", figures[0], global_step=index)
-    writer.add_figure("results/accuracy_curve", figures[1], global_step=index)
+    # the figures are not pyplot's: nothing to close, they go with their last reference
+    for tag, figure in figures.items():
+        writer.add_figure(tag, figure, global_step=index, close=False)
     for name, value in metrics.items():
         writer.add_scalar(f"results/{name}", value, global_step=index)
     writer.add_scalar("results/accuracy_seen_classes", run.per_task[-1]["all"], index)

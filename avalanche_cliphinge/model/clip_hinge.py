@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..gaussian import ClassGaussians
 from ..losses import fuse_logits
+from ..seeding import Draw, generator as seeded
 from ..streams import clip_mean_std
 from .backbone import CLIPBackbone
 from .heads import ImageAdapter
@@ -85,7 +86,8 @@ class CLIPHingeModel(nn.Module):
         head_logit_scale: ``second_stage_logit_scale``; also scales the stand-in head logit
             of tasks without a head.
         lora: ``(layers, rank, alpha)`` to give stage 2 one LoRA adapter per task, or ``None``.
-        seed: seeds each task's prompt initialisation (``seed * 1000 + task``).
+        seed: seeds each task's prompt initialisation
+            (``seeding.generator(seed, Draw.PROMPTS, task)``).
         resize_on_device: images arrive as unnormalised ``[0, 1]`` tensors of any square size
             and are resized (bicubic) and normalised on the model's device
             (``DevicePreprocess``), instead of per image on the CPU.
@@ -182,7 +184,7 @@ class CLIPHingeModel(nn.Module):
             raise ValueError(f"classes {repeated} are already registered; add_task takes new "
                              "classes only")
         task = self.n_tasks
-        generator = torch.Generator().manual_seed(self.seed * 1000 + task)
+        generator = seeded(self.seed, Draw.PROMPTS, task)
         self.prompts.append(TaskPrompts(self.clip, self.tokenizer,
                                         [self.names[c] for c in class_ids], self.n_ctx,
                                         self.ctx_init, generator, length=self.prompt_length))

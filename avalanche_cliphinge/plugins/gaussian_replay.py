@@ -7,6 +7,7 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
+from ..seeding import Draw, generator as seeded
 from .contract import check_strategy
 
 
@@ -55,8 +56,8 @@ class GaussianReplayPlugin(SupervisedPlugin):
         self.chunks = None
         if not old or self.samples_per_old_class == 0:
             return
-        generator = torch.Generator().manual_seed(
-            self.seed * 7919 + strategy.current_task * 1009 + strategy.clock.train_exp_epochs)
+        generator = seeded(self.seed, Draw.REPLAY, strategy.current_task,
+                           strategy.clock.train_exp_epochs)
         n_chunks = max(len(strategy.dataloader), 1)
         if self.classes_per_step > 0:
             cycle = torch.randperm(len(old), generator=generator)

@@ -8,6 +8,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
 from ..losses import hinge_loss, select_hard_pairs
+from ..seeding import Draw, generator as seeded
 from .contract import check_strategy
 
 Pair = Tuple[int, int, float]
@@ -90,8 +91,7 @@ class HardPairHingePlugin(SupervisedPlugin):
         self.text_pairs, self.image_pairs = [], []
         self._index = {"text": None, "image": None}
         # noise is drawn on the training device, so a step never copies it from the host
-        self._generator = torch.Generator(device=strategy.device)
-        self._generator.manual_seed(self.seed * 104729 + task)
+        self._generator = seeded(self.seed, Draw.HINGE, task, device=strategy.device)
         # pairs of an old class (absent from this experience) and a class being trained
         new = strategy.experience_classes.present
         old = strategy.experience_classes.old

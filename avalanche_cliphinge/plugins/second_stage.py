@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..loaders import EpochBatchSampler, TensorBatchLoader
 from ..model.heads import TaskHead
+from ..seeding import Draw, generator as seeded
 from .contract import check_strategy
 
 
@@ -76,7 +77,7 @@ class SecondStagePlugin(SupervisedPlugin):
         head = TaskHead(text, self.logit_scale).to(device)
         params = list(head.parameters())
         use_lora = model.lora is not None
-        generator = torch.Generator().manual_seed(self.seed * 6007 + task)
+        generator = seeded(self.seed, Draw.STAGE2, task)
         if use_lora:
             adapter = f"task{task}"
             model.lora.add(adapter)
