@@ -131,7 +131,9 @@ class CLIPHingeStrategy(SupervisedTemplate):
 
     With ``cache_features`` (default) every image goes through the frozen encoder once per
     experience: the training loop and evaluation then run on ``[batch, dim]`` features. A
-    random training transform turns the cache off for training (a warning names it).
+    random training transform turns the cache off for training (a warning names it). With
+    LoRA (``use_lora_in_second_stage``) stage 1 stays cached; stage 2 and, once a task has
+    its adapter, evaluation encode the images (see ``features_cacheable``).
 
     Args:
         config: the method's settings.
@@ -245,24 +247,36 @@ class CLIPHingeStrategy(SupervisedTemplate):
 
     @property
     def features_cacheable(self) -> bool:
-        """Whether this phase may run on cached frozen features.
+        """Whether this phase may run on cached frozen-encoder features.
 
-        Not with LoRA (stage 2 re-encodes images), and not in training when the training
-        transform is random (each epoch must see new draws).
+        Stage 1 may, LoRA or not: every LoRA adapter is off there (an adapter is switched on
+        only in its task's stage 2 and for its head's features at inference), unless the
+        training transform is random (each epoch must see new draws). Evaluation may until
+        the first LoRA adapter exists: from then on the heads of adapted tasks need the
+        images, to encode them through their adapters. Stage 2 chooses its own input
+        (``SecondStagePlugin``: these features without LoRA, images with it).
         """
-        if not self.config.cache_features or self.model.lora is not None:
+        if not self.config.cache_features:
             return False
-        return not (self.is_training and self._random_train_transform is not None)
+        if self.is_training:
+            return self._random_train_transform is None
+        return self.model.lora is None or not self.model.lora.adapters
 
     def extract_features(self, dataset, desc: str = "features") -> Tuple[Tensor, Tensor]:
-        """Frozen image features of a dataset of ``(image, label, ...)`` items.
+        """Frozen-encoder image features of a dataset of ``(image, label, ...)`` items.
+
+        Every LoRA adapter is off during the pass (the one active before, if any, is back
+        after it), so the features are the frozen encoder's whatever the caller's context:
+        the only kind the feature cache holds.
 
         Returns ``(features [n, dim] float32, labels [n] long)``, both on the strategy's device.
         """
-        return encode_dataset(self.model.encode_images, dataset,
-                              batch_size=self.config.eval_batch_size, device=self.device,
-                              num_workers=self.config.num_workers, autocast=self.autocast,
-                              desc=desc, progress=self.progress)
+        lora = self.model.lora
+        with nullcontext() if lora is None else lora.using(None):
+            return encode_dataset(self.model.encode_images, dataset,
+                                  batch_size=self.config.eval_batch_size, device=self.device,
+                                  num_workers=self.config.num_workers, autocast=self.autocast,
+                                  desc=desc, progress=self.progress)
 
     def features_of(self, dataset, desc: str) -> Tuple[Tensor, Tensor]:
         """``extract_features`` through the feature cache when this phase may use it."""
@@ -275,6 +289,11 @@ class CLIPHingeStrategy(SupervisedTemplate):
 
     def _cache_key(self, dataset) -> str:
         """The feature-cache key of ``dataset`` (its fingerprint plus the backbone's identity).
+
+        The key names no LoRA adapter because every entry is a frozen-encoder feature
+        (``extract_features`` switches the adapters off); features through an adapter are
+        never cached: they are computed from the images wherever they are needed (stage 2,
+        the heads of adapted tasks at inference, which refuse features).
 
         For ``self.adapted_dataset`` it is computed once per experience dataset and phase
         (train or eval), then reused: Avalanche datasets are immutable, so the same

@@ -24,7 +24,10 @@ class SecondStagePlugin(SupervisedPlugin):
     SGD on the current task's training data only (no replay), its logits multiplied by
     ``logit_scale``; prompts and text encoder stay frozen. With LoRA (the model was built with
     ``use_lora_in_second_stage``) a new adapter ``task<t>`` on the chosen image blocks trains
-    with the head and is used only for that head's features. At inference the model scores
+    with the head and is used only for that head's features: the training images go through
+    it at every epoch, while without LoRA the head trains on the strategy's frozen features
+    (``current_features``, cached). The task's generator (``seed``, ``Draw.STAGE2``, t) draws
+    the adapter's initial ``lora_A``, then the minibatch order. At inference the model scores
     ``clip + fusion_weight * head``. Runs in ``after_training_exp``, so before Avalanche's
     end-of-experience evaluation. An experience that creates no task (every class comes back)
     trains no head; one that mixes new and returning classes trains the new task's head on
@@ -80,7 +83,7 @@ class SecondStagePlugin(SupervisedPlugin):
         generator = seeded(self.seed, Draw.STAGE2, task)
         if use_lora:
             adapter = f"task{task}"
-            model.lora.add(adapter)
+            model.lora.add(adapter, generator)     # its initial A, then the batch order
             params += model.lora.parameters(adapter)
             dataset = strategy.adapted_dataset
             if created and created.returning:
