@@ -5,11 +5,11 @@ is the size-weighted mean of the per-task accuracies, not their plain mean.
 """
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from avalanche_cliphinge.app.results import (cil_metrics, format_results, grouped_accuracy,
-                                         plot_accuracy_curve, plot_accuracy_matrix)
+from avalanche_cliphinge.app.results import cil_metrics, format_results, grouped_accuracy
 
 SIZES = [10, 20, 30]
 # acc[t][j] (percent): after training task t, on the test classes of task j.
@@ -91,12 +91,22 @@ def test_report_lists_every_task_and_the_protocol_but_not_the_config():
     json.dumps(per_task)  # results.json stores these as they are
 
 
-def test_plots_are_written_as_readable_pngs(tmp_path):
-    import matplotlib.pyplot as plt
+def test_a_runs_plots_are_written_as_png_and_pdf(tmp_path):
+    from avalanche_cliphinge.app.experiment import PLOT_FILES, RunState, _write_plots
 
-    plt.close(plot_accuracy_matrix(MATRIX, tmp_path / "m.png"))
-    plt.close(plot_accuracy_curve({"all": [90, 85, 71.7]}, tmp_path / "c.png"))
-    for name in ("m.png", "c.png"):
+    run = RunState(matrix=MATRIX, per_task=[grouped_accuracy(MATRIX[t], SIZES, t)
+                                            for t in range(3)])
+    protocol = {"stream_dataset": "cifar100", "stream_init_class": 2, "stream_increment": 2,
+                "stream_classes_per_experience": [2, 2, 2], "preset": "demo"}
+    figures = _write_plots(tmp_path, run, protocol=protocol)
+    assert list(figures) == ["results/accuracy_matrix", "results/accuracy_curve"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(PLOT_FILES[:4])  # no temp
+    figures = _write_plots(tmp_path, run, protocol=protocol, confusion=np.eye(6) * 5)
+    assert "results/confusion_matrix" in figures
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(PLOT_FILES)
+    for name in PLOT_FILES[::2]:
         with Image.open(tmp_path / name) as image:
-            assert image.format == "PNG" and min(image.size) > 50
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "m.png"]  # no temp left
+            assert image.format == "PNG" and min(image.size) > 900  # 300 dpi
+    curve = figures["results/accuracy_curve"].axes[0]
+    assert curve.get_title() == "CLIPHinge, CIFAR-100 B0 Inc2 (preset demo)"
+    assert [t.get_text() for t in curve.get_xticklabels()] == ["2", "4", "6"]

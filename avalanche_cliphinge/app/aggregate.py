@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..atomic import write_bytes_atomic, write_text_atomic
+from ..atomic import write_text_atomic
+from .figures import aggregate_curve_figure, save_figure
 
 METRICS = ("AIA", "Last", "AA", "Forgetting")
 #: Protocol entries allowed to differ within a row: the seed and what it alone decides.
@@ -158,38 +159,9 @@ def summary_csv(rows: Sequence[Dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def curve_figure(rows: Sequence[Dict[str, Any]]):
-    """Accuracy on seen classes vs classes seen, one line and std band per row."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.4, 4.2))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    styles = ["-", "--", "-.", ":"]
-    for i, row in enumerate(rows):
-        curve = row["curve"]
-        x, mean = np.asarray(curve["classes_seen"]), np.asarray(curve["mean"])
-        label = f"{row['config']} / {row['method']} (n={row['n']})"
-        line, = axes.plot(x, mean, styles[i // 10 % 4], marker="o", markersize=3,
-                          color=f"C{i % 10}", label=label, clip_on=False)
-        if curve["std"] is not None:
-            std = np.asarray(curve["std"])
-            axes.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    first = rows[0]["curve"]["classes_seen"]
-    axes.set_xticks(first)
-    axes.set_xlabel("number of classes seen")
-    axes.set_ylabel("accuracy on seen classes (%)")
-    axes.set_ylim(0, 100)
-    axes.set_title("Accuracy vs classes seen, mean ± std over seeds")
-    axes.grid(alpha=0.3)
-    axes.legend(loc="lower left", fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
 def write_summary(rows: Sequence[Dict[str, Any]], output_dir: Path) -> List[Path]:
-    """Write the four summary files (each through a temporary file and a rename)."""
+    """Write ``summary.md``, ``.csv``, ``.json`` and ``summary_curve.png`` / ``.pdf``
+    (``figures.aggregate_curve_figure``), each through a temporary file and a rename."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -197,12 +169,7 @@ def write_summary(rows: Sequence[Dict[str, Any]], output_dir: Path) -> List[Path
                        ("summary.json", json.dumps({"rows": list(rows)}, indent=2) + "\n")):
         write_text_atomic(text, output_dir / name)
         written.append(output_dir / name)
-    figure = curve_figure(rows)
-    for suffix in ("png", "pdf"):
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format=suffix, dpi=300)
-        write_bytes_atomic(buffer.getvalue(), output_dir / f"summary_curve.{suffix}")
-        written.append(output_dir / f"summary_curve.{suffix}")
+    written += save_figure(aggregate_curve_figure(rows), output_dir / "summary_curve")
     return written
 
 

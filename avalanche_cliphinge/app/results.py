@@ -1,4 +1,5 @@
-"""Class-incremental metrics from the accuracy matrix, the results report and its plots.
+"""Class-incremental metrics from the accuracy matrix and the results report (the plots:
+``figures``).
 
 ``acc[t][j]`` is the accuracy (percent) on the test classes of task ``j`` after training task
 ``t``, as Avalanche's ``Top1_Acc_Exp`` measures it on test experience ``j``. Definitions
@@ -10,12 +11,9 @@ and is reported under its own name.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-
-from ..atomic import write_atomic
 
 
 def grouped_accuracy(row: Sequence[float], sizes: Sequence[int], task: int) -> Dict[str, object]:
@@ -80,57 +78,3 @@ def format_results(per_task: List[Dict[str, object]], metrics: Dict[str, float],
         if key != "config":
             lines.append(f"  {key}: {value}")
     return "\n".join(lines) + "\n"
-
-
-def save_figure(fig, path) -> None:
-    """``fig.savefig`` as PNG through a temporary file, fsync and a rename: a run killed
-    while saving leaves the previous plot, never a broken PNG."""
-    write_atomic(Path(path), "wb", lambda file: fig.savefig(file, dpi=120, format="png"))
-
-
-def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], path=None):
-    """Heatmap of ``acc[t][j]`` (task trained x task evaluated); returns the figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    acc = np.asarray(matrix, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * acc.shape[1], 1.0 + 0.5 * acc.shape[0]))
-    upper = np.triu(np.ones_like(acc, dtype=bool), k=1)[:, :acc.shape[1]]
-    image = ax.imshow(np.ma.masked_array(acc, upper), vmin=0, vmax=100, cmap="viridis")
-    for t in range(acc.shape[0]):
-        for j in range(acc.shape[1]):
-            if j <= t:
-                ax.text(j, t, f"{acc[t, j]:.0f}", ha="center", va="center", fontsize=7,
-                        color="white" if acc[t, j] < 60 else "black")
-    ax.set_xlabel("task evaluated")
-    ax.set_ylabel("task trained")
-    ax.set_title("accuracy (%)")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    if path is not None:
-        save_figure(fig, path)
-    return fig
-
-
-def plot_accuracy_curve(curves: Dict[str, Sequence[float]], path=None, title="accuracy vs task"):
-    """Accuracy over seen classes after each task, one line per entry; returns the figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, values in curves.items():
-        ax.plot(range(len(values)), values, marker="o", label=label)
-    ax.set_xlabel("task")
-    ax.set_ylabel("accuracy on seen classes (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    if path is not None:
-        save_figure(fig, path)
-    return fig
