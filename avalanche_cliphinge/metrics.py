@@ -8,10 +8,12 @@ under the same names (``Top1_Acc_Epoch/train_phase/train_stream/Task000``,
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
-from avalanche.evaluation import GenericPluginMetric, Metric
+from avalanche.evaluation import GenericPluginMetric, Metric, PluginMetric
+from avalanche.evaluation.metric_results import MetricValue
+from avalanche.evaluation.metric_utils import get_metric_name
 from torch import Tensor
 
 
@@ -79,3 +81,167 @@ class DeviceEpochLoss(GenericPluginMetric[float, DeviceMean]):
 
     def __str__(self):
         return "Loss_Epoch"
+
+
+class DeviceEpochLossTerm(GenericPluginMetric[float, DeviceMean]):
+    """One named term of the training loss over an epoch (``Loss_Epoch_<term>``).
+
+    Reads ``strategy.step.loss_terms[term]`` (a scalar tensor written by the strategy or a
+    plugin: ``cross_entropy``, ``text_hinge``, ``image_hinge``) after every iteration, weighted
+    by the minibatch size, summed on the device. An epoch in which the term never appeared
+    (no hinge pairs in the first task) emits nothing rather than a 0.
+    """
+
+    def __init__(self, term: str):
+        super().__init__(DeviceMean(), reset_at="epoch", emit_at="epoch", mode="train")
+        self.term = term
+
+    def update(self, strategy) -> None:
+        step = getattr(strategy, "step", None)
+        value = getattr(step, "loss_terms", {}).get(self.term)
+        if value is not None:
+            self._metric.update(value.reshape(()), len(strategy.mb_y))
+
+    def _package_result(self, strategy):
+        if self._metric._sum is None:
+            return None
+        return super()._package_result(strategy)
+
+    def __str__(self):
+        return f"Loss_Epoch_{self.term}"
+
+
+class _LastValue(Metric[float]):
+    """The last value given (``None`` before any)."""
+
+    def __init__(self):
+        self.value: Optional[float] = None
+
+    def update(self, value: float) -> None:
+        self.value = float(value)
+
+    def result(self) -> Optional[float]:
+        return self.value
+
+    def reset(self) -> None:
+        self.value = None
+
+
+class EpochLearningRate(GenericPluginMetric[float, _LastValue]):
+    """The optimizer's learning rate (first parameter group) in the epoch that ended
+    (``LR_Epoch``); read once per epoch, no tensor involved."""
+
+    def __init__(self):
+        super().__init__(_LastValue(), reset_at="epoch", emit_at="epoch", mode="train")
+
+    def update(self, strategy) -> None:
+        pass
+
+    def after_training_epoch(self, strategy):
+        groups = strategy.optimizer.param_groups if strategy.optimizer is not None else []
+        if groups:
+            self._metric.update(groups[0]["lr"])
+        return super().after_training_epoch(strategy)
+
+    def __str__(self):
+        return "LR_Epoch"
+
+
+class Stage2EpochLoss(PluginMetric[List[float]]):
+    """Stage 2's training loss, one value per stage-2 epoch (``Loss_Stage2_Epoch``).
+
+    Read from the ``losses`` list of the strategy's ``SecondStagePlugin`` when the experience
+    ends (that plugin runs before the evaluator); every value of one experience is emitted at
+    the same x position (Avalanche's ``clock.train_iterations``), in epoch order.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._values: List[float] = []
+        self._emitted: Optional[list] = None
+
+    def result(self) -> List[float]:
+        return list(self._values)
+
+    def reset(self) -> None:
+        self._values = []
+
+    def after_training_exp(self, strategy):
+        self.reset()
+        plugin = next((p for p in strategy.plugins
+                       if type(p).__name__ == "SecondStagePlugin"), None)
+        losses = getattr(plugin, "losses", None)
+        # the plugin makes a new list per stage-2 run: a list already emitted is not new
+        if not losses or losses is self._emitted:
+            return None
+        self._emitted = losses
+        self._values = [float(v) for v in losses]
+        name = get_metric_name(self, strategy, add_experience=False, add_task=True)
+        x = strategy.clock.train_iterations
+        return [MetricValue(self, name, value, x) for value in self._values]
+
+    def __str__(self):
+        return "Loss_Stage2_Epoch"
+
+
+class SeenClassesStreamAccuracy(PluginMetric[float]):
+    """Accuracy over the test samples of the classes trained so far
+    (``Top1_Acc_Stream_SeenClasses``).
+
+    Avalanche's ``Top1_Acc_Stream`` counts every test sample of the stream, including those
+    of classes no experience has trained yet (always wrong in class-incremental learning):
+    after the first of ten tasks it is at most 10%. This metric leaves those samples out, so
+    after task t it is the accuracy on the classes of tasks 0..t. The seen classes are the
+    model's ``seen_classes`` when it has them, else the classes of every training experience
+    so far. Counted on the device, read back once per evaluation.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set = set()
+        self._correct: Optional[Tensor] = None
+        self._total: Optional[Tensor] = None
+        self._mask: Optional[Tensor] = None
+
+    def result(self) -> Optional[float]:
+        if self._total is None:
+            return None
+        total = int(self._total)
+        return float(self._correct) / total if total else 0.0
+
+    def reset(self) -> None:
+        self._correct = self._total = self._mask = None
+
+    def before_training_exp(self, strategy):
+        classes = getattr(strategy.experience, "classes_in_this_experience", None) or []
+        self.seen.update(int(c) for c in classes)
+
+    def before_eval(self, strategy):
+        self.reset()
+        seen = getattr(strategy.model, "seen_classes", None)
+        seen = sorted(self.seen if seen is None else seen)
+        size = max(seen, default=-1) + 1
+        self._mask = torch.zeros(size + 1, dtype=torch.bool, device=strategy.device)
+        if seen:
+            self._mask[torch.tensor(seen, device=strategy.device)] = True
+        self._correct = torch.zeros((), dtype=torch.long, device=strategy.device)
+        self._total = torch.zeros((), dtype=torch.long, device=strategy.device)
+
+    @torch.no_grad()
+    def after_eval_iteration(self, strategy):
+        y = strategy.mb_y
+        keep = self._mask[y.clamp(max=self._mask.numel() - 1)]
+        hit = strategy.mb_output.argmax(1) == y
+        self._correct += (hit & keep).sum()
+        self._total += keep.sum()
+
+    def after_eval(self, strategy):
+        value = self.result()
+        if value is None:
+            return None
+        stream = strategy.experience.origin_stream.name
+        name = f"{self}/eval_phase/{stream}_stream/Task000"
+        return [MetricValue(self, name, value, strategy.clock.train_iterations)]
+
+    def __str__(self):
+        return "Top1_Acc_Stream_SeenClasses"

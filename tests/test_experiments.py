@@ -76,10 +76,10 @@ def test_results_json_holds_grouped_accuracy_after_every_task(results):
         assert group == grouped_accuracy(matrix[t], sizes, t)
         assert len(group["tasks"]) == t + 1
         assert (group["old"] is None) == (t == 0)
-    values = [v for row in matrix for v in row] + [g["all"] for g in results["per_task"]]
-    assert all(0.0 <= v <= 100.0 for v in values)
-    # A class-incremental model cannot score classes it has not seen yet.
-    assert all(matrix[t][j] == 0.0 for t in range(N_TASKS) for j in range(t + 1, N_TASKS))
+    values = [v for t, row in enumerate(matrix) for v in row[:t + 1]]
+    assert all(0.0 <= v <= 100.0 for v in values + [g["all"] for g in results["per_task"]])
+    # Tasks not trained yet are null, not a measured 0.
+    assert all(matrix[t][j] is None for t in range(N_TASKS) for j in range(t + 1, N_TASKS))
 
 
 def test_results_json_metrics_follow_their_definitions(results):
@@ -123,8 +123,8 @@ def test_tensorboard_holds_stream_accuracy_and_forgetting_after_every_task(event
     assert steps == sorted(set(steps)) and [e.step for e in forgetting] == steps
     sizes = np.asarray(results["test_sizes"], dtype=float)
     for event, row in zip(accuracy, results["accuracy_matrix"]):
-        # The stream accuracy covers the whole test stream, unseen classes included.
-        whole_stream = float(np.dot(row, sizes) / sizes.sum())
+        # The stream accuracy covers the whole test stream, unseen classes included (scored 0).
+        whole_stream = float(np.dot([a or 0.0 for a in row], sizes) / sizes.sum())
         assert 100 * event.value == pytest.approx(whole_stream, abs=1e-3)
     assert 100 * forgetting[-1].value == pytest.approx(results["avalanche_stream_forgetting"],
                                                        abs=1e-3)
@@ -134,11 +134,14 @@ def test_tensorboard_holds_stream_accuracy_and_forgetting_after_every_task(event
 
 def test_tensorboard_holds_the_results_images_and_scalars(events, results):
     tags = events.Tags()
+    # one step axis: Avalanche's clock.train_iterations, the steps of its stream accuracy
+    steps = [e.step for e in events.Scalars(STREAM_ACC)]
     for name in ("results/accuracy_matrix", "results/accuracy_curve"):
         assert name in tags["images"]
-        assert [e.step for e in events.Images(name)] == list(range(N_TASKS))
+        assert [e.step for e in events.Images(name)] == steps
     aia = events.Scalars("results/AIA")
-    assert [e.step for e in aia] == list(range(N_TASKS))
+    assert [e.step for e in aia] == steps
+    assert [e.value for e in events.Scalars("results/task")] == list(range(N_TASKS))
     assert aia[-1].value == pytest.approx(results["metrics"]["AIA"], rel=1e-6)
 
 
@@ -150,7 +153,8 @@ def test_eval_csv_has_one_row_per_training_and_eval_experience(smoke_run, result
         (t, j) for t in range(N_TASKS) for j in range(N_TASKS)]
     for row in rows:
         t, j = int(row[1]), int(row[0])
-        assert 100 * float(row[2]) == pytest.approx(results["accuracy_matrix"][t][j], abs=0.01)
+        expected = results["accuracy_matrix"][t][j] if j <= t else 0.0  # Avalanche's 0
+        assert 100 * float(row[2]) == pytest.approx(expected, abs=0.01)
 
 
 def test_training_csv_has_one_row_per_epoch(smoke_run):
@@ -185,6 +189,77 @@ def test_the_last_two_checkpoints_are_kept(smoke_run, results):
     assert state["completed"] == N_TASKS
     assert state["run"]["matrix"] == results["accuracy_matrix"]
     assert state["config"] == results["protocol"]["config"]
+
+
+# ---- issue 16: what the reports and TensorBoard hold --------------------------------------
+SEEN_ACC = "Top1_Acc_Stream_SeenClasses/eval_phase/test_stream/Task000"
+TRAIN = "train_phase/train_stream/Task000"
+
+
+def test_seen_classes_accuracy_is_the_size_weighted_mean_of_the_trained_tasks(events, results):
+    matrix, sizes = results["accuracy_matrix"], np.asarray(results["test_sizes"], dtype=float)
+    seen = events.Scalars(SEEN_ACC)
+    assert [e.step for e in seen] == [e.step for e in events.Scalars(STREAM_ACC)]
+    for t, event in enumerate(seen):
+        expected = np.dot(matrix[t][:t + 1], sizes[:t + 1]) / sizes[:t + 1].sum()
+        assert 100 * event.value == pytest.approx(expected, abs=1e-3)
+        assert 100 * results["seen_stream_accuracy"][t] == pytest.approx(expected, abs=1e-3)
+    # after the first task Avalanche's stream accuracy counts the 6 untrained classes too
+    assert events.Scalars(STREAM_ACC)[0].value == pytest.approx(
+        seen[0].value * sizes[0] / sizes.sum(), abs=1e-6)
+
+
+def test_loss_terms_learning_rate_and_stage2_loss_are_logged_per_epoch(events, results):
+    config = results["protocol"]["config"]
+    epoch_steps = [e.step for e in events.Scalars(f"Loss_Epoch/{TRAIN}")]
+    assert len(epoch_steps) == N_TASKS * EPOCHS
+    cross_entropy = events.Scalars(f"Loss_Epoch_cross_entropy/{TRAIN}")
+    assert [e.step for e in cross_entropy] == epoch_steps
+    # the hinge exists from the second task on, where hard pairs were chosen
+    hinge_tasks = [t for t, pairs in enumerate(results["hard_pairs"]) if pairs["text"]]
+    assert len(events.Scalars(f"Loss_Epoch_text_hinge/{TRAIN}")) == len(hinge_tasks) * EPOCHS
+    lr = [e.value for e in events.Scalars(f"LR_Epoch/{TRAIN}")]
+    # step decay: lr_decay_factor once per lr_decay_epochs entry reached (float32 in TB)
+    expected = [config["init_lr"] * config["lr_decay_factor"]
+                ** sum(e >= d for d in config["lr_decay_epochs"]) for e in range(EPOCHS)]
+    assert lr[:EPOCHS] == pytest.approx(expected, rel=1e-6)
+    stage2 = events.Scalars(f"Loss_Stage2_Epoch/{TRAIN}")
+    trained = [t for t in range(N_TASKS) if t >= config["second_stage_start_task"]]
+    assert len(stage2) == len(trained) * config["second_stage_epochs"]
+    assert all(np.isfinite(e.value) and e.value >= 0 for e in stage2)
+
+
+def test_hparams_hold_the_config_and_the_final_metrics(events, results):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = events.PluginTagToContent("hparams")
+    data = [plugin_data_pb2.HParamsPluginData.FromString(c) for c in content.values()]
+    session = next(d.session_start_info for d in data if d.HasField("session_start_info"))
+    config = results["protocol"]["config"]
+    assert set(session.hparams) == set(config)
+    assert session.hparams["seed"].number_value == config["seed"]
+    assert session.hparams["model_name"].string_value == config["model_name"]
+    for name, value in results["metrics"].items():
+        assert events.Scalars(f"hparam/{name}")[-1].value == pytest.approx(value, rel=1e-6)
+
+
+def test_hard_pairs_carry_class_names_and_results_txt_holds_everything(smoke_run, results):
+    from avalanche_cliphinge import CLIPHingeConfig
+    from avalanche_cliphinge.app.cli import smoke_stream
+
+    names = smoke_stream(CLIPHingeConfig.from_dict(results["protocol"]["config"])).class_names
+    pairs = [p for task in results["hard_pairs"] for p in task["text"]]
+    assert pairs
+    for pair in pairs:
+        assert pair["old_name"] == names[pair["old"]] and pair["new_name"] == names[pair["new"]]
+        assert -1.0 <= pair["similarity"] <= 1.0
+    text = (smoke_run[0] / "results.txt").read_text()
+    for needle in ("Accuracy matrix (%)", "Hard pairs", "Time: training",
+                   f"{pairs[0]['old_name']} ({pairs[0]['old']}) -> {pairs[0]['new_name']}",
+                   "Top1_Acc_Stream_SeenClasses", "  config:", "    seed: 1993", "versions"):
+        assert needle in text, needle
+    matrix_rows = [line for line in text.splitlines() if line.startswith("task  0 ")]
+    assert matrix_rows and matrix_rows[0].split()[2:] == ["100.00", "-", "-", "-"]
 
 
 # ---- --set parsing ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from avalanche_cliphinge import CLIPHingeStrategy
-from avalanche_cliphinge.app.experiment import make_evaluator
+from avalanche_cliphinge.app.evaluation import make_evaluator
 from avalanche_cliphinge.plugins import SecondStagePlugin
 
 HOST_OPS = {"aten._local_scalar_dense.default", "aten.lift_fresh.default"}
@@ -105,7 +105,8 @@ class ReadsTheLoss(SupervisedPlugin):
 
 def run_with_probe(config, synthetic_stream, class_names, tmp_path, extra=()):
     probe = StepProbe(tasks=[1])
-    evaluator, _ = make_evaluator(tmp_path, interactive=False)
+    evaluator = make_evaluator(tensorboard_dir=tmp_path / "tb", text_log=tmp_path / "log.txt",
+                               csv_dir=tmp_path / "csv").plugin
     torch.manual_seed(0)
     strategy = CLIPHingeStrategy(config=config, class_names=class_names,
                                  plugins=[probe, *extra], evaluator=evaluator, progress=False)

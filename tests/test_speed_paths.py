@@ -250,7 +250,7 @@ def test_speed_benchmark_synthetic_mode_runs_the_cifar_path_on_the_cpu():
     assert records["setup"]["data"] == "synthetic, pil items"
     assert records["setup"]["num_workers"] == 2
     assert records["feature_extraction"]["images"] == 500
-    assert len(records["final_accuracy"]["stream_top1"]) == 10
+    assert len(records["final_accuracy"]["top1_exp_percent"]) == 10
     assert "stage1_host_syncs" not in records  # CUDA only
 
 

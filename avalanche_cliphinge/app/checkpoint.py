@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..atomic import kill_point, remove_temp_files, save_atomic, write_atomic
+from ..atomic import kill_point, remove_temp_files, save_atomic
+from ..metrics import SeenClassesStreamAccuracy
 # a checkpoint's "model" entry is the saved-model format's learned state
 from ..model.saving import learned_state as model_state  # noqa: F401
 from ..model.saving import restore_learned_state as load_model_state  # noqa: F401
@@ -74,10 +75,14 @@ def set_clock_state(clock, state: Dict[str, int]) -> None:
 
 
 def evaluator_state(evaluator) -> List[Optional[Dict[str, Any]]]:
-    """The memory of Avalanche's forgetting/BWT metrics (first and last accuracy per exp)."""
+    """The memory of Avalanche's forgetting/BWT metrics (first and last accuracy per exp)
+    and the classes trained so far of ``SeenClassesStreamAccuracy``."""
     states = []
     for metric in evaluator.metrics:
         inner = getattr(metric, "forgetting", None)
+        if isinstance(metric, SeenClassesStreamAccuracy):
+            states.append({"seen": sorted(int(c) for c in metric.seen)})
+            continue
         if inner is None:
             states.append(None)
             continue
@@ -90,6 +95,9 @@ def evaluator_state(evaluator) -> List[Optional[Dict[str, Any]]]:
 def set_evaluator_state(evaluator, states: List[Optional[Dict[str, Any]]]) -> None:
     """Restore ``evaluator_state`` output into an evaluator built the same way."""
     for metric, state in zip(evaluator.metrics, states):
+        if isinstance(metric, SeenClassesStreamAccuracy) and state and "seen" in state:
+            metric.seen = set(state["seen"])
+            continue
         if state is None or getattr(metric, "forgetting", None) is None:
             continue
         metric.forgetting.initial = dict(state["initial"])
@@ -198,8 +206,8 @@ def _structure_problem(state: Dict[str, Any]) -> Optional[str]:
         return f"model.prompts is not {done} tensors [classes of the task, n_ctx, width]"
     gaussians = model["gaussians"]
     if not (isinstance(gaussians, dict) and all(isinstance(gaussians.get(k), torch.Tensor)
-                                                for k in ("class_ids", "means", "chols"))):
-        return "model.gaussians lacks class_ids, means or chols"
+                                                for k in ("class_ids", "means"))):
+        return "model.gaussians lacks class_ids or means"
     clock = state["clock"]
     if not (isinstance(clock, dict) and set(clock) == set(_CLOCK_FIELDS)
             and all(_is_int(v) and v >= 0 for v in clock.values())):

@@ -46,11 +46,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
-from avalanche.logging import TensorboardLogger, TextLogger
 from avalanche.models import DynamicModule, IncrementalClassifier
 from avalanche.training import EWC, GDumb, ICaRL, LwF, Naive, Replay
-from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
@@ -64,6 +61,8 @@ from ..model.backbone import BackboneError, CLIPBackbone, load_clip
 from ..model.clip_hinge import UNSEEN_SCORE
 from ..model.prompts import raw_text_features
 from ..seeding import seed_everything
+from .evaluation import make_evaluator
+from .loop import train_and_evaluate
 from .figures import comparison_figure, figure_files, save_figure, stream_title
 from .results import cil_metrics, grouped_accuracy
 from ..strategy import CLIPHingeStrategy, build_model
@@ -455,23 +454,6 @@ class RunResult:
     peak_memory_mib: float
 
 
-def make_evaluator(output_dir: Path, run_name: str):
-    """The evaluation plugin every entry gets.
-
-    Accuracy and forgetting (experience + stream), ``TensorboardLogger`` under
-    ``output_dir/tb/<run_name>`` and ``TextLogger`` into ``output_dir/logs/<run_name>.txt``.
-    Returns ``(evaluator, tensorboard_logger, text_file)``.
-    """
-    output_dir = Path(output_dir)
-    (output_dir / "logs").mkdir(parents=True, exist_ok=True)
-    text_file = open(output_dir / "logs" / f"{run_name.replace('/', '_')}.txt", "w")
-    tb_logger = TensorboardLogger(tb_log_dir=str(output_dir / "tb" / run_name))
-    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True),
-                                 forgetting_metrics(experience=True, stream=True),
-                                 loggers=[TextLogger(text_file), tb_logger])
-    return evaluator, tb_logger, text_file
-
-
 def build_strategy(entry: Entry, *, config: CLIPHingeConfig, bundle, backbone: CLIPBackbone,
                    features: Optional[FeatureStream], settings: BaselineSettings, evaluator,
                    device: str | torch.device, feature_cache: Optional[FeatureCache] = None):
@@ -505,19 +487,6 @@ def build_strategy(entry: Entry, *, config: CLIPHingeConfig, bundle, backbone: C
     return BASELINES[entry.name](context)
 
 
-def accuracy_row(results: Dict[str, float], n_exps: int) -> List[float]:
-    """``Top1_Acc_Exp`` of every test experience (percent) from Avalanche's last metrics."""
-    row = []
-    for j in range(n_exps):
-        value = next((v for k, v in results.items()
-                      if k.startswith("Top1_Acc_Exp/eval_phase/test_stream")
-                      and k.endswith(f"/Exp{j:03d}")), None)
-        if value is None:
-            raise RuntimeError(f"Avalanche reported no Top1_Acc_Exp for test experience {j}")
-        row.append(100.0 * float(value))
-    return row
-
-
 def run_entry(entry: Entry, *, config: CLIPHingeConfig, bundle, backbone: CLIPBackbone,
               features: Optional[FeatureStream], output_dir: str | Path,
               settings: Optional[BaselineSettings] = None, device: str | torch.device = "cpu",
@@ -543,36 +512,36 @@ def run_entry(entry: Entry, *, config: CLIPHingeConfig, bundle, backbone: CLIPBa
     settings = settings or BaselineSettings()
     run_name = run_name or entry.name
     device = torch.device(device)
-    evaluator, tb_logger, text_file = make_evaluator(Path(output_dir), run_name)
+    log_name = run_name.replace("/", "_")
+    evaluation = make_evaluator(tensorboard_dir=Path(output_dir) / "tb" / run_name,
+                                text_log=Path(output_dir) / "logs" / f"{log_name}.txt")
+    writer = evaluation.tensorboard.writer
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(config.seed)
     try:
         strategy = build_strategy(entry, config=config, bundle=bundle, backbone=backbone,
-                                  features=features, settings=settings, evaluator=evaluator,
-                                  device=device, feature_cache=feature_cache)
+                                  features=features, settings=settings,
+                                  evaluator=evaluation.plugin, device=device,
+                                  feature_cache=feature_cache)
         benchmark = bundle.benchmark if entry.kind == "cliphinge" else features.benchmark
-        n_exps = len(benchmark.train_stream)
         test_sizes = [len(exp.dataset) for exp in benchmark.test_stream]
         matrix, curve, train_seconds, forgetting = [], [], 0.0, None
-        for index, experience in enumerate(benchmark.train_stream):
-            began = time.perf_counter()
-            strategy.train(experience, eval_streams=[])
-            train_seconds += time.perf_counter() - began
-            results = strategy.eval(benchmark.test_stream)
-            matrix.append(accuracy_row(results, n_exps))
-            curve.append(grouped_accuracy(matrix[-1], test_sizes, index)["all"])
-            value = results.get("StreamForgetting/eval_phase/test_stream")
-            forgetting = None if value is None else 100.0 * float(value)
-            tb_logger.writer.add_scalar("compare/accuracy_seen_classes", curve[-1], index)
-            log(f"[{run_name}] task {index}: accuracy on seen classes {curve[-1]:.2f}%")
+        for task in train_and_evaluate(strategy, benchmark.train_stream, benchmark.test_stream):
+            # tasks not trained yet are null, as in a run's results.json
+            matrix.append([a if j <= task.index else None for j, a in enumerate(task.row)])
+            curve.append(grouped_accuracy(task.row, test_sizes, task.index)["all"])
+            train_seconds += task.train_seconds
+            forgetting = task.stream_forgetting
+            step = strategy.clock.train_iterations
+            writer.add_scalar("results/accuracy_seen_classes", curve[-1], step)
+            log(f"[{run_name}] task {task.index}: accuracy on seen classes {curve[-1]:.2f}%")
         metrics = cil_metrics(matrix, test_sizes)
         for name, value in metrics.items():
-            tb_logger.writer.add_scalar(f"compare/{name}", value, n_exps - 1)
+            writer.add_scalar(f"results/{name}", value, strategy.clock.train_iterations)
     finally:
-        tb_logger.writer.flush()
-        tb_logger.writer.close()
-        text_file.close()
+        evaluation.close()
+        writer.close()
     return RunResult(entry=entry.name, seed=config.seed, matrix=matrix, test_sizes=test_sizes,
                      curve=curve, metrics=metrics, stream_forgetting=forgetting,
                      train_seconds=None if entry.kind == "zeroshot" else train_seconds,

@@ -11,30 +11,26 @@ import platform
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-from avalanche.evaluation.metrics import (accuracy_metrics, bwt_metrics, forgetting_metrics,
-                                          loss_metrics, timing_metrics)
-from avalanche.logging import (BaseLogger, CSVLogger, InteractiveLogger, TensorboardLogger,
-                               TextLogger)
-from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
+from avalanche.training.plugins import SupervisedPlugin
 
 from . import checkpoint as ckpt
 from . import run_lock
 from ..atomic import kill_point, remove_temp_files, write_bytes_atomic, write_text_atomic
 from ..config import CLIPHingeConfig, ConfigError
-from ..metrics import DeviceEpochAccuracy, DeviceEpochLoss
 from ..model.backbone import CLIPBackbone
 from ..plugins.hard_pair_hinge import HardPairHingePlugin
 from ..seeding import seed_everything
 from .figures import (accuracy_matrix_figure, confusion_matrix_figure, figure_files,
                       run_curve_figure, run_title, save_figure)
-from .results import cil_metrics, format_results, grouped_accuracy
+from .evaluation import EvaluatorError, make_evaluator
+from .loop import SEEN_ACCURACY, metric_value, train_and_evaluate
+from .results import cil_metrics, format_report, format_results, grouped_accuracy
 from ..strategy import CLIPHingeStrategy, build_model
 from ..streams import task_layout
 
@@ -68,67 +64,6 @@ RUN_FILES = ("results.json", "results.txt", "log.txt", "config.json", "csv", "tb
 ATOMIC_FILES = ("results.json", "results.txt", "config.json", *PLOT_FILES)
 #: What an attempt that failed before its first checkpoint leaves behind.
 LOG_FILES = ("log.txt", "csv", "tb")
-
-
-def make_evaluator(output_dir: Path, wandb: bool = False, interactive: bool = True,
-                   resume: bool = False):
-    """Avalanche ``EvaluationPlugin`` with accuracy, forgetting, BWT, loss and timing metrics.
-
-    The training-epoch accuracy and loss are ``DeviceEpochAccuracy`` and ``DeviceEpochLoss``:
-    Avalanche's names and values, without a host sync per step.
-
-    Loggers: ``InteractiveLogger`` (progress bars), ``TextLogger`` (``log.txt``),
-    ``CSVLogger`` (``csv/``), ``TensorboardLogger`` (``tb/``) and ``WandBLogger`` when asked.
-
-    With ``resume`` the CSV files are appended to, never truncated: ``restore_logs`` has
-    already cut them (and the TensorBoard files) back to the checkpoint.
-
-    Returns ``(evaluator, tensorboard_logger)``.
-    """
-    output_dir = Path(output_dir)
-    tb_logger = TensorboardLogger(tb_log_dir=str(output_dir / "tb"))
-    csv_logger = _csv_logger(output_dir / "csv", append=resume)
-    text_file = open(output_dir / "log.txt", "a", buffering=1)  # line-buffered: survives kill
-    loggers: List[Any] = [TextLogger(text_file), csv_logger, tb_logger]
-    if interactive:
-        loggers.insert(0, InteractiveLogger())
-    if wandb:
-        try:
-            import wandb as _  # noqa: F401
-        except ImportError:
-            raise RunError("--wandb needs the wandb package: pip install wandb") from None
-        from avalanche.logging import WandBLogger
-        loggers.append(WandBLogger(project_name="avalanche-cliphinge",
-                                   run_name=output_dir.name, dir=str(output_dir)))
-    evaluator = EvaluationPlugin(
-        DeviceEpochAccuracy(), accuracy_metrics(experience=True, stream=True),
-        forgetting_metrics(experience=True, stream=True),
-        bwt_metrics(experience=True, stream=True),
-        DeviceEpochLoss(), loss_metrics(experience=True, stream=True),
-        timing_metrics(epoch=True, experience=True),
-        loggers=loggers)
-    return evaluator, tb_logger
-
-
-def _csv_logger(csv_dir: Path, append: bool) -> CSVLogger:
-    """Avalanche's ``CSVLogger``; with ``append``, one that continues the existing files.
-
-    ``CSVLogger`` opens its files with mode ``"w"``: a resume killed right after it would
-    lose every kept row. The appending logger sets the same attributes over handles opened
-    with ``"a"`` (the headers are already there).
-    """
-    if not append:
-        return CSVLogger(log_folder=str(csv_dir))
-    logger = CSVLogger.__new__(CSVLogger)
-    BaseLogger.__init__(logger)
-    csv_dir.mkdir(parents=True, exist_ok=True)
-    logger.log_folder = str(csv_dir)
-    logger.training_file = open(csv_dir / "training_results.csv", "a")
-    logger.eval_file = open(csv_dir / "eval_results.csv", "a")
-    logger.training_exp_id = None
-    logger.in_train_phase = None
-    logger.val_acc, logger.val_loss = 0, 0
-    return logger
 
 
 def restore_logs(output_dir: Path, state: Dict[str, Any], log: Callable[[str], None]) -> None:
@@ -190,15 +125,6 @@ def _purge_tensorboard_from(tb_dir: Path, step: int) -> None:
     writer.close()
 
 
-def _close_loggers(evaluator, tb_logger) -> None:
-    tb_logger.writer.flush()
-    for logger in evaluator.loggers:
-        if isinstance(logger, CSVLogger):
-            logger.close()
-        elif isinstance(logger, TextLogger) and logger.file not in (sys.stdout, sys.stderr):
-            logger.file.close()
-
-
 def csv_row_counts(output_dir: Path) -> Dict[str, int]:
     """Lines (header included) of each Avalanche CSV file, to cut them back on resume."""
     counts = {}
@@ -243,15 +169,23 @@ class RunState:
     per_task: List[Dict[str, Any]] = field(default_factory=list)
     stream_forgetting: List[Optional[float]] = field(default_factory=list)
     hard_pairs: List[Dict[str, Any]] = field(default_factory=list)
+    seen_stream_accuracy: List[Optional[float]] = field(default_factory=list)
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
 
 
-def _metric(results: Dict[str, float], prefix: str, exp: Optional[int] = None):
-    for key, value in results.items():
-        if key.startswith(prefix) and (exp is None or key.endswith(f"/Exp{exp:03d}")):
-            return float(value)
-    return None
+def named_pair(pair: Sequence, names: Sequence[str]) -> Dict[str, Any]:
+    """A hard pair ``(old_id, new_id, similarity)`` with its class names, for the reports."""
+    old, new, similarity = pair
+    return {"old": int(old), "new": int(new), "old_name": names[int(old)],
+            "new_name": names[int(new)], "similarity": float(similarity)}
+
+
+def hard_pairs_of(hinge: Optional[HardPairHingePlugin]) -> Dict[str, List[Sequence]]:
+    """The text and image pairs the hinge plugin chose for the experience just trained."""
+    if hinge is None:
+        return {"text": [], "image": []}
+    return {"text": list(hinge.text_pairs), "image": list(hinge.image_pairs)}
 
 
 def stream_fingerprint(bundle) -> Dict[str, Any]:
@@ -445,8 +379,15 @@ def _run_locked(config: CLIPHingeConfig, bundle, output_dir: Path, lock, *, back
         restore_logs(output_dir, state, log)
         ckpt.prune_checkpoints(checkpoints)
     write_text_atomic(config.to_json(), output_dir / "config.json")
-    evaluator, tb_logger = make_evaluator(output_dir, wandb=wandb, interactive=interactive,
-                                          resume=state is not None)
+    try:
+        evaluation = make_evaluator(tensorboard_dir=output_dir / "tb",
+                                    text_log=output_dir / "log.txt", csv_dir=output_dir / "csv",
+                                    interactive=interactive,
+                                    wandb_run=output_dir.name if wandb else None,
+                                    wandb_dir=output_dir, append=state is not None)
+    except EvaluatorError as err:
+        raise RunError(str(err)) from None
+    evaluator, tb_logger = evaluation.plugin, evaluation.tensorboard
     try:
         strategy = CLIPHingeStrategy(config=config, class_names=bundle.class_names,
                                      model=model, plugins=[*plugins, FiniteScoresCheck()],
@@ -463,12 +404,12 @@ def _run_locked(config: CLIPHingeConfig, bundle, output_dir: Path, lock, *, back
             message = (f"resuming from {Path(state['path']).name}: after experience "
                        f"{start - 1} ({start} of {n_exps} done)")
             log(message)
-            print(f"=== {message} ===", file=_text_file(evaluator))
+            print(f"=== {message} ===", file=evaluation.files[0])
             kill_point("resume_loggers", start)
         _train_and_evaluate(strategy, bundle, output_dir, run, start, config, fingerprint,
                             backbone, protocol, device, tb_logger, evaluator, log)
     finally:
-        _close_loggers(evaluator, tb_logger)
+        evaluation.close()
     return json.loads((output_dir / "results.json").read_text())
 
 
@@ -504,10 +445,6 @@ def check_run_paths(config: CLIPHingeConfig) -> None:
     if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
         raise RunError(f"feature_cache_dir {folder} is a file, not a folder; choose another "
                        "feature_cache_dir or set it to null")
-
-
-def _text_file(evaluator):
-    return next(lg.file for lg in evaluator.loggers if isinstance(lg, TextLogger))
 
 
 def _load_resume_state(checkpoints: Path, config: CLIPHingeConfig,
@@ -583,22 +520,19 @@ def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start
     }
     hinge = next((p for p in strategy.plugins if isinstance(p, HardPairHingePlugin)), None)
     model = strategy.model
-    for index in range(start, n_exps):
-        experience = bundle.benchmark.train_stream[index]
-        began = time.perf_counter()
-        strategy.train(experience, eval_streams=[])
-        run.train_seconds += time.perf_counter() - began
-        results = strategy.eval(bundle.benchmark.test_stream)
-        row = [100.0 * (_metric(results, "Top1_Acc_Exp/eval_phase/test_stream", j) or 0.0)
-               for j in range(n_exps)]
-        run.matrix.append(row)
-        run.per_task.append(grouped_accuracy(row, test_sizes, index))
-        forgetting = _metric(results, "StreamForgetting/eval_phase/test_stream")
-        run.stream_forgetting.append(None if forgetting is None else 100.0 * forgetting)
-        run.wall_seconds += time.perf_counter() - began
-        run.hard_pairs.append({"text": [list(p) for p in hinge.text_pairs],
-                               "image": [list(p) for p in hinge.image_pairs]}
-                              if hinge is not None else {"text": [], "image": []})
+    names = bundle.class_names
+    for task in train_and_evaluate(strategy, bundle.benchmark.train_stream,
+                                   bundle.benchmark.test_stream, start):
+        index = task.index
+        run.train_seconds += task.train_seconds
+        run.wall_seconds += task.seconds
+        # tasks not trained yet are null: their accuracy is not a measurement of the method
+        run.matrix.append([a if j <= index else None for j, a in enumerate(task.row)])
+        run.per_task.append(grouped_accuracy(task.row, test_sizes, index))
+        run.stream_forgetting.append(task.stream_forgetting)
+        run.seen_stream_accuracy.append(metric_value(task.metrics, SEEN_ACCURACY))
+        run.hard_pairs.append({kind: [named_pair(pair, names) for pair in pairs]
+                               for kind, pairs in hard_pairs_of(hinge).items()})
         # results, plots, TensorBoard, checkpoint, and only then "finished": a kill at any
         # point between redoes this experience on --resume, and the redone experience cuts
         # the logs back to the previous checkpoint.
@@ -606,7 +540,7 @@ def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start
         kill_point("results", index)
         figures = _write_plots(output_dir, run)
         kill_point("plots", index)
-        _log_results(tb_logger, figures, summary["metrics"], run, index)
+        _log_results(tb_logger, figures, summary["metrics"], run, strategy.clock)
         kill_point("tensorboard", index)
         ckpt.save_checkpoint({
             "completed": index + 1,
@@ -626,6 +560,8 @@ def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start
         # Also when resumed from the last checkpoint: its plots and TensorBoard points were
         # written before it, only the "finished" results may be missing.
         strategy.model.save(output_dir / "final_model.pt", config)
+        log_hparams(tb_logger.writer, config, cil_metrics(run.matrix, test_sizes),
+                    strategy.clock.train_iterations)
         _write_results(output_dir, run, test_sizes, full_protocol, n_exps, True)
 
 
@@ -650,6 +586,7 @@ def _write_results(output_dir: Path, run: RunState, sizes: Sequence[int],
         "accuracy_matrix": run.matrix,
         "test_sizes": list(sizes),
         "hard_pairs": run.hard_pairs,
+        "seen_stream_accuracy": run.seen_stream_accuracy,
         "train_seconds": run.train_seconds,
         "wall_seconds": run.wall_seconds,
         "protocol": protocol,
@@ -659,8 +596,7 @@ def _write_results(output_dir: Path, run: RunState, sizes: Sequence[int],
             raise FloatingPointError(f"metric {name} is {value}: the accuracy matrix holds "
                                      f"non-finite values {run.matrix}")
     write_text_atomic(json.dumps(summary, indent=2) + "\n", output_dir / "results.json")
-    write_text_atomic(format_results(run.per_task, metrics, run.stream_forgetting[-1],
-                                     protocol), output_dir / "results.txt")
+    write_text_atomic(format_report(summary), output_dir / "results.txt")
     return summary
 
 
@@ -690,15 +626,32 @@ def _write_plots(output_dir: Path, run: RunState, *, protocol: Optional[Dict[str
 
 
 def _log_results(tb_logger, figures, metrics: Dict[str, float], run: RunState,
-                 index: int) -> None:
-    """The results of experience ``index`` as TensorBoard scalars and images (flushed)."""
+                 clock) -> None:
+    """The results so far as TensorBoard scalars and images (flushed).
+
+    Stepped, as every scalar the package adds, by Avalanche's ``clock.train_iterations``
+    (the stage-1 minibatches trained so far): they overlay Avalanche's own curves.
+    """
     writer = tb_logger.writer
+    step = clock.train_iterations
     # the figures are not pyplot's: nothing to close, they go with their last reference
     for tag, figure in figures.items():
-        writer.add_figure(tag, figure, global_step=index, close=False)
+        writer.add_figure(tag, figure, global_step=step, close=False)
     for name, value in metrics.items():
-        writer.add_scalar(f"results/{name}", value, global_step=index)
-    writer.add_scalar("results/accuracy_seen_classes", run.per_task[-1]["all"], index)
+        writer.add_scalar(f"results/{name}", value, global_step=step)
+    writer.add_scalar("results/accuracy_seen_classes", run.per_task[-1]["all"], step)
+    writer.add_scalar("results/task", len(run.per_task) - 1, step)
+    writer.flush()
+
+
+def log_hparams(writer, config: CLIPHingeConfig, metrics: Dict[str, float], step: int) -> None:
+    """TensorBoard's HParams: every config key (lists and ``None`` as JSON text) with the
+    final AIA, AA, Last and Forgetting (``hparam/<name>``), so the runs of a sweep sort in
+    the HParams tab. Written once, when the run finishes, into the run's ``tb/`` folder."""
+    hparams = {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+               for key, value in config.to_dict().items()}
+    writer.add_hparams(hparams, {f"hparam/{k}": float(v) for k, v in metrics.items()},
+                       run_name=".", global_step=step)
     writer.flush()
 
 

@@ -59,7 +59,8 @@ def cil_metrics(matrix: Sequence[Sequence[float]], sizes: Sequence[int]) -> Dict
 
 def format_results(per_task: List[Dict[str, object]], metrics: Dict[str, float],
                    stream_forgetting: Optional[float], protocol: Dict[str, object]) -> str:
-    """The text report: grouped accuracy after every task, then the summary and protocol."""
+    """The short report: grouped accuracy after every task, the summary and the protocol
+    (without the config)."""
     lines = ["Grouped accuracy (%) after each task: all seen classes | old | new | per task"]
     for t, g in enumerate(per_task):
         old = "  -  " if g["old"] is None else f"{g['old']:6.2f}"
@@ -78,3 +79,48 @@ def format_results(per_task: List[Dict[str, object]], metrics: Dict[str, float],
         if key != "config":
             lines.append(f"  {key}: {value}")
     return "\n".join(lines) + "\n"
+
+
+def format_report(summary: Dict[str, object]) -> str:
+    """``results.txt``: everything ``results.json`` holds, for reading.
+
+    The grouped accuracy per task, the summary metrics, the accuracy matrix (``-`` for tasks
+    not trained yet), Avalanche's stream accuracy over seen classes, the hard pairs with class
+    names, the times and the protocol with the full config.
+    """
+    text = format_results(summary["per_task"], summary["metrics"],
+                          summary["avalanche_stream_forgetting"], summary["protocol"])
+    head, protocol = text.split("\nProtocol:\n")
+    matrix = summary["accuracy_matrix"]
+    lines = [head.rstrip("\n"), "",
+             "Accuracy matrix (%): row = task trained, column = task evaluated"]
+    width = len(matrix[0]) if matrix else 0
+    lines.append("        " + " ".join(f"{j:>6d}" for j in range(width)))
+    for t, row in enumerate(matrix):
+        lines.append(f"task {t:2d} " + " ".join("     -" if a is None else f"{a:6.2f}"
+                                                  for a in row))
+    seen = summary.get("seen_stream_accuracy") or []
+    if any(v is not None for v in seen):
+        lines += ["", "Top1_Acc_Stream_SeenClasses (%) after each task: "
+                  + " ".join("-" if v is None else f"{100 * v:.2f}" for v in seen)]
+    lines += ["", "Hard pairs (old class -> new class, similarity) chosen at each task:"]
+    for t, pairs in enumerate(summary["hard_pairs"]):
+        for kind in ("text", "image"):
+            chosen = pairs.get(kind, [])
+            lines.append(f"  task {t:2d} {kind}: {len(chosen) or 'none'}")
+            lines += [f"    {_pair_text(p)}" for p in chosen]
+    lines += ["", f"Time: training {summary['train_seconds']:.1f} s, training and evaluation "
+                  f"{summary['wall_seconds']:.1f} s", "", "Protocol:", protocol.rstrip("\n")]
+    config = summary["protocol"].get("config")
+    if config:
+        lines += ["  config:"] + [f"    {k}: {v}" for k, v in config.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _pair_text(pair) -> str:
+    """``old_name (id) -> new_name (id) 0.87`` for a named pair; ``old -> new`` for a bare
+    ``[old, new, similarity]`` list of an older results file."""
+    if isinstance(pair, dict):
+        return (f"{pair['old_name']} ({pair['old']}) -> {pair['new_name']} ({pair['new']}) "
+                f"{pair['similarity']:.3f}")
+    return f"{pair[0]} -> {pair[1]}"
