@@ -273,6 +273,7 @@ print(json.dumps([chosen, matplotlib.get_backend(auto_select=False)]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("before", ["", "matplotlib.use('svg')"])
 def test_drawing_neither_switches_the_backend_nor_uses_pyplot(before, tmp_path):
     # pyplot and matplotlib.use are replaced by traps before figures is imported: any use
