@@ -34,6 +34,7 @@ class Draw(IntEnum):
     REPLAY = 3    #: Gaussian replay samples and their order, per task and epoch
     HINGE = 4     #: hinge pair sampling, per task
     STAGE2 = 5    #: stage-2 minibatch order, per task
+    LORA = 6      #: a task's LoRA adapter initialisation
 
 
 def derive_seed(seed: int, *parts: int) -> int:

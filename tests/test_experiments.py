@@ -262,6 +262,21 @@ def test_hard_pairs_carry_class_names_and_results_txt_holds_everything(smoke_run
     assert matrix_rows and matrix_rows[0].split()[2:] == ["100.00", "-", "-", "-"]
 
 
+def test_confusion_matrix_agrees_with_the_last_row_of_the_accuracy_matrix(smoke_run, results):
+    counts = np.asarray(results["confusion_matrix"])        # [true, predicted], class order
+    sizes = results["test_sizes"]
+    per_class = 15                                          # --preset smoke: 15 test images
+    assert counts.shape == (10, 10) and (counts.sum(axis=1) == per_class).all()
+    bounds = np.cumsum([0] + [s // per_class for s in sizes])
+    for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        correct = np.trace(counts[lo:hi, lo:hi])
+        assert 100 * correct / sizes[j] == pytest.approx(results["accuracy_matrix"][-1][j])
+    for stem in ("confusion_matrix", "accuracy_matrix", "accuracy_curve"):
+        with Image.open(smoke_run[0] / f"{stem}.png") as image:
+            assert image.format == "PNG" and min(image.size) > 600     # 300 dpi
+        assert (smoke_run[0] / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+
+
 # ---- --set parsing ---------------------------------------------------------------------------
 def test_set_values_are_read_as_json_then_as_strings():
     parser = build_parser("test", "imagenet_r_b0_inc20")

@@ -123,7 +123,8 @@ def assert_same_outputs(folder: Path, reference: Path) -> None:
     varying = ("command:", "Time: training")
     assert [ln for ln in text[0] if not ln.startswith(varying, ln.find(ln.strip()))] == \
         [ln for ln in text[1] if not ln.startswith(varying, ln.find(ln.strip()))]
-    for name in ("config.json", "accuracy_matrix.png", "accuracy_curve.png",
+    for name in ("config.json", "accuracy_matrix.png", "accuracy_curve.png", "confusion_matrix.png",
+                 "accuracy_matrix.pdf", "confusion_matrix.pdf",
                  "csv/eval_results.csv", "csv/training_results.csv"):
         assert (folder / name).read_bytes() == (reference / name).read_bytes(), name
     names = [p.name for _, p in ckpt.list_checkpoints(folder / "checkpoints")]

@@ -895,8 +895,8 @@ def load_backbone(config: CLIPHingeConfig, seed: int,
 
 def prepare_output(output_dir: Path, overwrite: bool) -> None:
     """Refuse to mix two comparisons in one folder unless ``overwrite``."""
-    names = ("comparison.md", "comparison.csv", "comparison.json", "accuracy_vs_task.png",
-             "tb", "logs")
+    names = ("comparison.md", "comparison.csv", "comparison.json",
+             *figure_files("accuracy_vs_task"), "tb", "logs")
     present = [n for n in names if (output_dir / n).exists()]
     if present and not overwrite:
         raise CompareError(f"{output_dir} already holds a comparison ({', '.join(present)}); "

@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
@@ -28,6 +29,7 @@ from ..plugins.hard_pair_hinge import HardPairHingePlugin
 from ..seeding import seed_everything
 from .figures import (accuracy_matrix_figure, confusion_matrix_figure, figure_files,
                       run_curve_figure, run_title, save_figure)
+from .confusion import ConfusionMatrixPlugin
 from .evaluation import EvaluatorError, make_evaluator
 from .loop import SEEN_ACCURACY, metric_value, train_and_evaluate
 from .results import cil_metrics, format_report, format_results, grouped_accuracy
@@ -170,6 +172,8 @@ class RunState:
     stream_forgetting: List[Optional[float]] = field(default_factory=list)
     hard_pairs: List[Dict[str, Any]] = field(default_factory=list)
     seen_stream_accuracy: List[Optional[float]] = field(default_factory=list)
+    #: ``[true, predicted]`` test counts after the last task, rows and columns in class order
+    confusion: Optional[List[List[int]]] = None
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
 
@@ -389,8 +393,9 @@ def _run_locked(config: CLIPHingeConfig, bundle, output_dir: Path, lock, *, back
         raise RunError(str(err)) from None
     evaluator, tb_logger = evaluation.plugin, evaluation.tensorboard
     try:
+        checks = [FiniteScoresCheck(), ConfusionMatrixPlugin(len(bundle.class_names))]
         strategy = CLIPHingeStrategy(config=config, class_names=bundle.class_names,
-                                     model=model, plugins=[*plugins, FiniteScoresCheck()],
+                                     model=model, plugins=[*plugins, *checks],
                                      evaluator=evaluator, device=device, progress=interactive)
         run = RunState()
         start = 0
@@ -519,6 +524,7 @@ def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start
         "config": config.to_dict(),
     }
     hinge = next((p for p in strategy.plugins if isinstance(p, HardPairHingePlugin)), None)
+    confusion = next(p for p in strategy.plugins if isinstance(p, ConfusionMatrixPlugin))
     model = strategy.model
     names = bundle.class_names
     for task in train_and_evaluate(strategy, bundle.benchmark.train_stream,
@@ -533,12 +539,16 @@ def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start
         run.seen_stream_accuracy.append(metric_value(task.metrics, SEEN_ACCURACY))
         run.hard_pairs.append({kind: [named_pair(pair, names) for pair in pairs]
                                for kind, pairs in hard_pairs_of(hinge).items()})
+        if index == n_exps - 1:      # the confusion matrix once every task is trained
+            run.confusion = confusion.matrix(bundle.class_order).tolist()
         # results, plots, TensorBoard, checkpoint, and only then "finished": a kill at any
         # point between redoes this experience on --resume, and the redone experience cuts
         # the logs back to the previous checkpoint.
         summary = _write_results(output_dir, run, test_sizes, full_protocol, n_exps, False)
         kill_point("results", index)
-        figures = _write_plots(output_dir, run)
+        figures = _write_plots(output_dir, run, protocol=full_protocol,
+                               confusion=None if run.confusion is None
+                               else np.asarray(run.confusion))
         kill_point("plots", index)
         _log_results(tb_logger, figures, summary["metrics"], run, strategy.clock)
         kill_point("tensorboard", index)
@@ -587,6 +597,7 @@ def _write_results(output_dir: Path, run: RunState, sizes: Sequence[int],
         "test_sizes": list(sizes),
         "hard_pairs": run.hard_pairs,
         "seen_stream_accuracy": run.seen_stream_accuracy,
+        "confusion_matrix": run.confusion,
         "train_seconds": run.train_seconds,
         "wall_seconds": run.wall_seconds,
         "protocol": protocol,

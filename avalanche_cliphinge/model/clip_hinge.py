@@ -309,7 +309,8 @@ class CLIPHingeModel(nn.Module):
                 if self.lora is not None and f"task{task}" in self.lora.adapters:
                     if x.ndim == 2:
                         raise ValueError("LoRA heads need images, not cached features; "
-                                         "the strategy turns the feature cache off with LoRA")
+                                         "the strategy evaluates on images once an adapter "
+                                         "exists")
                     with torch.no_grad(), self.lora.using(f"task{task}"):
                         feats = self.encode_images(x)
                 out[:, start:stop] = self.heads[key](feats)

@@ -83,7 +83,7 @@ class SecondStagePlugin(SupervisedPlugin):
         generator = seeded(self.seed, Draw.STAGE2, task)
         if use_lora:
             adapter = f"task{task}"
-            model.lora.add(adapter, generator)     # its initial A, then the batch order
+            model.lora.add(adapter, seeded(self.seed, Draw.LORA, task))  # its initial A
             params += model.lora.parameters(adapter)
             dataset = strategy.adapted_dataset
             if created and created.returning:
