@@ -25,6 +25,15 @@ same ratio for the process's CPU time, steadier on a shared machine). Before the
 untimed ``warmup`` runs the first experience of each timed path with compile off, so no
 timed run pays the process's one-time costs (``--no-warmup`` skips it); compile time stays
 inside the timed run.
+
+Per step, on any device: the ``stage1`` line gives ``ms_per_step`` (steady state: every task's
+first epoch left out, and given apart as ``first_epoch_ms_per_step``; ``compile_s`` is what the
+first epochs took beyond their steps at the steady rate: tracing, compiling, capturing),
+``ops_per_step`` (aten ops dispatched in a step outside captured graphs) and
+``python_calls_per_step`` (Python frames entered in a step outside captured graphs), counted
+in the last epoch of every task with 3 epochs or more (``StepCounter``; that epoch is left out
+of ``ms_per_step`` but not of the phase's seconds). The ``stage2`` line gives the same for
+stage 2, counted over the last task's whole stage-2 run. ``--no-step-counts`` counts nothing.
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import Dataset, TensorDataset
 
 from avalanche_cliphinge import CLIPHingeConfig, CLIPHingeStrategy, build_model, load_clip
@@ -139,15 +149,19 @@ def loader_rates(args, config):
 
 
 class PhaseTimer(SupervisedPlugin):
-    """Wall time of stage-1 epochs and of evaluation, synchronised on CUDA; with an
-    ``extraction`` stopwatch, also the feature extraction done inside evaluations."""
+    """Wall time of stage-1 epochs (in total and each with its step count) and of evaluation,
+    synchronised on CUDA; with an ``extraction`` stopwatch, also the feature extraction done
+    inside evaluations."""
 
     def __init__(self, device, extraction=None):
         super().__init__()
         self.device = device
         self.extraction = extraction
         self.seconds = {"stage1": 0.0, "evaluation": 0.0, "extraction_in_eval": 0.0}
+        #: (epoch of its task, counted by ``StepCounter``, seconds, steps) per stage-1 epoch
+        self.epochs: list = []
         self._start = 0.0
+        self._steps = 0
         self._extracted = 0.0
 
     def _now(self):
@@ -156,10 +170,14 @@ class PhaseTimer(SupervisedPlugin):
         return time.perf_counter()
 
     def before_training_epoch(self, strategy, **kwargs):
+        self._steps = len(strategy.dataloader)
         self._start = self._now()
 
     def after_training_epoch(self, strategy, **kwargs):
-        self.seconds["stage1"] += self._now() - self._start
+        seconds = self._now() - self._start
+        self.seconds["stage1"] += seconds
+        self.epochs.append((strategy.clock.train_exp_epochs, counted_epoch(strategy), seconds,
+                            self._steps))
 
     def before_eval(self, strategy, **kwargs):
         self._start = self._now()
@@ -217,6 +235,171 @@ class StepSyncCounter(SupervisedPlugin):
                 "syncs_in_first_epochs": self.first_epoch_syncs, "where": self.where}
 
 
+def counted_epoch(strategy) -> bool:
+    """Whether ``StepCounter`` counts the steps of the strategy's current epoch: the last epoch
+    of a task with at least 3 (never the first, where ``torch.compile`` traces and captures;
+    one steady epoch at least is left to time)."""
+    epochs = strategy.train_epochs
+    return epochs >= 3 and strategy.clock.train_exp_epochs == epochs - 1
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ops dispatched while active (every aten call, backward included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+class Counting:
+    """Ops dispatched (a ``TorchDispatchMode``) and Python calls made (``sys.setprofile``
+    ``call`` events: every Python frame entered) between ``start`` and ``stop``; ``pause``
+    and ``resume`` leave a stretch out."""
+
+    def __init__(self):
+        self.mode = _OpCounter()
+        self.calls = 0
+
+    def _profile(self, frame, event, arg):
+        if event == "call":
+            self.calls += 1
+
+    def start(self) -> "Counting":
+        self.mode.__enter__()
+        sys.setprofile(self._profile)
+        return self
+
+    def stop(self) -> "Counting":
+        sys.setprofile(None)
+        self.mode.__exit__(None, None, None)
+        return self
+
+    pause, resume = stop, start
+
+
+class StepCounter(SupervisedPlugin):
+    """Ops dispatched and Python calls made per stage-1 step, outside captured graphs.
+
+    Counts in the epochs ``counted_epoch`` names, from the epoch's first
+    ``before_training_iteration`` to its ``after_training_epoch``, and divides by the epoch's
+    steps: everything the steps run (callbacks, forward, backward, optimizer step, metrics,
+    the loader's next minibatch), the epoch's own callbacks left out. This plugin's own
+    callbacks are not counted. A call into a captured graph made through ``pause_inside``
+    counts as one Python call and no op, whatever it runs inside: on CUDA a CUDA-graph
+    replay, on the CPU inductor's kernels. Put it first among the plugins, so that the
+    window holds the others' step callbacks.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.calls = self.steps = 0
+        self._counting = None
+        self._steps = 0
+
+    def before_training_iteration(self, strategy, **kwargs):
+        if self._counting is None and counted_epoch(strategy):
+            self._counting, self._steps = Counting().start(), 0
+        self._steps += 1
+
+    def after_training_epoch(self, strategy, **kwargs):
+        if self._counting is None:
+            return
+        self._counting.stop()
+        self.ops += self._counting.mode.ops
+        # this plugin's callbacks: the later steps' before_training_iteration and this one
+        self.calls += self._counting.calls - self._steps
+        self.steps += self._steps
+        self._counting = None
+
+    def pause_inside(self, obj, name: str) -> None:
+        """Replace ``obj.name`` (a captured graph's callable) by one that counts as a single
+        Python call and no op."""
+        inner = getattr(obj, name)
+
+        def captured(*args, **kwargs):
+            counting = self._counting
+            if counting is None:
+                return inner(*args, **kwargs)
+            counting.pause()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                counting.resume()
+
+        setattr(obj, name, captured)
+
+    def record(self) -> dict:
+        """``ops_per_step``, ``python_calls_per_step`` (means) and ``counted_steps``."""
+        return per_step(self.ops, self.calls, self.steps)
+
+
+def per_step(ops: int, calls: int, steps: int) -> dict:
+    """The JSON fields of ``ops`` and ``calls`` counted over ``steps`` steps."""
+    return {"ops_per_step": round(ops / steps, 1) if steps else None,
+            "python_calls_per_step": round(calls / steps, 1) if steps else None,
+            "counted_steps": steps}
+
+
+class Stage2Steps:
+    """Times every stage-2 run (``SecondStagePlugin.after_training_exp``, one per task) and
+    counts the ops and Python calls of the run of ``counted_task`` (whole run: set-up and
+    per-epoch checks included), which is left out of the timing."""
+
+    def __init__(self, plugin, device, counted_task: int):
+        self.plugin, self.device, self.counted_task = plugin, device, counted_task
+        self.seconds = self.steps = 0.0
+        self.counted: dict = {}
+        inner = plugin.after_training_exp
+
+        def run(strategy, **kwargs):
+            before = plugin.steps
+            if strategy.current_task == counted_task:
+                counting = Counting().start()
+                try:
+                    return inner(strategy, **kwargs)
+                finally:
+                    counting.stop()
+                    self.counted = per_step(counting.mode.ops, counting.calls,
+                                            plugin.steps - before)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            began = time.perf_counter()
+            out = inner(strategy, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - began
+            self.steps += plugin.steps - before
+            return out
+
+        plugin.after_training_exp = run
+
+    def record(self) -> dict:
+        """``ms_per_step`` of the timed runs and the counts of the counted one."""
+        ms = 1000 * self.seconds / self.steps if self.steps else None
+        return {"ms_per_step": None if ms is None else round(ms, 3), **self.counted}
+
+
+def stage1_steps(epochs: list) -> dict:
+    """``ms_per_step`` over the steady epochs (every task's first epoch and the counted ones
+    left out), ``first_epoch_ms_per_step`` over the tasks' first epochs, and
+    ``compile_s``: the first epochs' time beyond their steps at the steady rate (tracing,
+    compiling and capturing, plus whatever else a task's first epoch pays once)."""
+    steady = [(s, n) for epoch, counted, s, n in epochs if epoch > 0 and not counted]
+    first = [(s, n) for epoch, _, s, n in epochs if epoch == 0]
+    steady_s, steady_n = sum(s for s, _ in steady), sum(n for _, n in steady)
+    first_s, first_n = sum(s for s, _ in first), sum(n for _, n in first)
+    rate = steady_s / steady_n if steady_n else None
+    return {"ms_per_step": None if rate is None else round(1000 * rate, 3),
+            "steady_steps": steady_n,
+            "first_epoch_ms_per_step": round(1000 * first_s / first_n, 3) if first_n else None,
+            "compile_s": None if rate is None else round(first_s - first_n * rate, 3),
+            "counted_epochs_s": round(sum(s for _, counted, s, _ in epochs if counted), 3)}
+
+
 class Stopwatch:
     """Adds up the duration of every call of a wrapped method.
 
@@ -270,11 +453,13 @@ class Stopwatch:
         return self._seconds
 
 
-def run_once(config, bundle, backbone, device, experiences=None):
+def run_once(config, bundle, backbone, device, experiences=None, count_steps=False):
     """One run; returns (phase seconds, images extracted, accuracy matrix, peak GiB,
-    ``StepSyncCounter`` or ``None`` off CUDA).
+    ``StepSyncCounter`` or ``None`` off CUDA, per-step figures by phase).
 
-    ``experiences`` limits the run to the first ones (the warm-up uses one).
+    ``experiences`` limits the run to the first ones (the warm-up uses one). The per-step
+    figures are ``ms_per_step`` of stage 1 and 2 and, with ``count_steps``, their
+    ``ops_per_step`` and ``python_calls_per_step`` (``StepCounter``, ``Stage2Steps``).
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -283,22 +468,30 @@ def run_once(config, bundle, backbone, device, experiences=None):
                                  Stopwatch(device))
     timer = PhaseTimer(device, extraction)
     syncs = StepSyncCounter() if device.type == "cuda" else None
+    counter = StepCounter() if count_steps else None
     evaluator = make_evaluator().plugin
     model = build_model(config, bundle.class_names, device, backbone=backbone)
     strategy = CLIPHingeStrategy(config=config, class_names=bundle.class_names, model=model,
-                                 plugins=[timer] + ([syncs] if syncs else []),
+                                 plugins=([counter] if counter else []) + [timer]
+                                 + ([syncs] if syncs else []),
                                  evaluator=evaluator, device=device, progress=False)
     extraction.wrap(strategy, "extract_features", count_items=True)
+    if counter is not None:
+        for obj, name in captured_graphs(strategy):
+            counter.pause_inside(obj, name)
+    train_stream = bundle.benchmark.train_stream[:experiences]
+    stage2_steps = None
     for plugin in strategy.plugins:
         if isinstance(plugin, HardPairHingePlugin):
             hinge.wrap(plugin, "before_backward")
         if isinstance(plugin, SecondStagePlugin):
+            stage2_steps = Stage2Steps(plugin, device,
+                                       len(train_stream) - 1 if count_steps else -1)
             stage2.wrap(plugin, "after_training_exp")
     sync()
     began, began_cpu = time.perf_counter(), time.process_time()
     matrix = [task.row for task in train_and_evaluate(
-        strategy, bundle.benchmark.train_stream[:experiences],
-        bundle.benchmark.test_stream[:experiences])]
+        strategy, train_stream, bundle.benchmark.test_stream[:experiences])]
     sync()
     total, cpu = time.perf_counter() - began, time.process_time() - began_cpu
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
@@ -307,7 +500,18 @@ def run_once(config, bundle, backbone, device, experiences=None):
               "stage2": stage2.seconds,
               "evaluation": timer.seconds["evaluation"] - timer.seconds["extraction_in_eval"],
               "total": total, "total_process_cpu": cpu}
-    return phases, extraction.items, matrix, peak, syncs
+    steps = {"stage1": {**stage1_steps(timer.epochs), **(counter.record() if counter else {})},
+             "stage2": stage2_steps.record() if stage2_steps else {}}
+    return phases, extraction.items, matrix, peak, syncs, steps
+
+
+def captured_graphs(strategy) -> list:
+    """``(object, attribute)`` of every callable of ``strategy`` that runs a captured graph
+    (``torch.compile``): the compiled prompt encoder, when there is one."""
+    model = strategy.model
+    if hasattr(model._encode_trainable, "_torchdynamo_orig_callable"):
+        return [(model, "_encode_trainable")]
+    return []
 
 
 @torch.no_grad()
@@ -371,6 +575,9 @@ def main(argv=None):
                              "compared path, compile off) that takes one-time process costs "
                              "(lazy imports, kernel set-up for new shapes, the OS file "
                              "cache) off the first timed run")
+    parser.add_argument("--no-step-counts", dest="step_counts", action="store_false",
+                        help="do not count ops and Python calls per step (counting slows the "
+                             "counted epochs, which the phase times include)")
     args = parser.parse_args(argv)
     if not args.synthetic and args.preset is None:
         parser.error("choose --synthetic (CIFAR-sized data) or --preset tiny")
@@ -434,9 +641,10 @@ def main(argv=None):
             run_once(config.replace(cache_features=cached, compile=False), bundle, backbone,
                      device, experiences=1)
         emit({"phase": "warmup", "seconds": round(time.perf_counter() - began, 3)})
-    phases, extracted, matrix, peak, syncs = run_once(config, bundle, backbone, device)
+    phases, extracted, matrix, peak, syncs, steps = run_once(config, bundle, backbone, device,
+                                                             count_steps=args.step_counts)
     for name, seconds in phases.items():
-        record = {"phase": name, "seconds": round(seconds, 3)}
+        record = {"phase": name, "seconds": round(seconds, 3), **steps.get(name, {})}
         if name == "feature_extraction":
             record["images"] = extracted
             record["images_per_s"] = round(extracted / max(seconds, 1e-9), 1)
@@ -454,8 +662,8 @@ def main(argv=None):
         for repeat in range(args.repeats):
             if repeat > 0:
                 runs["cached"].append(run_once(config, bundle, backbone, device)[0])
-            uncached, _, matrix_u, _, _ = run_once(config.replace(cache_features=False), bundle,
-                                                backbone, device)
+            uncached, _, matrix_u, *_ = run_once(config.replace(cache_features=False), bundle,
+                                                 backbone, device)
             runs["uncached"].append(uncached)
             diff = max([diff] + [abs(a - b) for ra, rb in zip(matrix, matrix_u)
                                  for a, b in zip(ra, rb)])

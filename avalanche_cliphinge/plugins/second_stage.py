@@ -54,6 +54,8 @@ class SecondStagePlugin(SupervisedPlugin):
         self.momentum, self.weight_decay = momentum, weight_decay
         self.logit_scale, self.batch_size, self.seed = logit_scale, batch_size, seed
         self.losses: List[float] = []
+        #: optimizer steps taken so far, every task's run together
+        self.steps = 0
 
     @classmethod
     def from_config(cls, config) -> "SecondStagePlugin":
@@ -130,6 +132,7 @@ class SecondStagePlugin(SupervisedPlugin):
                         f"non-finite stage-2 loss or weights at task {task}, epoch {epoch} "
                         f"({self.losses[-1]}); lower second_stage_lr, second_stage_weight_decay "
                         "or second_stage_logit_scale. Earlier checkpoints are intact")
+        self.steps += self.epochs * len(loader)
         head.eval()
         head.requires_grad_(False)
         for param in params:
