@@ -26,7 +26,8 @@ class CLIPHingeConfig:
     """All settings of the method. Build with keywords, ``from_json`` or ``from_dict``.
 
     Groups: stream layout (``init_class``, ``increment``, ``total_tasks``), stage 1
-    (epochs, lr, prompts), Gaussian replay, text/image hinge, image adapter, stage 2
+    (epochs, lr, prompts), Gaussian replay (and how the class Gaussians are stored:
+    ``gaussian_storage``, ``gaussian_rank``), text/image hinge, image adapter, stage 2
     (per-task heads, LoRA, fusion), and implementation keys (backbone, caching, precision).
     See the README's config table for what each key does.
     """
@@ -61,6 +62,16 @@ class CLIPHingeConfig:
     rapf_shrink_cov: bool = False
     covariance_shrinkage: float = 0.0
     covariance_jitter: float = 1e-4
+    # How each class keeps its sampling factor (ClassGaussians), per class at d = 512:
+    # "full": float32 Cholesky factor L, d*d*4 bytes (1 MiB); draws mean + L z, exact.
+    # "bf16": L in bfloat16, d*d*2 bytes (512 KiB); a chunk of L is upcast to float32 to
+    #   draw: covariance L'L'^T, about 0.3% off (relative Frobenius error).
+    # "lowrank": U [d, gaussian_rank] (top eigenvectors times sqrt eigenvalues) and the
+    #   diagonal D = diag(cov) - diag(UU^T), d*(gaussian_rank+1)*4 bytes (130 KiB at 64);
+    #   draws mean + U z1 + sqrt(D) z2: exact variances, correlations only within the top
+    #   gaussian_rank directions (gaussian_rank = d keeps the full covariance).
+    gaussian_storage: str = "full"
+    gaussian_rank: int = 64
     # --- text-side hinge -------------------------------------------------------------------
     text_use_hinge_loss: bool = True
     text_hinge_margin: float = 0.1
@@ -223,7 +234,7 @@ class CLIPHingeConfig:
             value = getattr(self, key)
             _require(key, value is None or value >= 1, ">= 1, or null to read it off the stream",
                      value)
-        positive_int = ["batch_size", "n_ctx", "eval_batch_size", "lora_rank"]
+        positive_int = ["batch_size", "n_ctx", "eval_batch_size", "lora_rank", "gaussian_rank"]
         for key in positive_int:
             _require(key, getattr(self, key) >= 1, ">= 1", getattr(self, key))
         non_negative = ["init_epochs", "epochs", "samples_per_old_class",
@@ -262,6 +273,10 @@ class CLIPHingeConfig:
             _require("samples_per_old_class", self.samples_per_old_class >= 1,
                      ">= 1 when replay_classes_per_step > 0 (features per replayed class and "
                      "step)", self.samples_per_old_class)
+        _require("gaussian_storage", self.gaussian_storage in ("full", "bf16", "lowrank"),
+                 "'full' (float32 Cholesky factors, d*d*4 bytes a class), 'bf16' (the same in "
+                 "bfloat16, half the bytes) or 'lowrank' (rank gaussian_rank plus a diagonal, "
+                 "d*(gaussian_rank+1)*4 bytes)", self.gaussian_storage)
         _require("returning_class_prompts", self.returning_class_prompts in ("train", "freeze"),
                  "'train' or 'freeze'", self.returning_class_prompts)
         _require("precision", self.precision in ("fp32", "bf16"), "'fp32' or 'bf16'",
@@ -339,6 +354,7 @@ INT_BOUNDS = {"init_class": 100_000, "increment": 100_000, "total_tasks": 10_000
               "batch_size": 1 << 20, "eval_batch_size": 1 << 20, "n_ctx": 73,
               "text_top_hard_pairs": 1_000_000, "image_top_hard_pairs": 1_000_000,
               "second_stage_start_task": 10_000, "lora_rank": 4096, "num_workers": 512,
+              "gaussian_rank": MAX_FEATURE_DIM,
               "lr_decay_epochs": 10_000, "lora_layers": 1000}
 
 

@@ -43,7 +43,9 @@ def build_model(config: CLIPHingeConfig, class_names: ClassNames,
                            fusion_weight=config.second_stage_fusion_weight,
                            head_logit_scale=config.second_stage_logit_scale, lora=lora,
                            seed=config.seed,
-                           resize_on_device=config.resize_on_device).to(device)
+                           resize_on_device=config.resize_on_device,
+                           gaussian_storage=config.gaussian_storage,
+                           gaussian_rank=config.gaussian_rank).to(device)
     model.config = config           # what CLIPHingeModel.save records to rebuild it
     return model
 

@@ -578,7 +578,21 @@ def main(argv=None):
     parser.add_argument("--no-step-counts", dest="step_counts", action="store_false",
                         help="do not count ops and Python calls per step (counting slows the "
                              "counted epochs, which the phase times include)")
+    parser.add_argument("--classes", type=int, default=None, metavar="N",
+                        help="no run: the peak memory of fitting, sampling and checkpointing "
+                             "the class Gaussians of N synthetic 512-d classes "
+                             "(benchmarks/gaussian_memory.py; --device cpu for the CPU)")
+    parser.add_argument("--gaussian-storage", nargs="+", default=None,
+                        choices=["full", "bf16", "lowrank"],
+                        help="--classes: the storage modes to measure (default: all)")
     args = parser.parse_args(argv)
+    if args.classes is not None:
+        if args.classes < 1:
+            parser.error(f"--classes must be at least 1, got {args.classes}")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from gaussian_memory import report
+        report(args.classes, args.gaussian_storage, args.device)
+        return
     if not args.synthetic and args.preset is None:
         parser.error("choose --synthetic (CIFAR-sized data) or --preset tiny")
     if args.repeats < 1:

@@ -91,13 +91,16 @@ class CLIPHingeModel(nn.Module):
         resize_on_device: images arrive as unnormalised ``[0, 1]`` tensors of any square size
             and are resized (bicubic) and normalised on the model's device
             (``DevicePreprocess``), instead of per image on the CPU.
+        gaussian_storage, gaussian_rank: how the class Gaussians keep their sampling
+            factors (``ClassGaussians``'s ``storage`` and ``rank``).
     """
 
     def __init__(self, backbone: CLIPBackbone, class_names: ClassNames, *, n_ctx: int = 4,
                  ctx_init: str = "a photo of a", prompt_template: str = "a good photo of a {}.",
                  use_image_adapter: bool = False, fusion_weight: float = 0.3,
                  head_logit_scale: float = 20.0,
-                 lora: Optional[tuple] = None, seed: int = 0, resize_on_device: bool = False):
+                 lora: Optional[tuple] = None, seed: int = 0, resize_on_device: bool = False,
+                 gaussian_storage: str = "full", gaussian_rank: int = 64):
         super().__init__()
         self.backbone = backbone
         self.clip = backbone.model
@@ -117,7 +120,7 @@ class CLIPHingeModel(nn.Module):
         # one prompt length for the whole stream: every task's prompts get the same shape
         self.prompt_length = prompt_length(self.tokenizer, list(self.names.values()), n_ctx)
         self.task_classes: List[List[int]] = []
-        self.gaussians = ClassGaussians(dim)
+        self.gaussians = ClassGaussians(dim, gaussian_storage, gaussian_rank)
         self.adapter = ImageAdapter(dim) if use_image_adapter else None
         self.heads = nn.ModuleDict()
         self.lora = VisualLoRA(self.clip.visual, *lora) if lora is not None else None

@@ -63,7 +63,8 @@ def restore_learned_state(model: "CLIPHingeModel", state: Dict[str, Any]) -> Non
         with torch.no_grad():
             model.prompts[task].ctx.copy_(ctx.to(device))
     model.set_trainable_prompts([])
-    model.gaussians.load_state_dict(state["gaussians"])
+    # assign: the loaded factors become the model's (not copied: held once)
+    model.gaussians.load_state_dict(state["gaussians"], assign=True)
     for key, head_state in state["heads"].items():
         n_classes, dim = head_state["linear.weight"].shape
         head = TaskHead(torch.zeros(n_classes, dim), state["head_scales"][key]).to(device)
