@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import distributed
 from .atomic import save_atomic
 
 Features = Tuple[Tensor, Tensor]
@@ -173,25 +174,30 @@ class FeatureCache:
         """The entry of ``key``: from memory, else from disk, else ``compute()`` (then stored).
 
         An entry read from disk is kept in memory on ``device`` (default: the CPU), so later
-        hits need no copy.
+        hits need no copy. Under torchrun the choice is collective, as ``compute`` is (the
+        ranks share out the encoder pass): unless every rank holds the entry, every rank
+        computes it, and rank 0 alone writes the file.
         """
-        if key in self._entries:
-            self.hits += 1
-            self._entries.move_to_end(key)
-            return self._entries[key]
-        entry = None
+        entry = self._entries.get(key)
+        in_memory = entry is not None
         path = None if self.directory is None else self.directory / f"{key}.pt"
-        if path is not None and path.is_file():
+        if entry is None and path is not None and path.is_file():
             try:
                 loaded = torch.load(path, map_location=device or "cpu", weights_only=True)
                 entry = (loaded["features"], loaded["labels"])
-                self.hits += 1
             except Exception:  # an unreadable cache file is recomputed, never trusted
                 entry = None
-        if entry is None:
+        if not distributed.all_true(entry is not None):
+            entry, in_memory = None, False
+        if entry is not None:
+            self.hits += 1
+            if in_memory:
+                self._entries.move_to_end(key)
+                return entry
+        else:
             self.misses += 1
             entry = compute()
-            if path is not None:
+            if path is not None and distributed.is_main():
                 save_atomic({"features": entry[0].cpu(), "labels": entry[1].cpu()}, path)
         self._entries[key] = entry
         while len(self._entries) > 1 and self.bytes_used > self.max_bytes:

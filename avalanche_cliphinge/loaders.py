@@ -13,6 +13,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed
+
 
 @torch.no_grad()
 def encode_dataset(encode: Callable[[Tensor], Tensor], dataset, *, batch_size: int,
@@ -25,20 +27,29 @@ def encode_dataset(encode: Callable[[Tensor], Tensor], dataset, *, batch_size: i
     read back per batch: while the device encodes one batch, the host already loads the next.
     ``autocast`` makes the context each batch is encoded in (bf16 on CUDA, for instance).
 
+    Under torchrun every rank encodes its share of the batches (``distributed.deal_batches``:
+    whole batches, as one process makes them) and gets every feature back in order, so all
+    ranks hold exactly what one process would compute. Every rank must call it.
+
     Raises:
         ValueError: ``dataset`` is empty.
     """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"{desc}: the experience has no samples; every experience needs "
+                         "data (check the stream's split)")
+    batches = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+    loader = DataLoader(dataset, batch_sampler=distributed.deal_batches(batches),
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
     feats, labels = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 2 or not progress):
+    for batch in tqdm(loader, desc=desc, leave=False,
+                      disable=len(loader) < 2 or not progress or not distributed.is_main()):
         with autocast():
             feats.append(encode(batch[0].to(device, non_blocking=True)).float())
         labels.append(torch.as_tensor(batch[1]).long())
-    if not feats:
-        raise ValueError(f"{desc}: the experience has no samples; every experience needs "
-                         "data (check the stream's split)")
-    return torch.cat(feats), torch.cat(labels).to(device)
+    sizes = [len(b) for b in batches]
+    return (distributed.gather_batches(feats, sizes, device),
+            distributed.gather_batches(labels, sizes, device))
 
 
 class EpochBatchSampler:

@@ -15,6 +15,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from . import distributed
 from .config import CLIPHingeConfig, ConfigError
 from .feature_cache import FeatureCache, dataset_fingerprint
 from .loaders import EpochBatchSampler, TensorBatchLoader, encode_dataset
@@ -579,6 +580,8 @@ class CLIPHingeStrategy(SupervisedTemplate):
         self.model.set_trainable_prompts([])
         self._frozen_rows = []
         super()._after_training_exp(**kwargs)
+        # under torchrun every rank trained alike; rank 0's tensors end any drift (GPUs)
+        distributed.sync_learned_state(self.model)
 
     # ---- evaluation -----------------------------------------------------------------------
     def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None,

@@ -8,6 +8,9 @@
     # 2-core CPU: tiny CLIP on real CIFAR-10 JPEGs (../shared/data), 5 epochs per task,
     # cached vs uncached
     python benchmarks/speed.py --preset tiny --compare-uncached
+    # 8 GPUs: every process times its own run, the feature extraction shared out (rank 0
+    # prints)
+    torchrun --standalone --nproc_per_node 8 benchmarks/speed.py --synthetic
 
 Phases: ``feature_extraction`` (frozen-encoder passes over train and test data),
 ``stage1`` (prompt-learning epochs, hinge included), ``hinge`` (the hinge plugin's share of
@@ -52,6 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import Dataset, TensorDataset
 
 from avalanche_cliphinge import CLIPHingeConfig, CLIPHingeStrategy, build_model, load_clip
+from avalanche_cliphinge import distributed
 from avalanche_cliphinge.app.cli import SMOKE
 from avalanche_cliphinge.app.evaluation import make_evaluator
 from avalanche_cliphinge.app.loop import train_and_evaluate
@@ -537,7 +541,8 @@ def bare_encoder_throughput(backbone, device, batch, precision, repeats=10):
 
 
 def emit(record):
-    print(json.dumps(record), flush=True)
+    if distributed.is_main():             # under torchrun rank 0 prints
+        print(json.dumps(record), flush=True)
 
 
 def main(argv=None):
@@ -599,7 +604,10 @@ def main(argv=None):
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.loader_only and not args.synthetic:
         parser.error("--loader-only times the synthetic CIFAR items: add --synthetic")
-    device = torch.device(args.device)
+    try:        # under torchrun: join the processes, each on cuda:LOCAL_RANK (or the CPU)
+        device = torch.device(distributed.init_from_env(args.device))
+    except distributed.DistributedError as err:
+        parser.error(str(err))
     config = CLIPHingeConfig.from_json(args.config)
     if args.preset == "tiny":
         tiny = {**SMOKE, "init_epochs": 5, "epochs": 5, "lr_decay_epochs": [],
@@ -645,7 +653,7 @@ def main(argv=None):
           "num_workers": config.num_workers,
           "train_images": sum(len(e.dataset) for e in bundle.benchmark.train_stream),
           "test_images": sum(len(e.dataset) for e in bundle.benchmark.test_stream),
-          "torch": torch.__version__})
+          "torch": torch.__version__, "processes": distributed.world_size()})
     bare = bare_encoder_throughput(backbone, device, args.bare_batch, config.precision)
     emit({"phase": "bare_image_encoder", "images_per_s": round(bare, 1),
           "batch": args.bare_batch})

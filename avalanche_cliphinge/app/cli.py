@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import os
 import sys
 import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import List, Optional
 
+from .. import distributed
+from ..distributed import DistributedError
 from .checkpoint import CheckpointError
 from .datasets import add_dataset_arguments, dataset_entry
 from ..config import CLIPHingeConfig, ConfigError, config_reproduces, list_presets
@@ -32,7 +36,7 @@ SMOKE = {"dataset": "synthetic", "model_name": TINY_MODEL, "pretrained": None,
 #: and exit code 2. Anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS = (ConfigError, BackboneError, RunError, CheckpointError, RunLockedError,
                    FileNotFoundError, NotADirectoryError, PermissionError, ValueError,
-                   FloatingPointError)
+                   FloatingPointError, DistributedError)
 #: Errors of the disk or the folder (full, over quota, read-only, gone): one ``error:`` line
 #: naming the file, also when they come as a plain ``OSError``.
 DISK_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free space within your quota",
@@ -95,7 +99,12 @@ def build_parser(description: str, default_config: str,
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: the cores this process may use, at "
-                             "most 8; 1 on a machine with 2 cores or fewer)")
+                             "most 8, shared out among torchrun's processes on the machine; "
+                             "1 on a machine with 2 cores or fewer)")
+    parser.add_argument("--dist-timeout", type=_positive_minutes,
+                        default=distributed.DEFAULT_TIMEOUT_MINUTES, metavar="MINUTES",
+                        help="under torchrun: how long a process waits for the others before "
+                             "the run stops with an error (default: %(default)s)")
     add_dataset_arguments(parser)
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error instead of one line")
@@ -174,10 +183,22 @@ def default_threads() -> int:
     """torch CPU threads for a run: the cores this process may use, at most 8; 1 with 2 cores
     or fewer, where a second thread fights the data loading and the OS (measured: the smoke
     run's training took 45 s with the default threads on a busy 2-core machine, 2.4 s with
-    one, same results)."""
+    one, same results). Under torchrun the cores are shared out among the machine's
+    processes."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
-    return 1 if cores <= 2 else min(cores, 8)
+    return 1 if cores <= 2 else max(1, min(cores // distributed.local_world_size(), 8))
+
+
+def _positive_minutes(text: str) -> float:
+    """``--dist-timeout``'s value: a positive number of minutes."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of minutes")
+    return value
 
 
 def main(argv: Optional[List[str]] = None, description: str = "Run CLIPHingeStrategy on a "
@@ -198,14 +219,23 @@ def main(argv: Optional[List[str]] = None, description: str = "Run CLIPHingeStra
     torch.set_num_threads(args.threads or default_threads())
     output_dir = Path(args.output_dir or Path("runs") / (
         "smoke" if args.preset == "smoke" else Path(args.config).stem))
-    if args.seeds:
-        for seed in args.seeds:
-            one = argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None})
-            code = _run_and_report(one, argv, output_dir / f"seed_{seed}", dataset)
-            if code:
-                return code
-        return 0
-    return _run_and_report(args, argv, output_dir, dataset)
+    try:
+        # under torchrun: join the processes, each on cuda:LOCAL_RANK (or the CPU)
+        args.device = distributed.init_from_env(args.device, args.dist_timeout)
+    except DistributedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.seeds:
+            for seed in args.seeds:
+                one = argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None})
+                code = _run_and_report(one, argv, output_dir / f"seed_{seed}", dataset)
+                if code:
+                    return code
+            return 0
+        return _run_and_report(args, argv, output_dir, dataset)
+    finally:
+        distributed.shutdown()
 
 
 def _run_and_report(args: argparse.Namespace, argv: Optional[List[str]], output_dir: Path,
@@ -213,23 +243,30 @@ def _run_and_report(args: argparse.Namespace, argv: Optional[List[str]], output_
     """One run into ``output_dir``: the summary, or one ``error:`` line; the exit code."""
     notice = _RandomWeightsNotice()
     logging.getLogger().addFilter(notice)
+    main = distributed.is_main()        # under torchrun rank 0 reports, the others are quiet
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
+            if not main:
+                warnings.simplefilter("ignore")
             results, seconds = _run(args, argv, output_dir, dataset)
     except (*EXPECTED_ERRORS, OSError) as err:
         disk = isinstance(err, OSError) and err.errno in DISK_ERRNOS
         if args.debug or not (disk or isinstance(err, EXPECTED_ERRORS)):
             raise
-        print(f"error: {_disk_error(err, output_dir) if disk else _one_line(err)}",
-              file=sys.stderr)
+        if not distributed.is_echo(err):        # the rank it happened on says it, once
+            print(f"error: {_disk_error(err, output_dir) if disk else _one_line(err)}",
+                  file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted; continue with the same command plus --resume (output folder "
-              f"{output_dir})", file=sys.stderr)
+        if main:
+            print(f"interrupted; continue with the same command plus --resume (output "
+                  f"folder {output_dir})", file=sys.stderr)
         return 130
     finally:
         logging.getLogger().removeFilter(notice)
+    if not main:
+        return 0
     print_summary(results)
     print(f"results: {output_dir / 'results.txt'} | TensorBoard: tensorboard --logdir "
           f"{output_dir / 'tb'} | this process: {seconds:.1f} s")
@@ -240,32 +277,19 @@ def _run(args: argparse.Namespace, argv: Optional[List[str]], output_dir: Path,
          dataset: Optional[str]):
     import torch
 
-    from ..benchmarks.common import skip_unreadable_images
-
     began = time.perf_counter()
-    config = resolve_config(args)
-    if args.preset != "smoke":
-        if dataset is not None and config.dataset != dataset:
-            raise ConfigError(f"config {args.config} is for dataset '{config.dataset}', not "
-                              f"'{dataset}'; run it with: cliphinge run --config {args.config}")
-        check_data, stream_factory = dataset_entry(config)
-        config.require_layout(f"the {config.dataset} stream builder")
-        check_data(args, config)
-    check_run_paths(config)
-    # The folder is locked from the first look at it to the end of the run.
-    with hold(prepare_output_dir(output_dir)):
-        check_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
+    # every rank checks the request (torchrun); a failure on any rank stops them all
+    config, stream_factory = distributed.agree(lambda: _checked_request(args, dataset))
+    with ExitStack() as held:
+        def take_folder() -> None:
+            # The folder is locked from the first look at it to the end of the run (by rank
+            # 0 under torchrun: its verdict stops every rank alike).
+            held.enter_context(hold(prepare_output_dir(output_dir)))
+            check_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
+
+        distributed.on_main(take_folder)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # Random weights (pretrained=None) come from the global RNG: seed it first, so a
-        # resumed run gets the same frozen CLIP as the run it continues.
-        seed_everything(config.seed)
-        backbone = load_clip(config.model_name, config.pretrained, device=device,
-                             allow_activation_mismatch=config.allow_activation_mismatch)
-        with skip_unreadable_images(args.skip_bad_images):
-            if args.preset == "smoke":
-                bundle = smoke_stream(config)
-            else:
-                bundle = stream_factory(args, config, backbone)
+        backbone, bundle = _load_backbone_and_stream(args, config, device, stream_factory)
         protocol = {"stream": bundle.protocol.get("name", config.dataset),
                     "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
                     "config_file": str(args.config), "preset": args.preset,
@@ -275,3 +299,44 @@ def _run(args: argparse.Namespace, argv: Optional[List[str]], output_dir: Path,
                                  force=args.force, wandb=args.wandb,
                                  interactive=not args.quiet, protocol=protocol)
     return results, time.perf_counter() - began
+
+
+def _checked_request(args: argparse.Namespace, dataset: Optional[str]):
+    """The request's config, its dataset and data checked: ``(config, stream factory)``
+    (no factory for ``--preset smoke``)."""
+    config = resolve_config(args)
+    stream_factory = None
+    if args.preset != "smoke":
+        if dataset is not None and config.dataset != dataset:
+            raise ConfigError(f"config {args.config} is for dataset '{config.dataset}', not "
+                              f"'{dataset}'; run it with: cliphinge run --config {args.config}")
+        check_data, stream_factory = dataset_entry(config)
+        config.require_layout(f"the {config.dataset} stream builder")
+        check_data(args, config)
+    check_run_paths(config)
+    return config, stream_factory
+
+
+def _load_backbone_and_stream(args: argparse.Namespace, config: CLIPHingeConfig, device: str,
+                              stream_factory):
+    """The frozen CLIP and the stream bundle built with its transforms.
+
+    Under torchrun each machine's first process loads first (it downloads what is missing),
+    the others then from its copy; a failure on any rank stops every rank.
+    """
+    from ..benchmarks.common import skip_unreadable_images
+
+    def load():
+        # Random weights (pretrained=None) come from the global RNG: seed it first, so a
+        # resumed run gets the same frozen CLIP as the run it continues.
+        seed_everything(config.seed)
+        backbone = load_clip(config.model_name, config.pretrained, device=device,
+                             allow_activation_mismatch=config.allow_activation_mismatch)
+        with skip_unreadable_images(args.skip_bad_images):
+            if args.preset == "smoke":
+                return backbone, smoke_stream(config)
+            return backbone, stream_factory(args, config, backbone)
+
+    first = distributed.local_rank() == 0
+    loaded = distributed.agree(lambda: load() if first else None)
+    return distributed.agree(lambda: loaded if first else load())

@@ -53,6 +53,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from .. import distributed
 from ..config import CLIPHingeConfig, ConfigError
 from .experiment import package_versions
 from ..feature_cache import FeatureCache
@@ -916,6 +917,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     log = (lambda message: None) if args.quiet else (lambda message: print(message,
                                                                             flush=True))
     try:
+        if distributed.launched():
+            # the baselines are Avalanche's own strategies: under torchrun they would split
+            # their data without sharing gradients; every process would also write the folder
+            raise CompareError("cliphinge compare runs in one process: start it with python, "
+                               "not torchrun (cliphinge run uses several)")
         if args.benchmark not in BENCHMARKS:
             raise CompareError(f"unknown benchmark '{args.benchmark}'"
                                + _suggest(args.benchmark, BENCHMARKS)

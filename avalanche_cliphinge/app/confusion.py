@@ -8,7 +8,7 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 
 
-class ConfusionMatrixPlugin(SupervisedPlugin):
+class ConfusionMatrixPlugin(SupervisedPlugin, supports_distributed=True):
     """Counts ``confusion[true class, predicted class]`` over each ``strategy.eval`` call.
 
     While ``enabled``, ``before_eval`` starts a zeroed ``[n_classes * n_classes]`` count on

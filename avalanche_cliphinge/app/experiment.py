@@ -11,6 +11,7 @@ import platform
 import shutil
 import sys
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -22,6 +23,7 @@ from avalanche.training.plugins import SupervisedPlugin
 
 from . import checkpoint as ckpt
 from . import run_lock
+from .. import distributed
 from ..atomic import kill_point, remove_temp_files, write_bytes_atomic, write_text_atomic
 from ..config import CLIPHingeConfig, ConfigError
 from ..model.backbone import CLIPBackbone
@@ -30,7 +32,7 @@ from ..seeding import seed_everything
 from .figures import (accuracy_matrix_figure, confusion_matrix_figure, figure_files,
                       run_curve_figure, run_title, save_figure)
 from .confusion import ConfusionMatrixPlugin
-from .evaluation import EvaluatorError, make_evaluator
+from .evaluation import Evaluation, EvaluatorError, make_evaluator
 from .loop import SEEN_ACCURACY, metric_value, train_and_evaluate
 from .results import cil_metrics, format_report, format_results, grouped_accuracy
 from ..strategy import CLIPHingeStrategy, build_model
@@ -135,7 +137,7 @@ def csv_row_counts(output_dir: Path) -> Dict[str, int]:
     return counts
 
 
-class FiniteScoresCheck(SupervisedPlugin):
+class FiniteScoresCheck(SupervisedPlugin, supports_distributed=True):
     """Stops an evaluation whose scores hold NaN or Inf (non-finite test features).
 
     Counted on the device per minibatch, read back once per test experience; raises
@@ -342,11 +344,21 @@ def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
         config = config.replace(**{k: v for k, v in layout.items() if getattr(config, k) is None})
     check_stream(config, bundle)
     check_run_paths(config)
-    prepare_output_dir(output_dir)
-    with run_lock.hold(output_dir) as lock:
-        check_output_dir(output_dir, resume=resume, overwrite=overwrite)
-        return _run_locked(config, bundle, output_dir, lock, backbone=backbone, device=device,
-                           resume=resume, overwrite=overwrite, force=force, wandb=wandb,
+    if not distributed.is_main():       # under torchrun rank 0 alone prints and shows bars
+        log, interactive = _quiet, False
+    with ExitStack() as held:
+        locks: List[run_lock.RunLock] = []
+
+        def take_folder() -> None:
+            prepare_output_dir(output_dir)
+            locks.append(held.enter_context(run_lock.hold(output_dir)))
+            check_output_dir(output_dir, resume=resume, overwrite=overwrite)
+
+        # the folder is rank 0's (torchrun); its verdict stops every rank alike
+        distributed.on_main(take_folder)
+        return _run_locked(config, bundle, output_dir, locks[0] if locks else None,
+                           backbone=backbone, device=device, resume=resume,
+                           overwrite=overwrite, force=force, wandb=wandb,
                            interactive=interactive, protocol=protocol, plugins=plugins,
                            log=log)
 
@@ -357,7 +369,9 @@ def _run_locked(config: CLIPHingeConfig, bundle, output_dir: Path, lock, *, back
     checkpoints = output_dir / "checkpoints"
     n_exps = len(bundle.benchmark.train_stream)
     fingerprint = stream_fingerprint(bundle)
-    state = _load_resume_state(checkpoints, config, fingerprint, resume, force, log)
+    # read on rank 0 (the output folder may be on its machine only), sent to every rank
+    state = distributed.on_main(lambda: _load_resume_state(checkpoints, config, fingerprint,
+                                                           resume, force, log))
     if state is not None:
         _check_resumable(state, config, bundle)
     seed_everything(config.seed)
@@ -372,25 +386,32 @@ def _run_locked(config: CLIPHingeConfig, bundle, output_dir: Path, lock, *, back
                 f"checkpoint {state['path']} does not fit this model "
                 f"({str(err).splitlines()[0][:160]}); resume with the config it was made "
                 "with, or start again with --overwrite") from None
-    # Everything is checked: from here on the folder is this run's.
-    lock.announce()
-    _remove_temp_files(output_dir)
-    if state is None:
-        # --overwrite, --resume of a run without checkpoint, or a start after an attempt that
-        # failed before its first checkpoint: old logs would mix with the new run's.
-        _remove_run_files(output_dir, RUN_FILES if overwrite or resume else LOG_FILES)
-    else:
-        restore_logs(output_dir, state, log)
-        ckpt.prune_checkpoints(checkpoints)
-    write_text_atomic(config.to_json(), output_dir / "config.json")
-    try:
-        evaluation = make_evaluator(tensorboard_dir=output_dir / "tb",
-                                    text_log=output_dir / "log.txt", csv_dir=output_dir / "csv",
-                                    interactive=interactive,
-                                    wandb_run=output_dir.name if wandb else None,
-                                    wandb_dir=output_dir, append=state is not None)
-    except EvaluatorError as err:
-        raise RunError(str(err)) from None
+    made: List[Evaluation] = []
+
+    def claim_folder() -> None:
+        # Everything is checked: from here on the folder is this run's.
+        lock.announce()
+        _remove_temp_files(output_dir)
+        if state is None:
+            # --overwrite, --resume of a run without checkpoint, or a start after an attempt
+            # that failed before its first checkpoint: old logs would mix with the new run's.
+            _remove_run_files(output_dir, RUN_FILES if overwrite or resume else LOG_FILES)
+        else:
+            restore_logs(output_dir, state, log)
+            ckpt.prune_checkpoints(checkpoints)
+        write_text_atomic(config.to_json(), output_dir / "config.json")
+        try:
+            made.append(make_evaluator(tensorboard_dir=output_dir / "tb",
+                                       text_log=output_dir / "log.txt",
+                                       csv_dir=output_dir / "csv", interactive=interactive,
+                                       wandb_run=output_dir.name if wandb else None,
+                                       wandb_dir=output_dir, append=state is not None))
+        except EvaluatorError as err:
+            raise RunError(str(err)) from None
+
+    # files and loggers on rank 0; the other ranks measure the same metrics, log nothing
+    distributed.on_main(claim_folder)
+    evaluation = made[0] if made else make_evaluator()
     evaluator, tb_logger = evaluation.plugin, evaluation.tensorboard
     try:
         checks = [FiniteScoresCheck(), ConfusionMatrixPlugin(len(bundle.class_names))]
@@ -408,14 +429,18 @@ def _run_locked(config: CLIPHingeConfig, bundle, output_dir: Path, lock, *, back
             start = state["completed"]
             message = (f"resuming from {Path(state['path']).name}: after experience "
                        f"{start - 1} ({start} of {n_exps} done)")
-            log(message)
-            print(f"=== {message} ===", file=evaluation.files[0])
-            kill_point("resume_loggers", start)
+
+            def announce() -> None:
+                log(message)
+                print(f"=== {message} ===", file=evaluation.files[0])
+                kill_point("resume_loggers", start)
+
+            distributed.on_main(announce)
         _train_and_evaluate(strategy, bundle, output_dir, run, start, config, fingerprint,
                             backbone, protocol, device, tb_logger, evaluator, log)
     finally:
         evaluation.close()
-    return json.loads((output_dir / "results.json").read_text())
+    return distributed.on_main(lambda: json.loads((output_dir / "results.json").read_text()))
 
 
 def _remove_temp_files(output_dir: Path) -> None:
@@ -520,6 +545,7 @@ def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start
         **{f"stream_{k}": v for k, v in bundle.protocol.items()},
         "seed": config.seed,
         "device": _device_name(device),
+        **({"processes": distributed.world_size()} if distributed.world_size() > 1 else {}),
         "versions": package_versions(),
         "config": config.to_dict(),
     }
@@ -541,38 +567,51 @@ def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start
                                for kind, pairs in hard_pairs_of(hinge).items()})
         if index == n_exps - 1:      # the confusion matrix once every task is trained
             run.confusion = confusion.matrix(bundle.class_order).tolist()
-        # results, plots, TensorBoard, checkpoint, and only then "finished": a kill at any
-        # point between redoes this experience on --resume, and the redone experience cuts
-        # the logs back to the previous checkpoint.
-        summary = _write_results(output_dir, run, test_sizes, full_protocol, n_exps, False)
-        kill_point("results", index)
-        figures = _write_plots(output_dir, run, protocol=full_protocol,
-                               confusion=None if run.confusion is None
-                               else np.asarray(run.confusion))
-        kill_point("plots", index)
-        _log_results(tb_logger, figures, summary["metrics"], run, strategy.clock)
-        kill_point("tensorboard", index)
-        ckpt.save_checkpoint({
-            "completed": index + 1,
-            "config": config.to_dict(),
-            "stream": fingerprint,
-            "model": ckpt.model_state(model),
-            "clock": ckpt.clock_state(strategy.clock),
-            "evaluator": ckpt.evaluator_state(evaluator),
-            "rng": ckpt.rng_state(),
-            "run": dict(run.__dict__),
-            "csv_rows": csv_row_counts(output_dir),
-            "tb_files": tensorboard_sizes(output_dir, tb_logger),
-        }, output_dir / "checkpoints")
-        log(f"task {index}: accuracy on seen classes {run.per_task[-1]['all']:.2f}% "
-            f"(AIA so far {summary['metrics']['AIA']:.2f}%)")
+
+        def write_experience(index: int = index) -> None:
+            # results, plots, TensorBoard, checkpoint, and only then "finished": a kill at
+            # any point between redoes this experience on --resume, and the redone
+            # experience cuts the logs back to the previous checkpoint.
+            summary = _write_results(output_dir, run, test_sizes, full_protocol, n_exps,
+                                     False)
+            kill_point("results", index)
+            figures = _write_plots(output_dir, run, protocol=full_protocol,
+                                   confusion=None if run.confusion is None
+                                   else np.asarray(run.confusion))
+            kill_point("plots", index)
+            _log_results(tb_logger, figures, summary["metrics"], run, strategy.clock)
+            kill_point("tensorboard", index)
+            ckpt.save_checkpoint({
+                "completed": index + 1,
+                "config": config.to_dict(),
+                "stream": fingerprint,
+                "model": ckpt.model_state(model),
+                "clock": ckpt.clock_state(strategy.clock),
+                "evaluator": ckpt.evaluator_state(evaluator),
+                "rng": ckpt.rng_state(),
+                "run": dict(run.__dict__),
+                "csv_rows": csv_row_counts(output_dir),
+                "tb_files": tensorboard_sizes(output_dir, tb_logger),
+            }, output_dir / "checkpoints")
+            log(f"task {index}: accuracy on seen classes {run.per_task[-1]['all']:.2f}% "
+                f"(AIA so far {summary['metrics']['AIA']:.2f}%)")
+
+        # files on rank 0 (torchrun); a failure there stops every rank alike
+        distributed.on_main(write_experience)
     if len(run.matrix) == n_exps:
-        # Also when resumed from the last checkpoint: its plots and TensorBoard points were
-        # written before it, only the "finished" results may be missing.
-        strategy.model.save(output_dir / "final_model.pt", config)
-        log_hparams(tb_logger.writer, config, cil_metrics(run.matrix, test_sizes),
-                    strategy.clock.train_iterations)
-        _write_results(output_dir, run, test_sizes, full_protocol, n_exps, True)
+        def finish() -> None:
+            # Also when resumed from the last checkpoint: its plots and TensorBoard points
+            # were written before it, only the "finished" results may be missing.
+            strategy.model.save(output_dir / "final_model.pt", config)
+            log_hparams(tb_logger.writer, config, cil_metrics(run.matrix, test_sizes),
+                        strategy.clock.train_iterations)
+            _write_results(output_dir, run, test_sizes, full_protocol, n_exps, True)
+
+        distributed.on_main(finish)
+
+
+def _quiet(message: str) -> None:
+    """The ``log`` of ranks other than 0 under torchrun: says nothing."""
 
 
 def _device_name(device: str) -> str:

@@ -11,7 +11,7 @@ from ..seeding import Draw, generator as seeded
 from .contract import check_strategy
 
 
-class GaussianReplayPlugin(SupervisedPlugin):
+class GaussianReplayPlugin(SupervisedPlugin, supports_distributed=True):
     """Replays sampled features of every old class in the stage-1 cross-entropy.
 
     The class Gaussians (mean and positive-definite covariance of the frozen image features)

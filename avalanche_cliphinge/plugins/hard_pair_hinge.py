@@ -14,7 +14,7 @@ from .contract import check_strategy
 Pair = Tuple[int, int, float]
 
 
-class HardPairHingePlugin(SupervisedPlugin):
+class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
     """Keeps sampled old-class features closer to their own text than to a similar new class.
 
     At the start of every task t >= 1 it picks hard pairs ``(old, new)``:

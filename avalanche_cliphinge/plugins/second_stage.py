@@ -17,7 +17,7 @@ from ..seeding import Draw, generator as seeded
 from .contract import check_strategy
 
 
-class SecondStagePlugin(SupervisedPlugin):
+class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
     """After stage 1 of each task ``t >= start_task``, trains task t's head on task t's data.
 
     The head (``TaskHead``) starts from the task's prompted text features and is trained with
