@@ -11,7 +11,8 @@ The feature cache is per rank (``feature_cache_dir`` chosen by ``RANK``, as on t
 with local disks): the one-process run fills rank 0's folder, so under torchrun rank 0 finds
 every file and rank 1 none, and the ranks must decide together to recompute. The kill test
 stops rank 0 (``CLIPHINGE_KILL_AT``, see ``test_kill_points.py``) after the results of task
-1 and resumes, both ranks then finding every feature.
+1 and resumes, both ranks then finding every feature. A LoRA run (stage 2 and the later
+evaluations on images, repeated on every rank) must equal one process too.
 
 Only that run goes through torchrun itself. The others (the one-process reference, the kill
 and the resume, the refusals) start their ranks as children of a forkserver that has
@@ -261,6 +262,19 @@ def test_kill_rank_0_then_resume_with_two_ranks_equals_the_one_process_run(runs,
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "resuming from exp_000.pt" in logs[0] and "resuming" not in logs[1]
     assert_same_run(folder, runs["one"])
+
+
+def test_lora_runs_repeated_on_every_rank_and_equals_one_process(ranks, tmp_path):
+    # stage 2 trains the adapters on images on every rank, evaluation then encodes images
+    # on every rank too; the second run finds every cached feature in the shared folder
+    lora = ["--set", "use_lora_in_second_stage=true", "--set", "lora_layers=[1]"]
+    argv = [rank_argv(tmp_path / name, tmp_path / "cache", *lora) for name in ("one", "two")]
+    for argvs in ([argv[0]], [argv[1], argv[1]]):
+        codes, logs = ranks(argvs)
+        assert codes == [0] * len(argvs), logs[0][-3000:]
+    assert_same_run(tmp_path / "two", tmp_path / "one")
+    saved = torch.load(tmp_path / "two" / "final_model.pt", weights_only=True)
+    assert sorted(saved["learned"]["lora"]) == ["task1", "task2"]
 
 
 def test_the_helpers_do_nothing_in_one_process():
