@@ -697,11 +697,18 @@ def _log_results(tb_logger, figures, metrics: Dict[str, float], run: RunState,
 def log_hparams(writer, config: CLIPHingeConfig, metrics: Dict[str, float], step: int) -> None:
     """TensorBoard's HParams: every config key (lists and ``None`` as JSON text) with the
     final AIA, AA, Last and Forgetting (``hparam/<name>``), so the runs of a sweep sort in
-    the HParams tab. Written once, when the run finishes, into the run's ``tb/`` folder."""
-    hparams = {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
-               for key, value in config.to_dict().items()}
-    writer.add_hparams(hparams, {f"hparam/{k}": float(v) for k, v in metrics.items()},
-                       run_name=".", global_step=step)
+    the HParams tab. Written once, when the run finishes, into the run's event file."""
+    from torch.utils.tensorboard.summary import hparams
+
+    values = {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+              for key, value in config.to_dict().items()}
+    finals = {f"hparam/{k}": float(v) for k, v in metrics.items()}
+    # into the run's own event file (SummaryWriter.add_hparams would open a second one)
+    file_writer = writer._get_file_writer()
+    for summary in hparams(values, finals):
+        file_writer.add_summary(summary, step)
+    for tag, value in finals.items():
+        writer.add_scalar(tag, value, step)
     writer.flush()
 
 
