@@ -595,8 +595,10 @@ def test_disk_full_is_one_line_naming_the_file_and_the_run_resumes(tmp_path, cap
 
 
 @pytest.mark.slow
-def test_file_size_limit_while_checkpointing_is_one_line(tmp_path):
-    """A real write failure from the kernel: ``ulimit -f`` stops the checkpoint write."""
+def test_file_size_limit_is_one_line_and_resume_finishes(tmp_path):
+    """A real write failure from the kernel: ``ulimit -f`` (100 kB) stops the first write that
+    outgrows it (TensorBoard's event file with its figures, or a checkpoint); one line, nothing
+    half-written, and ``--resume`` without the limit finishes the run."""
     import resource
     import signal
     import subprocess
@@ -611,6 +613,13 @@ def test_file_size_limit_while_checkpointing_is_one_line(tmp_path):
                           preexec_fn=limit, timeout=600)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith(f"error: cannot write {out / 'checkpoints' / 'exp_000.pt'} (")
+    assert lines[0].startswith(f"error: cannot write {out}") and "(File too large)" in lines[0]
     assert "continue with --resume" in lines[0]
-    assert not list((out / "checkpoints").glob("*"))  # neither a partial nor a temporary file
+    assert not [p for p in out.rglob(".*") if p.name != ".lock"]   # no temporary file left
+    for checkpoint in (out / "checkpoints").glob("*.pt"):            # whole ones only
+        torch.load(checkpoint, weights_only=True)
+    resumed = subprocess.run([sys.executable, str(SCRIPTS / "run_split_cifar.py"), *FAST,
+                              "--output-dir", str(out), "--resume"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["finished"] is True
