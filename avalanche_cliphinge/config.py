@@ -110,6 +110,11 @@ class CLIPHingeConfig:
     feature_cache_max_gb: float = 8.0
     resize_on_device: bool = False
     compile: bool = True
+    # One captured graph per stage-1 step (compiled_step.CompiledStep): torch.compile with
+    # fullgraph=True of the whole step (forward, losses, backward, Adam), CUDA graphs on
+    # CUDA. Off by default: the eager step's numbers are the reference, and the CUDA path
+    # has not been measured yet. A task the captured step cannot run trains eagerly (warned).
+    compile_step: bool = False
     num_workers: int = 0
     eval_batch_size: int = 256
     precision: str = "fp32"

@@ -5,16 +5,63 @@ float, which makes the host wait for the GPU at every step and stops it from que
 next step's kernels. ``DeviceEpochAccuracy`` and ``DeviceEpochLoss`` report the same values
 under the same names (``Top1_Acc_Epoch/train_phase/train_stream/Task000``,
 ``Loss_Epoch/...``) but sum on the device and read back once per epoch, when they emit.
+When the strategy's steps are captured (``compile_step``), the graph keeps those sums itself
+(``EpochSums``) and the metrics do nothing per step (``metric_needs``).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
 from avalanche.evaluation import GenericPluginMetric, Metric, PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.evaluation.metric_utils import get_metric_name
+from avalanche.evaluation.metrics import EpochTime
 from torch import Tensor
+
+
+#: The callbacks of a training iteration.
+TRAINING_ITERATION = ("before_training_iteration", "after_training_iteration")
+
+
+@dataclass
+class EpochSums:
+    """What a captured training step sums on the device over the epoch so far.
+
+    Attributes:
+        sums: float64 scalars by name, each the sum over the epoch's steps of the step's
+            value times its minibatch size: ``accuracy`` (fraction of the minibatch
+            classified right), ``loss``, and each loss term (``cross_entropy``,
+            ``text_hinge``...).
+        samples: the minibatch sizes summed (a Python int, counted by the host).
+    """
+
+    sums: Dict[str, torch.Tensor]
+    samples: int = 0
+
+
+def metric_needs(metric, callback: str, sums_kept: bool) -> bool:
+    """Whether ``metric`` does any work in ``callback`` (an Avalanche callback name).
+
+    ``False`` when the metric's class keeps Avalanche's empty callback, or for a training
+    iteration when the metric says it needs no step (``needs_steps(sums_kept)`` is false,
+    where ``sums_kept``: the strategy keeps ``EpochSums``), or when ``GenericPluginMetric``'s
+    iteration callback would skip it (its mode is the other phase, or it resets elsewhere).
+    """
+    implementation = getattr(type(metric), callback, None)
+    if implementation is None or implementation is getattr(PluginMetric, callback, None):
+        return False
+    if (callback in TRAINING_ITERATION and hasattr(metric, "needs_steps")
+            and not metric.needs_steps(sums_kept)):
+        return False
+    if (callback.endswith("_iteration")
+            and implementation is getattr(GenericPluginMetric, callback, None)):
+        phase = "train" if "training" in callback else "eval"
+        if callback.startswith("before_"):
+            return metric._mode == phase and metric._reset_at == "iteration"
+        return metric._mode == phase
+    return True
 
 
 class DeviceMean(Metric[float]):
@@ -46,18 +93,50 @@ class DeviceMean(Metric[float]):
         self._sum = None
         self._weight = 0.0
 
+    def set(self, total: Optional[Tensor], weight: float) -> None:
+        """Take a weighted sum made elsewhere: ``total`` (``None``: nothing was added)."""
+        self._sum, self._weight = total, float(weight)
 
-class DeviceEpochAccuracy(GenericPluginMetric[float, DeviceMean]):
+
+class _DeviceEpochMetric(GenericPluginMetric[float, DeviceMean]):
+    """A training epoch metric over ``DeviceMean``, updated per step by the eager step or
+    taken at the epoch's end from the captured step's ``EpochSums[sum_name]``."""
+
+    sum_name = ""
+
+    def __init__(self):
+        super().__init__(DeviceMean(), reset_at="epoch", emit_at="epoch", mode="train")
+
+    def needs_steps(self, sums_kept: bool) -> bool:
+        """Per-step work: none when the strategy keeps ``EpochSums``."""
+        return not sums_kept
+
+    def update(self, strategy) -> None:
+        # a strategy's EpochSums (captured steps) hold what the steps would add here
+        if getattr(strategy, "epoch_sums", None) is None:
+            self.update_step(strategy)
+
+    def update_step(self, strategy) -> None:
+        """Add the step that just ran (eager steps only)."""
+        raise NotImplementedError
+
+    def after_training_epoch(self, strategy):
+        kept = getattr(strategy, "epoch_sums", None)
+        if kept is not None and kept.samples:
+            self._metric.set(kept.sums.get(self.sum_name), kept.samples)
+        return super().after_training_epoch(strategy)
+
+
+class DeviceEpochAccuracy(_DeviceEpochMetric):
     """Training accuracy over an epoch (``Top1_Acc_Epoch``), without a per-step sync.
 
     Each step adds the fraction of minibatch samples whose highest score is their label,
     weighted by the minibatch size, as Avalanche's ``EpochAccuracy`` does.
     """
 
-    def __init__(self):
-        super().__init__(DeviceMean(), reset_at="epoch", emit_at="epoch", mode="train")
+    sum_name = "accuracy"
 
-    def update(self, strategy) -> None:
+    def update_step(self, strategy) -> None:
         n = len(strategy.mb_y)
         correct = (strategy.mb_output.argmax(1) == strategy.mb_y).sum()
         self._metric.update(correct.double() / n, n)
@@ -66,24 +145,23 @@ class DeviceEpochAccuracy(GenericPluginMetric[float, DeviceMean]):
         return "Top1_Acc_Epoch"
 
 
-class DeviceEpochLoss(GenericPluginMetric[float, DeviceMean]):
+class DeviceEpochLoss(_DeviceEpochMetric):
     """Training loss over an epoch (``Loss_Epoch``), without a per-step sync.
 
     Each step's loss is weighted by its number of minibatch samples, as in Avalanche's
     ``EpochLoss``.
     """
 
-    def __init__(self):
-        super().__init__(DeviceMean(), reset_at="epoch", emit_at="epoch", mode="train")
+    sum_name = "loss"
 
-    def update(self, strategy) -> None:
+    def update_step(self, strategy) -> None:
         self._metric.update(strategy.loss.mean(), len(strategy.mb_y))
 
     def __str__(self):
         return "Loss_Epoch"
 
 
-class DeviceEpochLossTerm(GenericPluginMetric[float, DeviceMean]):
+class DeviceEpochLossTerm(_DeviceEpochMetric):
     """One named term of the training loss over an epoch (``Loss_Epoch_<term>``).
 
     Reads ``strategy.step.loss_terms[term]`` (a scalar tensor written by the strategy or a
@@ -93,10 +171,10 @@ class DeviceEpochLossTerm(GenericPluginMetric[float, DeviceMean]):
     """
 
     def __init__(self, term: str):
-        super().__init__(DeviceMean(), reset_at="epoch", emit_at="epoch", mode="train")
-        self.term = term
+        super().__init__()
+        self.term = self.sum_name = term
 
-    def update(self, strategy) -> None:
+    def update_step(self, strategy) -> None:
         step = getattr(strategy, "step", None)
         value = getattr(step, "loss_terms", {}).get(self.term)
         if value is not None:
@@ -109,6 +187,24 @@ class DeviceEpochLossTerm(GenericPluginMetric[float, DeviceMean]):
 
     def __str__(self):
         return f"Loss_Epoch_{self.term}"
+
+
+class StepFreeEpochTime(EpochTime):
+    """Avalanche's ``EpochTime`` (``Time_Epoch``) without work in the steps: the clock is read
+    when the epoch starts and when it ends (Avalanche's reads it after every iteration and
+    reports the time to the last one; the difference is the epoch-end callbacks of the
+    plugins before the evaluator)."""
+
+    def needs_steps(self, sums_kept: bool) -> bool:
+        """Per-step work: none."""
+        return False
+
+    def after_training_iteration(self, strategy):
+        return None
+
+    def after_training_epoch(self, strategy):
+        self._time.update()
+        return super().after_training_epoch(strategy)
 
 
 class _LastValue(Metric[float]):
@@ -133,6 +229,10 @@ class EpochLearningRate(GenericPluginMetric[float, _LastValue]):
 
     def __init__(self):
         super().__init__(_LastValue(), reset_at="epoch", emit_at="epoch", mode="train")
+
+    def needs_steps(self, sums_kept: bool) -> bool:
+        """Per-step work: none (the rate is read once per epoch)."""
+        return False
 
     def update(self, strategy) -> None:
         pass

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from . import distributed
+from .compiled_step import CompiledStep, StepTerm
 from .config import CLIPHingeConfig, ConfigError
 from .feature_cache import FeatureCache, dataset_fingerprint
 from .loaders import EpochBatchSampler, TensorBatchLoader, encode_dataset
@@ -69,8 +70,11 @@ def default_plugins(config: CLIPHingeConfig) -> List[SupervisedPlugin]:
 class StepState:
     """What one stage-1 training iteration shares between the strategy and its plugins.
 
-    Made empty at the start and at the end of every iteration, so no graph-attached tensor
-    outlives its step and the model can be copied (LwF, ``copy.deepcopy``) between steps.
+    Its per-step fields are made empty at the start and at the end of every iteration, so no
+    graph-attached tensor outlives its step and the model can be copied (LwF,
+    ``copy.deepcopy``) between steps. What plugins register for the captured step
+    (``compile_step``: ``terms``, ``replay_epoch``) is made empty when an experience starts,
+    registered in ``before_training_exp`` and kept for the experience (``next``).
 
     Attributes:
         replay_features: ``[k, dim]`` replayed old-class features of this minibatch
@@ -80,6 +84,10 @@ class StepState:
         text_features: ``[n_seen, dim]`` prompted text features of this step (in the graph),
             shared with the loss terms of the plugins (the hinge).
         loss_terms: scalar loss terms by name, for the non-finite-loss report.
+        terms: the plugins' ``compiled_step.StepTerm`` of the task, by plugin key.
+        replay_epoch: ``replay_epoch(n_steps)`` -> ``(features [n_steps, k, dim], labels
+            [n_steps, k])``: the replayed rows of every step of the epoch, padded with label
+            ``-1`` rows (ignored) to one size ``k``, or ``None`` (no replay this epoch).
     """
 
     replay_features: Optional[Tensor] = None
@@ -87,6 +95,12 @@ class StepState:
     replay_scores: Optional[Tensor] = None
     text_features: Optional[Tensor] = None
     loss_terms: Dict[str, Tensor] = field(default_factory=dict)
+    terms: Dict[str, StepTerm] = field(default_factory=dict)
+    replay_epoch: Optional[Callable[[int], Optional[Tuple[Tensor, Tensor]]]] = None
+
+    def next(self) -> "StepState":
+        """An empty state for the next step, with this experience's registrations."""
+        return StepState(terms=self.terms, replay_epoch=self.replay_epoch)
 
 
 @dataclass
@@ -131,6 +145,8 @@ class CLIPHingeStrategy(SupervisedTemplate):
     the first experience). A class that comes back in a later experience keeps its task and
     its prompts (trained again or frozen, ``returning_class_prompts``); its Gaussian is
     merged with the new samples. Stage-1 state of a step lives in ``step`` (``StepState``).
+    With ``compile_step`` a stage-1 epoch on cached features runs as one captured graph per
+    step (``compiled_step.CompiledStep``; the same learned tensors to float tolerance).
 
     With ``cache_features`` (default) every image goes through the frozen encoder once per
     experience: the training loop and evaluation then run on ``[batch, dim]`` features. A
@@ -216,6 +232,9 @@ class CLIPHingeStrategy(SupervisedTemplate):
         self.class_names = names
         self.current_task = -1
         self.step = StepState()
+        #: the epoch's ``metrics.EpochSums`` while captured steps run, else ``None``
+        self.epoch_sums = None
+        self._compiled_step = CompiledStep(self) if config.compile_step else None
         self.experience_classes = ExperienceClasses()
         self.current_features: Optional[Tuple[Tensor, Tensor]] = None
         self._nonfinite_step = torch.full((), -1, dtype=torch.long)
@@ -229,7 +248,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
         self.feature_cache = feature_cache or FeatureCache(
             max_bytes=int(config.feature_cache_max_gb * 2 ** 30),
             directory=config.feature_cache_dir)
-        if config.compile and self.device.type == "cuda":
+        if config.compile and self.device.type == "cuda" and not config.compile_step:
             self.model.compile_prompt_encoder()
 
     # ---- helpers used by plugins ----------------------------------------------------------
@@ -358,6 +377,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
 
     # ---- training -------------------------------------------------------------------------
     def _before_training_exp(self, **kwargs):
+        self.step = StepState()            # the plugins register this experience's terms
         present = sorted(int(c) for c in classes_of(self.experience))
         seen = set(self.model.seen_classes)
         new = [c for c in present if c not in seen]
@@ -477,14 +497,22 @@ class CLIPHingeStrategy(SupervisedTemplate):
         return self.base_lr() * self.config.lr_decay_factor ** steps
 
     def _before_training_iteration(self, **kwargs):
-        self.step = StepState()
+        self.step = self.step.next()
         if self.config.compile and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         super()._before_training_iteration(**kwargs)
 
     def _after_training_iteration(self, **kwargs):
         super()._after_training_iteration(**kwargs)
-        self.step = StepState()
+        self.step = self.step.next()
+
+    def training_epoch(self, **kwargs):
+        """One stage-1 epoch: captured steps with ``compile_step`` (``CompiledStep``, which
+        says once why a task it cannot capture runs eagerly), else Avalanche's loop."""
+        if self._compiled_step is not None and self._compiled_step.run_epoch():
+            return
+        self.epoch_sums = None
+        super().training_epoch(**kwargs)
 
     def optimizer_step(self):
         """Adam step; rows of a returning task whose classes are absent stay as they were."""
@@ -542,16 +570,43 @@ class CLIPHingeStrategy(SupervisedTemplate):
         with self.autocast():
             if not self.is_training:
                 return self.model(self.mb_x)
-            feats = self.model.image_features(self.mb_x)
-            n_real = feats.shape[0]
-            replay = self.step.replay_features
-            if replay is not None:
-                feats = torch.cat([feats, replay.to(feats.dtype)])
-            self.step.text_features = self.model.text_features()
-            scores = self.model(feats, text_features=self.step.text_features)
-            if replay is not None:
-                self.step.replay_scores = scores[n_real:]
-            return scores[:n_real]
+            scores, self.step.replay_scores, self.step.text_features = self._stage1_scores(
+                self.mb_x, self.step.replay_features)
+            return scores
+
+    def _stage1_scores(self, x: Tensor, replay: Optional[Tensor]
+                       ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+        """Training scores of a minibatch and its replayed features, in one model call.
+
+        Args:
+            x: ``[b, dim]`` frozen features (or ``[b, 3, H, W]`` images) of the minibatch.
+            replay: ``[k, dim]`` replayed features, or ``None``.
+
+        Returns:
+            ``(scores [b, n_outputs], replay scores [k, n_outputs] or None, text features
+            [n_seen, dim])``; the text features are the step's, in the graph.
+        """
+        feats = self.model.image_features(x)
+        n_real = feats.shape[0]
+        if replay is not None:
+            feats = torch.cat([feats, replay.to(feats.dtype)])
+        text = self.model.text_features()
+        scores = self.model(feats, text_features=text)
+        return scores[:n_real], None if replay is None else scores[n_real:], text
+
+    def _stage1_logits(self, scores: Tensor, labels: Tensor, replay_scores: Optional[Tensor],
+                       replay_targets: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """The cross-entropy's input: ``(logits [b + k, n_seen] float32, column targets
+        [b + k])`` of the minibatch (``scores [b, n_outputs]``, class ids ``labels [b]``)
+        followed by the replayed rows (``replay_scores [k, n_outputs]``, column targets
+        ``replay_targets [k]``), when there are any."""
+        seen = self.model.seen_index
+        logits = scores[:, seen].float()
+        targets = self.model.column_of[labels]
+        if replay_scores is not None:
+            logits = torch.cat([logits, replay_scores[:, seen].float()])
+            targets = torch.cat([targets, replay_targets])
+        return logits, targets
 
     def criterion(self):
         """``criterion`` (cross-entropy) over the seen classes, real samples plus replay.
@@ -560,12 +615,10 @@ class CLIPHingeStrategy(SupervisedTemplate):
         stream, every class before the first experience) are left out of the loss; an
         experience made only of them reports loss 0.
         """
-        seen = self.model.seen_index
-        logits = self.mb_output[:, seen].float()
-        targets = self.model.column_of[self.mb_y]
-        if self.is_training and self.step.replay_scores is not None:
-            logits = torch.cat([logits, self.step.replay_scores[:, seen].float()])
-            targets = torch.cat([targets, self.model.column_of[self.step.replay_labels]])
+        replay = self.step.replay_scores if self.is_training else None
+        logits, targets = self._stage1_logits(
+            self.mb_output, self.mb_y, replay,
+            None if replay is None else self.model.column_of[self.step.replay_labels])
         if not self.is_training:
             keep = targets >= 0
             if not keep.any():

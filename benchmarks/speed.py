@@ -14,7 +14,8 @@
 
 Phases: ``feature_extraction`` (frozen-encoder passes over train and test data),
 ``stage1`` (prompt-learning epochs, hinge included), ``hinge`` (the hinge plugin's share of
-stage 1; on CUDA its device time from events, so steps are not serialised), ``stage2``
+stage 1; on CUDA its device time from events, so steps are not serialised; 0 with
+``--set compile_step=true``, where the hinge is inside the captured step), ``stage2``
 (head training), ``evaluation`` (scoring the test stream after every task, extraction
 excluded), ``total`` (the whole run), ``bare_image_encoder`` (open_clip's
 image encoder alone, same process, same precision), ``extraction_efficiency``
@@ -262,14 +263,20 @@ class _OpCounter(TorchDispatchMode):
 class Counting:
     """Ops dispatched (a ``TorchDispatchMode``) and Python calls made (``sys.setprofile``
     ``call`` events: every Python frame entered) between ``start`` and ``stop``; ``pause``
-    and ``resume`` leave a stretch out."""
+    and ``resume`` leave a stretch out. The op counter's own frames (its
+    ``__torch_dispatch__`` and what it calls to run the op) are not counted."""
+
+    _COUNTER = _OpCounter.__torch_dispatch__.__code__
 
     def __init__(self):
         self.mode = _OpCounter()
         self.calls = 0
+        self._inside = 0
 
     def _profile(self, frame, event, arg):
-        if event == "call":
+        if frame.f_code is self._COUNTER:
+            self._inside += {"call": 1, "return": -1}.get(event, 0)
+        elif event == "call" and not self._inside:
             self.calls += 1
 
     def start(self) -> "Counting":
@@ -319,10 +326,9 @@ class StepCounter(SupervisedPlugin):
         self.steps += self._steps
         self._counting = None
 
-    def pause_inside(self, obj, name: str) -> None:
-        """Replace ``obj.name`` (a captured graph's callable) by one that counts as a single
-        Python call and no op."""
-        inner = getattr(obj, name)
+    def paused(self, inner):
+        """``inner`` (a captured graph's callable) as a call that counts as one Python call
+        and no op."""
 
         def captured(*args, **kwargs):
             counting = self._counting
@@ -334,7 +340,18 @@ class StepCounter(SupervisedPlugin):
             finally:
                 counting.resume()
 
-        setattr(obj, name, captured)
+        return captured
+
+    def pause_inside(self, strategy) -> None:
+        """Count every captured graph of ``strategy`` through ``paused``: the compiled prompt
+        encoder, when there is one, and each graph of the compiled step (``compile_step``)."""
+        model = strategy.model
+        if hasattr(model._encode_trainable, "_torchdynamo_orig_callable"):
+            model._encode_trainable = self.paused(model._encode_trainable)
+        runner = getattr(strategy, "_compiled_step", None)
+        if runner is not None:
+            make = runner.compile
+            runner.compile = lambda step: self.paused(make(step))
 
     def record(self) -> dict:
         """``ops_per_step``, ``python_calls_per_step`` (means) and ``counted_steps``."""
@@ -481,8 +498,7 @@ def run_once(config, bundle, backbone, device, experiences=None, count_steps=Fal
                                  evaluator=evaluator, device=device, progress=False)
     extraction.wrap(strategy, "extract_features", count_items=True)
     if counter is not None:
-        for obj, name in captured_graphs(strategy):
-            counter.pause_inside(obj, name)
+        counter.pause_inside(strategy)
     train_stream = bundle.benchmark.train_stream[:experiences]
     stage2_steps = None
     for plugin in strategy.plugins:
@@ -507,15 +523,6 @@ def run_once(config, bundle, backbone, device, experiences=None, count_steps=Fal
     steps = {"stage1": {**stage1_steps(timer.epochs), **(counter.record() if counter else {})},
              "stage2": stage2_steps.record() if stage2_steps else {}}
     return phases, extraction.items, matrix, peak, syncs, steps
-
-
-def captured_graphs(strategy) -> list:
-    """``(object, attribute)`` of every callable of ``strategy`` that runs a captured graph
-    (``torch.compile``): the compiled prompt encoder, when there is one."""
-    model = strategy.model
-    if hasattr(model._encode_trainable, "_torchdynamo_orig_callable"):
-        return [(model, "_encode_trainable")]
-    return []
 
 
 @torch.no_grad()
@@ -647,6 +654,7 @@ def main(argv=None):
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     emit({"phase": "setup", "device": device_name, "model": config.model_name,
           "precision": config.precision, "compile": config.compile and device.type == "cuda",
+          "compile_step": config.compile_step,
           "tasks": config.total_tasks, "epochs": [config.init_epochs, config.epochs],
           "second_stage_epochs": config.second_stage_epochs,
           "data": f"synthetic, {args.synthetic_items} items" if args.synthetic else "jpeg folder",
@@ -660,8 +668,8 @@ def main(argv=None):
     if args.warmup:
         began = time.perf_counter()
         for cached in [True, False] if args.compare_uncached else [True]:
-            run_once(config.replace(cache_features=cached, compile=False), bundle, backbone,
-                     device, experiences=1)
+            run_once(config.replace(cache_features=cached, compile=False, compile_step=False),
+                     bundle, backbone, device, experiences=1)
         emit({"phase": "warmup", "seconds": round(time.perf_counter() - began, 3)})
     phases, extracted, matrix, peak, syncs, steps = run_once(config, bundle, backbone, device,
                                                              count_steps=args.step_counts)

@@ -20,7 +20,9 @@ class GaussianReplayPlugin(SupervisedPlugin, supports_distributed=True):
     ``samples_per_old_class`` features per old class, shuffles them and splits them into as
     many chunks as the epoch has minibatches (sizes differ by at most one); each minibatch
     gets its chunk as ``strategy.step.replay_features [k, dim]`` and ``replay_labels [k]``,
-    which the strategy scores without the image encoder and adds to the cross-entropy.
+    which the strategy scores without the image encoder and adds to the cross-entropy. The
+    captured step (``compile_step``) takes the same chunks from ``epoch_rows``, registered
+    once per experience as ``strategy.step.replay_epoch``, instead of ``before_forward``.
 
     With ``classes_per_step = k > 0`` the volume follows RAPF's released code instead: every
     minibatch replays ``k`` old classes with ``samples_per_old_class`` features each, the
@@ -38,6 +40,8 @@ class GaussianReplayPlugin(SupervisedPlugin, supports_distributed=True):
     #: What it reads and writes on its strategy (see ``contract.MethodStrategy``).
     STRATEGY_NEEDS = ("model", "device", "current_task", "experience_classes", "step",
                       "dataloader", "clock")
+    #: The callbacks whose work ``epoch_rows`` does in the captured step.
+    COMPILED_STEP_REPLACES = ("before_forward",)
 
     def __init__(self, samples_per_old_class: int = 20, seed: int = 0,
                  classes_per_step: int = 0):
@@ -49,6 +53,9 @@ class GaussianReplayPlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_training(self, strategy, **kwargs):
         check_strategy(self, strategy, self.STRATEGY_NEEDS)
+
+    def before_training_exp(self, strategy, **kwargs):
+        strategy.step.replay_epoch = self.epoch_rows
 
     def before_training_epoch(self, strategy, **kwargs):
         model = strategy.model
@@ -80,6 +87,28 @@ class GaussianReplayPlugin(SupervisedPlugin, supports_distributed=True):
             return
         chunk = self.chunks[strategy.clock.train_epoch_iterations % len(self.chunks)]
         strategy.step.replay_features, strategy.step.replay_labels = chunk
+
+    def epoch_rows(self, n_steps: int) -> Optional[Tuple[Tensor, Tensor]]:
+        """This epoch's replay as one padded block per step, for the captured step.
+
+        Returns ``(features [n_steps, k, dim], labels [n_steps, k])``: block ``i`` holds the
+        chunk ``before_forward`` hands to minibatch ``i``, then zero features labelled ``-1``
+        up to the largest chunk's size ``k`` (sizes differ by one at most, so the step keeps
+        one shape); ``None`` when nothing is replayed this epoch.
+        """
+        if self.chunks is None:
+            return None
+        sizes = torch.tensor([len(self.chunks[i % len(self.chunks)][1])
+                              for i in range(n_steps)])
+        starts = torch.tensor([0] + [len(labels) for _, labels in self.chunks]).cumsum(0)
+        starts = starts[torch.arange(n_steps) % len(self.chunks)]
+        slots = torch.arange(int(sizes.max()))
+        valid = slots[None, :] < sizes[:, None]
+        index = torch.where(valid, starts[:, None] + slots[None, :], 0)
+        feats, labels = (torch.cat(part) for part in zip(*self.chunks))
+        index, valid = index.to(labels.device), valid.to(labels.device)
+        return (torch.where(valid[..., None], feats[index], 0.0),
+                torch.where(valid, labels[index], -1))
 
     def after_training_epoch(self, strategy, **kwargs):
         self.chunks = None

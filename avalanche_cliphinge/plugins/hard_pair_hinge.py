@@ -7,6 +7,7 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
+from ..compiled_step import StepTerm
 from ..losses import hinge_loss, select_hard_pairs
 from ..seeding import Draw, generator as seeded
 from .contract import check_strategy
@@ -23,7 +24,9 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
     current task's). Each step it draws ``samples_per_pair`` features from ``N(mu_old,
     Sigma_old)`` per pair and adds
     ``weight * mean(max(0, cos(f, text_new) - cos(f, text_old) + margin))`` to the loss, with
-    the current prompted text features.
+    the current prompted text features. For the captured step (``compile_step``) the same
+    terms are registered once per task as ``strategy.step.terms["hinge"]`` (a ``StepTerm``),
+    whose noise is drawn at each epoch's start, in the eager step's order.
 
     Args:
         text_hinge: enable the text-side pairs and loss.
@@ -42,6 +45,8 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
 
     #: What it reads and writes on its strategy (see ``contract.MethodStrategy``).
     STRATEGY_NEEDS = ("model", "device", "experience_classes", "step", "loss")
+    #: The callbacks whose work the ``StepTerm`` it registers does in the captured step.
+    COMPILED_STEP_REPLACES = ("before_backward",)
 
     def __init__(self, *, text_hinge: bool = True, text_margin: float = 0.1,
                  text_weight: float = 1.0, text_threshold: float = 0.85,
@@ -109,6 +114,30 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
         for kind, pairs in (("text", self.text_pairs), ("image", self.image_pairs)):
             if pairs:
                 self._index[kind] = pair_index(model, pairs, strategy.device)
+        kinds = self._kinds()
+        if kinds:
+            model, device = strategy.model, strategy.device
+
+            def draw(n_steps: int) -> Tuple[Tensor, ...]:
+                # step by step and kind by kind, as before_backward draws them
+                drawn = [[model.gaussians.sample_rows(index.rows, self.samples_per_pair,
+                                                      self._generator)[0].to(device)
+                          for _, index, _, _ in kinds] for _ in range(n_steps)]
+                return tuple(torch.stack(per_kind) for per_kind in zip(*drawn))
+
+            def compute(text: Tensor, feats: Tuple[Tensor, ...]) -> Dict[str, Tensor]:
+                return {f"{kind}_hinge": self._hinge(model, f, text, index, margin)
+                        for (kind, index, margin, _), f in zip(kinds, feats)}
+
+            strategy.step.terms["hinge"] = StepTerm(
+                weights={f"{kind}_hinge": weight for kind, _, _, weight in kinds},
+                draw=draw, compute=compute)
+
+    def _kinds(self) -> List[Tuple[str, PairIndex, float, float]]:
+        """``(kind, pair index, margin, weight)`` of the sides with hard pairs this task."""
+        return [(kind, self._index[kind], margin, weight) for kind, pairs, margin, weight in (
+            ("text", self.text_pairs, self.text_margin, self.text_weight),
+            ("image", self.image_pairs, self.image_margin, self.image_weight)) if pairs]
 
     def pair_loss(self, strategy, pairs: List[Pair], margin: float,
                   index: Optional[PairIndex] = None) -> torch.Tensor:
@@ -125,10 +154,16 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
             index = pair_index(model, pairs, strategy.device)
         feats, _ = model.gaussians.sample_rows(index.rows, self.samples_per_pair,
                                                self._generator)
+        return self._hinge(model, feats.to(strategy.device), text, index, margin)
+
+    def _hinge(self, model, feats: Tensor, text: Tensor, index: PairIndex,
+               margin: float) -> Tensor:
+        """The hinge loss of drawn old-class features ``feats [pairs * samples_per_pair,
+        dim]`` (grouped by pair) against the text features ``text [n_seen, dim]``."""
         # cosines in fp32 even under bf16 autocast: a margin of 0.1 is a few bf16 steps
-        with torch.autocast(strategy.device.type, enabled=False):
-            feats = model.image_embedding(feats.to(strategy.device).float())
-            feats = feats.reshape(len(pairs), self.samples_per_pair, -1)
+        with torch.autocast(feats.device.type, enabled=False):
+            feats = model.image_embedding(feats.float())
+            feats = feats.reshape(index.rows.numel(), self.samples_per_pair, -1)
             old_text = text[index.old_cols].float()
             if not self.grad_to_old_text:
                 old_text = old_text.detach()
@@ -142,6 +177,14 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
                 loss = self.pair_loss(strategy, pairs, margin, self._index[kind])
                 self.last_losses[kind] = strategy.step.loss_terms[f"{kind}_hinge"] = loss.detach()
                 strategy.loss = strategy.loss + weight * loss
+
+    def after_training_epoch(self, strategy, **kwargs):
+        # captured steps leave their last terms in step.loss_terms (eager ones clear it);
+        # copied: a CUDA graph's outputs are overwritten by its next replay
+        for kind in ("text", "image"):
+            value = strategy.step.loss_terms.get(f"{kind}_hinge")
+            if value is not None:
+                self.last_losses[kind] = value.clone()
 
 
 class PairIndex(NamedTuple):
