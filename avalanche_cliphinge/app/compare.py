@@ -529,8 +529,7 @@ def run_entry(entry: Entry, *, config: CLIPHingeConfig, bundle, backbone: CLIPBa
         test_sizes = [len(exp.dataset) for exp in benchmark.test_stream]
         matrix, curve, train_seconds, forgetting = [], [], 0.0, None
         for task in train_and_evaluate(strategy, benchmark.train_stream, benchmark.test_stream):
-            # tasks not trained yet are null, as in a run's results.json
-            matrix.append([a if j <= task.index else None for j, a in enumerate(task.row)])
+            matrix.append(task.trained_row)
             curve.append(grouped_accuracy(task.row, test_sizes, task.index)["all"])
             train_seconds += task.train_seconds
             forgetting = task.stream_forgetting

@@ -558,8 +558,7 @@ def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start
         index = task.index
         run.train_seconds += task.train_seconds
         run.wall_seconds += task.seconds
-        # tasks not trained yet are null: their accuracy is not a measurement of the method
-        run.matrix.append([a if j <= index else None for j, a in enumerate(task.row)])
+        run.matrix.append(task.trained_row)
         run.per_task.append(grouped_accuracy(task.row, test_sizes, index))
         run.stream_forgetting.append(task.stream_forgetting)
         run.seen_stream_accuracy.append(metric_value(task.metrics, SEEN_ACCURACY))

@@ -38,6 +38,12 @@ class TaskResult:
     seconds: float
     metrics: Dict[str, float]
 
+    @property
+    def trained_row(self) -> List[Optional[float]]:
+        """``row`` with ``None`` for the experiences of tasks not trained yet (``j > index``):
+        their 0 is not a measurement of the method. What the reports store."""
+        return [a if j <= self.index else None for j, a in enumerate(self.row)]
+
 
 def metric_value(results: Dict[str, float], prefix: str,
                  experience: Optional[int] = None) -> Optional[float]:
