@@ -21,7 +21,7 @@ from .config import CLIPHingeConfig, ConfigError
 from .feature_cache import FeatureCache, dataset_fingerprint
 from .loaders import EpochBatchSampler, TensorBatchLoader, encode_dataset
 from .model.backbone import CLIPBackbone, load_clip
-from .model.clip_hinge import CLIPHingeModel, ClassNames, class_name_table
+from .model.cliphinge_model import CLIPHingeModel, ClassNames, class_name_table
 from .plugins.gaussian_replay import GaussianReplayPlugin
 from .plugins.hard_pair_hinge import HardPairHingePlugin
 from .plugins.second_stage import SecondStagePlugin
@@ -295,7 +295,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
         """
         lora = self.model.lora
         with nullcontext() if lora is None else lora.using(None):
-            return encode_dataset(self.model.encode_images, dataset,
+            return encode_dataset(self.model.run_image_encoder, dataset,
                                   batch_size=self.config.eval_batch_size, device=self.device,
                                   num_workers=self.config.num_workers, autocast=self.autocast,
                                   desc=desc, progress=self.progress)
@@ -586,7 +586,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
             ``(scores [b, n_outputs], replay scores [k, n_outputs] or None, text features
             [n_seen, dim])``; the text features are the step's, in the graph.
         """
-        feats = self.model.image_features(x)
+        feats = self.model.frozen_features(x)
         n_real = feats.shape[0]
         if replay is not None:
             feats = torch.cat([feats, replay.to(feats.dtype)])
@@ -600,7 +600,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
         [b + k])`` of the minibatch (``scores [b, n_outputs]``, class ids ``labels [b]``)
         followed by the replayed rows (``replay_scores [k, n_outputs]``, column targets
         ``replay_targets [k]``), when there are any."""
-        seen = self.model.seen_index
+        seen = self.model.class_of_column
         logits = scores[:, seen].float()
         targets = self.model.column_of[labels]
         if replay_scores is not None:

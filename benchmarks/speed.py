@@ -474,7 +474,7 @@ class Stopwatch:
         return self._seconds
 
 
-def run_once(config, bundle, backbone, device, experiences=None, count_steps=False):
+def run_once(config, named_benchmark, backbone, device, experiences=None, count_steps=False):
     """One run; returns (phase seconds, images extracted, accuracy matrix, peak GiB,
     ``StepSyncCounter`` or ``None`` off CUDA, per-step figures by phase).
 
@@ -491,15 +491,15 @@ def run_once(config, bundle, backbone, device, experiences=None, count_steps=Fal
     syncs = StepSyncCounter() if device.type == "cuda" else None
     counter = StepCounter() if count_steps else None
     evaluator = make_evaluator().plugin
-    model = build_model(config, bundle.class_names, device, backbone=backbone)
-    strategy = CLIPHingeStrategy(config=config, class_names=bundle.class_names, model=model,
+    model = build_model(config, named_benchmark.class_names, device, backbone=backbone)
+    strategy = CLIPHingeStrategy(config=config, class_names=named_benchmark.class_names, model=model,
                                  plugins=([counter] if counter else []) + [timer]
                                  + ([syncs] if syncs else []),
                                  evaluator=evaluator, device=device, progress=False)
     extraction.wrap(strategy, "extract_features", count_items=True)
     if counter is not None:
         counter.pause_inside(strategy)
-    train_stream = bundle.benchmark.train_stream[:experiences]
+    train_stream = named_benchmark.benchmark.train_stream[:experiences]
     stage2_steps = None
     for plugin in strategy.plugins:
         if isinstance(plugin, HardPairHingePlugin):
@@ -511,7 +511,7 @@ def run_once(config, bundle, backbone, device, experiences=None, count_steps=Fal
     sync()
     began, began_cpu = time.perf_counter(), time.process_time()
     matrix = [task.row for task in train_and_evaluate(
-        strategy, train_stream, bundle.benchmark.test_stream[:experiences])]
+        strategy, train_stream, named_benchmark.benchmark.test_stream[:experiences])]
     sync()
     total, cpu = time.perf_counter() - began, time.process_time() - began_cpu
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
@@ -632,14 +632,14 @@ def main(argv=None):
     if args.preset == "tiny":
         from avalanche_cliphinge.benchmarks import split_image_folder
 
-        bundle = split_image_folder(args.data_root, init_class=config.init_class,
+        named_benchmark = split_image_folder(args.data_root, init_class=config.init_class,
                                     increment=config.increment,
                                     train_transform=backbone.eval_transform,
                                     eval_transform=backbone.eval_transform)
     else:
         from avalanche.benchmarks import nc_benchmark
 
-        from avalanche_cliphinge.benchmarks.common import StreamBundle
+        from avalanche_cliphinge.benchmarks.common import NamedBenchmark
 
         train, test = synthetic_cifar(config.n_classes, args.train_per_class,
                                       args.test_per_class, config.seed, args.synthetic_items)
@@ -647,7 +647,7 @@ def main(argv=None):
         benchmark = nc_benchmark(train, test, config.total_tasks, task_labels=False,
                                  fixed_class_order=list(range(config.n_classes)),
                                  per_exp_classes=per_exp)
-        bundle = StreamBundle(benchmark=benchmark,
+        named_benchmark = NamedBenchmark(benchmark=benchmark,
                               class_names=[f"class {i}" for i in range(config.n_classes)],
                               class_order=list(range(config.n_classes)),
                               protocol={"name": "synthetic-cifar"})
@@ -659,8 +659,8 @@ def main(argv=None):
           "second_stage_epochs": config.second_stage_epochs,
           "data": f"synthetic, {args.synthetic_items} items" if args.synthetic else "jpeg folder",
           "num_workers": config.num_workers,
-          "train_images": sum(len(e.dataset) for e in bundle.benchmark.train_stream),
-          "test_images": sum(len(e.dataset) for e in bundle.benchmark.test_stream),
+          "train_images": sum(len(e.dataset) for e in named_benchmark.benchmark.train_stream),
+          "test_images": sum(len(e.dataset) for e in named_benchmark.benchmark.test_stream),
           "torch": torch.__version__, "processes": distributed.world_size()})
     bare = bare_encoder_throughput(backbone, device, args.bare_batch, config.precision)
     emit({"phase": "bare_image_encoder", "images_per_s": round(bare, 1),
@@ -669,9 +669,9 @@ def main(argv=None):
         began = time.perf_counter()
         for cached in [True, False] if args.compare_uncached else [True]:
             run_once(config.replace(cache_features=cached, compile=False, compile_step=False),
-                     bundle, backbone, device, experiences=1)
+                     named_benchmark, backbone, device, experiences=1)
         emit({"phase": "warmup", "seconds": round(time.perf_counter() - began, 3)})
-    phases, extracted, matrix, peak, syncs, steps = run_once(config, bundle, backbone, device,
+    phases, extracted, matrix, peak, syncs, steps = run_once(config, named_benchmark, backbone, device,
                                                              count_steps=args.step_counts)
     for name, seconds in phases.items():
         record = {"phase": name, "seconds": round(seconds, 3), **steps.get(name, {})}
@@ -691,8 +691,8 @@ def main(argv=None):
         diff = 0.0
         for repeat in range(args.repeats):
             if repeat > 0:
-                runs["cached"].append(run_once(config, bundle, backbone, device)[0])
-            uncached, _, matrix_u, *_ = run_once(config.replace(cache_features=False), bundle,
+                runs["cached"].append(run_once(config, named_benchmark, backbone, device)[0])
+            uncached, _, matrix_u, *_ = run_once(config.replace(cache_features=False), named_benchmark,
                                                  backbone, device)
             runs["uncached"].append(uncached)
             diff = max([diff] + [abs(a - b) for ra, rb in zip(matrix, matrix_u)

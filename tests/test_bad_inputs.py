@@ -87,11 +87,11 @@ def tiny_config(**changes) -> CLIPHingeConfig:
                                       "second_stage_epochs": 1, **changes})
 
 
-def tensor_bundle(train_counts, test_per_class=3, init_class=2, increment=2,
+def tensor_benchmark(train_counts, test_per_class=3, init_class=2, increment=2,
                   flat_test_class=None):
     """A tiny image stream with ``train_counts[c]`` training images of class c
     (``flat_test_class``: that class's test images are flat grey)."""
-    from avalanche_cliphinge.benchmarks import StreamBundle
+    from avalanche_cliphinge.benchmarks import NamedBenchmark
     from avalanche_cliphinge.benchmarks.common import make_nc_benchmark
 
     generator = torch.Generator().manual_seed(0)
@@ -109,7 +109,7 @@ def tensor_bundle(train_counts, test_per_class=3, init_class=2, increment=2,
         test.tensors[0][test.tensors[1] == flat_test_class] = 0.5
     benchmark = make_nc_benchmark(images(train_counts), test, order, init_class, increment,
                                   None, None)
-    return StreamBundle(benchmark, [f"shape {c}" for c in order], order, {"name": "tensors"})
+    return NamedBenchmark(benchmark, [f"shape {c}" for c in order], order, {"name": "tensors"})
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -234,31 +234,31 @@ def test_class_names_of_the_wrong_length_are_refused():
 
 
 def test_stream_with_other_class_names_is_refused_before_writing(untouched):
-    bundle = tensor_bundle([4] * 6)
-    bundle.class_names = bundle.class_names[:5]
+    named_benchmark = tensor_benchmark([4] * 6)
+    named_benchmark.class_names = named_benchmark.class_names[:5]
     with pytest.raises(ConfigError, match="but the stream has 5 classes"):
-        run_experiment(tiny_config(), bundle, untouched, overwrite=True, interactive=False,
+        run_experiment(tiny_config(), named_benchmark, untouched, overwrite=True, interactive=False,
                        log=lambda message: None)
 
 
 def test_empty_experience_is_refused_before_writing(untouched):
-    bundle = tensor_bundle([4] * 6, init_class=4)
-    benchmark = bundle.benchmark
+    named_benchmark = tensor_benchmark([4] * 6, init_class=4)
+    benchmark = named_benchmark.benchmark
     empty = SimpleNamespace(dataset=[], current_experience=1)
     fake = SimpleNamespace(train_stream=[benchmark.train_stream[0], empty],
                            test_stream=list(benchmark.test_stream))
-    bundle = SimpleNamespace(benchmark=fake, class_names=bundle.class_names,
-                             class_order=bundle.class_order, protocol={})
+    named_benchmark = SimpleNamespace(benchmark=fake, class_names=named_benchmark.class_names,
+                             class_order=named_benchmark.class_order, protocol={})
     with pytest.raises(RunError, match=r"training experience 1 of the stream is empty; every "
                                        r"experience needs training and test samples"):
-        run_experiment(tiny_config(), bundle, untouched, overwrite=True, interactive=False,
+        run_experiment(tiny_config(), named_benchmark, untouched, overwrite=True, interactive=False,
                        log=lambda message: None)
 
 
 def test_class_with_a_single_training_sample_completes_with_a_warning(tmp_path):
-    bundle = tensor_bundle([6, 6, 6, 6, 6, 1], init_class=4)
+    named_benchmark = tensor_benchmark([6, 6, 6, 6, 6, 1], init_class=4)
     with pytest.warns(UserWarning, match=r"class 5 has 1 training sample"):
-        results = run_experiment(tiny_config(), bundle, tmp_path / "run", interactive=False,
+        results = run_experiment(tiny_config(), named_benchmark, tmp_path / "run", interactive=False,
                                  log=lambda message: None)
     assert results["finished"] is True
     trained = [a for t, row in enumerate(results["accuracy_matrix"]) for a in row[:t + 1]]
@@ -439,9 +439,9 @@ def test_smoke_preset_follows_the_class_order():
     from avalanche_cliphinge.app.cli import smoke_stream
 
     order = [5, 4, 3, 2, 1, 0]
-    bundle = smoke_stream(tiny_config(class_order=order))
-    assert bundle.class_order == order and bundle.protocol["class_order"] == order
-    assert sorted(int(c) for c in bundle.benchmark.train_stream[0]
+    named_benchmark = smoke_stream(tiny_config(class_order=order))
+    assert named_benchmark.class_order == order and named_benchmark.protocol["class_order"] == order
+    assert sorted(int(c) for c in named_benchmark.benchmark.train_stream[0]
                   .classes_in_this_experience) == [2, 3, 4, 5]
 
 
@@ -528,17 +528,17 @@ def test_skip_bad_images_leaves_them_out_with_one_warning(imagenet_r_copy, tmp_p
 def test_non_finite_test_features_are_refused_naming_the_experience(tmp_path, monkeypatch):
     """An encoder that gives NaN features for some test images (here: flat images, through a
     patched encoder) stops the evaluation naming the experience; nothing is reported."""
-    from avalanche_cliphinge.model.clip_hinge import CLIPHingeModel
+    from avalanche_cliphinge.model.cliphinge_model import CLIPHingeModel
 
-    encode = CLIPHingeModel.encode_images
+    encode = CLIPHingeModel.run_image_encoder
 
     def nan_for_flat_images(self, images):
         features = encode(self, images)
         flat = images.float().flatten(2).std(2).amax(1) == 0
         return torch.where(flat[:, None], torch.full_like(features, float("nan")), features)
 
-    monkeypatch.setattr(CLIPHingeModel, "encode_images", nan_for_flat_images)
-    poisoned = tensor_bundle([6] * 6, init_class=4, flat_test_class=5)  # test exp 1: 4, 5
+    monkeypatch.setattr(CLIPHingeModel, "run_image_encoder", nan_for_flat_images)
+    poisoned = tensor_benchmark([6] * 6, init_class=4, flat_test_class=5)  # test exp 1: 4, 5
     with pytest.raises(FloatingPointError, match=r"^test experience 1: 3 of 6 samples give NaN "
                                                  r"or Inf scores \(non-finite image features\); "
                                                  r"check that experience's test images"):

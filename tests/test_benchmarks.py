@@ -16,7 +16,7 @@ from avalanche_cliphinge.benchmarks import (
     CIFAR100_ORDERS,
     IMAGENET_R_CLASS_NAMES,
     IMAGENET_R_WNIDS,
-    StreamBundle,
+    NamedBenchmark,
     check_task_split,
     split_cifar100,
     split_image_folder,
@@ -28,10 +28,10 @@ SHARED_JPEGS = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10
 CIFAR10_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 
 
-def experience_classes(bundle: StreamBundle) -> list[list[int]]:
+def experience_classes(named_benchmark: NamedBenchmark) -> list[list[int]]:
     """Classes of each experience in task order; Avalanche's own lists come from sets."""
-    ordered = [bundle.classes_in_experience(k) for k in range(bundle.n_experiences)]
-    from_avalanche = [list(e.classes_in_this_experience) for e in bundle.benchmark.train_stream]
+    ordered = [named_benchmark.classes_in_experience(k) for k in range(named_benchmark.n_experiences)]
+    from_avalanche = [list(e.classes_in_this_experience) for e in named_benchmark.benchmark.train_stream]
     assert [set(c) for c in ordered] == [set(c) for c in from_avalanche]
     return ordered
 
@@ -98,21 +98,21 @@ def offline_cifar(cifar_root, monkeypatch, no_download):
 
 
 def test_cifar_b50_inc10_uses_per_exp_classes(offline_cifar):
-    bundle = split_cifar100(offline_cifar, init_class=50, increment=10, class_order="icarl")
+    named_benchmark = split_cifar100(offline_cifar, init_class=50, increment=10, class_order="icarl")
     order = CIFAR100_ORDERS["icarl"]
-    assert bundle.n_experiences == 6
-    assert [len(c) for c in experience_classes(bundle)] == [50, 10, 10, 10, 10, 10]
-    assert experience_classes(bundle)[0] == order[:50]
-    assert experience_classes(bundle)[1] == order[50:60]
-    train_sizes = [len(exp.dataset) for exp in bundle.benchmark.train_stream]
-    test_sizes = [len(exp.dataset) for exp in bundle.benchmark.test_stream]
+    assert named_benchmark.n_experiences == 6
+    assert [len(c) for c in experience_classes(named_benchmark)] == [50, 10, 10, 10, 10, 10]
+    assert experience_classes(named_benchmark)[0] == order[:50]
+    assert experience_classes(named_benchmark)[1] == order[50:60]
+    train_sizes = [len(exp.dataset) for exp in named_benchmark.benchmark.train_stream]
+    test_sizes = [len(exp.dataset) for exp in named_benchmark.benchmark.test_stream]
     assert train_sizes == [100, 20, 20, 20, 20, 20]
     assert test_sizes == [50, 10, 10, 10, 10, 10]
-    assert bundle.protocol["classes_per_experience"] == [50, 10, 10, 10, 10, 10]
-    assert bundle.protocol["train_sizes"] == train_sizes
-    assert bundle.protocol["test_size"] == 100
-    assert list(bundle.benchmark.classes_order) == order
-    json.dumps(bundle.protocol)
+    assert named_benchmark.protocol["classes_per_experience"] == [50, 10, 10, 10, 10, 10]
+    assert named_benchmark.protocol["train_sizes"] == train_sizes
+    assert named_benchmark.protocol["test_size"] == 100
+    assert list(named_benchmark.benchmark.classes_order) == order
+    json.dumps(named_benchmark.protocol)
 
 
 def test_cifar_equal_tasks_go_through_avalanche_split_cifar100(offline_cifar, monkeypatch):
@@ -126,19 +126,19 @@ def test_cifar_equal_tasks_go_through_avalanche_split_cifar100(offline_cifar, mo
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, "SplitCIFAR100", spy)
-    bundle = split_cifar100(offline_cifar, init_class=10, increment=10, class_order="rapf")
+    named_benchmark = split_cifar100(offline_cifar, init_class=10, increment=10, class_order="rapf")
     assert len(calls) == 1 and calls[0]["n_experiences"] == 10
     assert calls[0]["fixed_class_order"] == CIFAR100_ORDERS["rapf"]
-    assert [len(c) for c in experience_classes(bundle)] == [10] * 10
-    assert [len(e.dataset) for e in bundle.benchmark.train_stream] == [20] * 10
-    assert [len(e.dataset) for e in bundle.benchmark.test_stream] == [10] * 10
+    assert [len(c) for c in experience_classes(named_benchmark)] == [10] * 10
+    assert [len(e.dataset) for e in named_benchmark.benchmark.train_stream] == [20] * 10
+    assert [len(e.dataset) for e in named_benchmark.benchmark.test_stream] == [10] * 10
 
 
 def test_cifar_targets_are_original_ids_and_names_follow_meta(offline_cifar):
-    bundle = split_cifar100(offline_cifar, init_class=50, increment=10, class_order="pycil")
-    assert bundle.class_names[7] == "fine label 07"
-    assert len(bundle.class_names) == 100
-    for stream in (bundle.benchmark.train_stream, bundle.benchmark.test_stream):
+    named_benchmark = split_cifar100(offline_cifar, init_class=50, increment=10, class_order="pycil")
+    assert named_benchmark.class_names[7] == "fine label 07"
+    assert len(named_benchmark.class_names) == 100
+    for stream in (named_benchmark.benchmark.train_stream, named_benchmark.benchmark.test_stream):
         for exp in (stream[0], stream[3]):
             for image, target, task in items(exp.dataset):
                 assert target in exp.classes_in_this_experience
@@ -151,9 +151,9 @@ def test_cifar_with_device_resize_transforms_serves_uint8_images(offline_cifar):
     from avalanche_cliphinge.benchmarks import device_resize_transforms
 
     train_tf, eval_tf = device_resize_transforms()
-    bundle = split_cifar100(offline_cifar, init_class=10, increment=10, class_order="icarl",
+    named_benchmark = split_cifar100(offline_cifar, init_class=10, increment=10, class_order="icarl",
                             train_transform=train_tf, eval_transform=eval_tf)
-    for stream in (bundle.benchmark.train_stream, bundle.benchmark.test_stream):
+    for stream in (named_benchmark.benchmark.train_stream, named_benchmark.benchmark.test_stream):
         for image, target, _ in items(stream[2].dataset):
             assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
             assert (image == target).all()  # every pixel of a class-k image holds k
@@ -166,21 +166,21 @@ def test_cifar_with_device_resize_transforms_serves_uint8_images(offline_cifar):
 )
 def test_cifar_named_orders(offline_cifar, name, first):
     expected = np.random.RandomState(1993).permutation(100).tolist() if first is None else None
-    bundle = split_cifar100(offline_cifar, init_class=20, increment=20, class_order=name)
+    named_benchmark = split_cifar100(offline_cifar, init_class=20, increment=20, class_order=name)
     if first is not None:
-        assert bundle.class_order[:5] == first
+        assert named_benchmark.class_order[:5] == first
     else:
-        assert bundle.class_order == expected
-    assert sorted(bundle.class_order) == list(range(100))
-    assert experience_classes(bundle)[0] == bundle.class_order[:20]
-    assert bundle.protocol["class_order_name"] == name
+        assert named_benchmark.class_order == expected
+    assert sorted(named_benchmark.class_order) == list(range(100))
+    assert experience_classes(named_benchmark)[0] == named_benchmark.class_order[:20]
+    assert named_benchmark.protocol["class_order_name"] == name
 
 
 def test_cifar_explicit_order_and_bad_orders(offline_cifar):
     order = list(range(99, -1, -1))
-    bundle = split_cifar100(offline_cifar, init_class=50, increment=50, class_order=order)
-    assert experience_classes(bundle)[0] == order[:50]
-    assert bundle.protocol["class_order_name"] == "explicit"
+    named_benchmark = split_cifar100(offline_cifar, init_class=50, increment=50, class_order=order)
+    assert experience_classes(named_benchmark)[0] == order[:50]
+    assert named_benchmark.protocol["class_order_name"] == "explicit"
     with pytest.raises(ValueError, match=r"permutation of 0\.\.99.*repeated \[1\]"):
         split_cifar100(offline_cifar, class_order=[1] + list(range(1, 100)))
     with pytest.raises(ValueError, match="permutation of 0..99"):
@@ -239,30 +239,30 @@ def _imagenet_r(root, **kwargs):
         return split_imagenet_r(root, init_class=2, increment=2, **kwargs)
 
 
-def _split_identities(bundle):
+def _split_identities(named_benchmark):
     return [
-        sorted(_identity(x) for stream in [bundle.benchmark.train_stream]
+        sorted(_identity(x) for stream in [named_benchmark.benchmark.train_stream]
                for exp in stream for x, _, _ in items(exp.dataset)),
-        sorted(_identity(x) for exp in bundle.benchmark.test_stream
+        sorted(_identity(x) for exp in named_benchmark.benchmark.test_stream
                for x, _, _ in items(exp.dataset)),
     ]
 
 
 def test_imagenet_r_seeded_split_is_deterministic(imagenet_r_root):
-    bundle = _imagenet_r(imagenet_r_root)
-    assert bundle.class_names == [
+    named_benchmark = _imagenet_r(imagenet_r_root)
+    assert named_benchmark.class_names == [
         IMAGENET_R_CLASS_NAMES[IMAGENET_R_WNIDS.index(w)] for w in IMAGENET_R_SUBSET
     ]
-    assert bundle.class_names[0] == "goldfish"
-    assert experience_classes(bundle) == [[0, 1], [2, 3]]
-    assert bundle.protocol["train_sizes"] == [16, 16]
-    assert bundle.protocol["test_sizes"] == [4, 4]
-    train, test = _split_identities(bundle)
+    assert named_benchmark.class_names[0] == "goldfish"
+    assert experience_classes(named_benchmark) == [[0, 1], [2, 3]]
+    assert named_benchmark.protocol["train_sizes"] == [16, 16]
+    assert named_benchmark.protocol["test_sizes"] == [4, 4]
+    train, test = _split_identities(named_benchmark)
     for c in range(4):
         assert sum(1 for cls, _ in train if cls == c) == 8
         assert sum(1 for cls, _ in test if cls == c) == 2
     assert not set(train) & set(test)
-    for exp in bundle.benchmark.train_stream:
+    for exp in named_benchmark.benchmark.train_stream:
         for image, target, _ in items(exp.dataset):
             assert _identity(image)[0] == target
 
@@ -271,7 +271,7 @@ def test_imagenet_r_seeded_split_is_deterministic(imagenet_r_root):
     assert _split_identities(again) == [train, test]
     other_seed = _imagenet_r(imagenet_r_root, seed=0)
     assert _split_identities(other_seed)[0] != train
-    assert bundle.protocol["seed"] == 1993 and other_seed.protocol["seed"] == 0
+    assert named_benchmark.protocol["seed"] == 1993 and other_seed.protocol["seed"] == 0
 
 
 def test_imagenet_r_full_table_is_200_sorted_classes():
@@ -294,12 +294,12 @@ def test_imagenet_r_split_lists_are_honoured_exactly(imagenet_r_root, tmp_path):
                 expected_train.append((position, i))
     (tmp_path / "train.txt").write_text("\n".join(train_lines) + "\n\n")
     (tmp_path / "test.txt").write_text("\n".join(test_lines))
-    bundle = _imagenet_r(imagenet_r_root, split=tmp_path)
-    train, test = _split_identities(bundle)
+    named_benchmark = _imagenet_r(imagenet_r_root, split=tmp_path)
+    train, test = _split_identities(named_benchmark)
     assert train == sorted(expected_train)
     assert test == sorted((p, i) for p in range(4) for i in (0, 3, 6, 9))
-    assert bundle.protocol["seed"] is None
-    assert set(bundle.protocol["split_md5"]) == {"train.txt", "test.txt"}
+    assert named_benchmark.protocol["seed"] is None
+    assert set(named_benchmark.protocol["split_md5"]) == {"train.txt", "test.txt"}
 
 
 @pytest.mark.parametrize(
@@ -336,13 +336,13 @@ def test_imagenet_r_missing_data_and_lists(tmp_path, imagenet_r_root):
 
 # ---------------------------------------------------------------- image folders (real JPEGs)
 def test_image_folder_on_real_cifar10_jpegs():
-    bundle = split_image_folder(SHARED_JPEGS, init_class=4, increment=2)
-    assert bundle.class_names == CIFAR10_CLASSES
-    assert bundle.class_order == list(range(10))
-    assert experience_classes(bundle) == [[0, 1, 2, 3], [4, 5], [6, 7], [8, 9]]
-    assert bundle.protocol["train_sizes"] == [160, 80, 80, 80]
-    assert bundle.protocol["test_sizes"] == [40, 20, 20, 20]
-    image, target, _ = bundle.benchmark.train_stream[1].dataset[0]
+    named_benchmark = split_image_folder(SHARED_JPEGS, init_class=4, increment=2)
+    assert named_benchmark.class_names == CIFAR10_CLASSES
+    assert named_benchmark.class_order == list(range(10))
+    assert experience_classes(named_benchmark) == [[0, 1, 2, 3], [4, 5], [6, 7], [8, 9]]
+    assert named_benchmark.protocol["train_sizes"] == [160, 80, 80, 80]
+    assert named_benchmark.protocol["test_sizes"] == [40, 20, 20, 20]
+    image, target, _ = named_benchmark.benchmark.train_stream[1].dataset[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     assert target in (4, 5)
     raw = Image.open(SHARED_JPEGS / "train/deer/0000.jpg")
@@ -357,11 +357,11 @@ def test_image_folder_explicit_order_and_transform():
         seen.append(image.size)
         return torch.zeros(1)
 
-    bundle = split_image_folder(
+    named_benchmark = split_image_folder(
         SHARED_JPEGS, init_class=2, increment=2, class_order=order, eval_transform=transform
     )
-    assert experience_classes(bundle)[0] == [9, 8]
-    image, target, _ = bundle.benchmark.test_stream[0].dataset[0]
+    assert experience_classes(named_benchmark)[0] == [9, 8]
+    image, target, _ = named_benchmark.benchmark.test_stream[0].dataset[0]
     assert target in (8, 9) and seen == [(32, 32)] and image.shape == (1,)
 
 
@@ -378,8 +378,8 @@ def test_image_folder_layout_errors(tmp_path):
     with pytest.raises(ValueError, match=r"Class\(es\) 1 \(c\) have no test image"):
         split_image_folder(tmp_path, init_class=1, increment=1)
     Image.new("RGB", (4, 4)).save(tmp_path / "test" / "c" / "0.jpg")
-    bundle = split_image_folder(tmp_path, init_class=1, increment=1)
-    assert bundle.class_names == ["a b", "c"]
+    named_benchmark = split_image_folder(tmp_path, init_class=1, increment=1)
+    assert named_benchmark.class_names == ["a b", "c"]
 
 
 def test_class_count_mismatch_error():
@@ -428,9 +428,9 @@ def test_synthetic_is_deterministic_with_shapes_and_counts():
 def test_synthetic_classes_are_learnable_from_pixels():
     """Nearest class mean on raw pixels, default 10-class stream: the bar is 90 % test accuracy
     (measured 97 %); chance is 10 %."""
-    bundle = synthetic()
-    x_train, y_train = _stack(bundle.benchmark.train_stream)
-    x_test, y_test = _stack(bundle.benchmark.test_stream)
+    named_benchmark = synthetic()
+    x_train, y_train = _stack(named_benchmark.benchmark.train_stream)
+    x_test, y_test = _stack(named_benchmark.benchmark.test_stream)
     assert len(y_train) == 400 and len(y_test) == 200
     means = torch.stack([x_train[y_train == c].flatten(1).mean(0) for c in range(10)])
     predicted = torch.cdist(x_test.flatten(1), means).argmin(1)
@@ -439,7 +439,7 @@ def test_synthetic_classes_are_learnable_from_pixels():
 
 
 def test_public_api_is_exported():
-    for name in ("StreamBundle", "split_cifar100", "split_imagenet_r", "split_image_folder",
+    for name in ("NamedBenchmark", "split_cifar100", "split_imagenet_r", "split_image_folder",
                  "synthetic", "CIFAR100_ORDERS", "IMAGENET_R_WNIDS", "IMAGENET_R_CLASS_NAMES"):
         assert name in benchmarks.__all__
     assert set(CIFAR100_ORDERS) == {"icarl", "rapf", "pycil"}
@@ -466,15 +466,15 @@ def test_imagenet_r_reads_rapf_single_file_list(imagenet_r_root, tmp_path):
             if i % 4 != 1:
                 expected_train.append((position, i))
     path = _rapf_list(tmp_path, [("train", train), ("test", test)])
-    bundle = _imagenet_r(imagenet_r_root, split=path)
-    got_train, got_test = _split_identities(bundle)
+    named_benchmark = _imagenet_r(imagenet_r_root, split=path)
+    got_train, got_test = _split_identities(named_benchmark)
     assert got_train == sorted(expected_train)
     assert got_test == sorted((p, i) for p in range(4) for i in (1, 5, 9))
-    for exp in bundle.benchmark.train_stream:      # labels come from the wnid folder
+    for exp in named_benchmark.benchmark.train_stream:      # labels come from the wnid folder
         for image, target, _ in items(exp.dataset):
             assert _identity(image)[0] == target
-    assert "RAPF" in bundle.protocol["split"]
-    assert list(bundle.protocol["split_md5"]) == [path.name]
+    assert "RAPF" in named_benchmark.protocol["split"]
+    assert list(named_benchmark.protocol["split_md5"]) == [path.name]
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -531,11 +531,11 @@ def test_imagenet_r_rapf_order_by_name(full_imagenet_r_root, imagenet_r_root):
 
     order = IMAGENET_R_ORDERS["rapf"]
     assert sorted(order) == list(range(200)) and order[:5] == [29, 75, 18, 9, 62]
-    bundle = split_imagenet_r(full_imagenet_r_root, class_order="rapf")
-    assert experience_classes(bundle)[0] == order[:20]
-    assert experience_classes(bundle)[-1] == order[180:]
-    assert bundle.protocol["class_order_name"] == "rapf"
-    assert bundle.protocol["class_order"] == order
+    named_benchmark = split_imagenet_r(full_imagenet_r_root, class_order="rapf")
+    assert experience_classes(named_benchmark)[0] == order[:20]
+    assert experience_classes(named_benchmark)[-1] == order[180:]
+    assert named_benchmark.protocol["class_order_name"] == "rapf"
+    assert named_benchmark.protocol["class_order"] == order
     with pytest.raises(ValueError, match="orders the 200 ImageNet-R classes but only 4"):
         _imagenet_r(imagenet_r_root, class_order="rapf")
     with pytest.raises(ValueError, match="'icarl' is not an ImageNet-R order"):
@@ -561,12 +561,12 @@ def test_every_preset_builds_its_stated_task_layout(offline_cifar, full_imagenet
         layout = dict(init_class=config.init_class, increment=config.increment)
         if name in CIFAR_PRESET_LAYOUTS:
             assert config.dataset == "cifar100"
-            bundle = split_cifar100(offline_cifar, class_order=config.class_order, **layout)
-            assert bundle.class_order == CIFAR100_ORDERS["icarl"]
+            named_benchmark = split_cifar100(offline_cifar, class_order=config.class_order, **layout)
+            assert named_benchmark.class_order == CIFAR100_ORDERS["icarl"]
         else:
             assert config.dataset == "imagenet_r"
             order = None if config.class_order == "natural" else config.class_order
-            bundle = split_imagenet_r(full_imagenet_r_root, class_order=order, **layout)
-        assert [len(c) for c in experience_classes(bundle)] == sizes, name
+            named_benchmark = split_imagenet_r(full_imagenet_r_root, class_order=order, **layout)
+        assert [len(c) for c in experience_classes(named_benchmark)] == sizes, name
         assert config.total_tasks == len(sizes)
         assert config.task_size(0) == sizes[0]

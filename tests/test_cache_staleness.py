@@ -50,8 +50,8 @@ def image_stream(root):
 
 
 def test_replacing_an_image_in_place_changes_the_fingerprint(image_tree):
-    bundle = image_stream(image_tree)
-    test_exp = bundle.benchmark.test_stream[1].dataset.eval()
+    named_benchmark = image_stream(image_tree)
+    test_exp = named_benchmark.benchmark.test_stream[1].dataset.eval()
     before = dataset_fingerprint(test_exp)
     assert dataset_fingerprint(image_stream(image_tree).benchmark.test_stream[1].dataset.eval()) \
         == before  # the same files give the same key in a new stream

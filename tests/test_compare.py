@@ -1,4 +1,4 @@
-"""experiments/compare.py and avalanche_cliphinge.app.compare: every entry on one stream, one table.
+"""experiments/compare.py and avalanche_cliphinge.app.comparison: every entry on one stream, one table.
 
 One subprocess run of the script on the smoke stream (all default entries) feeds several tests;
 the rest runs in-process on the same smoke stream with the tiny random CLIP.
@@ -18,7 +18,7 @@ from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin
 
 from avalanche_cliphinge import CLIPHingeConfig, CLIPHingeStrategy, SecondStagePlugin
-from avalanche_cliphinge.app import compare
+from avalanche_cliphinge.app import comparison as compare
 from avalanche_cliphinge.app.cli import SMOKE, smoke_stream
 from avalanche_cliphinge.app.loop import train_and_evaluate
 from avalanche_cliphinge.seeding import seed_everything
@@ -74,8 +74,8 @@ def smoke_setup():
     """Backbone, stream and feature stream of the smoke comparison, built in-process."""
     config = smoke_config()
     backbone = compare.load_backbone(config, config.seed)
-    bundle = smoke_stream(config)
-    return config, backbone, bundle, compare.extract_feature_stream(bundle, backbone)
+    named_benchmark = smoke_stream(config)
+    return config, backbone, named_benchmark, compare.extract_feature_stream(named_benchmark, backbone)
 
 
 # ---- the script, end to end -----------------------------------------------------------------
@@ -132,16 +132,16 @@ def test_no_replay_no_hinge_equals_strategy_without_those_plugins(smoke_run):
     config = smoke_config()
     assert config.samples_per_old_class > 0 and config.text_use_hinge_loss
     backbone = compare.load_backbone(config, config.seed)  # the weights the script used
-    bundle = smoke_stream(config)
+    named_benchmark = smoke_stream(config)
     seed_everything(config.seed)
     strategy = CLIPHingeStrategy(
-        config=config, class_names=bundle.class_names,
-        model=build_model(config, bundle.class_names, backbone=backbone),
+        config=config, class_names=named_benchmark.class_names,
+        model=build_model(config, named_benchmark.class_names, backbone=backbone),
         use_default_plugins=False, plugins=[SecondStagePlugin.from_config(config)],
         evaluator=EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[]))
     matrix = [[a if j <= task.index else None for j, a in enumerate(task.row)]
-              for task in train_and_evaluate(strategy, bundle.benchmark.train_stream,
-                                             bundle.benchmark.test_stream)]
+              for task in train_and_evaluate(strategy, named_benchmark.benchmark.train_stream,
+                                             named_benchmark.benchmark.test_stream)]
     run = next(r for r in smoke_run["json"]["runs"] if r["entry"] == "cliphinge_no_replay_no_hinge")
     assert matrix == run["matrix"]
     assert compare.cil_metrics(matrix, run["test_sizes"]) == run["metrics"]
@@ -184,8 +184,8 @@ def test_a_finished_comparison_is_not_overwritten_silently(tmp_path, capsys):
 
 # ---- library pieces -------------------------------------------------------------------------
 def test_feature_stream_is_aligned_with_the_image_stream(smoke_setup):
-    config, backbone, bundle, features = smoke_setup
-    for ours, theirs in zip(features.benchmark.test_stream, bundle.benchmark.test_stream):
+    config, backbone, named_benchmark, features = smoke_setup
+    for ours, theirs in zip(features.benchmark.test_stream, named_benchmark.benchmark.test_stream):
         assert list(ours.dataset.targets) == list(theirs.dataset.targets)
         images = torch.stack([theirs.dataset[i][0] for i in range(3)])
         with torch.no_grad():
@@ -197,13 +197,13 @@ def test_feature_stream_is_aligned_with_the_image_stream(smoke_setup):
 
 def test_baseline_model_on_features_equals_it_on_images(smoke_setup):
     """The identity encoder on extracted features gives the scores the frozen encoder gives."""
-    config, backbone, bundle, features = smoke_setup
+    config, backbone, named_benchmark, features = smoke_setup
     torch.manual_seed(0)
     on_features = compare.FrozenCLIPClassifier(features.dim)
     on_images = compare.FrozenCLIPClassifier(features.dim,
                                              encoder=compare.FrozenImageEncoder(backbone))
     on_images.classifier.load_state_dict(on_features.classifier.state_dict())
-    test = bundle.benchmark.test_stream[0].dataset
+    test = named_benchmark.benchmark.test_stream[0].dataset
     images = torch.stack([test[i][0] for i in range(4)])
     feats = torch.stack([features.benchmark.test_stream[0].dataset[i][0] for i in range(4)])
     on_images.train()

@@ -324,7 +324,7 @@ def test_dist_timeout_must_be_positive(capsys):
 
 
 def test_compare_refuses_torchrun(monkeypatch, capsys):
-    from avalanche_cliphinge.app.compare import main
+    from avalanche_cliphinge.app.comparison import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["--benchmark", "smoke", "--quiet"]) == 2

@@ -34,7 +34,7 @@ from PIL import Image
 from torchvision import transforms
 
 from avalanche_cliphinge import CLIPHingeStrategy, ConfigError, build_model
-from avalanche_cliphinge.model.clip_hinge import UNSEEN_SCORE
+from avalanche_cliphinge.model.cliphinge_model import UNSEEN_SCORE
 from avalanche_cliphinge.streams import (ClipInput, StreamInputError, class_names_for,
                                          stream_transforms)
 
@@ -511,7 +511,7 @@ def test_task_layout_read_off_the_stream(synthetic_data):
 def test_layout_left_unset_is_taken_from_the_stream(clip_strategy, synthetic_data,
                                                     tiny_config, class_names, tmp_path):
     from avalanche_cliphinge.app.experiment import run_experiment
-    from avalanche_cliphinge.benchmarks import StreamBundle
+    from avalanche_cliphinge.benchmarks import NamedBenchmark
 
     train = Labelled(synthetic_data["train_x"], synthetic_data["train_y"])
     test = Labelled(synthetic_data["test_x"], synthetic_data["test_y"])
@@ -529,9 +529,9 @@ def test_layout_left_unset_is_taken_from_the_stream(clip_strategy, synthetic_dat
     # the application reads an unset layout off the stream and records it
     even = nc_benchmark(train, test, n_experiences=3, task_labels=False,
                         fixed_class_order=list(range(6)))
-    bundle = StreamBundle(even, list(class_names), list(range(6)), {"name": "even"})
+    named_benchmark = NamedBenchmark(even, list(class_names), list(range(6)), {"name": "even"})
     torch.manual_seed(0)
-    results = run_experiment(config, bundle, tmp_path / "run", interactive=False)
+    results = run_experiment(config, named_benchmark, tmp_path / "run", interactive=False)
     saved = results["protocol"]["config"]
     assert (saved["init_class"], saved["increment"], saved["total_tasks"]) == (2, 2, 3)
 

@@ -22,7 +22,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
 
 from avalanche_cliphinge.app import figures
-from avalanche_cliphinge.app.compare import ABLATIONS, DEFAULT_STRATEGIES, resolve_entries
+from avalanche_cliphinge.app.comparison import ABLATIONS, DEFAULT_STRATEGIES, resolve_entries
 from avalanche_cliphinge.app.confusion import ConfusionMatrixPlugin, in_class_order
 from avalanche_cliphinge.benchmarks import synthetic
 from test_host_sync import HostSyncCounter
@@ -344,7 +344,7 @@ def test_plugin_step_never_reads_the_device_back():
 
 
 def test_plugin_in_an_avalanche_evaluation_matches_the_model_on_the_test_stream():
-    bundle = synthetic(n_classes=6, init_class=2, increment=2, train_per_class=2,
+    named_benchmark = synthetic(n_classes=6, init_class=2, increment=2, train_per_class=2,
                        test_per_class=5, class_order=[4, 1, 5, 0, 3, 2])
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 6))
@@ -352,15 +352,15 @@ def test_plugin_in_an_avalanche_evaluation_matches_the_model_on_the_test_stream(
     strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                      train_mb_size=8, eval_mb_size=7, device="cpu", plugins=[plugin],
                      evaluator=EvaluationPlugin(loggers=[]))
-    strategy.eval(bundle.benchmark.test_stream)
+    strategy.eval(named_benchmark.benchmark.test_stream)
     expected = np.zeros((6, 6), dtype=np.int64)
     with torch.no_grad():
-        for experience in bundle.benchmark.test_stream:
+        for experience in named_benchmark.benchmark.test_stream:
             for x, y, *_ in torch.utils.data.DataLoader(experience.dataset.eval(),
                                                         batch_size=30):
                 np.add.at(expected, (y.numpy(), model(x).argmax(1).numpy()), 1)
     assert plugin.matrix().tolist() == expected.tolist()
     assert plugin.matrix().sum() == 30
-    ordered = plugin.matrix(bundle.class_order)
+    ordered = plugin.matrix(named_benchmark.class_order)
     assert ordered.sum(1).tolist() == [5] * 6
     assert ordered[0, 0] == expected[4, 4]

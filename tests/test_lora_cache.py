@@ -22,7 +22,7 @@ STAGE2_EPOCHS = 1
 def count_encodes(strategy, log, state):
     """Record ``(experience, phase, active adapter, images)`` for every image-encoder call."""
     model = strategy.model
-    encode = model.encode_images
+    encode = model.run_image_encoder
 
     def counted(images):
         training = strategy.is_training
@@ -31,7 +31,7 @@ def count_encodes(strategy, log, state):
         log.append((exp, phase, model.lora.active, images.shape[0]))
         return encode(images)
 
-    model.encode_images = counted
+    model.run_image_encoder = counted
 
 
 @pytest.fixture(scope="module")

@@ -412,15 +412,15 @@ def test_resume_restores_adapter_lora_heads_and_image_pairs(tmp_path):
         "lora_layers": [0, 1], "lora_rank": 2})
     from avalanche_cliphinge.app.cli import smoke_stream
 
-    bundle = smoke_stream(config)
+    named_benchmark = smoke_stream(config)
     quiet = {"interactive": False, "log": lambda message: None}
-    reference = run_experiment(config, bundle, tmp_path / "reference", **quiet)
+    reference = run_experiment(config, named_benchmark, tmp_path / "reference", **quiet)
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, bundle, tmp_path / "run", plugins=[StopAtExperience(2)], **quiet)
+        run_experiment(config, named_benchmark, tmp_path / "run", plugins=[StopAtExperience(2)], **quiet)
     state = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "exp_001.pt")
     assert state["model"]["adapter"] is not None and set(state["model"]["lora"]) == {"task1"}
     assert set(state["model"]["heads"]) == {"1"}
-    resumed = run_experiment(config, bundle, tmp_path / "run", resume=True, **quiet)
+    resumed = run_experiment(config, named_benchmark, tmp_path / "run", resume=True, **quiet)
     assert any(pairs["image"] for pairs in resumed["hard_pairs"])
     for key in SAME_RESULTS:
         assert resumed[key] == reference[key], key

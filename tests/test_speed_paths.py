@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from avalanche_cliphinge import TINY_MODEL, load_clip
 from avalanche_cliphinge.feature_cache import FeatureCache, dataset_fingerprint
 from avalanche_cliphinge.loaders import EpochBatchSampler, TensorBatchLoader
-from avalanche_cliphinge.model.clip_hinge import DevicePreprocess
+from avalanche_cliphinge.model.cliphinge_model import DevicePreprocess
 from avalanche_cliphinge.model.prompts import TaskPrompts
 
 #: subprocess runs of the application: `pytest -m "not slow"` leaves them out
@@ -183,9 +183,9 @@ def test_resize_on_device_feeds_the_encoder_the_preprocessed_images(tiny_config,
                      backbone=backbone)
     off = build_model(tiny_config(), ["a", "b", "c", "d", "e", "f"], backbone=backbone)
     with torch.no_grad():
-        torch.testing.assert_close(on.encode_images(images),
-                                   off.encode_images(on.preprocess(images)))
-        assert not torch.allclose(on.encode_images(images), off.encode_images(images))
+        torch.testing.assert_close(on.run_image_encoder(images),
+                                   off.run_image_encoder(on.preprocess(images)))
+        assert not torch.allclose(on.run_image_encoder(images), off.run_image_encoder(images))
 
 
 def test_hinge_grad_to_old_text_lets_the_hinge_move_old_prompts(tiny_config, run_stream):

@@ -289,12 +289,12 @@ def _run(args: argparse.Namespace, argv: Optional[List[str]], output_dir: Path,
 
         distributed.on_main(take_folder)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        backbone, bundle = _load_backbone_and_stream(args, config, device, stream_factory)
-        protocol = {"stream": bundle.protocol.get("name", config.dataset),
+        backbone, named_benchmark = _load_backbone_and_stream(args, config, device, stream_factory)
+        protocol = {"stream": named_benchmark.protocol.get("name", config.dataset),
                     "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
                     "config_file": str(args.config), "preset": args.preset,
                     "reproduces": config_reproduces(args.config)}
-        results = run_experiment(config, bundle, output_dir, backbone=backbone, device=device,
+        results = run_experiment(config, named_benchmark, output_dir, backbone=backbone, device=device,
                                  resume=args.resume, overwrite=args.overwrite,
                                  force=args.force, wandb=args.wandb,
                                  interactive=not args.quiet, protocol=protocol)
@@ -319,7 +319,7 @@ def _checked_request(args: argparse.Namespace, dataset: Optional[str]):
 
 def _load_backbone_and_stream(args: argparse.Namespace, config: CLIPHingeConfig, device: str,
                               stream_factory):
-    """The frozen CLIP and the stream bundle built with its transforms.
+    """The frozen CLIP and the stream named_benchmark built with its transforms.
 
     Under torchrun each machine's first process loads first (it downloads what is missing),
     the others then from its copy; a failure on any rank stops every rank.

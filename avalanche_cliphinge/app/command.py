@@ -52,7 +52,7 @@ def predict_main(argv: List[str]) -> int:
     from PIL import Image, UnidentifiedImageError
 
     from ..model.backbone import BackboneError
-    from ..model.clip_hinge import CLIPHingeModel
+    from ..model.cliphinge_model import CLIPHingeModel
     from ..model.saving import SavedModelError
 
     if args.top < 1:
@@ -89,7 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return run_main(rest, prog="cliphinge run")
     if command == "compare":
-        from .compare import main as compare_main
+        from .comparison import main as compare_main
 
         return compare_main(rest)
     if command == "presets":

@@ -1,7 +1,7 @@
 """A whole class-incremental run: loggers, eval after every experience, report, checkpoints.
 
 Used by ``experiments/run_split_cifar.py`` and ``experiments/run_imagenet_r.py``; usable from
-Python as ``run_experiment(config, bundle, output_dir, ...)``.
+Python as ``run_experiment(config, named_benchmark, output_dir, ...)``.
 """
 from __future__ import annotations
 
@@ -194,22 +194,22 @@ def hard_pairs_of(hinge: Optional[HardPairHingePlugin]) -> Dict[str, List[Sequen
     return {"text": list(hinge.text_pairs), "image": list(hinge.image_pairs)}
 
 
-def stream_fingerprint(bundle) -> Dict[str, Any]:
+def stream_fingerprint(named_benchmark) -> Dict[str, Any]:
     """What must stay the same for a checkpoint to continue on a stream: the class order,
     the classes and sizes of every experience."""
-    benchmark = bundle.benchmark
-    return {"class_order": [int(c) for c in bundle.class_order],
+    benchmark = named_benchmark.benchmark
+    return {"class_order": [int(c) for c in named_benchmark.class_order],
             "train_sizes": [len(exp.dataset) for exp in benchmark.train_stream],
             "test_sizes": [len(exp.dataset) for exp in benchmark.test_stream]}
 
 
-def check_stream(config: CLIPHingeConfig, bundle) -> None:
+def check_stream(config: CLIPHingeConfig, named_benchmark) -> None:
     """Refuse a stream the run cannot use, before anything is written.
 
     Raises ``ConfigError`` (class counts) or ``RunError`` (task count, empty experiences).
     """
-    config.check_class_count(len(bundle.class_names), "the stream")
-    train_stream, test_stream = bundle.benchmark.train_stream, bundle.benchmark.test_stream
+    config.check_class_count(len(named_benchmark.class_names), "the stream")
+    train_stream, test_stream = named_benchmark.benchmark.train_stream, named_benchmark.benchmark.test_stream
     n_exps = len(train_stream)
     if n_exps != config.total_tasks:
         raise RunError(f"the stream has {n_exps} experiences but total_tasks="
@@ -291,14 +291,14 @@ def _remove_run_files(output_dir: Path, names: Sequence[str]) -> None:
             path.unlink()
 
 
-def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
+def run_experiment(config: CLIPHingeConfig, named_benchmark, output_dir: str | Path, *,
                    backbone: Optional[CLIPBackbone] = None, device: str = "cpu",
                    resume: bool = False, overwrite: bool = False, force: bool = False,
                    wandb: bool = False, interactive: bool = True,
                    protocol: Optional[Dict[str, Any]] = None,
                    plugins: Sequence[Any] = (),
                    log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Train on every experience of ``bundle``, evaluating the full test stream after each.
+    """Train on every experience of ``named_benchmark``, evaluating the full test stream after each.
 
     After every experience the results so far (``results.json``, ``results.txt``, plots,
     TensorBoard) and a checkpoint (``checkpoints/exp_<k>.pt``, the last two kept) are written
@@ -308,7 +308,7 @@ def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
     Args:
         config: the method's settings (checked against the stream's class count; layout keys
             left unset are read off the stream and recorded in the results).
-        bundle: a ``benchmarks.StreamBundle`` (Avalanche benchmark, class names and order).
+        named_benchmark: a ``benchmarks.NamedBenchmark`` (Avalanche benchmark, class names and order).
         output_dir: where results, logs, TensorBoard events, plots and checkpoints go.
         backbone: the already loaded CLIP (its transforms built the stream); loaded from the
             config when ``None``. With random weights (``pretrained=None``) seed the global
@@ -340,9 +340,9 @@ def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
                        "it again")
     output_dir = Path(output_dir)
     if not config.layout_is_set:        # the keys left unset are read off the stream
-        layout = task_layout(bundle.benchmark)
+        layout = task_layout(named_benchmark.benchmark)
         config = config.replace(**{k: v for k, v in layout.items() if getattr(config, k) is None})
-    check_stream(config, bundle)
+    check_stream(config, named_benchmark)
     check_run_paths(config)
     if not distributed.is_main():       # under torchrun rank 0 alone prints and shows bars
         log, interactive = _quiet, False
@@ -356,28 +356,28 @@ def run_experiment(config: CLIPHingeConfig, bundle, output_dir: str | Path, *,
 
         # the folder is rank 0's (torchrun); its verdict stops every rank alike
         distributed.on_main(take_folder)
-        return _run_locked(config, bundle, output_dir, locks[0] if locks else None,
+        return _run_locked(config, named_benchmark, output_dir, locks[0] if locks else None,
                            backbone=backbone, device=device, resume=resume,
                            overwrite=overwrite, force=force, wandb=wandb,
                            interactive=interactive, protocol=protocol, plugins=plugins,
                            log=log)
 
 
-def _run_locked(config: CLIPHingeConfig, bundle, output_dir: Path, lock, *, backbone, device,
+def _run_locked(config: CLIPHingeConfig, named_benchmark, output_dir: Path, lock, *, backbone, device,
                 resume, overwrite, force, wandb, interactive, protocol, plugins, log):
     """``run_experiment`` once the folder is locked and checked."""
     checkpoints = output_dir / "checkpoints"
-    n_exps = len(bundle.benchmark.train_stream)
-    fingerprint = stream_fingerprint(bundle)
+    n_exps = len(named_benchmark.benchmark.train_stream)
+    fingerprint = stream_fingerprint(named_benchmark)
     # read on rank 0 (the output folder may be on its machine only), sent to every rank
     state = distributed.on_main(lambda: _load_resume_state(checkpoints, config, fingerprint,
                                                            resume, force, log))
     if state is not None:
-        _check_resumable(state, config, bundle)
+        _check_resumable(state, config, named_benchmark)
     seed_everything(config.seed)
-    model = build_model(config, bundle.class_names, device, backbone=backbone)
+    model = build_model(config, named_benchmark.class_names, device, backbone=backbone)
     backbone = model.backbone
-    check_prompt_length(backbone.tokenizer, bundle.class_names, config)
+    check_prompt_length(backbone.tokenizer, named_benchmark.class_names, config)
     if state is not None:
         try:
             ckpt.load_model_state(model, state["model"])
@@ -414,8 +414,8 @@ def _run_locked(config: CLIPHingeConfig, bundle, output_dir: Path, lock, *, back
     evaluation = made[0] if made else make_evaluator()
     evaluator, tb_logger = evaluation.plugin, evaluation.tensorboard
     try:
-        checks = [FiniteScoresCheck(), ConfusionMatrixPlugin(len(bundle.class_names))]
-        strategy = CLIPHingeStrategy(config=config, class_names=bundle.class_names,
+        checks = [FiniteScoresCheck(), ConfusionMatrixPlugin(len(named_benchmark.class_names))]
+        strategy = CLIPHingeStrategy(config=config, class_names=named_benchmark.class_names,
                                      model=model, plugins=[*plugins, *checks],
                                      evaluator=evaluator, device=device, progress=interactive)
         run = RunState()
@@ -436,7 +436,7 @@ def _run_locked(config: CLIPHingeConfig, bundle, output_dir: Path, lock, *, back
                 kill_point("resume_loggers", start)
 
             distributed.on_main(announce)
-        _train_and_evaluate(strategy, bundle, output_dir, run, start, config, fingerprint,
+        _train_and_evaluate(strategy, named_benchmark, output_dir, run, start, config, fingerprint,
                             backbone, protocol, device, tb_logger, evaluator, log)
     finally:
         evaluation.close()
@@ -499,14 +499,14 @@ def _load_resume_state(checkpoints: Path, config: CLIPHingeConfig,
     return state
 
 
-def _check_resumable(state: Dict[str, Any], config: CLIPHingeConfig, bundle) -> None:
+def _check_resumable(state: Dict[str, Any], config: CLIPHingeConfig, named_benchmark) -> None:
     """Refuse, even with ``--force``, a checkpoint this stream and config cannot continue:
     more experiences done than the stream has, another task layout, another prompt length."""
     name = Path(state["path"]).name
-    done, n_exps = state["completed"], len(bundle.benchmark.train_stream)
+    done, n_exps = state["completed"], len(named_benchmark.benchmark.train_stream)
     ending = ("; --force cannot bridge that: resume with the config and data it was made "
               "with, or start again with --overwrite")
-    order, layout, begin = list(bundle.class_order), [], 0
+    order, layout, begin = list(named_benchmark.class_order), [], 0
     for task in range(min(done, n_exps)):
         size = config.task_size(task)
         layout.append(sorted(int(c) for c in order[begin:begin + size]))
@@ -529,20 +529,20 @@ def _check_resumable(state: Dict[str, Any], config: CLIPHingeConfig, bundle) -> 
                        f"n_ctx={config.n_ctx}{ending}")
 
 
-def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start: int,
+def _train_and_evaluate(strategy, named_benchmark, output_dir: Path, run: RunState, start: int,
                         config: CLIPHingeConfig, fingerprint: Dict[str, Any], backbone,
                         protocol: Optional[Dict[str, Any]], device: str, tb_logger, evaluator,
                         log: Callable[[str], None]) -> None:
-    n_exps = len(bundle.benchmark.train_stream)
+    n_exps = len(named_benchmark.benchmark.train_stream)
     test_sizes = fingerprint["test_sizes"]
     full_protocol = {
         "model": config.model_name,
         "pretrained": backbone.pretrained,
         "weights_sha256": backbone.weights_sha256,
         "activation": backbone.activation,
-        "class_order": bundle.class_order,
+        "class_order": named_benchmark.class_order,
         **(protocol or {}),
-        **{f"stream_{k}": v for k, v in bundle.protocol.items()},
+        **{f"stream_{k}": v for k, v in named_benchmark.protocol.items()},
         "seed": config.seed,
         "device": _device_name(device),
         **({"processes": distributed.world_size()} if distributed.world_size() > 1 else {}),
@@ -552,9 +552,9 @@ def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start
     hinge = next((p for p in strategy.plugins if isinstance(p, HardPairHingePlugin)), None)
     confusion = next(p for p in strategy.plugins if isinstance(p, ConfusionMatrixPlugin))
     model = strategy.model
-    names = bundle.class_names
-    for task in train_and_evaluate(strategy, bundle.benchmark.train_stream,
-                                   bundle.benchmark.test_stream, start):
+    names = named_benchmark.class_names
+    for task in train_and_evaluate(strategy, named_benchmark.benchmark.train_stream,
+                                   named_benchmark.benchmark.test_stream, start):
         index = task.index
         run.train_seconds += task.train_seconds
         run.wall_seconds += task.seconds
@@ -565,7 +565,7 @@ def _train_and_evaluate(strategy, bundle, output_dir: Path, run: RunState, start
         run.hard_pairs.append({kind: [named_pair(pair, names) for pair in pairs]
                                for kind, pairs in hard_pairs_of(hinge).items()})
         if index == n_exps - 1:      # the confusion matrix once every task is trained
-            run.confusion = confusion.matrix(bundle.class_order).tolist()
+            run.confusion = confusion.matrix(named_benchmark.class_order).tolist()
 
         def write_experience(index: int = index) -> None:
             # results, plots, TensorBoard, checkpoint, and only then "finished": a kill at
@@ -659,7 +659,7 @@ def _write_plots(output_dir: Path, run: RunState, *, protocol: Optional[Dict[str
         protocol: the run's protocol (results.json's): the title (method, dataset, preset)
             and the classes per task (x axis: classes seen; without it: the task number).
         confusion: ``[C, C]`` counts of the last evaluation in the stream's class order
-            (``ConfusionMatrixPlugin.matrix(bundle.class_order)``), or ``None``.
+            (``ConfusionMatrixPlugin.matrix(named_benchmark.class_order)``), or ``None``.
     """
     protocol = protocol or {}
     title = run_title(protocol)

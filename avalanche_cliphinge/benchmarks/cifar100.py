@@ -17,7 +17,7 @@ from avalanche.benchmarks.classic import SplitCIFAR100
 from avalanche.benchmarks.datasets.external_datasets.cifar import get_cifar100_dataset
 
 from .common import (
-    StreamBundle,
+    NamedBenchmark,
     check_class_order,
     check_task_split,
     default_transform,
@@ -57,7 +57,7 @@ def split_cifar100(
     train_transform: Optional[Callable] = None,
     eval_transform: Optional[Callable] = None,
     download: bool = False,
-) -> StreamBundle:
+) -> NamedBenchmark:
     """Class-incremental CIFAR-100: `init_class` classes in task 0, `increment` in each later one.
 
     Args:
@@ -73,7 +73,7 @@ def split_cifar100(
             dataset is an error and nothing is downloaded.
 
     Returns:
-        StreamBundle: 1 + (100 - init_class) / increment experiences; targets are the original
+        NamedBenchmark: 1 + (100 - init_class) / increment experiences; targets are the original
         CIFAR-100 fine-label ids (0..99), `class_names[k]` the fine label name of id k with
         underscores as spaces ("aquarium fish").
 
@@ -128,7 +128,7 @@ def split_cifar100(
         builder=builder,
         seed=None,
     )
-    return StreamBundle(benchmark, _class_names(root), order, protocol)
+    return NamedBenchmark(benchmark, _class_names(root), order, protocol)
 
 
 def _resolve_order(class_order) -> tuple[str, list[int]]:

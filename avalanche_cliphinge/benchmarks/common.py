@@ -1,4 +1,4 @@
-"""What every stream builder shares: the returned bundle, the task-split check, the class-order
+"""What every stream builder shares: the returned named_benchmark, the task-split check, the class-order
 check, a file-backed image dataset and the call into Avalanche's `nc_benchmark`."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @dataclass
-class StreamBundle:
+class NamedBenchmark:
     """A class-incremental stream plus what is needed to name and report it.
 
     Attributes:

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from .common import (
     ImageFileDataset,
-    StreamBundle,
+    NamedBenchmark,
     check_class_order,
     check_task_split,
     default_transform,
@@ -25,7 +25,7 @@ def split_image_folder(
     class_order: Optional[Sequence[int]] = None,
     train_transform: Optional[Callable] = None,
     eval_transform: Optional[Callable] = None,
-) -> StreamBundle:
+) -> NamedBenchmark:
     """Class-incremental stream over an image-folder tree with a fixed train/test split.
 
     Args:
@@ -38,7 +38,7 @@ def split_image_folder(
         eval_transform: applied to test images; `None` -> `ToTensor()`.
 
     Returns:
-        StreamBundle: class id = position of the folder name in sorted order; `class_names` are
+        NamedBenchmark: class id = position of the folder name in sorted order; `class_names` are
         the folder names with underscores as spaces; targets are those ids.
 
     Raises:
@@ -109,4 +109,4 @@ def split_image_folder(
         seed=None,
     )
     class_names = [name.replace("_", " ") for name in folders]
-    return StreamBundle(benchmark, class_names, order, protocol)
+    return NamedBenchmark(benchmark, class_names, order, protocol)

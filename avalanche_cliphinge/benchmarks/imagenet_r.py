@@ -16,7 +16,7 @@ import numpy as np
 
 from .common import (
     ImageFileDataset,
-    StreamBundle,
+    NamedBenchmark,
     check_class_order,
     check_task_split,
     default_transform,
@@ -58,7 +58,7 @@ def split_imagenet_r(
     class_order: Union[None, str, Sequence[int]] = None,
     train_transform: Optional[Callable] = None,
     eval_transform: Optional[Callable] = None,
-) -> StreamBundle:
+) -> NamedBenchmark:
     """Class-incremental ImageNet-R (B0 Inc20 by default: 10 tasks of 20 classes).
 
     Args:
@@ -85,7 +85,7 @@ def split_imagenet_r(
         eval_transform: applied to test images; `None` -> `ToTensor()`.
 
     Returns:
-        StreamBundle. With all 200 wnid folders present, class id = position of the wnid in the
+        NamedBenchmark. With all 200 wnid folders present, class id = position of the wnid in the
         sorted `IMAGENET_R_WNIDS` and `class_names` = `IMAGENET_R_CLASS_NAMES`. With only some
         present (a test tree, a custom subset) the ids index the present wnids in sorted order,
         and a warning says so.
@@ -188,7 +188,7 @@ def split_imagenet_r(
         full_class_table=n_classes == len(IMAGENET_R_WNIDS),
         **split_record,
     )
-    return StreamBundle(benchmark, names, order, protocol)
+    return NamedBenchmark(benchmark, names, order, protocol)
 
 
 def _resolve_order(class_order, n_classes: int) -> tuple[list[int], str]:

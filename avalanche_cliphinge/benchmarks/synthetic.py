@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .common import (
-    StreamBundle,
+    NamedBenchmark,
     check_class_order,
     check_task_split,
     describe_stream,
@@ -86,7 +86,7 @@ def synthetic(
     noise: float = 0.1,
     seed: int = 0,
     class_order: Optional[Sequence[int]] = None,
-) -> StreamBundle:
+) -> NamedBenchmark:
     """Class-incremental stream of synthetic coloured-pattern images, fully offline.
 
     Args:
@@ -102,7 +102,7 @@ def synthetic(
             `None` -> ascending. The images of a class do not depend on the order.
 
     Returns:
-        StreamBundle whose experiences hold `(image, target, task_label)` items with images
+        NamedBenchmark whose experiences hold `(image, target, task_label)` items with images
         float32 `[3, image_size, image_size]`, already normalised with CLIP's mean and std
         (no further transform is needed); targets are class ids 0..n_classes-1, visited in
         `class_order`; `class_names` like "red horizontal stripes".
@@ -148,7 +148,7 @@ def synthetic(
         noise=noise,
         seed=seed,
     )
-    return StreamBundle(benchmark, synthetic_class_names(n_classes), order, protocol)
+    return NamedBenchmark(benchmark, synthetic_class_names(n_classes), order, protocol)
 
 
 def _render_split(rng, n_classes, per_class, size, noise):

@@ -18,7 +18,7 @@ from .heads import ImageAdapter, TaskHead
 
 if TYPE_CHECKING:
     from ..config import CLIPHingeConfig
-    from .clip_hinge import CLIPHingeModel
+    from .cliphinge_model import CLIPHingeModel
 
 #: Written into every saved model; ``load_model`` refuses other values.
 MODEL_FORMAT = "avalanche-cliphinge model 1"

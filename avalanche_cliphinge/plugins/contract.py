@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..config import CLIPHingeConfig
-    from ..model.clip_hinge import CLIPHingeModel
+    from ..model.cliphinge_model import CLIPHingeModel
     from ..strategy import ExperienceClasses, StepState
 
 

@@ -162,7 +162,7 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
         dim]`` (grouped by pair) against the text features ``text [n_seen, dim]``."""
         # cosines in fp32 even under bf16 autocast: a margin of 0.1 is a few bf16 steps
         with torch.autocast(feats.device.type, enabled=False):
-            feats = model.image_embedding(feats.float())
+            feats = model.adapted_embedding(feats.float())
             feats = feats.reshape(index.rows.numel(), self.samples_per_pair, -1)
             old_text = text[index.old_cols].float()
             if not self.grad_to_old_text:

@@ -115,7 +115,7 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
                 for batch in loader:
                     x, y = batch[0].to(device), batch[1].to(device)
                     with strategy.autocast():
-                        logits = head(model.encode_images(x) if use_lora else x)
+                        logits = head(model.run_image_encoder(x) if use_lora else x)
                     target = (y[:, None] == classes[None, :]).float().argmax(1)
                     loss = F.cross_entropy(logits.float(), target)
                     optimizer.zero_grad()

@@ -59,7 +59,7 @@ from .experiment import package_versions
 from ..feature_cache import FeatureCache
 from ..loaders import encode_dataset
 from ..model.backbone import BackboneError, CLIPBackbone, load_clip
-from ..model.clip_hinge import UNSEEN_SCORE
+from ..model.cliphinge_model import UNSEEN_SCORE
 from ..model.prompts import raw_text_features
 from ..seeding import seed_everything
 from .evaluation import make_evaluator
@@ -323,10 +323,10 @@ class FeatureStream:
 
 
 @torch.no_grad()
-def extract_feature_stream(bundle, backbone: CLIPBackbone, device: str | torch.device = "cpu",
+def extract_feature_stream(named_benchmark, backbone: CLIPBackbone, device: str | torch.device = "cpu",
                            batch_size: int = 256, bf16: bool = False,
                            num_workers: int = 0) -> FeatureStream:
-    """Run the frozen image encoder once over every experience of ``bundle`` (eval transform).
+    """Run the frozen image encoder once over every experience of ``named_benchmark`` (eval transform).
 
     Returns unnormalised ``float32`` features in a benchmark built the way the image stream
     was (``benchmarks.common.make_nc_benchmark``, original class ids as targets). ``bf16``
@@ -350,10 +350,10 @@ def extract_feature_stream(bundle, backbone: CLIPBackbone, device: str | torch.d
             labels.append(y.cpu())
         return TensorDataset(torch.cat(feats), torch.cat(labels))
 
-    image_benchmark = bundle.benchmark
+    image_benchmark = named_benchmark.benchmark
     sizes = list(image_benchmark.n_classes_per_exp)
     train, test = encode(image_benchmark.train_stream), encode(image_benchmark.test_stream)
-    benchmark = make_nc_benchmark(train, test, list(bundle.class_order), sizes[0],
+    benchmark = make_nc_benchmark(train, test, list(named_benchmark.class_order), sizes[0],
                                   sizes[1] if len(sizes) > 1 else sizes[0], None, None)
     for side in ("train_stream", "test_stream"):
         ours, theirs = getattr(benchmark, side), getattr(image_benchmark, side)
@@ -455,7 +455,7 @@ class RunResult:
     peak_memory_mib: float
 
 
-def build_strategy(entry: Entry, *, config: CLIPHingeConfig, bundle, backbone: CLIPBackbone,
+def build_strategy(entry: Entry, *, config: CLIPHingeConfig, named_benchmark, backbone: CLIPBackbone,
                    features: Optional[FeatureStream], settings: BaselineSettings, evaluator,
                    device: str | torch.device, feature_cache: Optional[FeatureCache] = None):
     """The Avalanche strategy of ``entry``; the caller seeds the RNGs first.
@@ -466,19 +466,19 @@ def build_strategy(entry: Entry, *, config: CLIPHingeConfig, bundle, backbone: C
         cfg = config.replace(**dict(entry.overrides))
         if cfg.use_lora_in_second_stage and cfg.second_stage_epochs > 0:
             backbone = copy.deepcopy(backbone)  # LoRA is injected into the encoder in place
-        model = build_model(cfg, bundle.class_names, device, backbone=backbone)
-        return CLIPHingeStrategy(config=cfg, class_names=bundle.class_names, model=model,
+        model = build_model(cfg, named_benchmark.class_names, device, backbone=backbone)
+        return CLIPHingeStrategy(config=cfg, class_names=named_benchmark.class_names, model=model,
                                  evaluator=evaluator, device=device, feature_cache=feature_cache)
     if features is None:
         raise ValueError(f"{entry.name} runs on pre-extracted features: pass features")
     if entry.kind == "zeroshot":
-        text = raw_text_features(backbone.model, backbone.tokenizer, bundle.class_names,
+        text = raw_text_features(backbone.model, backbone.tokenizer, named_benchmark.class_names,
                                  config.prompt_template)
         model = ZeroShotCLIP(text.cpu(), float(backbone.model.logit_scale.exp()))
         return ZeroShotCLIPStrategy(model=model, eval_mb_size=config.eval_batch_size,
                                     device=device, evaluator=evaluator)
     model = FrozenCLIPClassifier(features.dim)
-    context = BaselineContext({}, settings, len(bundle.class_names))
+    context = BaselineContext({}, settings, len(named_benchmark.class_names))
     context.common = dict(model=model, optimizer=context.optimizer(model.parameters()),
                           criterion=nn.CrossEntropyLoss(),
                           train_mb_size=settings.batch_size or config.batch_size,
@@ -488,7 +488,7 @@ def build_strategy(entry: Entry, *, config: CLIPHingeConfig, bundle, backbone: C
     return BASELINES[entry.name](context)
 
 
-def run_entry(entry: Entry, *, config: CLIPHingeConfig, bundle, backbone: CLIPBackbone,
+def run_entry(entry: Entry, *, config: CLIPHingeConfig, named_benchmark, backbone: CLIPBackbone,
               features: Optional[FeatureStream], output_dir: str | Path,
               settings: Optional[BaselineSettings] = None, device: str | torch.device = "cpu",
               run_name: Optional[str] = None, feature_cache: Optional[FeatureCache] = None,
@@ -499,9 +499,9 @@ def run_entry(entry: Entry, *, config: CLIPHingeConfig, bundle, backbone: CLIPBa
         entry: what to run (see ``resolve_entries``).
         config: the CLIPHinge config of the comparison (its seed seeds every entry; its
             ``prompt_template``, batch sizes and epochs serve the other entries too).
-        bundle: the image ``StreamBundle``.
+        named_benchmark: the image ``NamedBenchmark``.
         backbone: the frozen CLIP shared by every entry.
-        features: ``extract_feature_stream(bundle, backbone)`` (needed by zero-shot and the
+        features: ``extract_feature_stream(named_benchmark, backbone)`` (needed by zero-shot and the
             baselines).
         output_dir: where ``tb/<run_name>`` and ``logs/<run_name>.txt`` go.
         settings: baseline settings (default ``BaselineSettings()``).
@@ -521,11 +521,11 @@ def run_entry(entry: Entry, *, config: CLIPHingeConfig, bundle, backbone: CLIPBa
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(config.seed)
     try:
-        strategy = build_strategy(entry, config=config, bundle=bundle, backbone=backbone,
+        strategy = build_strategy(entry, config=config, named_benchmark=named_benchmark, backbone=backbone,
                                   features=features, settings=settings,
                                   evaluator=evaluation.plugin, device=device,
                                   feature_cache=feature_cache)
-        benchmark = bundle.benchmark if entry.kind == "cliphinge" else features.benchmark
+        benchmark = named_benchmark.benchmark if entry.kind == "cliphinge" else features.benchmark
         test_sizes = [len(exp.dataset) for exp in benchmark.test_stream]
         matrix, curve, train_seconds, forgetting = [], [], 0.0, None
         for task in train_and_evaluate(strategy, benchmark.train_stream, benchmark.test_stream):
@@ -586,14 +586,14 @@ def run_comparison(entries: Sequence[Entry], *, config: CLIPHingeConfig,
     for seed in seeds:
         cfg = config.replace(seed=int(seed))
         cfg.require_layout("a comparison's stream")
-        bundle = stream_factory(cfg)
-        cfg.check_class_count(len(bundle.class_names), "the stream")
-        if bundle.n_experiences != cfg.total_tasks:
-            raise CompareError(f"the stream has {bundle.n_experiences} experiences but "
+        named_benchmark = stream_factory(cfg)
+        cfg.check_class_count(len(named_benchmark.class_names), "the stream")
+        if named_benchmark.n_experiences != cfg.total_tasks:
+            raise CompareError(f"the stream has {named_benchmark.n_experiences} experiences but "
                                f"total_tasks={cfg.total_tasks}; make them agree")
         features = None
         if any(e.kind != "cliphinge" for e in entries):
-            features = extract_feature_stream(bundle, backbone, device, cfg.eval_batch_size,
+            features = extract_feature_stream(named_benchmark, backbone, device, cfg.eval_batch_size,
                                               bf16=cfg.precision == "bf16",
                                               num_workers=cfg.num_workers)
             extraction.append(features.seconds)
@@ -603,11 +603,11 @@ def run_comparison(entries: Sequence[Entry], *, config: CLIPHingeConfig,
                              directory=cfg.feature_cache_dir)
         for entry in entries:
             run_name = entry.name if len(seeds) == 1 else f"{entry.name}/seed{seed}"
-            runs.append(run_entry(entry, config=cfg, bundle=bundle, backbone=backbone,
+            runs.append(run_entry(entry, config=cfg, named_benchmark=named_benchmark, backbone=backbone,
                                   features=features, output_dir=output_dir, settings=settings,
                                   device=device, run_name=run_name, feature_cache=cache,
                                   log=log))
-        streams.append(bundle)
+        streams.append(named_benchmark)
     protocol = describe_protocol(config, streams[0], backbone, list(seeds), entries, settings,
                                  device, extraction)
     if len(streams) > 1 and any(s.class_order != streams[0].class_order for s in streams):
@@ -616,13 +616,13 @@ def run_comparison(entries: Sequence[Entry], *, config: CLIPHingeConfig,
                       time.perf_counter() - began)
 
 
-def describe_protocol(config: CLIPHingeConfig, bundle, backbone: CLIPBackbone,
+def describe_protocol(config: CLIPHingeConfig, named_benchmark, backbone: CLIPBackbone,
                       seeds: List[int], entries: Sequence[Entry], settings: BaselineSettings,
                       device, extraction_seconds: Sequence[float]) -> Dict[str, Any]:
     """The protocol block: model, weights, stream, class order, seeds, settings, versions."""
     defaults = CLIPHingeConfig().to_dict()
     changed = {k: v for k, v in config.to_dict().items() if defaults[k] != v and k != "seed"}
-    stream = {k: v for k, v in bundle.protocol.items() if k not in ("class_order",)}
+    stream = {k: v for k, v in named_benchmark.protocol.items() if k not in ("class_order",)}
     dev = torch.device(device)
     device_name = (f"cuda ({torch.cuda.get_device_name(dev)})"
                    if dev.type == "cuda" and torch.cuda.is_available() else "cpu")
@@ -631,7 +631,7 @@ def describe_protocol(config: CLIPHingeConfig, bundle, backbone: CLIPBackbone,
         "pretrained": backbone.pretrained or f"none (random weights, torch seed {seeds[0]})",
         "weights_sha256": backbone.weights_sha256,
         "stream": stream,
-        "class_order": bundle.class_order,
+        "class_order": named_benchmark.class_order,
         "seeds": seeds,
         "device": device_name,
         "cliphinge_config (keys that differ from the defaults)": changed,
@@ -651,7 +651,7 @@ def describe_protocol(config: CLIPHingeConfig, bundle, backbone: CLIPBackbone,
                          "epochs": settings.epochs or config.epochs,
                          "batch_size": settings.batch_size or config.batch_size,
                          "memory (Replay, GDumb, iCaRL)": settings.memory_per_class
-                         * len(bundle.class_names)},
+                         * len(named_benchmark.class_names)},
         }
     if any(e.kind == "zeroshot" for e in entries):
         protocol["zeroshot"] = (f"template {config.prompt_template!r}, scores over the classes "
@@ -854,7 +854,7 @@ def resolve_settings(args: argparse.Namespace) -> Tuple[CLIPHingeConfig, Baselin
 
 def stream_factory_for(args: argparse.Namespace,
                        backbone: CLIPBackbone) -> Callable[[CLIPHingeConfig], Any]:
-    """``config -> StreamBundle`` for ``--benchmark`` with CLIP's eval transform (no
+    """``config -> NamedBenchmark`` for ``--benchmark`` with CLIP's eval transform (no
     augmentation, as in RAPF)."""
     if args.benchmark == "smoke":
         from .cli import smoke_stream

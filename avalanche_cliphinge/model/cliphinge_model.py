@@ -125,7 +125,7 @@ class CLIPHingeModel(nn.Module):
         self.heads = nn.ModuleDict()
         self.lora = VisualLoRA(self.clip.visual, *lora) if lora is not None else None
         self.register_buffer("column_of", torch.full((self.n_outputs,), -1, dtype=torch.long))
-        self.register_buffer("seen_index", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("class_of_column", torch.zeros(0, dtype=torch.long))
         self._text_cache: Dict[int, Tensor] = {}
         self._raw_text: Optional[Tensor] = None
         self.preprocess = DevicePreprocess(backbone) if resize_on_device else None
@@ -196,7 +196,7 @@ class CLIPHingeModel(nn.Module):
         self.column_of[torch.tensor(class_ids, device=self.column_of.device)] = torch.arange(
             start, start + len(class_ids), device=self.column_of.device)
         # the score columns' class ids as a tensor, built once per task (not per minibatch)
-        self.seen_index = torch.tensor(self.seen_classes, device=self.column_of.device)
+        self.class_of_column = torch.tensor(self.seen_classes, device=self.column_of.device)
         return task
 
     def set_trainable_prompts(self, tasks: Sequence[int]) -> None:
@@ -259,7 +259,7 @@ class CLIPHingeModel(nn.Module):
         """CLIP's learned temperature, ``exp(logit_scale)`` (100 for OpenAI weights)."""
         return self.clip.logit_scale.exp().float()
 
-    def encode_images(self, images: Tensor) -> Tensor:
+    def run_image_encoder(self, images: Tensor) -> Tensor:
         """``[batch, 3, H, W]`` -> ``[batch, dim]`` unnormalised frozen image features (float32).
 
         Gradients flow only when a LoRA adapter is active and grad mode is on (stage 2).
@@ -269,14 +269,14 @@ class CLIPHingeModel(nn.Module):
             images = self.preprocess(images)
         return self.clip.encode_image(images).float()
 
-    def image_features(self, x: Tensor) -> Tensor:
+    def frozen_features(self, x: Tensor) -> Tensor:
         """Frozen features of images ``[b, 3, H, W]``; features ``[b, dim]`` pass through."""
         if x.ndim == 2:
             return x.float()
         with torch.no_grad():
-            return self.encode_images(x)
+            return self.run_image_encoder(x)
 
-    def image_embedding(self, features: Tensor) -> Tensor:
+    def adapted_embedding(self, features: Tensor) -> Tensor:
         """``[batch, dim]`` frozen features -> normalised embedding (after the adapter, if any)."""
         if self.adapter is not None:
             features = self.adapter(features)
@@ -291,7 +291,7 @@ class CLIPHingeModel(nn.Module):
         """
         text = self.text_features() if text_features is None else text_features
         with torch.autocast(device_type=features.device.type, enabled=False):
-            image = self.image_embedding(features.float())
+            image = self.adapted_embedding(features.float())
             return self.logit_scale * image @ text.float().T
 
     def head_logits(self, x: Tensor, features: Tensor) -> Tensor:
@@ -315,7 +315,7 @@ class CLIPHingeModel(nn.Module):
                                          "the strategy evaluates on images once an adapter "
                                          "exists")
                     with torch.no_grad(), self.lora.using(f"task{task}"):
-                        feats = self.encode_images(x)
+                        feats = self.run_image_encoder(x)
                 out[:, start:stop] = self.heads[key](feats)
             else:
                 text = self.task_text_features(task).float()
@@ -329,7 +329,7 @@ class CLIPHingeModel(nn.Module):
         """``[batch, n_seen]`` -> ``[batch, n_outputs]`` in class-id order, unseen = UNSEEN_SCORE."""
         out = torch.full((seen_scores.shape[0], self.n_outputs), UNSEEN_SCORE,
                          dtype=seen_scores.dtype, device=seen_scores.device)
-        out[:, self.seen_index] = seen_scores
+        out[:, self.class_of_column] = seen_scores
         return out
 
     def seen_scores(self, x: Tensor, text_features: Optional[Tensor] = None) -> Tensor:
@@ -337,7 +337,7 @@ class CLIPHingeModel(nn.Module):
 
         ``text_features``: see ``clip_logits``.
         """
-        features = self.image_features(x)
+        features = self.frozen_features(x)
         scores = self.clip_logits(features, text_features)
         if not self.training and len(self.heads) > 0:
             scores = fuse_logits(scores, self.head_logits(x, features), self.fusion_weight)
@@ -410,7 +410,7 @@ class CLIPHingeModel(nn.Module):
             batch = torch.stack([to_input(x) for x in images[start:start + batch_size]])
             scores.append(self(batch.to(device)).float())
         self.train(was_training)
-        seen = self.seen_index
+        seen = self.class_of_column
         top = torch.cat(scores)[:, seen].topk(min(k, seen.numel()), dim=1)
         ids = seen[top.indices].cpu()
         names = [[self.names[int(c)] for c in row] for row in ids]
