@@ -1,4 +1,5 @@
 """``python -m avalanche_cliphinge``: the ``cliphinge`` command."""
+
 import sys
 
 from .app.command import main

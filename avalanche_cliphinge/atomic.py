@@ -5,6 +5,7 @@ logs and TensorBoard files of a resume) goes through ``write_atomic``: a tempora
 ``.<name>.<random>`` in the same folder, fsynced, renamed over the target, then the folder
 fsynced. A reader, or a crash at any moment, sees the old file or the new one, never a part.
 """
+
 from __future__ import annotations
 
 import errno
@@ -46,8 +47,13 @@ def temp_prefix(name: str) -> str:
     return f".{name}."
 
 
-def write_atomic(path: Path, mode: str, write: Callable[[Any], None],
-                 kill_tag: Optional[str] = None, experience: Optional[int] = None) -> None:
+def write_atomic(
+    path: Path,
+    mode: str,
+    write: Callable[[Any], None],
+    kill_tag: Optional[str] = None,
+    experience: Optional[int] = None,
+) -> None:
     """Write through a temporary file in the same folder, fsync, rename over ``path``, fsync
     the folder: a reader (or a crash) sees the old file or the new one, never a partial one.
 
@@ -101,8 +107,7 @@ def remove_temp_files(folder: Path, is_target: Callable[[str], bool]) -> List[Pa
     removed = []
     for path in folder.iterdir():
         stem, dot, suffix = path.name[1:].rpartition(".")
-        if (path.name.startswith(".") and dot and suffix and is_target(stem)
-                and path.is_file()):
+        if path.name.startswith(".") and dot and suffix and is_target(stem) and path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
@@ -114,13 +119,20 @@ def save_atomic(obj: Any, path: Path, experience: Optional[int] = None) -> None:
     torch reports a full disk as ``RuntimeError`` (``inline_container.cc ... unexpected
     pos``); it is raised as an ``OSError`` naming ``path``.
     """
+
     def write(file):
         try:
             torch.save(obj, file)
         except RuntimeError as err:
             reason = (str(err).strip().splitlines() or [""])[0][:160]
-            raise OSError(errno.EIO, f"torch.save failed, disk full? ({reason})",
-                          str(path)) from None
+            raise OSError(
+                errno.EIO, f"torch.save failed, disk full? ({reason})", str(path)
+            ) from None
 
-    write_atomic(path, "wb", write, kill_tag="checkpoint" if experience is not None else None,
-                 experience=experience)
+    write_atomic(
+        path,
+        "wb",
+        write,
+        kill_tag="checkpoint" if experience is not None else None,
+        experience=experience,
+    )

@@ -27,6 +27,7 @@ the captured step cannot reproduce (a plugin that edits the loss or the gradient
 callback, a criterion other than cross-entropy, an optimizer other than Adam, training on
 images) makes the task run Avalanche's eager step, with a warning naming the reason once.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,11 +47,24 @@ from .metrics import EpochSums, metric_needs
 
 #: The callbacks inside a step: a plugin implementing one can see or change the step's
 #: loss, gradients or weights, which the captured step does not expose.
-INSIDE_STEP = ("before_forward", "after_forward", "before_backward", "after_backward",
-               "before_update", "after_update")
+INSIDE_STEP = (
+    "before_forward",
+    "after_forward",
+    "before_backward",
+    "after_backward",
+    "before_update",
+    "after_update",
+)
 #: The strategy methods the captured step replaces; a subclass overriding one runs eagerly.
-STEP_METHODS = ("training_epoch", "forward", "criterion", "backward", "optimizer_step",
-                "_stage1_scores", "_stage1_logits")
+STEP_METHODS = (
+    "training_epoch",
+    "forward",
+    "criterion",
+    "backward",
+    "optimizer_step",
+    "_stage1_scores",
+    "_stage1_logits",
+)
 
 
 @dataclass
@@ -81,8 +95,9 @@ class StepTerm:
 def overrides(obj, name: str) -> bool:
     """Whether ``obj``'s class implements callback ``name`` (not Avalanche's empty one)."""
     implementation = getattr(type(obj), name, None)
-    return implementation is not None and implementation is not getattr(SupervisedPlugin,
-                                                                         name, None)
+    return implementation is not None and implementation is not getattr(
+        SupervisedPlugin, name, None
+    )
 
 
 def replaced_by_terms(plugin, name: str) -> bool:
@@ -105,10 +120,14 @@ def plugin_needs(plugin, name: str, epoch_sums: bool) -> bool:
     if isinstance(plugin, EvaluationPlugin):
         return plugin.active and (
             any(metric_needs(m, name, epoch_sums) for m in plugin.metrics)
-            or any(overrides(logger, name) for logger in plugin.loggers))
+            or any(overrides(logger, name) for logger in plugin.loggers)
+        )
     if isinstance(plugin, PeriodicEval):
-        return (name == "after_training_iteration" and plugin.peval_mode == "iteration"
-                and plugin.eval_every > 0)
+        return (
+            name == "after_training_iteration"
+            and plugin.peval_mode == "iteration"
+            and plugin.eval_every > 0
+        )
     return overrides(plugin, name)
 
 
@@ -186,9 +205,11 @@ class CompiledStep:
     def _fall_back(self, reason: str) -> bool:
         if reason not in self._warned:
             self._warned.add(reason)
-            warnings.warn(f"compile_step: {reason}, which the captured step cannot run; this "
-                          "task trains with the eager step (Avalanche's loop and callbacks)",
-                          stacklevel=3)
+            warnings.warn(
+                f"compile_step: {reason}, which the captured step cannot run; this "
+                "task trains with the eager step (Avalanche's loop and callbacks)",
+                stacklevel=3,
+            )
         return False
 
     # ---- per task ---------------------------------------------------------------------------
@@ -215,52 +236,68 @@ class CompiledStep:
             for key in state:
                 if key in kept:
                     state[key].append(kept[key])
-        hyper = {"amsgrad": group["amsgrad"], "beta1": group["betas"][0],
-                 "beta2": group["betas"][1], "weight_decay": group["weight_decay"],
-                 "eps": group["eps"], "maximize": group["maximize"],
-                 "decoupled_weight_decay": group["decoupled_weight_decay"]}
+        hyper = {
+            "amsgrad": group["amsgrad"],
+            "beta1": group["betas"][0],
+            "beta2": group["betas"][1],
+            "weight_decay": group["weight_decay"],
+            "eps": group["eps"],
+            "maximize": group["maximize"],
+            "decoupled_weight_decay": group["decoupled_weight_decay"],
+        }
         with torch.no_grad():
-            model.text_features()          # frozen tasks' features cached before tracing
+            model.text_features()  # frozen tasks' features cached before tracing
         sizes = [min(batch, n - start) for start in range(0, n, batch)]
         # the last minibatch, when smaller, is padded with ignored rows: one step shape
         valid = torch.arange(len(sizes) * batch).view(len(sizes), batch) < n
-        task = _Task(sizes=sizes, features=loader.features, labels=loader.labels,
-                     tasks=loader._tasks, order=torch.zeros_like(valid, dtype=torch.long,
-                                                                 device=device),
-                     valid=valid.to(device), counter=torch.zeros((), dtype=torch.long,
-                                                                 device=device),
-                     lr=torch.zeros((), dtype=torch.float32, device=device),
-                     params=params, state=state, hyper=hyper, frozen=list(s._frozen_rows),
-                     nonfinite_step=torch.full((), -1, dtype=torch.long, device=device))
+        task = _Task(
+            sizes=sizes,
+            features=loader.features,
+            labels=loader.labels,
+            tasks=loader._tasks,
+            order=torch.zeros_like(valid, dtype=torch.long, device=device),
+            valid=valid.to(device),
+            counter=torch.zeros((), dtype=torch.long, device=device),
+            lr=torch.zeros((), dtype=torch.float32, device=device),
+            params=params,
+            state=state,
+            hyper=hyper,
+            frozen=list(s._frozen_rows),
+            nonfinite_step=torch.full((), -1, dtype=torch.long, device=device),
+        )
         task.graph = self.compile(types.MethodType(_fresh(CompiledStep._step), self))
         return task
 
     def compile(self, step: Callable) -> Callable:
         """``torch.compile(step, fullgraph=True)``: inductor, with CUDA graphs on CUDA."""
         cuda = self.strategy.device.type == "cuda"
-        return torch.compile(step, fullgraph=True, dynamic=False,
-                             mode="reduce-overhead" if cuda else None)
+        return torch.compile(
+            step, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None
+        )
 
     def _fill(self, task: _Task, first_epoch: bool) -> None:
         """The epoch's inputs into the task's buffers (allocated at its first epoch)."""
         s, device = self.strategy, self.strategy.device
         order = s.dataloader.sampler.order()
-        task.order.view(-1)[:order.numel()].copy_(order.to(device, non_blocking=True))
+        task.order.view(-1)[: order.numel()].copy_(order.to(device, non_blocking=True))
         n_steps = len(task.sizes)
         replay = s.step.replay_epoch(n_steps) if s.step.replay_epoch is not None else None
         if replay is not None:
             feats, labels = replay
             ignore = s._criterion.ignore_index
-            cols = torch.where(labels >= 0, s.model.column_of[labels.clamp(min=0)],
-                               torch.full_like(labels, ignore))
+            cols = torch.where(
+                labels >= 0, s.model.column_of[labels.clamp(min=0)], torch.full_like(labels, ignore)
+            )
             replay = (feats.to(device, torch.float32), cols.to(device))
         drawn = [(term, term.draw(n_steps)) for term in s.step.terms.values()]
         if first_epoch:
             task.replay = None if replay is None else tuple(t.clone() for t in replay)
             task.terms = [(term, tuple(t.clone() for t in inputs)) for term, inputs in drawn]
             task.names = ["cross_entropy"] + [n for term, _ in drawn for n in term.weights]
-            task.sums = {name: torch.zeros((), dtype=torch.float64, device=device)
-                         for name in ["accuracy", "loss"] + task.names}
+            task.sums = {
+                name: torch.zeros((), dtype=torch.float64, device=device)
+                for name in ["accuracy", "loss"] + task.names
+            }
             task.nonfinite_terms = {name: torch.zeros((), device=device) for name in task.names}
             self._mark_static(task)
         else:
@@ -282,12 +319,23 @@ class CompiledStep:
         use them in place instead of copying them in at every replay."""
         if self.strategy.device.type != "cuda":
             return
-        buffers = [task.features, task.labels, task.tasks, task.order, task.valid,
-                   task.counter, task.lr, task.nonfinite_step, *task.sums.values(),
-                   *task.nonfinite_terms.values(), *[p.grad for p in task.params],
-                   *[t for ts in task.state.values() for t in ts],
-                   *(task.replay or ()), *[t for _, inputs in task.terms for t in inputs],
-                   *self.strategy.model._text_cache.values()]
+        buffers = [
+            task.features,
+            task.labels,
+            task.tasks,
+            task.order,
+            task.valid,
+            task.counter,
+            task.lr,
+            task.nonfinite_step,
+            *task.sums.values(),
+            *task.nonfinite_terms.values(),
+            *[p.grad for p in task.params],
+            *[t for ts in task.state.values() for t in ts],
+            *(task.replay or ()),
+            *[t for _, inputs in task.terms for t in inputs],
+            *self.strategy.model._text_cache.values(),
+        ]
         for tensor in buffers:
             torch._dynamo.mark_static_address(tensor)
 
@@ -309,10 +357,16 @@ class CompiledStep:
         self._fill(task, first_epoch)
         s._nonfinite_step, s._nonfinite_terms = task.nonfinite_step, task.nonfinite_terms
         sums = s.epoch_sums = EpochSums(task.sums)
-        before = [getattr(p, "before_training_iteration") for p in s.plugins
-                  if p is not s.clock and plugin_needs(p, "before_training_iteration", True)]
-        after = [getattr(p, "after_training_iteration") for p in s.plugins
-                 if p is not s.clock and plugin_needs(p, "after_training_iteration", True)]
+        before = [
+            p.before_training_iteration
+            for p in s.plugins
+            if p is not s.clock and plugin_needs(p, "before_training_iteration", True)
+        ]
+        after = [
+            p.after_training_iteration
+            for p in s.plugins
+            if p is not s.clock and plugin_needs(p, "after_training_iteration", True)
+        ]
         mark = torch.compiler.cudagraph_mark_step_begin if s.device.type == "cuda" else None
         sync_lr = s.user_scheduler
         names, clock, graph, full = task.names, s.clock, task.graph, task.order.shape[1]
@@ -329,7 +383,7 @@ class CompiledStep:
                 try:
                     out = graph()
                 except torch._dynamo.exc.Unsupported:
-                    out = self._trace(graph)       # a guard failed: torch traces it again
+                    out = self._trace(graph)  # a guard failed: torch traces it again
             else:
                 out = self._trace(graph)
                 task.traced = True
@@ -371,7 +425,7 @@ class CompiledStep:
         with s.autocast():
             scores, replay_scores, text = s._stage1_scores(x, replay)
         logits, targets = s._stage1_logits(scores, y, replay_scores, cols)
-        padding = torch.cat([~valid, torch.zeros_like(targets[valid.numel():], dtype=bool)])
+        padding = torch.cat([~valid, torch.zeros_like(targets[valid.numel() :], dtype=bool)])
         targets = targets.masked_fill(padding, s._criterion.ignore_index)
         values = {"cross_entropy": s._criterion(logits, targets)}
         loss = values["cross_entropy"]
@@ -396,22 +450,36 @@ class CompiledStep:
         with torch.no_grad():
             saved = [ctx.detach().clone() for ctx, _ in task.frozen]
             grads = [p.grad for p in task.params]
-            adam(task.params, grads, task.state["exp_avg"], task.state["exp_avg_sq"],
-                 task.state["max_exp_avg_sq"], task.state["step"], foreach=False,
-                 capturable=True, differentiable=False, fused=False, lr=task.lr,
-                 **task.hyper)
+            adam(
+                task.params,
+                grads,
+                task.state["exp_avg"],
+                task.state["exp_avg_sq"],
+                task.state["max_exp_avg_sq"],
+                task.state["step"],
+                foreach=False,
+                capturable=True,
+                differentiable=False,
+                fused=False,
+                lr=task.lr,
+                **task.hyper,
+            )
             # rows of a returning task whose classes are absent stay as they were
             for (ctx, keep), old in zip(task.frozen, saved):
                 ctx.copy_(torch.where(keep[:, None, None], old, ctx))
             for grad in grads:
                 grad.zero_()
             k.add_(1)
-        return (x, y, task_labels, scores, detached,
-                *[value.detach() for value in values.values()])
+        return (x, y, task_labels, scores, detached, *[value.detach() for value in values.values()])
 
 
 def _fresh(function: types.FunctionType) -> types.FunctionType:
     """``function`` with a code object of its own: torch.compile keeps its graphs, and counts
     recompilations against its limit, per code object."""
-    return types.FunctionType(function.__code__.replace(), function.__globals__,
-                              function.__name__, function.__defaults__, function.__closure__)
+    return types.FunctionType(
+        function.__code__.replace(),
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )

@@ -5,6 +5,7 @@ implementation adds a few (model, prompt and speed keys). Defaults follow the pu
 starting points listed in the README's config table (RAPF on CIFAR-100 B0 Inc10 for the
 optimiser, hinge margin, threshold and replay budget; CoOp for the prompt length).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -150,15 +151,19 @@ class CLIPHingeConfig:
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as err:
-            raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: "
-                              f"{err.object[err.start:err.start + 1]!r}); save it as UTF-8 "
-                              "JSON") from None
+            raise ConfigError(
+                f"{path} is not UTF-8 text (byte {err.start}: "
+                f"{err.object[err.start : err.start + 1]!r}); save it as UTF-8 "
+                "JSON"
+            ) from None
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}): "
-                              f"{err.msg}") from None
+            raise ConfigError(
+                f"{path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}"
+            ) from None
         if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold one JSON object of config keys, got "
-                              f"{type(values).__name__}")
+            raise ConfigError(
+                f"{path} must hold one JSON object of config keys, got {type(values).__name__}"
+            )
         values.pop("reproduces", None)
         return cls.from_dict(values, source=str(path))
 
@@ -213,10 +218,12 @@ class CLIPHingeConfig:
         (a stream builder) needs set."""
         unset = [k for k in ("init_class", "increment", "total_tasks") if getattr(self, k) is None]
         if unset:
-            raise ConfigError(f"{what} needs the task layout but {', '.join(unset)} "
-                              f"{'is' if len(unset) == 1 else 'are'} unset; set "
-                              f"{' '.join(f'--set {k}=...' for k in unset)} or use a preset "
-                              "(cliphinge presets)")
+            raise ConfigError(
+                f"{what} needs the task layout but {', '.join(unset)} "
+                f"{'is' if len(unset) == 1 else 'are'} unset; set "
+                f"{' '.join(f'--set {k}=...' for k in unset)} or use a preset "
+                "(cliphinge presets)"
+            )
 
     def task_size(self, task: int) -> Optional[int]:
         """Number of classes of task ``task`` (0-based); ``None`` when left to the stream."""
@@ -229,7 +236,8 @@ class CLIPHingeConfig:
             raise ConfigError(
                 f"init_class + increment * (total_tasks - 1) = {self.init_class} + "
                 f"{self.increment} * {self.total_tasks - 1} = {self.n_classes}, but {what} has "
-                f"{n_classes} classes; change init_class, increment or total_tasks to add up")
+                f"{n_classes} classes; change init_class, increment or total_tasks to add up"
+            )
 
     def validate(self) -> None:
         """Type and range checks; raises ``ConfigError`` with the key and the allowed values."""
@@ -237,76 +245,145 @@ class CLIPHingeConfig:
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), "config"))
         for key in ["init_class", "increment", "total_tasks"]:
             value = getattr(self, key)
-            _require(key, value is None or value >= 1, ">= 1, or null to read it off the stream",
-                     value)
+            _require(
+                key, value is None or value >= 1, ">= 1, or null to read it off the stream", value
+            )
         positive_int = ["batch_size", "n_ctx", "eval_batch_size", "lora_rank", "gaussian_rank"]
         for key in positive_int:
             _require(key, getattr(self, key) >= 1, ">= 1", getattr(self, key))
-        non_negative = ["init_epochs", "epochs", "samples_per_old_class",
-                        "replay_classes_per_step", "hinge_samples_per_pair", "second_stage_epochs",
-                        "second_stage_start_task", "num_workers", "weight_decay",
-                        "second_stage_weight_decay", "text_hinge_weight", "image_hinge_weight",
-                        "second_stage_fusion_weight", "covariance_jitter", "text_hinge_margin",
-                        "image_hinge_margin"]
+        non_negative = [
+            "init_epochs",
+            "epochs",
+            "samples_per_old_class",
+            "replay_classes_per_step",
+            "hinge_samples_per_pair",
+            "second_stage_epochs",
+            "second_stage_start_task",
+            "num_workers",
+            "weight_decay",
+            "second_stage_weight_decay",
+            "text_hinge_weight",
+            "image_hinge_weight",
+            "second_stage_fusion_weight",
+            "covariance_jitter",
+            "text_hinge_margin",
+            "image_hinge_margin",
+        ]
         for key in non_negative:
             _require(key, getattr(self, key) >= 0, ">= 0", getattr(self, key))
-        for key in ["lr", "init_lr", "second_stage_lr", "second_stage_logit_scale", "lora_alpha",
-                    "feature_cache_max_gb"]:
+        for key in [
+            "lr",
+            "init_lr",
+            "second_stage_lr",
+            "second_stage_logit_scale",
+            "lora_alpha",
+            "feature_cache_max_gb",
+        ]:
             value = getattr(self, key)
             _require(key, value > 0 and math.isfinite(value), "> 0 and finite", value)
         for key in ["lr_decay_factor", "second_stage_momentum"]:
             value = getattr(self, key)
             _require(key, 0 <= value <= 1, "in [0, 1]", value)
-        _require("covariance_shrinkage", 0 <= self.covariance_shrinkage <= 1, "in [0, 1]",
-                 self.covariance_shrinkage)
+        _require(
+            "covariance_shrinkage",
+            0 <= self.covariance_shrinkage <= 1,
+            "in [0, 1]",
+            self.covariance_shrinkage,
+        )
         for key in ["text_top_hard_pairs", "image_top_hard_pairs"]:
             value = getattr(self, key)
             _require(key, value is None or value >= 0, ">= 0, or null for no cap", value)
-        _require("text_hard_pair_metric", self.text_hard_pair_metric in ("cosine", "euclidean"),
-                 "'cosine' (pairs above the threshold) or 'euclidean' (pairs of unit text "
-                 "features closer than the threshold)", self.text_hard_pair_metric)
+        _require(
+            "text_hard_pair_metric",
+            self.text_hard_pair_metric in ("cosine", "euclidean"),
+            "'cosine' (pairs above the threshold) or 'euclidean' (pairs of unit text "
+            "features closer than the threshold)",
+            self.text_hard_pair_metric,
+        )
         if self.text_hard_pair_metric == "euclidean":
-            _require("text_hard_pair_threshold", 0 <= self.text_hard_pair_threshold <= 2,
-                     "a distance between unit vectors in [0, 2] with text_hard_pair_metric "
-                     "'euclidean'", self.text_hard_pair_threshold)
+            _require(
+                "text_hard_pair_threshold",
+                0 <= self.text_hard_pair_threshold <= 2,
+                "a distance between unit vectors in [0, 2] with text_hard_pair_metric 'euclidean'",
+                self.text_hard_pair_threshold,
+            )
         else:
-            _require("text_hard_pair_threshold", -1 <= self.text_hard_pair_threshold <= 1,
-                     "a cosine similarity in [-1, 1]", self.text_hard_pair_threshold)
-        _require("image_hard_pair_threshold", -1 <= self.image_hard_pair_threshold <= 1,
-                 "a cosine similarity in [-1, 1]", self.image_hard_pair_threshold)
+            _require(
+                "text_hard_pair_threshold",
+                -1 <= self.text_hard_pair_threshold <= 1,
+                "a cosine similarity in [-1, 1]",
+                self.text_hard_pair_threshold,
+            )
+        _require(
+            "image_hard_pair_threshold",
+            -1 <= self.image_hard_pair_threshold <= 1,
+            "a cosine similarity in [-1, 1]",
+            self.image_hard_pair_threshold,
+        )
         if self.replay_classes_per_step > 0:
-            _require("samples_per_old_class", self.samples_per_old_class >= 1,
-                     ">= 1 when replay_classes_per_step > 0 (features per replayed class and "
-                     "step)", self.samples_per_old_class)
-        _require("gaussian_storage", self.gaussian_storage in ("full", "bf16", "lowrank"),
-                 "'full' (float32 Cholesky factors, d*d*4 bytes a class), 'bf16' (the same in "
-                 "bfloat16, half the bytes) or 'lowrank' (rank gaussian_rank plus a diagonal, "
-                 "d*(gaussian_rank+1)*4 bytes)", self.gaussian_storage)
-        _require("returning_class_prompts", self.returning_class_prompts in ("train", "freeze"),
-                 "'train' or 'freeze'", self.returning_class_prompts)
-        _require("precision", self.precision in ("fp32", "bf16"), "'fp32' or 'bf16'",
-                 self.precision)
-        _require("lr_decay_epochs", all(e >= 1 for e in self.lr_decay_epochs),
-                 "a list of epoch indices >= 1", self.lr_decay_epochs)
-        _require("lora_layers", all(i >= 0 for i in self.lora_layers),
-                 "a list of transformer block indices >= 0", self.lora_layers)
-        _require("prompt_template", _template_fields(self.prompt_template) == [("", "", None)],
-                 "a template with exactly one '{}' for the class name and no other field",
-                 self.prompt_template)
-        _require("pretrained", self.pretrained is None or self.pretrained.strip() != "",
-                 "an open_clip tag (openai), a weights file, or null for random weights",
-                 self.pretrained)
+            _require(
+                "samples_per_old_class",
+                self.samples_per_old_class >= 1,
+                ">= 1 when replay_classes_per_step > 0 (features per replayed class and step)",
+                self.samples_per_old_class,
+            )
+        _require(
+            "gaussian_storage",
+            self.gaussian_storage in ("full", "bf16", "lowrank"),
+            "'full' (float32 Cholesky factors, d*d*4 bytes a class), 'bf16' (the same in "
+            "bfloat16, half the bytes) or 'lowrank' (rank gaussian_rank plus a diagonal, "
+            "d*(gaussian_rank+1)*4 bytes)",
+            self.gaussian_storage,
+        )
+        _require(
+            "returning_class_prompts",
+            self.returning_class_prompts in ("train", "freeze"),
+            "'train' or 'freeze'",
+            self.returning_class_prompts,
+        )
+        _require(
+            "precision", self.precision in ("fp32", "bf16"), "'fp32' or 'bf16'", self.precision
+        )
+        _require(
+            "lr_decay_epochs",
+            all(e >= 1 for e in self.lr_decay_epochs),
+            "a list of epoch indices >= 1",
+            self.lr_decay_epochs,
+        )
+        _require(
+            "lora_layers",
+            all(i >= 0 for i in self.lora_layers),
+            "a list of transformer block indices >= 0",
+            self.lora_layers,
+        )
+        _require(
+            "prompt_template",
+            _template_fields(self.prompt_template) == [("", "", None)],
+            "a template with exactly one '{}' for the class name and no other field",
+            self.prompt_template,
+        )
+        _require(
+            "pretrained",
+            self.pretrained is None or self.pretrained.strip() != "",
+            "an open_clip tag (openai), a weights file, or null for random weights",
+            self.pretrained,
+        )
         self._check_upper_bounds()
         if isinstance(self.class_order, str):
-            _require("class_order", self.class_order in ("icarl", "rapf", "pycil", "natural"),
-                     "'icarl', 'rapf', 'pycil', 'natural' or a list of class ids",
-                     self.class_order)
-        elif not (isinstance(self.class_order, list)
-                  and all(isinstance(c, int) and not isinstance(c, bool)
-                          for c in self.class_order)):
-            raise ConfigError("class_order must be 'icarl', 'rapf', 'pycil', 'natural' or a list "
-                              f"of integer class ids, got {self.class_order!r}")
-
+            _require(
+                "class_order",
+                self.class_order in ("icarl", "rapf", "pycil", "natural"),
+                "'icarl', 'rapf', 'pycil', 'natural' or a list of class ids",
+                self.class_order,
+            )
+        elif not (
+            isinstance(self.class_order, list)
+            and all(isinstance(c, int) and not isinstance(c, bool) for c in self.class_order)
+        ):
+            raise ConfigError(
+                "class_order must be 'icarl', 'rapf', 'pycil', 'natural' or a list "
+                f"of integer class ids, got {self.class_order!r}"
+            )
 
     def _check_upper_bounds(self) -> None:
         """Upper bounds the run can honour: float32 range, the text encoder's context,
@@ -315,35 +392,51 @@ class CLIPHingeConfig:
         for key, kind in _TYPES.items():
             value = getattr(self, key)
             if kind == "float":
-                _require(key, math.isfinite(value) and abs(value) <= FLOAT32_MAX,
-                         f"finite and within float32's range (|x| <= {FLOAT32_MAX:.4g})",
-                         value)
+                _require(
+                    key,
+                    math.isfinite(value) and abs(value) <= FLOAT32_MAX,
+                    f"finite and within float32's range (|x| <= {FLOAT32_MAX:.4g})",
+                    value,
+                )
         for key, most in INT_BOUNDS.items():
             value = getattr(self, key)
             values = value if isinstance(value, list) else [value]
-            _require(key, all(v is None or v <= most for v in values), f"at most {most}",
-                     value)
-        _require("seed", 0 <= self.seed < 2 ** 32, "in 0..2**32 - 1 (numpy's legacy seeds)",
-                 self.seed)
-        _require("hinge_samples_per_pair", self.hinge_samples_per_pair >= 1, ">= 1",
-                 self.hinge_samples_per_pair)
+            _require(key, all(v is None or v <= most for v in values), f"at most {most}", value)
+        _require(
+            "seed", 0 <= self.seed < 2**32, "in 0..2**32 - 1 (numpy's legacy seeds)", self.seed
+        )
+        _require(
+            "hinge_samples_per_pair",
+            self.hinge_samples_per_pair >= 1,
+            ">= 1",
+            self.hinge_samples_per_pair,
+        )
         # a layout left to the stream is sized as CIFAR-100 for these estimates
         n_classes = self.n_classes if self.layout_is_set else 100
         per_sample = n_classes * MAX_FEATURE_DIM * 4
         most = MEMORY_BUDGET_BYTES // per_sample
-        _require("samples_per_old_class", self.samples_per_old_class <= most,
-                 f"at most {most} (replayed {MAX_FEATURE_DIM}-d float32 features of "
-                 f"{n_classes} classes within {MEMORY_BUDGET_BYTES >> 30} GiB)",
-                 self.samples_per_old_class)
+        _require(
+            "samples_per_old_class",
+            self.samples_per_old_class <= most,
+            f"at most {most} (replayed {MAX_FEATURE_DIM}-d float32 features of "
+            f"{n_classes} classes within {MEMORY_BUDGET_BYTES >> 30} GiB)",
+            self.samples_per_old_class,
+        )
         # a task's pairs are (new, old): at most n**2 / 4, when half the classes are new
         most_pairs = max(1, n_classes * n_classes // 4)
-        caps = [most_pairs if cap is None else cap      # None: no cap
-                for cap in (self.text_top_hard_pairs, self.image_top_hard_pairs)]
+        caps = [
+            most_pairs if cap is None else cap  # None: no cap
+            for cap in (self.text_top_hard_pairs, self.image_top_hard_pairs)
+        ]
         pairs = max(1, min(max(caps), most_pairs))
         most = MEMORY_BUDGET_BYTES // (pairs * MAX_FEATURE_DIM * 4)
-        _require("hinge_samples_per_pair", self.hinge_samples_per_pair <= most,
-                 f"at most {most} (hinge samples of {pairs} pairs, {MAX_FEATURE_DIM}-d float32, "
-                 f"within {MEMORY_BUDGET_BYTES >> 30} GiB)", self.hinge_samples_per_pair)
+        _require(
+            "hinge_samples_per_pair",
+            self.hinge_samples_per_pair <= most,
+            f"at most {most} (hinge samples of {pairs} pairs, {MAX_FEATURE_DIM}-d float32, "
+            f"within {MEMORY_BUDGET_BYTES >> 30} GiB)",
+            self.hinge_samples_per_pair,
+        )
 
 
 #: Largest finite float32: every float key must fit (the model computes in float32).
@@ -354,21 +447,36 @@ MEMORY_BUDGET_BYTES = 8 << 30
 MAX_FEATURE_DIM = 1024
 #: Upper bounds of the integer keys. n_ctx: CLIP's 77-token context holds the start and end
 #: tokens, the context, at least one token of the class name and the full stop.
-INT_BOUNDS = {"init_class": 100_000, "increment": 100_000, "total_tasks": 10_000,
-              "init_epochs": 10_000, "epochs": 10_000, "second_stage_epochs": 10_000,
-              "batch_size": 1 << 20, "eval_batch_size": 1 << 20, "n_ctx": 73,
-              "text_top_hard_pairs": 1_000_000, "image_top_hard_pairs": 1_000_000,
-              "second_stage_start_task": 10_000, "lora_rank": 4096, "num_workers": 512,
-              "gaussian_rank": MAX_FEATURE_DIM,
-              "lr_decay_epochs": 10_000, "lora_layers": 1000}
+INT_BOUNDS = {
+    "init_class": 100_000,
+    "increment": 100_000,
+    "total_tasks": 10_000,
+    "init_epochs": 10_000,
+    "epochs": 10_000,
+    "second_stage_epochs": 10_000,
+    "batch_size": 1 << 20,
+    "eval_batch_size": 1 << 20,
+    "n_ctx": 73,
+    "text_top_hard_pairs": 1_000_000,
+    "image_top_hard_pairs": 1_000_000,
+    "second_stage_start_task": 10_000,
+    "lora_rank": 4096,
+    "num_workers": 512,
+    "gaussian_rank": MAX_FEATURE_DIM,
+    "lr_decay_epochs": 10_000,
+    "lora_layers": 1000,
+}
 
 
 def _template_fields(template: str):
     """``(literal, field name, format spec, conversion)`` minus the literal, per field of a
     ``str.format`` template; ``[("?", "?", "?")]`` for a template ``format`` cannot parse."""
     try:
-        return [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
-                if name is not None]
+        return [
+            (name, spec, conv)
+            for _, name, spec, conv in string.Formatter().parse(template)
+            if name is not None
+        ]
     except ValueError:
         return [("?", "?", "?")]
 
@@ -382,8 +490,7 @@ PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 
 def list_presets() -> Dict[str, str]:
     """``{preset name: what it reproduces}`` for every shipped preset, sorted by name."""
-    return {path.stem: config_reproduces(path) or ""
-            for path in sorted(PRESETS_DIR.glob("*.json"))}
+    return {path.stem: config_reproduces(path) or "" for path in sorted(PRESETS_DIR.glob("*.json"))}
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -400,15 +507,17 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
         return preset
     close = difflib.get_close_matches(str(name_or_path), list(list_presets()), n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    raise ConfigError(f"config '{name_or_path}' is neither a file nor a shipped preset; "
-                      f"{hint}presets: {', '.join(list_presets())}")
+    raise ConfigError(
+        f"config '{name_or_path}' is neither a file nor a shipped preset; "
+        f"{hint}presets: {', '.join(list_presets())}"
+    )
 
 
 def config_reproduces(name_or_path: str | Path) -> Optional[str]:
     """The ``"reproduces"`` entry of a config file or preset (``None`` when it has none)."""
     try:
         values = json.loads(resolve_config_path(name_or_path).read_text(encoding="utf-8"))
-    except (ValueError, OSError):       # the config itself reports a bad file
+    except (ValueError, OSError):  # the config itself reports a bad file
         return None
     note = values.get("reproduces") if isinstance(values, dict) else None
     return note if isinstance(note, str) else None
@@ -417,8 +526,7 @@ def config_reproduces(name_or_path: str | Path) -> Optional[str]:
 def unknown_key_message(key: str, source: str) -> str:
     """One line for an unknown key, naming the closest known key when there is one."""
     same_letters = [k for k in CLIPHingeConfig.keys() if k.lower() == key.lower()]
-    close = same_letters or difflib.get_close_matches(key, CLIPHingeConfig.keys(), n=1,
-                                                      cutoff=0.5)
+    close = same_letters or difflib.get_close_matches(key, CLIPHingeConfig.keys(), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; see the README's config table"
     return f"{source}: unknown config key '{key}'{hint}"
 
@@ -431,8 +539,9 @@ def _require(key: str, ok: bool, expected: str, value: Any) -> None:
 def _coerce(key: str, value: Any, source: str) -> Any:
     """Check ``value`` against the declared type of ``key``; ints are accepted for floats."""
     kind = _TYPES.get(key)
-    bad = ConfigError(f"{source}: config key '{key}' expects {kind}, got {value!r} "
-                      f"({type(value).__name__})")
+    bad = ConfigError(
+        f"{source}: config key '{key}' expects {kind}, got {value!r} ({type(value).__name__})"
+    )
     if kind == "bool":
         if not isinstance(value, bool):
             raise bad
@@ -454,7 +563,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             raise bad
     elif kind == "List[int]":
         if not isinstance(value, (list, tuple)) or any(
-                isinstance(v, bool) or not isinstance(v, int) for v in value):
+            isinstance(v, bool) or not isinstance(v, int) for v in value
+        ):
             raise bad
         value = list(value)
     return value

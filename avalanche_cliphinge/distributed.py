@@ -12,6 +12,7 @@ Every helper works, and does nothing, when ``torch.distributed`` is not initiali
 GPUs, gloo on CPU), each process on ``cuda:LOCAL_RANK``; Avalanche's ``init_distributed`` is
 not used (it takes the global rank as the CUDA index, wrong on a second machine).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -24,10 +25,27 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DEFAULT_TIMEOUT_MINUTES", "DistributedError", "agree", "all_true",
-           "broadcast_object", "deal_batches", "gather_batches", "init_from_env", "is_echo",
-           "is_initialized", "is_main", "launched", "local_rank", "local_world_size",
-           "on_main", "rank", "shutdown", "sync_learned_state", "world_size"]
+__all__ = [
+    "DEFAULT_TIMEOUT_MINUTES",
+    "DistributedError",
+    "agree",
+    "all_true",
+    "broadcast_object",
+    "deal_batches",
+    "gather_batches",
+    "init_from_env",
+    "is_echo",
+    "is_initialized",
+    "is_main",
+    "launched",
+    "local_rank",
+    "local_world_size",
+    "on_main",
+    "rank",
+    "shutdown",
+    "sync_learned_state",
+    "world_size",
+]
 
 #: How long a collective waits for the other ranks before the run stops with an error.
 DEFAULT_TIMEOUT_MINUTES = 30.0
@@ -67,8 +85,10 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise DistributedError(f"environment variable {name}={value!r} is not an integer; "
-                               "launch with torchrun, which sets it") from None
+        raise DistributedError(
+            f"environment variable {name}={value!r} is not an integer; "
+            "launch with torchrun, which sets it"
+        ) from None
 
 
 def launched() -> bool:
@@ -87,8 +107,9 @@ def local_world_size() -> int:
 
 
 # ---- joining and leaving ------------------------------------------------------------------
-def init_from_env(device: Optional[str] = None,
-                  timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> str:
+def init_from_env(
+    device: Optional[str] = None, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
+) -> str:
     """This process's device; under torchrun with several processes, also join their group.
 
     In one process (plain ``python``, or torchrun with one process) nothing is initialised:
@@ -106,32 +127,41 @@ def init_from_env(device: Optional[str] = None,
     if not launched():
         return device
     if not timeout_minutes > 0:
-        raise DistributedError(f"the process-group timeout must be positive, got "
-                               f"{timeout_minutes} minutes")
+        raise DistributedError(
+            f"the process-group timeout must be positive, got {timeout_minutes} minutes"
+        )
     try:
         kind = torch.device(device)
     except RuntimeError:
-        raise DistributedError(f"--device {device} is not a device; under torchrun pass "
-                               "--device cuda or --device cpu") from None
+        raise DistributedError(
+            f"--device {device} is not a device; under torchrun pass --device cuda or --device cpu"
+        ) from None
     local = _env_int("LOCAL_RANK", 0)
     if kind.type == "cuda":
         if kind.index is not None:
-            raise DistributedError(f"--device {device}: under torchrun every process takes "
-                                   "cuda:LOCAL_RANK; pass --device cuda or leave it out")
+            raise DistributedError(
+                f"--device {device}: under torchrun every process takes "
+                "cuda:LOCAL_RANK; pass --device cuda or leave it out"
+            )
         if local >= torch.cuda.device_count():
-            raise DistributedError(f"LOCAL_RANK {local} but this machine shows "
-                                   f"{torch.cuda.device_count()} GPUs; lower --nproc_per_node")
+            raise DistributedError(
+                f"LOCAL_RANK {local} but this machine shows "
+                f"{torch.cuda.device_count()} GPUs; lower --nproc_per_node"
+            )
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     elif kind.type != "cpu":
         raise DistributedError(f"--device {device}: several processes run on cpu or cuda")
     if not is_initialized():
         try:
-            dist.init_process_group("nccl" if kind.type == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(minutes=timeout_minutes))
-        except ValueError as err:        # torchrun's MASTER_ADDR, RANK... missing
-            raise DistributedError(f"cannot join the process group ({err}); launch with "
-                                   "torchrun") from None
+            dist.init_process_group(
+                "nccl" if kind.type == "cuda" else "gloo",
+                timeout=datetime.timedelta(minutes=timeout_minutes),
+            )
+        except ValueError as err:  # torchrun's MASTER_ADDR, RANK... missing
+            raise DistributedError(
+                f"cannot join the process group ({err}); launch with torchrun"
+            ) from None
         atexit.register(shutdown)
     return device
 
@@ -174,11 +204,10 @@ def deal_batches(batches: Sequence[T]) -> List[T]:
     Whole batches are dealt, never samples, so each batch is encoded exactly as one process
     would encode it (a batch split differently can change features in the last bits).
     """
-    return list(batches[rank()::world_size()])
+    return list(batches[rank() :: world_size()])
 
 
-def gather_batches(mine: List[Tensor], sizes: Sequence[int],
-                   device: torch.device | str) -> Tensor:
+def gather_batches(mine: List[Tensor], sizes: Sequence[int], device: torch.device | str) -> Tensor:
     """Every rank's batch outputs, back in batch order, on ``device``.
 
     Args:
@@ -193,19 +222,18 @@ def gather_batches(mine: List[Tensor], sizes: Sequence[int],
     if not is_initialized():
         return torch.cat(mine).to(device)
     world, me = world_size(), rank()
-    shape, dtype = broadcast_object((tuple(mine[0].shape[1:]), mine[0].dtype) if me == 0
-                                    else None)
+    shape, dtype = broadcast_object((tuple(mine[0].shape[1:]), mine[0].dtype) if me == 0 else None)
     counts = [sum(sizes[q::world]) for q in range(world)]
     comm = _comm_device()
     padded = torch.zeros((max(counts), *shape), dtype=dtype, device=comm)
     if mine:
-        padded[:counts[me]] = torch.cat(mine).to(comm)
+        padded[: counts[me]] = torch.cat(mine).to(comm)
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     pieces, offsets = [], [0] * world
     for index, size in enumerate(sizes):
         owner = index % world
-        pieces.append(parts[owner][offsets[owner]:offsets[owner] + size])
+        pieces.append(parts[owner][offsets[owner] : offsets[owner] + size])
         offsets[owner] += size
     return torch.cat(pieces).to(device)
 
@@ -213,8 +241,11 @@ def gather_batches(mine: List[Tensor], sizes: Sequence[int],
 def _learned_tensors(model: torch.nn.Module) -> List[Tensor]:
     """What training changes in a ``CLIPHingeModel``: every state entry but the frozen CLIP's
     (its LoRA adapters included). The tensors share the model's storage."""
-    return [t for name, t in model.state_dict().items()
-            if not name.startswith("clip.") or "lora_" in name]
+    return [
+        t
+        for name, t in model.state_dict().items()
+        if not name.startswith("clip.") or "lora_" in name
+    ]
 
 
 def sync_learned_state(model: torch.nn.Module) -> None:
@@ -237,11 +268,11 @@ def sync_learned_state(model: torch.nn.Module) -> None:
             if not is_main():
                 start = 0
                 for tensor in tensors:
-                    tensor.copy_(flat[start:start + tensor.numel()].view_as(tensor))
+                    tensor.copy_(flat[start : start + tensor.numel()].view_as(tensor))
                     start += tensor.numel()
     invalidate = getattr(model, "invalidate_text_cache", None)
     if invalidate is not None and not is_main():
-        invalidate()          # cached text features of the prompts just overwritten
+        invalidate()  # cached text features of the prompts just overwritten
 
 
 # ---- errors shared by every rank ----------------------------------------------------------

@@ -13,6 +13,7 @@ or file list gives a new key), and the data under it: for a file-backed dataset 
 size and modification time of every file (an image replaced in place gives a new key), for
 an in-memory one (tensors, numpy arrays) the content.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,8 +49,9 @@ def _leaves(dataset, depth: int = 0, seen: Optional[set] = None) -> List[object]
     if id(dataset) in seen or depth > 32:
         return []
     seen.add(id(dataset))
-    inner = [getattr(dataset, name) for name in _WRAPPERS
-             if name in getattr(dataset, "__dict__", {})]
+    inner = [
+        getattr(dataset, name) for name in _WRAPPERS if name in getattr(dataset, "__dict__", {})
+    ]
     if not inner:
         return [dataset]
     found = []
@@ -80,16 +82,25 @@ def _arrays_of(leaf) -> List[object]:
 def _content_digest(leaf, arrays: List[object]) -> bytes:
     """Digest of the arrays' bytes, memoised while the arrays are the same objects, at the
     same addresses and (tensors) not modified in place."""
-    signature = tuple((id(a), a.data_ptr() if isinstance(a, Tensor) else a.ctypes.data,
-                       tuple(a.shape), a._version if isinstance(a, Tensor) else 0)
-                      for a in arrays)
+    signature = tuple(
+        (
+            id(a),
+            a.data_ptr() if isinstance(a, Tensor) else a.ctypes.data,
+            tuple(a.shape),
+            a._version if isinstance(a, Tensor) else 0,
+        )
+        for a in arrays
+    )
     known = _content_digests.get(id(leaf))
     if known is not None and known[0]() is leaf and known[1] == signature:
         return known[2]
     digest = hashlib.blake2b(digest_size=16)
     for array in arrays:
-        data = array.detach().cpu().contiguous().numpy() if isinstance(array, Tensor) \
+        data = (
+            array.detach().cpu().contiguous().numpy()
+            if isinstance(array, Tensor)
             else np.ascontiguousarray(array)
+        )
         digest.update(str((data.dtype, data.shape)).encode())
         digest.update(memoryview(data.reshape(-1).view(np.uint8)))
     try:
@@ -169,8 +180,9 @@ class FeatureCache:
         """Bytes held in memory."""
         return sum(self._size(e) for e in self._entries.values())
 
-    def get_or_compute(self, key: str, compute: Callable[[], Features],
-                       device: Optional[torch.device] = None) -> Features:
+    def get_or_compute(
+        self, key: str, compute: Callable[[], Features], device: Optional[torch.device] = None
+    ) -> Features:
         """The entry of ``key``: from memory, else from disk, else ``compute()`` (then stored).
 
         An entry read from disk is kept in memory on ``device`` (default: the CPU), so later

@@ -1,4 +1,5 @@
 """Per-class Gaussian statistics of frozen image features, and batched sampling from them."""
+
 from __future__ import annotations
 
 import math
@@ -22,13 +23,15 @@ def class_gaussian_stats(features: Tensor, labels: Tensor) -> Tuple[Tensor, Tens
         for a class with a single sample. Computed in float64, returned in float32.
     """
     if features.ndim != 2 or labels.ndim != 1 or features.shape[0] != labels.shape[0]:
-        raise ValueError(f"expected features [n, dim] and labels [n], got "
-                         f"{tuple(features.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected features [n, dim] and labels [n], got "
+            f"{tuple(features.shape)} and {tuple(labels.shape)}"
+        )
     classes, order, bounds = _group_by_class(labels)
     feats = features.detach()
     means, covs = [], []
     for i in range(len(classes)):
-        mu, cov = _one_class_stats(feats, order[bounds[i]:bounds[i + 1]])
+        mu, cov = _one_class_stats(feats, order[bounds[i] : bounds[i + 1]])
         means.append(mu)
         covs.append(cov)
     classes = classes.to(labels.device)
@@ -55,8 +58,7 @@ def _one_class_stats(features: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor]:
     return mu, centred.T @ centred / max(x.shape[0] - 1, 1)
 
 
-def make_positive_definite(covs: Tensor, shrinkage: float = 0.0,
-                           jitter: float = 1e-4) -> Tensor:
+def make_positive_definite(covs: Tensor, shrinkage: float = 0.0, jitter: float = 1e-4) -> Tensor:
     """``(1 - s) * cov + s * (trace(cov) / dim) * I + jitter * I`` for each ``[dim, dim]`` matrix.
 
     ``shrinkage`` ``s`` in [0, 1] pulls the covariance towards a scaled identity (useful when
@@ -89,8 +91,9 @@ def rapf_shrink_cov(covs: Tensor) -> Tensor:
     return covs + diag_mean[..., None, None] * eye + off_mean[..., None, None] * (1 - eye)
 
 
-def pool_gaussian_stats(count_a: Tensor, mean_a: Tensor, cov_a: Tensor, count_b: Tensor,
-                        mean_b: Tensor, cov_b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def pool_gaussian_stats(
+    count_a: Tensor, mean_a: Tensor, cov_a: Tensor, count_b: Tensor, mean_b: Tensor, cov_b: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Count, mean and unbiased covariance of the union of two samples, from their statistics.
 
     With ``n = n_a + n_b``: ``mean = (n_a mean_a + n_b mean_b) / n`` and
@@ -102,9 +105,11 @@ def pool_gaussian_stats(count_a: Tensor, mean_a: Tensor, cov_a: Tensor, count_b:
     n = n_a + n_b
     delta = mean_a.double() - mean_b.double()
     mean = (n_a[:, None] * mean_a.double() + n_b[:, None] * mean_b.double()) / n[:, None]
-    scatter = ((n_a - 1).clamp(min=0)[:, None, None] * cov_a.double()
-               + (n_b - 1).clamp(min=0)[:, None, None] * cov_b.double()
-               + (n_a * n_b / n)[:, None, None] * delta[:, :, None] * delta[:, None, :])
+    scatter = (
+        (n_a - 1).clamp(min=0)[:, None, None] * cov_a.double()
+        + (n_b - 1).clamp(min=0)[:, None, None] * cov_b.double()
+        + (n_a * n_b / n)[:, None, None] * delta[:, :, None] * delta[:, None, :]
+    )
     cov = scatter / (n - 1).clamp(min=1)[:, None, None]
     return count_a + count_b, mean, cov
 
@@ -125,18 +130,24 @@ def check_storage(storage: str, rank: int, dim: Optional[int] = None) -> None:
     """Raise ``ValueError`` unless ``storage`` is one of ``STORAGES`` and, for ``"lowrank"``,
     ``rank`` is an integer in ``1..dim``."""
     if storage not in STORAGES:
-        raise ValueError(f"Gaussian storage {storage!r} is not one of {', '.join(STORAGES)}; "
-                         "use 'full' (float32 Cholesky factors, the default), 'bf16' or "
-                         "'lowrank'")
+        raise ValueError(
+            f"Gaussian storage {storage!r} is not one of {', '.join(STORAGES)}; "
+            "use 'full' (float32 Cholesky factors, the default), 'bf16' or "
+            "'lowrank'"
+        )
     if storage != "lowrank":
         return
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"low-rank Gaussian rank must be an integer >= 1, got {rank!r}; "
-                         "set gaussian_rank to e.g. 64")
+        raise ValueError(
+            f"low-rank Gaussian rank must be an integer >= 1, got {rank!r}; "
+            "set gaussian_rank to e.g. 64"
+        )
     if dim is not None and rank > dim:
-        raise ValueError(f"low-rank Gaussian rank {rank} exceeds the feature dimension {dim}; "
-                         f"set gaussian_rank to at most {dim} ({dim} keeps the full "
-                         "covariance)")
+        raise ValueError(
+            f"low-rank Gaussian rank {rank} exceeds the feature dimension {dim}; "
+            f"set gaussian_rank to at most {dim} ({dim} keeps the full "
+            "covariance)"
+        )
 
 
 def factor_bytes_per_class(dim: int, storage: str = "full", rank: int = 64) -> int:
@@ -196,20 +207,27 @@ class ClassGaussians(nn.Module):
         chunk_bytes: the most transient memory of ``fit`` and ``sample`` (see above).
     """
 
-    def __init__(self, dim: int, storage: str = "full", rank: int = 64,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(
+        self,
+        dim: int,
+        storage: str = "full",
+        rank: int = 64,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
         super().__init__()
         check_storage(storage, rank, dim)
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be a positive number of bytes, got "
-                             f"{chunk_bytes!r}; the default is {DEFAULT_CHUNK_BYTES}")
+            raise ValueError(
+                f"chunk_bytes must be a positive number of bytes, got "
+                f"{chunk_bytes!r}; the default is {DEFAULT_CHUNK_BYTES}"
+            )
         self.dim, self.storage, self.rank, self.chunk_bytes = dim, storage, rank, chunk_bytes
         self.register_buffer("class_ids", torch.zeros(0, dtype=torch.long))
         self.register_buffer("counts", torch.zeros(0, dtype=torch.long))
         self.register_buffer("means", torch.zeros(0, dim))
         self.register_buffer("fit_params", torch.full((3,), math.nan, dtype=torch.float64))
-        self._sizes: List[int] = []      # rows of each block
-        self._layout = 0                 # bumped whenever rows move between blocks
+        self._sizes: List[int] = []  # rows of each block
+        self._layout = 0  # bumped whenever rows move between blocks
         self._plan: Optional[Tuple[Tensor, int, int, List[_Group]]] = None
 
     def __len__(self) -> int:
@@ -220,8 +238,10 @@ class ClassGaussians(nn.Module):
     def _parts(self) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
         """``{part: (shape of one class's factor, dtype)}`` of the storage."""
         if self.storage == "lowrank":
-            return {"basis": ((self.dim, self.rank), torch.float32),
-                    "std": ((self.dim,), torch.float32)}
+            return {
+                "basis": ((self.dim, self.rank), torch.float32),
+                "std": ((self.dim,), torch.float32),
+            }
         dtype = torch.bfloat16 if self.storage == "bf16" else torch.float32
         return {"chols": ((self.dim, self.dim), dtype)}
 
@@ -231,8 +251,9 @@ class ClassGaussians(nn.Module):
     @property
     def factor_bytes(self) -> int:
         """Bytes of the stored sampling factors (all blocks)."""
-        return sum(t.numel() * t.element_size()
-                   for b in range(len(self._sizes)) for t in self._block(b))
+        return sum(
+            t.numel() * t.element_size() for b in range(len(self._sizes)) for t in self._block(b)
+        )
 
     def _classes_per_chunk(self, bytes_per_class: int, store: int) -> int:
         """Classes of ``bytes_per_class`` transient bytes each within the budget, for a
@@ -251,8 +272,10 @@ class ClassGaussians(nn.Module):
         grow = bool(self._sizes) and self._sizes[-1] < self._classes_per_chunk(per_class, store)
         block = len(self._sizes) - 1 if grow else len(self._sizes)
         first = self._sizes[-1] if grow else 0
-        fresh = [torch.empty(first + m, *shape, dtype=dtype, device=device)
-                 for shape, dtype in self._parts.values()]
+        fresh = [
+            torch.empty(first + m, *shape, dtype=dtype, device=device)
+            for shape, dtype in self._parts.values()
+        ]
         return block, fresh, first
 
     def _commit(self, block: int, tensors: List[Tensor]) -> None:
@@ -260,7 +283,7 @@ class ClassGaussians(nn.Module):
         before are copied into the front of ``tensors``)."""
         if block < len(self._sizes):
             for new, old in zip(tensors, self._block(block)):
-                new[:old.shape[0]] = old
+                new[: old.shape[0]] = old
         for part, tensor in zip(self._parts, tensors):
             name = f"{part}_{block}"
             if block < len(self._sizes):
@@ -279,8 +302,12 @@ class ClassGaussians(nn.Module):
         if len(self._sizes) <= 1:
             return [(0, None, rows, rows)] if self._sizes else []
         plan = self._plan
-        if (plan is not None and plan[0] is rows and plan[1] == rows._version
-                and plan[2] == self._layout):
+        if (
+            plan is not None
+            and plan[0] is rows
+            and plan[1] == rows._version
+            and plan[2] == self._layout
+        ):
             return plan[3]
         host = rows.detach().cpu()
         starts = torch.tensor([0] + self._sizes[:-1]).cumsum(0)
@@ -297,8 +324,10 @@ class ClassGaussians(nn.Module):
     def _factors_of(self, rows: Tensor) -> List[Tensor]:
         """Copies of the stored factors of ``rows`` (any order, repeats allowed)."""
         rows = rows.to(self.means.device)
-        out = [torch.empty(rows.numel(), *shape, dtype=dtype, device=rows.device)
-               for shape, dtype in self._parts.values()]
+        out = [
+            torch.empty(rows.numel(), *shape, dtype=dtype, device=rows.device)
+            for shape, dtype in self._parts.values()
+        ]
         for block, pos, local, _ in self._groups(rows):
             for dest, stored in zip(out, self._block(block)):
                 if pos is None:
@@ -320,27 +349,34 @@ class ClassGaussians(nn.Module):
         (float64); ``classes [c]`` name the ones that fall back to a diagonal."""
         if self.storage == "lowrank":
             values, vectors = torch.linalg.eigh(pd)
-            top = values[..., -self.rank:].clamp(min=0).sqrt()
-            basis = vectors[..., -self.rank:] * top[..., None, :]
+            top = values[..., -self.rank :].clamp(min=0).sqrt()
+            basis = vectors[..., -self.rank :] * top[..., None, :]
             rest = torch.diagonal(pd, dim1=-2, dim2=-1) - (basis * basis).sum(-1)
             return [basis.float(), rest.clamp(min=0).sqrt().float()]
         chols, info = torch.linalg.cholesky_ex(pd)
         for i in torch.nonzero(info).flatten().tolist():
-            warnings.warn(f"class {int(classes[i])}: covariance not positive definite after "
-                          f"jitter {jitter:g}; using a diagonal fallback", stacklevel=3)
+            warnings.warn(
+                f"class {int(classes[i])}: covariance not positive definite after "
+                f"jitter {jitter:g}; using a diagonal fallback",
+                stacklevel=3,
+            )
             diag = torch.clamp(torch.diagonal(pd[i]), min=max(jitter, 1e-8))
             chols[i] = torch.diag(diag.sqrt())
         return [chols.to(self._parts["chols"][1])]
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         assign = local_metadata.get("assign_to_params_buffers", False)
         device = self.means.device
         # with assign=True the saved tensors become the buffers (moved to this device), so
         # the factors are not held twice while loading
-        mine = {k[len(prefix):]: v.to(device) if assign else v
-                for k, v in state_dict.items() if k.startswith(prefix)}
-        if "chols" in mine:      # saved before the blocks: one "chols" and the sample "covs"
+        mine = {
+            k[len(prefix) :]: v.to(device) if assign else v
+            for k, v in state_dict.items()
+            if k.startswith(prefix)
+        }
+        if "chols" in mine:  # saved before the blocks: one "chols" and the sample "covs"
             legacy = mine.pop("chols")
             mine.pop("covs", None)
             if legacy.numel():
@@ -352,7 +388,8 @@ class ClassGaussians(nn.Module):
             error_msgs.append(
                 f"the saved Gaussians are stored as {_storage_name(*saved)} but this model "
                 f"keeps {_storage_name(self.storage, self.rank)}; build it with the saved "
-                "config's gaussian_storage and gaussian_rank")
+                "config's gaussian_storage and gaussian_rank"
+            )
             return
         first = next(iter(self._parts))
         n_blocks = sum(1 for k in mine if k.rsplit("_", 1)[0] == first)
@@ -368,13 +405,25 @@ class ClassGaussians(nn.Module):
             if value is not None:
                 setattr(self, name, value if assign else torch.empty_like(value, device=device))
         self._layout += 1
-        super()._load_from_state_dict({prefix + k: v for k, v in mine.items()}, prefix,
-                                      local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            {prefix + k: v for k, v in mine.items()},
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+        )
 
     # ---- fitting --------------------------------------------------------------------------
-    def fit(self, features: Tensor, labels: Tensor, shrinkage: float = 0.0,
-            jitter: float = 1e-4, rapf_shrink: bool = False) -> Tensor:
+    def fit(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        shrinkage: float = 0.0,
+        jitter: float = 1e-4,
+        rapf_shrink: bool = False,
+    ) -> Tensor:
         """Add the Gaussians of the classes in ``labels``; merge those already fitted.
 
         A class fitted before (it comes back in a later experience, or the same experience
@@ -394,11 +443,15 @@ class ClassGaussians(nn.Module):
             ``[k]`` the class ids fitted, sorted.
         """
         if features.ndim != 2 or labels.ndim != 1 or features.shape[0] != labels.shape[0]:
-            raise ValueError(f"expected features [n, dim] and labels [n], got "
-                             f"{tuple(features.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"expected features [n, dim] and labels [n], got "
+                f"{tuple(features.shape)} and {tuple(labels.shape)}"
+            )
         if features.shape[1] != self.dim:
-            raise ValueError(f"features have {features.shape[1]} dimensions but these "
-                             f"Gaussians {self.dim}; fit them on the same encoder's features")
+            raise ValueError(
+                f"features have {features.shape[1]} dimensions but these "
+                f"Gaussians {self.dim}; fit them on the same encoder's features"
+            )
         self._check_fit_params(shrinkage, jitter, rapf_shrink)
         device = self.means.device
         classes, order, bounds = _group_by_class(labels)
@@ -409,18 +462,19 @@ class ClassGaussians(nn.Module):
         block, fresh, first = self._room_for(new_ids.numel()) if new_ids.numel() else (0, [], 0)
         new_means = torch.empty(new_ids.numel(), self.dim, device=device)
         step = self._classes_per_chunk(
-            _FIT_MATRICES * 8 * self.dim * self.dim, self.factor_bytes
-            + new_ids.numel() * factor_bytes_per_class(self.dim, self.storage, self.rank))
+            _FIT_MATRICES * 8 * self.dim * self.dim,
+            self.factor_bytes
+            + new_ids.numel() * factor_bytes_per_class(self.dim, self.storage, self.rank),
+        )
         n_known = n_new = 0
         feats = features.detach()
         for start in range(0, classes.numel(), step):
             span = slice(start, start + step)
             chunk = range(start, min(start + step, classes.numel()))
             means = torch.empty(len(chunk), self.dim, dtype=torch.float64, device=device)
-            covs = torch.empty(len(chunk), self.dim, self.dim, dtype=torch.float64,
-                               device=device)
+            covs = torch.empty(len(chunk), self.dim, self.dim, dtype=torch.float64, device=device)
             for j, i in enumerate(chunk):
-                mean, cov = _one_class_stats(feats, order[bounds[i]:bounds[i + 1]])
+                mean, cov = _one_class_stats(feats, order[bounds[i] : bounds[i + 1]])
                 # rounded to float32, as class_gaussian_stats returns them
                 means[j], covs[j] = mean.float(), cov.float()
                 del cov
@@ -428,17 +482,24 @@ class ClassGaussians(nn.Module):
             old = known[span].to(device)
             rows = None
             if old.any():
-                rows = known_rows[n_known:n_known + int(old.sum())]
+                rows = known_rows[n_known : n_known + int(old.sum())]
                 pd_old = self._implied_covariance(rows, torch.float64)
                 chunk_counts[old], means[old], covs[old] = pool_gaussian_stats(
-                    self.counts[rows], self.means[rows], self._recover(pd_old),
-                    chunk_counts[old], means[old], covs[old])
+                    self.counts[rows],
+                    self.means[rows],
+                    self._recover(pd_old),
+                    chunk_counts[old],
+                    means[old],
+                    covs[old],
+                )
                 del pd_old
             for c, n_c in zip(classes[span].tolist(), chunk_counts.tolist()):
                 if n_c < 2:
-                    warnings.warn(f"class {c} has {n_c} training sample: its covariance is "
-                                  f"zero, replay draws its mean plus jitter {jitter:g} noise",
-                                  stacklevel=2)
+                    warnings.warn(
+                        f"class {c} has {n_c} training sample: its covariance is "
+                        f"zero, replay draws its mean plus jitter {jitter:g} noise",
+                        stacklevel=2,
+                    )
             pd = make_positive_definite(covs, shrinkage, jitter)
             del covs
             if rapf_shrink:
@@ -453,8 +514,8 @@ class ClassGaussians(nn.Module):
             new = ~old
             k_new = int(new.sum())
             for dest, f in zip(fresh, factors):
-                dest[first + n_new:first + n_new + k_new] = f[new]
-            new_means[n_new:n_new + k_new] = means[new].float()
+                dest[first + n_new : first + n_new + k_new] = f[new]
+            new_means[n_new : n_new + k_new] = means[new].float()
             n_new += k_new
         if new_ids.numel():
             self._commit(block, fresh)
@@ -465,11 +526,13 @@ class ClassGaussians(nn.Module):
 
     def _check_fit_params(self, shrinkage: float, jitter: float, rapf_shrink: bool) -> None:
         if not 0 <= shrinkage <= 1:
-            raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage!r} (config key "
-                             "covariance_shrinkage)")
+            raise ValueError(
+                f"shrinkage must be in [0, 1], got {shrinkage!r} (config key covariance_shrinkage)"
+            )
         if not (jitter >= 0 and math.isfinite(jitter)):
-            raise ValueError(f"jitter must be >= 0 and finite, got {jitter!r} (config key "
-                             "covariance_jitter)")
+            raise ValueError(
+                f"jitter must be >= 0 and finite, got {jitter!r} (config key covariance_jitter)"
+            )
         given = torch.tensor([shrinkage, jitter, float(rapf_shrink)], dtype=torch.float64)
         saved = self.fit_params.detach().cpu()
         if torch.isnan(saved).any():
@@ -479,7 +542,8 @@ class ClassGaussians(nn.Module):
                 f"these Gaussians were fitted with shrinkage={saved[0].item():g}, "
                 f"jitter={saved[1].item():g}, rapf_shrink={bool(saved[2])}, now "
                 f"{shrinkage:g}, {jitter:g}, {bool(rapf_shrink)}; fit every experience with "
-                "the same values (a class that comes back is merged through them)")
+                "the same values (a class that comes back is merged through them)"
+            )
 
     def _write_rows(self, rows: Tensor, factors: List[Tensor]) -> None:
         """Overwrite the stored factors of ``rows`` in place."""
@@ -494,12 +558,14 @@ class ClassGaussians(nn.Module):
         same ``pd``)."""
         shrinkage, jitter, rapf = self.fit_params.tolist()
         if math.isnan(shrinkage):
-            raise ValueError("these Gaussians were loaded from a state without their fit "
-                             "parameters (an older file): fit them once to set them")
+            raise ValueError(
+                "these Gaussians were loaded from a state without their fit "
+                "parameters (an older file): fit them once to set them"
+            )
         dim = self.dim
         eye = torch.eye(dim, dtype=pd.dtype, device=pd.device)
         base = pd - (2 * jitter if rapf else jitter) * eye
-        if rapf:     # rapf_shrink_cov doubled the diagonal mean and the off-diagonal mean
+        if rapf:  # rapf_shrink_cov doubled the diagonal mean and the off-diagonal mean
             diag_mean = torch.diagonal(base, dim1=-2, dim2=-1).mean(-1) / 2
             off_mean = (base * (1 - eye)).sum((-2, -1)) / (2 * max(dim * (dim - 1), 1))
             base = base - diag_mean[..., None, None] * eye - off_mean[..., None, None] * (1 - eye)
@@ -512,8 +578,7 @@ class ClassGaussians(nn.Module):
     def index_of(self, class_ids: Sequence[int] | Tensor) -> Tensor:
         """Rows ``[len(class_ids)]`` of ``class_ids`` in the buffers; ``KeyError`` for a class
         never fitted."""
-        ids = torch.as_tensor(class_ids, dtype=torch.long,
-                              device=self.class_ids.device).reshape(-1)
+        ids = torch.as_tensor(class_ids, dtype=torch.long, device=self.class_ids.device).reshape(-1)
         if not len(self):
             if ids.numel():
                 raise KeyError(f"no Gaussian fitted for classes {ids.tolist()}")
@@ -540,11 +605,10 @@ class ClassGaussians(nn.Module):
         trace is kept: ``trace / dim * I``)."""
         rows = self.index_of(class_ids)
         out = torch.empty(rows.numel(), self.dim, self.dim, device=self.means.device)
-        step = self._classes_per_chunk(_FIT_MATRICES * 8 * self.dim * self.dim,
-                                       self.factor_bytes)
+        step = self._classes_per_chunk(_FIT_MATRICES * 8 * self.dim * self.dim, self.factor_bytes)
         for start in range(0, rows.numel(), step):
-            pd = self._implied_covariance(rows[start:start + step], torch.float64)
-            out[start:start + step] = self._recover(pd).float()
+            pd = self._implied_covariance(rows[start : start + step], torch.float64)
+            out[start : start + step] = self._recover(pd).float()
         return out
 
     @property
@@ -554,8 +618,12 @@ class ClassGaussians(nn.Module):
         return self.sample_covariance_of(self.class_ids)
 
     # ---- sampling -------------------------------------------------------------------------
-    def sample(self, class_ids: Sequence[int] | Tensor, n_per_class: int,
-               generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+    def sample(
+        self,
+        class_ids: Sequence[int] | Tensor,
+        n_per_class: int,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tuple[Tensor, Tensor]:
         """Draw ``n_per_class`` features of every class, a chunk of classes at a time.
 
         Returns:
@@ -564,8 +632,9 @@ class ClassGaussians(nn.Module):
         """
         return self.sample_rows(self.index_of(class_ids), n_per_class, generator)
 
-    def sample_rows(self, rows: Tensor, n_per_class: int,
-                    generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+    def sample_rows(
+        self, rows: Tensor, n_per_class: int, generator: Optional[torch.Generator] = None
+    ) -> Tuple[Tensor, Tensor]:
         """``sample`` for buffer rows ``[k]`` from ``index_of`` (no lookup).
 
         A training step that draws every iteration looks its rows up once per task and
@@ -578,23 +647,30 @@ class ClassGaussians(nn.Module):
         device = self.means.device
         k = rows.numel()
         noise_device = device if generator is None else generator.device
-        out = torch.randn(k, n_per_class, self.dim, generator=generator,
-                          device=noise_device).to(device)
+        out = torch.randn(k, n_per_class, self.dim, generator=generator, device=noise_device).to(
+            device
+        )
         low = None
         if self.storage == "lowrank":
-            low = torch.randn(k, n_per_class, self.rank, generator=generator,
-                              device=noise_device).to(device)
-        per_row = (factor_bytes_per_class(self.dim, self.storage, self.rank)
-                   + (4 * self.dim * self.dim if self.storage == "bf16" else 0)
-                   + 12 * n_per_class * (self.dim + (self.rank if low is not None else 0)))
+            low = torch.randn(
+                k, n_per_class, self.rank, generator=generator, device=noise_device
+            ).to(device)
+        per_row = (
+            factor_bytes_per_class(self.dim, self.storage, self.rank)
+            + (4 * self.dim * self.dim if self.storage == "bf16" else 0)
+            + 12 * n_per_class * (self.dim + (self.rank if low is not None else 0))
+        )
         step = self._classes_per_chunk(per_row, self.factor_bytes)
         for block, pos, local, glob in self._groups(rows.to(device)):
             for start in range(0, local.numel(), step):
                 span = slice(start, start + step)
                 where = None if pos is None else pos[span]
                 z = out[span] if where is None else out.index_select(0, where)
-                z_low = None if low is None else (
-                    low[span] if where is None else low.index_select(0, where))
+                z_low = (
+                    None
+                    if low is None
+                    else (low[span] if where is None else low.index_select(0, where))
+                )
                 drawn = self._draw(block, local[span], z, z_low, alone=k == 1)
                 drawn += self.means[glob[span]][:, None, :]
                 if where is None:
@@ -604,15 +680,21 @@ class ClassGaussians(nn.Module):
         labels = self.class_ids[rows.to(device)].repeat_interleave(n_per_class)
         return out.reshape(k * n_per_class, self.dim), labels
 
-    def _draw(self, block: int, local: Tensor, z: Tensor, z_low: Optional[Tensor],
-              alone: bool) -> Tensor:
+    def _draw(
+        self, block: int, local: Tensor, z: Tensor, z_low: Optional[Tensor], alone: bool
+    ) -> Tensor:
         """``[c, n, dim]`` zero-mean draws of the block's rows ``local [c]`` from noise ``z``
         (and ``z_low`` for ``"lowrank"``). ``alone``: the request has one row."""
         if local.numel() == 1 and not alone:
             # a batched matmul of one matrix takes another kernel than of several (other
             # rounding for some shapes): draw a lone row of a larger request twice
-            return self._draw(block, local.repeat(2), z.repeat(2, 1, 1),
-                              None if z_low is None else z_low.repeat(2, 1, 1), False)[:1]
+            return self._draw(
+                block,
+                local.repeat(2),
+                z.repeat(2, 1, 1),
+                None if z_low is None else z_low.repeat(2, 1, 1),
+                False,
+            )[:1]
         if self.storage == "lowrank":
             basis, std = (t.index_select(0, local) for t in self._block(block))
             return (z_low @ basis.transpose(-1, -2)).addcmul_(std[:, None, :], z)

@@ -3,6 +3,7 @@
 Both paths draw the same index permutation from the same generator, so a run on cached
 features and a run through the image encoder see identical minibatches.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -17,10 +18,17 @@ from . import distributed
 
 
 @torch.no_grad()
-def encode_dataset(encode: Callable[[Tensor], Tensor], dataset, *, batch_size: int,
-                   device: torch.device, num_workers: int = 0,
-                   autocast: Callable[[], ContextManager] = nullcontext,
-                   desc: str = "features", progress: bool = False) -> Tuple[Tensor, Tensor]:
+def encode_dataset(
+    encode: Callable[[Tensor], Tensor],
+    dataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    autocast: Callable[[], ContextManager] = nullcontext,
+    desc: str = "features",
+    progress: bool = False,
+) -> Tuple[Tensor, Tensor]:
     """Run ``encode`` (images ``[b, 3, H, W]`` -> ``[b, dim]``) over ``(image, label, ...)`` items.
 
     Returns ``(features [n, dim] float32, labels [n] long)``, both on ``device``. Nothing is
@@ -36,20 +44,32 @@ def encode_dataset(encode: Callable[[Tensor], Tensor], dataset, *, batch_size: i
     """
     n = len(dataset)
     if n == 0:
-        raise ValueError(f"{desc}: the experience has no samples; every experience needs "
-                         "data (check the stream's split)")
+        raise ValueError(
+            f"{desc}: the experience has no samples; every experience needs "
+            "data (check the stream's split)"
+        )
     batches = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
-    loader = DataLoader(dataset, batch_sampler=distributed.deal_batches(batches),
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_sampler=distributed.deal_batches(batches),
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
     feats, labels = [], []
-    for batch in tqdm(loader, desc=desc, leave=False,
-                      disable=len(loader) < 2 or not progress or not distributed.is_main()):
+    for batch in tqdm(
+        loader,
+        desc=desc,
+        leave=False,
+        disable=len(loader) < 2 or not progress or not distributed.is_main(),
+    ):
         with autocast():
             feats.append(encode(batch[0].to(device, non_blocking=True)).float())
         labels.append(torch.as_tensor(batch[1]).long())
     sizes = [len(b) for b in batches]
-    return (distributed.gather_batches(feats, sizes, device),
-            distributed.gather_batches(labels, sizes, device))
+    return (
+        distributed.gather_batches(feats, sizes, device),
+        distributed.gather_batches(labels, sizes, device),
+    )
 
 
 class EpochBatchSampler:
@@ -62,8 +82,13 @@ class EpochBatchSampler:
         generator: CPU generator (seeded per task by the strategy).
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool = True,
-                 generator: Optional[torch.Generator] = None):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool = True,
+        generator: Optional[torch.Generator] = None,
+    ):
         self.n, self.batch_size, self.shuffle, self.generator = n, batch_size, shuffle, generator
 
     def __len__(self) -> int:
@@ -71,13 +96,16 @@ class EpochBatchSampler:
 
     def order(self) -> Tensor:
         """``[n]`` sample indices of the next pass (a new permutation each call when shuffling)."""
-        return (torch.randperm(self.n, generator=self.generator) if self.shuffle
-                else torch.arange(self.n))
+        return (
+            torch.randperm(self.n, generator=self.generator)
+            if self.shuffle
+            else torch.arange(self.n)
+        )
 
     def __iter__(self) -> Iterator[List[int]]:
         order = self.order()
         for start in range(0, self.n, self.batch_size):
-            yield order[start:start + self.batch_size].tolist()
+            yield order[start : start + self.batch_size].tolist()
 
 
 class TensorBatchLoader:
@@ -94,11 +122,17 @@ class TensorBatchLoader:
         task_labels: ``[n]`` task labels of the items (default: all 0).
     """
 
-    def __init__(self, features: Tensor, labels: Tensor, sampler: EpochBatchSampler,
-                 task_labels: Optional[Tensor] = None):
+    def __init__(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        sampler: EpochBatchSampler,
+        task_labels: Optional[Tensor] = None,
+    ):
         self.features, self.labels, self.sampler = features, labels, sampler
-        self._tasks = (torch.zeros_like(labels) if task_labels is None
-                       else task_labels.to(labels.device))
+        self._tasks = (
+            torch.zeros_like(labels) if task_labels is None else task_labels.to(labels.device)
+        )
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -106,5 +140,5 @@ class TensorBatchLoader:
     def __iter__(self):
         order = self.sampler.order().to(self.features.device, non_blocking=True)
         for start in range(0, self.sampler.n, self.sampler.batch_size):
-            rows = order[start:start + self.sampler.batch_size]
+            rows = order[start : start + self.sampler.batch_size]
             yield self.features[rows], self.labels[rows], self._tasks[rows]

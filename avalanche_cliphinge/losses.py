@@ -1,4 +1,5 @@
 """The method's maths as pure functions: hard-pair selection, hinge loss, logit fusion."""
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -8,9 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def select_hard_pairs(new_text: Tensor, old_text: Tensor, new_ids: Sequence[int],
-                      old_ids: Sequence[int], threshold: float, top_k: Optional[int],
-                      metric: str = "cosine") -> List[Tuple[int, int, float]]:
+def select_hard_pairs(
+    new_text: Tensor,
+    old_text: Tensor,
+    new_ids: Sequence[int],
+    old_ids: Sequence[int],
+    threshold: float,
+    top_k: Optional[int],
+    metric: str = "cosine",
+) -> List[Tuple[int, int, float]]:
     """Pairs of similar old and new classes.
 
     Args:
@@ -31,9 +38,11 @@ def select_hard_pairs(new_text: Tensor, old_text: Tensor, new_ids: Sequence[int]
         is deterministic.
     """
     if len(new_ids) != new_text.shape[0] or len(old_ids) != old_text.shape[0]:
-        raise ValueError(f"ids and features disagree: {len(new_ids)} new ids for "
-                         f"{new_text.shape[0]} rows, {len(old_ids)} old ids for "
-                         f"{old_text.shape[0]} rows")
+        raise ValueError(
+            f"ids and features disagree: {len(new_ids)} new ids for "
+            f"{new_text.shape[0]} rows, {len(old_ids)} old ids for "
+            f"{old_text.shape[0]} rows"
+        )
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
     if top_k == 0 or len(new_ids) == 0 or len(old_ids) == 0:
@@ -46,14 +55,17 @@ def select_hard_pairs(new_text: Tensor, old_text: Tensor, new_ids: Sequence[int]
     else:
         hard = sim > threshold
     rows, cols = torch.nonzero(hard, as_tuple=True)
-    pairs = [(int(old_ids[c]), int(new_ids[r]), float(sim[r, c]))
-             for r, c in zip(rows.tolist(), cols.tolist())]
+    pairs = [
+        (int(old_ids[c]), int(new_ids[r]), float(sim[r, c]))
+        for r, c in zip(rows.tolist(), cols.tolist())
+    ]
     pairs.sort(key=lambda p: (-p[2], p[0], p[1]))
     return pairs if top_k is None else pairs[:top_k]
 
 
-def hinge_loss(old_image_feats: Tensor, old_text_feat: Tensor, new_text_feat: Tensor,
-               margin: float) -> Tensor:
+def hinge_loss(
+    old_image_feats: Tensor, old_text_feat: Tensor, new_text_feat: Tensor, margin: float
+) -> Tensor:
     """Mean of ``max(0, cos(f, new_text) - cos(f, old_text) + margin)`` over samples.
 
     Keeps features of an old class closer to their own text than to a similar new class's.
@@ -77,6 +89,8 @@ def hinge_loss(old_image_feats: Tensor, old_text_feat: Tensor, new_text_feat: Te
 def fuse_logits(clip_logits: Tensor, head_logits: Tensor, alpha: float) -> Tensor:
     """Inference scores ``clip_logits + alpha * head_logits``, both ``[batch, classes]``."""
     if clip_logits.shape != head_logits.shape:
-        raise ValueError(f"logit shapes differ: clip {tuple(clip_logits.shape)} vs head "
-                         f"{tuple(head_logits.shape)}")
+        raise ValueError(
+            f"logit shapes differ: clip {tuple(clip_logits.shape)} vs head "
+            f"{tuple(head_logits.shape)}"
+        )
     return clip_logits + alpha * head_logits

@@ -8,6 +8,7 @@ under the same names (``Top1_Acc_Epoch/train_phase/train_stream/Task000``,
 When the strategy's steps are captured (``compile_step``), the graph keeps those sums itself
 (``EpochSums``) and the metrics do nothing per step (``metric_needs``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,11 +53,15 @@ def metric_needs(metric, callback: str, sums_kept: bool) -> bool:
     implementation = getattr(type(metric), callback, None)
     if implementation is None or implementation is getattr(PluginMetric, callback, None):
         return False
-    if (callback in TRAINING_ITERATION and hasattr(metric, "needs_steps")
-            and not metric.needs_steps(sums_kept)):
+    if (
+        callback in TRAINING_ITERATION
+        and hasattr(metric, "needs_steps")
+        and not metric.needs_steps(sums_kept)
+    ):
         return False
-    if (callback.endswith("_iteration")
-            and implementation is getattr(GenericPluginMetric, callback, None)):
+    if callback.endswith("_iteration") and implementation is getattr(
+        GenericPluginMetric, callback, None
+    ):
         phase = "train" if "training" in callback else "eval"
         if callback.startswith("before_"):
             return metric._mode == phase and metric._reset_at == "iteration"
@@ -268,8 +273,9 @@ class Stage2EpochLoss(PluginMetric[List[float]]):
 
     def after_training_exp(self, strategy):
         self.reset()
-        plugin = next((p for p in strategy.plugins
-                       if type(p).__name__ == "SecondStagePlugin"), None)
+        plugin = next(
+            (p for p in strategy.plugins if type(p).__name__ == "SecondStagePlugin"), None
+        )
         losses = getattr(plugin, "losses", None)
         # the plugin makes a new list per stage-2 run: a list already emitted is not new
         if not losses or losses is self._emitted:

@@ -22,19 +22,19 @@ import torch
 
 __all__ = ["Draw", "derive_seed", "generator", "seed_everything"]
 
-_MODULUS = 2 ** 63
+_MODULUS = 2**63
 _MULTIPLIER = 1_000_003
 
 
 class Draw(IntEnum):
     """What a generator's numbers are for (the first part after the seed)."""
 
-    PROMPTS = 1   #: learnable context initialisation, per task
-    BATCHES = 2   #: stage-1 minibatch order, per task
-    REPLAY = 3    #: Gaussian replay samples and their order, per task and epoch
-    HINGE = 4     #: hinge pair sampling, per task
-    STAGE2 = 5    #: stage-2 minibatch order, per task
-    LORA = 6      #: a task's LoRA adapter initialisation
+    PROMPTS = 1  #: learnable context initialisation, per task
+    BATCHES = 2  #: stage-1 minibatch order, per task
+    REPLAY = 3  #: Gaussian replay samples and their order, per task and epoch
+    HINGE = 4  #: hinge pair sampling, per task
+    STAGE2 = 5  #: stage-2 minibatch order, per task
+    LORA = 6  #: a task's LoRA adapter initialisation
 
 
 def derive_seed(seed: int, *parts: int) -> int:
@@ -48,8 +48,9 @@ def derive_seed(seed: int, *parts: int) -> int:
     return value % _MODULUS
 
 
-def generator(seed: int, *parts: int,
-              device: Optional[torch.device | str] = None) -> torch.Generator:
+def generator(
+    seed: int, *parts: int, device: Optional[torch.device | str] = None
+) -> torch.Generator:
     """A ``torch.Generator`` (CPU unless ``device``) seeded with ``derive_seed(seed, *parts)``."""
     gen = torch.Generator() if device is None else torch.Generator(device=device)
     return gen.manual_seed(derive_seed(seed, *parts))
@@ -58,5 +59,5 @@ def generator(seed: int, *parts: int,
 def seed_everything(seed: int) -> None:
     """Seed torch's (all devices), numpy's and ``random``'s global RNGs with ``seed``."""
     torch.manual_seed(int(seed))
-    np.random.seed(int(seed) % (2 ** 32))
+    np.random.seed(int(seed) % (2**32))
     random.seed(int(seed))

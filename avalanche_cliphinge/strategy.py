@@ -1,4 +1,5 @@
 """``CLIPHingeStrategy``: the method as an Avalanche ``SupervisedTemplate``."""
+
 from __future__ import annotations
 
 import warnings
@@ -7,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from avalanche.models.dynamic_modules import avalanche_model_adaptation
 from avalanche.training.plugins import LRSchedulerPlugin, SupervisedPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
@@ -26,29 +26,50 @@ from .plugins.gaussian_replay import GaussianReplayPlugin
 from .plugins.hard_pair_hinge import HardPairHingePlugin
 from .plugins.second_stage import SecondStagePlugin
 from .seeding import Draw, generator as seeded
-from .streams import (STREAM_FIX, ClipInput, StreamInputError, find_random_transform,
-                      foreign_normalize)
+from .streams import (
+    STREAM_FIX,
+    ClipInput,
+    StreamInputError,
+    find_random_transform,
+    foreign_normalize,
+)
 
 
-def build_model(config: CLIPHingeConfig, class_names: ClassNames,
-                device: str | torch.device = "cpu",
-                backbone: Optional[CLIPBackbone] = None) -> CLIPHingeModel:
+def build_model(
+    config: CLIPHingeConfig,
+    class_names: ClassNames,
+    device: str | torch.device = "cpu",
+    backbone: Optional[CLIPBackbone] = None,
+) -> CLIPHingeModel:
     """Wrap ``backbone`` (default: the one ``config`` names, loaded now) in a ``CLIPHingeModel``."""
     if backbone is None:
-        backbone = load_clip(config.model_name, config.pretrained, device=device,
-                             allow_activation_mismatch=config.allow_activation_mismatch)
-    lora = ((config.lora_layers, config.lora_rank, config.lora_alpha)
-            if config.use_lora_in_second_stage and config.second_stage_epochs > 0 else None)
-    model = CLIPHingeModel(backbone, class_names, n_ctx=config.n_ctx, ctx_init=config.ctx_init,
-                           prompt_template=config.prompt_template,
-                           use_image_adapter=config.use_image_adapter,
-                           fusion_weight=config.second_stage_fusion_weight,
-                           head_logit_scale=config.second_stage_logit_scale, lora=lora,
-                           seed=config.seed,
-                           resize_on_device=config.resize_on_device,
-                           gaussian_storage=config.gaussian_storage,
-                           gaussian_rank=config.gaussian_rank).to(device)
-    model.config = config           # what CLIPHingeModel.save records to rebuild it
+        backbone = load_clip(
+            config.model_name,
+            config.pretrained,
+            device=device,
+            allow_activation_mismatch=config.allow_activation_mismatch,
+        )
+    lora = (
+        (config.lora_layers, config.lora_rank, config.lora_alpha)
+        if config.use_lora_in_second_stage and config.second_stage_epochs > 0
+        else None
+    )
+    model = CLIPHingeModel(
+        backbone,
+        class_names,
+        n_ctx=config.n_ctx,
+        ctx_init=config.ctx_init,
+        prompt_template=config.prompt_template,
+        use_image_adapter=config.use_image_adapter,
+        fusion_weight=config.second_stage_fusion_weight,
+        head_logit_scale=config.second_stage_logit_scale,
+        lora=lora,
+        seed=config.seed,
+        resize_on_device=config.resize_on_device,
+        gaussian_storage=config.gaussian_storage,
+        gaussian_rank=config.gaussian_rank,
+    ).to(device)
+    model.config = config  # what CLIPHingeModel.save records to rebuild it
     return model
 
 
@@ -56,9 +77,13 @@ def default_plugins(config: CLIPHingeConfig) -> List[SupervisedPlugin]:
     """The plugins the config asks for: replay, hinge and stage 2 (each only when enabled)."""
     plugins: List[SupervisedPlugin] = []
     if config.samples_per_old_class > 0:
-        plugins.append(GaussianReplayPlugin(samples_per_old_class=config.samples_per_old_class,
-                                            classes_per_step=config.replay_classes_per_step,
-                                            seed=config.seed))
+        plugins.append(
+            GaussianReplayPlugin(
+                samples_per_old_class=config.samples_per_old_class,
+                classes_per_step=config.replay_classes_per_step,
+                seed=config.seed,
+            )
+        )
     if config.text_use_hinge_loss or config.use_image_hinge_loss:
         plugins.append(HardPairHingePlugin.from_config(config))
     if config.second_stage_epochs > 0:
@@ -124,9 +149,11 @@ class ExperienceClasses:
 
 def _step_field(name: str) -> property:
     """A strategy attribute that reads and writes ``strategy.step.<name>``."""
-    return property(lambda self: getattr(self.step, name),
-                    lambda self, value: setattr(self.step, name, value),
-                    doc=f"``step.{name}`` (see ``StepState``).")
+    return property(
+        lambda self: getattr(self.step, name),
+        lambda self, value: setattr(self.step, name, value),
+        doc=f"``step.{name}`` (see ``StepState``).",
+    )
 
 
 class CLIPHingeStrategy(SupervisedTemplate):
@@ -187,23 +214,41 @@ class CLIPHingeStrategy(SupervisedTemplate):
     replay_scores = _step_field("replay_scores")
     loss_terms = _step_field("loss_terms")
 
-    def __init__(self, *, config: CLIPHingeConfig, class_names: ClassNames,
-                 model: Optional[CLIPHingeModel] = None,
-                 optimizer: Optional[torch.optim.Optimizer] = None,
-                 criterion: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-                 train_mb_size: Optional[int] = None, train_epochs: Optional[int] = None,
-                 eval_mb_size: Optional[int] = None,
-                 plugins: Optional[Sequence[SupervisedPlugin]] = None,
-                 use_default_plugins: bool = True, evaluator=default_evaluator,
-                 device: str | torch.device = "cpu", eval_every: int = -1,
-                 peval_mode: str = "epoch",
-                 feature_cache: Optional[FeatureCache] = None, progress: bool = True):
+    def __init__(
+        self,
+        *,
+        config: CLIPHingeConfig,
+        class_names: ClassNames,
+        model: Optional[CLIPHingeModel] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        criterion: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        train_mb_size: Optional[int] = None,
+        train_epochs: Optional[int] = None,
+        eval_mb_size: Optional[int] = None,
+        plugins: Optional[Sequence[SupervisedPlugin]] = None,
+        use_default_plugins: bool = True,
+        evaluator=default_evaluator,
+        device: str | torch.device = "cpu",
+        eval_every: int = -1,
+        peval_mode: str = "epoch",
+        feature_cache: Optional[FeatureCache] = None,
+        progress: bool = True,
+    ):
         if not isinstance(config, CLIPHingeConfig):
-            raise ConfigError(f"config must be a CLIPHingeConfig, got {type(config).__name__}; "
-                              "use CLIPHingeConfig.from_json(path)")
-        overrides = {key: value for key, value in (
-            ("batch_size", train_mb_size), ("init_epochs", train_epochs),
-            ("epochs", train_epochs), ("eval_batch_size", eval_mb_size)) if value is not None}
+            raise ConfigError(
+                f"config must be a CLIPHingeConfig, got {type(config).__name__}; "
+                "use CLIPHingeConfig.from_json(path)"
+            )
+        overrides = {
+            key: value
+            for key, value in (
+                ("batch_size", train_mb_size),
+                ("init_epochs", train_epochs),
+                ("epochs", train_epochs),
+                ("eval_batch_size", eval_mb_size),
+            )
+            if value is not None
+        }
         config = config.replace(**overrides) if overrides else config
         try:
             names = class_name_table(class_names)
@@ -214,20 +259,34 @@ class CLIPHingeStrategy(SupervisedTemplate):
         model = build_model(config, names, device) if model is None else model.to(device)
         plugins = list(plugins or [])
         if use_default_plugins:
-            plugins += [p for p in default_plugins(config)
-                        if not any(isinstance(q, type(p)) for q in plugins)]
+            plugins += [
+                p
+                for p in default_plugins(config)
+                if not any(isinstance(q, type(p)) for q in plugins)
+            ]
         self._user_optimizer = optimizer is not None
         if optimizer is None:
             # one optimizer for the whole stream; make_optimizer swaps in the trainable
             # prompts at each experience (a scheduler plugin keeps stepping this object)
-            optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)],
-                                         lr=config.init_lr, weight_decay=config.weight_decay,
-                                         fused=device.type == "cuda")
-        super().__init__(model=model, optimizer=optimizer,
-                         criterion=criterion or torch.nn.CrossEntropyLoss(),
-                         train_mb_size=config.batch_size, train_epochs=config.init_epochs,
-                         eval_mb_size=config.eval_batch_size, device=device, plugins=plugins,
-                         evaluator=evaluator, eval_every=eval_every, peval_mode=peval_mode)
+            optimizer = torch.optim.Adam(
+                [torch.zeros(1, requires_grad=True)],
+                lr=config.init_lr,
+                weight_decay=config.weight_decay,
+                fused=device.type == "cuda",
+            )
+        super().__init__(
+            model=model,
+            optimizer=optimizer,
+            criterion=criterion or torch.nn.CrossEntropyLoss(),
+            train_mb_size=config.batch_size,
+            train_epochs=config.init_epochs,
+            eval_mb_size=config.eval_batch_size,
+            device=device,
+            plugins=plugins,
+            evaluator=evaluator,
+            eval_every=eval_every,
+            peval_mode=peval_mode,
+        )
         self.config = config
         self.class_names = names
         self.current_task = -1
@@ -246,8 +305,8 @@ class CLIPHingeStrategy(SupervisedTemplate):
         self.clip_input = ClipInput.for_backbone(self.model.backbone, config.resize_on_device)
         self.progress = progress
         self.feature_cache = feature_cache or FeatureCache(
-            max_bytes=int(config.feature_cache_max_gb * 2 ** 30),
-            directory=config.feature_cache_dir)
+            max_bytes=int(config.feature_cache_max_gb * 2**30), directory=config.feature_cache_dir
+        )
         if config.compile and self.device.type == "cuda" and not config.compile_step:
             self.model.compile_prompt_encoder()
 
@@ -295,10 +354,16 @@ class CLIPHingeStrategy(SupervisedTemplate):
         """
         lora = self.model.lora
         with nullcontext() if lora is None else lora.using(None):
-            return encode_dataset(self.model.run_image_encoder, dataset,
-                                  batch_size=self.config.eval_batch_size, device=self.device,
-                                  num_workers=self.config.num_workers, autocast=self.autocast,
-                                  desc=desc, progress=self.progress)
+            return encode_dataset(
+                self.model.run_image_encoder,
+                dataset,
+                batch_size=self.config.eval_batch_size,
+                device=self.device,
+                num_workers=self.config.num_workers,
+                autocast=self.autocast,
+                desc=desc,
+                progress=self.progress,
+            )
 
     def features_of(self, dataset, desc: str) -> Tuple[Tensor, Tensor]:
         """``extract_features`` through the feature cache when this phase may use it."""
@@ -306,7 +371,8 @@ class CLIPHingeStrategy(SupervisedTemplate):
             return self.extract_features(dataset, desc)
         key = self._cache_key(dataset)
         feats, labels = self.feature_cache.get_or_compute(
-            key, lambda: self.extract_features(dataset, desc), device=self.device)
+            key, lambda: self.extract_features(dataset, desc), device=self.device
+        )
         return feats.to(self.device), labels.to(self.device)
 
     def _cache_key(self, dataset) -> str:
@@ -324,15 +390,20 @@ class CLIPHingeStrategy(SupervisedTemplate):
         backbone = self.model.backbone
 
         def fingerprint() -> str:
-            return dataset_fingerprint(dataset, backbone.model_name, backbone.pretrained,
-                                       backbone.weights_sha256, self.config.resize_on_device)
+            return dataset_fingerprint(
+                dataset,
+                backbone.model_name,
+                backbone.pretrained,
+                backbone.weights_sha256,
+                self.config.resize_on_device,
+            )
 
         if dataset is not self.adapted_dataset or self.experience is None:
             return fingerprint()
         source = self.experience.dataset
         memo = (id(source), self.is_training)
         known = self._dataset_keys.get(memo)
-        if known is None or known[0] is not source:       # the id of a freed dataset
+        if known is None or known[0] is not source:  # the id of a freed dataset
             known = self._dataset_keys[memo] = (source, fingerprint())
         return known[1]
 
@@ -343,10 +414,15 @@ class CLIPHingeStrategy(SupervisedTemplate):
     def _loader(self, dataset, features, batch_size: int, shuffle: bool):
         sampler = self._batch_sampler(len(dataset), batch_size, shuffle)
         if features is not None:
-            return TensorBatchLoader(features[0], features[1], sampler,
-                                     task_labels=task_labels_of(dataset))
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.config.num_workers,
-                          pin_memory=self.device.type == "cuda")
+            return TensorBatchLoader(
+                features[0], features[1], sampler, task_labels=task_labels_of(dataset)
+            )
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _to_clip_input(self, dataset):
         """``dataset`` with ``ClipInput`` applied on top of its own transforms.
@@ -354,13 +430,16 @@ class CLIPHingeStrategy(SupervisedTemplate):
         Raises ``StreamInputError`` (one line, naming the fix) for a stream normalised with
         statistics other than CLIP's.
         """
-        foreign = foreign_normalize(dataset, self.clip_input.mean.flatten().tolist(),
-                                    self.clip_input.std.flatten().tolist())
+        foreign = foreign_normalize(
+            dataset, self.clip_input.mean.flatten().tolist(), self.clip_input.std.flatten().tolist()
+        )
         if foreign is not None:
-            raise StreamInputError(f"the stream normalises its images with {foreign}, not "
-                                   f"CLIP's statistics; {STREAM_FIX}")
+            raise StreamInputError(
+                f"the stream normalises its images with {foreign}, not "
+                f"CLIP's statistics; {STREAM_FIX}"
+            )
         if len(dataset) > 0:
-            self.clip_input(dataset[0][0])          # refuse a bad stream before any work
+            self.clip_input(dataset[0][0])  # refuse a bad stream before any work
         return dataset.freeze_transforms().replace_current_transform_group(self.clip_input)
 
     def model_adaptation(self, model=None):
@@ -377,7 +456,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
 
     # ---- training -------------------------------------------------------------------------
     def _before_training_exp(self, **kwargs):
-        self.step = StepState()            # the plugins register this experience's terms
+        self.step = StepState()  # the plugins register this experience's terms
         present = sorted(int(c) for c in classes_of(self.experience))
         seen = set(self.model.seen_classes)
         new = [c for c in present if c not in seen]
@@ -388,21 +467,32 @@ class CLIPHingeStrategy(SupervisedTemplate):
             # a layout key left unset (None) takes the stream's experiences as they come
             expected = self.config.task_size(task)
             if not returning and expected is not None and len(new) != expected:
-                raise ConfigError(f"experience {task} has {len(new)} classes but the config "
-                                  f"expects {expected} (init_class={self.config.init_class}, "
-                                  f"increment={self.config.increment}); make them agree")
+                raise ConfigError(
+                    f"experience {task} has {len(new)} classes but the config "
+                    f"expects {expected} (init_class={self.config.init_class}, "
+                    f"increment={self.config.increment}); make them agree"
+                )
             if self.config.total_tasks is not None and task >= self.config.total_tasks:
-                raise ConfigError(f"experience {task} is beyond total_tasks="
-                                  f"{self.config.total_tasks}; raise total_tasks")
+                raise ConfigError(
+                    f"experience {task} is beyond total_tasks="
+                    f"{self.config.total_tasks}; raise total_tasks"
+                )
             self.model.add_task(new)
         self.experience_classes = ExperienceClasses(
-            present=present, new=new, returning=returning, task=task,
-            old=[c for c in self.model.seen_classes if c not in set(present)])
+            present=present,
+            new=new,
+            returning=returning,
+            task=task,
+            old=[c for c in self.model.seen_classes if c not in set(present)],
+        )
         self.current_task = self.model.n_tasks - 1
         trainable = self._set_trainable_prompts()
         # nothing to train when every class returns with frozen prompts: statistics only
-        self.train_epochs = 0 if not trainable else (
-            self.config.init_epochs if self.current_task == 0 else self.config.epochs)
+        self.train_epochs = (
+            0
+            if not trainable
+            else (self.config.init_epochs if self.current_task == 0 else self.config.epochs)
+        )
         super()._before_training_exp(**kwargs)
 
     def _set_trainable_prompts(self) -> bool:
@@ -419,8 +509,10 @@ class CLIPHingeStrategy(SupervisedTemplate):
         self._frozen_rows = []
         if self.config.returning_class_prompts == "train":
             for task in sorted({model.task_of(c) for c in classes.returning} - trainable):
-                keep = torch.tensor([c not in classes.returning for c in model.task_classes[task]],
-                                    device=model.prompts[task].ctx.device)
+                keep = torch.tensor(
+                    [c not in classes.returning for c in model.task_classes[task]],
+                    device=model.prompts[task].ctx.device,
+                )
                 self._frozen_rows.append((model.prompts[task].ctx, keep))
                 trainable.add(task)
         model.set_trainable_prompts(sorted(trainable))
@@ -436,14 +528,22 @@ class CLIPHingeStrategy(SupervisedTemplate):
             name = self._random_train_transform
             if name is not None and name not in self._warned_random:
                 self._warned_random.add(name)
-                warnings.warn(f"random training transform {name}: training runs without the "
-                              "feature cache, re-encoding the images every epoch (evaluation "
-                              "stays cached)", stacklevel=2)
-        feats, labels = self.features_of(self.adapted_dataset,
-                                         f"train features, task {self.current_task}")
-        self.model.gaussians.fit(feats, labels, shrinkage=self.config.covariance_shrinkage,
-                                 jitter=self.config.covariance_jitter,
-                                 rapf_shrink=self.config.rapf_shrink_cov)
+                warnings.warn(
+                    f"random training transform {name}: training runs without the "
+                    "feature cache, re-encoding the images every epoch (evaluation "
+                    "stays cached)",
+                    stacklevel=2,
+                )
+        feats, labels = self.features_of(
+            self.adapted_dataset, f"train features, task {self.current_task}"
+        )
+        self.model.gaussians.fit(
+            feats,
+            labels,
+            shrinkage=self.config.covariance_shrinkage,
+            jitter=self.config.covariance_jitter,
+            rapf_shrink=self.config.rapf_shrink_cov,
+        )
         self.current_features = (feats, labels)
 
     def eval_dataset_adaptation(self, **kwargs):
@@ -451,8 +551,15 @@ class CLIPHingeStrategy(SupervisedTemplate):
         super().eval_dataset_adaptation(**kwargs)
         self.adapted_dataset = self._to_clip_input(self.adapted_dataset)
 
-    def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None,
-                              persistent_workers=False, drop_last=False, **kwargs):
+    def make_train_dataloader(
+        self,
+        num_workers=0,
+        shuffle=True,
+        pin_memory=None,
+        persistent_workers=False,
+        drop_last=False,
+        **kwargs,
+    ):
         """Seeded minibatches of cached features, or of images when the cache is off."""
         cached = self.current_features if self.features_cacheable else None
         self.dataloader = self._loader(self.adapted_dataset, cached, self.train_mb_size, shuffle)
@@ -494,7 +601,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
     def epoch_lr(self, epoch: int) -> float:
         """Stage-1 learning rate at ``epoch`` (0-based) of the current task (step decay)."""
         steps = sum(1 for e in self.config.lr_decay_epochs if epoch >= e)
-        return self.base_lr() * self.config.lr_decay_factor ** steps
+        return self.base_lr() * self.config.lr_decay_factor**steps
 
     def _before_training_iteration(self, **kwargs):
         self.step = self.step.next()
@@ -531,8 +638,9 @@ class CLIPHingeStrategy(SupervisedTemplate):
         """
         loss = self.loss.detach()
         first = ~torch.isfinite(loss).all() & (self._nonfinite_step < 0)
-        self._nonfinite_step = torch.where(first, self.clock.train_epoch_iterations,
-                                           self._nonfinite_step)
+        self._nonfinite_step = torch.where(
+            first, self.clock.train_epoch_iterations, self._nonfinite_step
+        )
         for name, value in self.step.loss_terms.items():
             value = value.detach().float().reshape(())
             kept = self._nonfinite_terms.get(name)
@@ -552,12 +660,13 @@ class CLIPHingeStrategy(SupervisedTemplate):
     def _after_training_epoch(self, **kwargs):
         epoch = self.clock.train_exp_epochs
         super()._after_training_epoch(**kwargs)
-        step = int(self._nonfinite_step)          # the epoch's only read-back to the host
+        step = int(self._nonfinite_step)  # the epoch's only read-back to the host
         if step >= 0:
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in self._nonfinite_terms.items())
             raise FloatingPointError(
                 f"non-finite loss at task {self.current_task}, epoch {epoch}, iteration "
-                f"{step} ({terms}); lower lr or check the data. Earlier checkpoints are intact")
+                f"{step} ({terms}); lower lr or check the data. Earlier checkpoints are intact"
+            )
 
     def forward(self):
         """Scores of the minibatch ``[b, n_outputs]``, through ``self.model(...)``.
@@ -571,11 +680,13 @@ class CLIPHingeStrategy(SupervisedTemplate):
             if not self.is_training:
                 return self.model(self.mb_x)
             scores, self.step.replay_scores, self.step.text_features = self._stage1_scores(
-                self.mb_x, self.step.replay_features)
+                self.mb_x, self.step.replay_features
+            )
             return scores
 
-    def _stage1_scores(self, x: Tensor, replay: Optional[Tensor]
-                       ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    def _stage1_scores(
+        self, x: Tensor, replay: Optional[Tensor]
+    ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
         """Training scores of a minibatch and its replayed features, in one model call.
 
         Args:
@@ -594,8 +705,13 @@ class CLIPHingeStrategy(SupervisedTemplate):
         scores = self.model(feats, text_features=text)
         return scores[:n_real], None if replay is None else scores[n_real:], text
 
-    def _stage1_logits(self, scores: Tensor, labels: Tensor, replay_scores: Optional[Tensor],
-                       replay_targets: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def _stage1_logits(
+        self,
+        scores: Tensor,
+        labels: Tensor,
+        replay_scores: Optional[Tensor],
+        replay_targets: Optional[Tensor],
+    ) -> Tuple[Tensor, Tensor]:
         """The cross-entropy's input: ``(logits [b + k, n_seen] float32, column targets
         [b + k])`` of the minibatch (``scores [b, n_outputs]``, class ids ``labels [b]``)
         followed by the replayed rows (``replay_scores [k, n_outputs]``, column targets
@@ -617,8 +733,11 @@ class CLIPHingeStrategy(SupervisedTemplate):
         """
         replay = self.step.replay_scores if self.is_training else None
         logits, targets = self._stage1_logits(
-            self.mb_output, self.mb_y, replay,
-            None if replay is None else self.model.column_of[self.step.replay_labels])
+            self.mb_output,
+            self.mb_y,
+            replay,
+            None if replay is None else self.model.column_of[self.step.replay_labels],
+        )
         if not self.is_training:
             keep = targets >= 0
             if not keep.any():
@@ -637,15 +756,17 @@ class CLIPHingeStrategy(SupervisedTemplate):
         distributed.sync_learned_state(self.model)
 
     # ---- evaluation -----------------------------------------------------------------------
-    def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None,
-                             persistent_workers=False, **kwargs):
+    def make_eval_dataloader(
+        self, num_workers=0, shuffle=False, pin_memory=None, persistent_workers=False, **kwargs
+    ):
         """Ordered minibatches of cached test features (extracted once), or of images."""
         cached = None
         if self.features_cacheable:
             exp = self.experience
-            cached = self.features_of(self.adapted_dataset,
-                                      f"{exp.origin_stream.name} features, exp "
-                                      f"{exp.current_experience}")
+            cached = self.features_of(
+                self.adapted_dataset,
+                f"{exp.origin_stream.name} features, exp {exp.current_experience}",
+            )
         self.dataloader = self._loader(self.adapted_dataset, cached, self.eval_mb_size, False)
 
 

@@ -11,6 +11,7 @@ Also here: the transforms to give one's own Avalanche benchmark (``stream_transf
 names for a benchmark (``class_names_for``), and the random-transform check behind the
 feature cache (``find_random_transform``).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -26,12 +27,25 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 #: Transforms that draw random numbers, besides every class whose name starts with "Random".
-RANDOM_TRANSFORMS = frozenset({"ColorJitter", "GaussianBlur", "AutoAugment", "RandAugment",
-                               "TrivialAugmentWide", "AugMix", "ElasticTransform", "MixUp",
-                               "CutMix", "ScaleJitter"})
+RANDOM_TRANSFORMS = frozenset(
+    {
+        "ColorJitter",
+        "GaussianBlur",
+        "AutoAugment",
+        "RandAugment",
+        "TrivialAugmentWide",
+        "AugMix",
+        "ElasticTransform",
+        "MixUp",
+        "CutMix",
+        "ScaleJitter",
+    }
+)
 
-STREAM_FIX = ("serve PIL images or [0, 1] tensors (transforms.ToTensor() only, no Normalize), or "
-        "use avalanche_cliphinge.stream_transforms(...)")
+STREAM_FIX = (
+    "serve PIL images or [0, 1] tensors (transforms.ToTensor() only, no Normalize), or "
+    "use avalanche_cliphinge.stream_transforms(...)"
+)
 
 
 class StreamInputError(ValueError):
@@ -58,7 +72,7 @@ def walk_transforms(source, _depth: int = 0, _seen: Optional[set] = None) -> Ite
         return
     seen.add(id(source))
     groups = getattr(source, "transform_groups", None)
-    if isinstance(groups, dict):                  # Avalanche TransformGroups: the active group
+    if isinstance(groups, dict):  # Avalanche TransformGroups: the active group
         yield from walk_transforms(groups.get(source.current_group), _depth + 1, seen)
         return
     children: List[object] = []
@@ -116,10 +130,15 @@ def foreign_normalize(dataset, mean: Sequence[float], std: Sequence[float]) -> O
     CLIP's ``mean``/``std`` (the stream would then serve pixels CLIP cannot read), or ``None``."""
     for step in walk_transforms(dataset):
         if isinstance(step, transforms.Normalize):
-            same = (torch.allclose(torch.as_tensor(step.mean, dtype=torch.float64),
-                                   torch.as_tensor(mean, dtype=torch.float64), atol=1e-6)
-                    and torch.allclose(torch.as_tensor(step.std, dtype=torch.float64),
-                                       torch.as_tensor(std, dtype=torch.float64), atol=1e-6))
+            same = torch.allclose(
+                torch.as_tensor(step.mean, dtype=torch.float64),
+                torch.as_tensor(mean, dtype=torch.float64),
+                atol=1e-6,
+            ) and torch.allclose(
+                torch.as_tensor(step.std, dtype=torch.float64),
+                torch.as_tensor(std, dtype=torch.float64),
+                atol=1e-6,
+            )
             if not same:
                 return repr(step)
     return None
@@ -144,8 +163,14 @@ class ClipInput:
         resize_on_device: see above.
     """
 
-    def __init__(self, eval_transform: Callable, size: int, mean: Sequence[float],
-                 std: Sequence[float], resize_on_device: bool = False):
+    def __init__(
+        self,
+        eval_transform: Callable,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        resize_on_device: bool = False,
+    ):
         self.eval_transform, self.size = eval_transform, int(size)
         self.resize_on_device = resize_on_device
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
@@ -163,8 +188,10 @@ class ClipInput:
             return False
         low, high = (0 - self.mean) / self.std, (1 - self.mean) / self.std
         flat = x.reshape(3, -1)
-        return bool((flat.amin(1) >= low.flatten() - 1e-3).all()
-                    and (flat.amax(1) <= high.flatten() + 1e-3).all())
+        return bool(
+            (flat.amin(1) >= low.flatten() - 1e-3).all()
+            and (flat.amax(1) <= high.flatten() + 1e-3).all()
+        )
 
     def __call__(self, x):
         if isinstance(x, Image.Image):
@@ -174,8 +201,10 @@ class ClipInput:
         if not isinstance(x, Tensor):
             raise StreamInputError(f"the stream serves {type(x).__name__} items; {STREAM_FIX}")
         if x.ndim != 3 or x.shape[0] not in (1, 3):
-            raise StreamInputError(f"the stream serves tensors of shape {tuple(x.shape)}, not "
-                                   f"images [3, h, w]; {STREAM_FIX}")
+            raise StreamInputError(
+                f"the stream serves tensors of shape {tuple(x.shape)}, not "
+                f"images [3, h, w]; {STREAM_FIX}"
+            )
         if x.dtype == torch.uint8:
             return x if self.resize_on_device else self.eval_transform(to_pil_image(x))
         x = x.float()
@@ -186,12 +215,15 @@ class ClipInput:
             return self.eval_transform(to_pil_image((x * 255).round().to(torch.uint8)))
         if self.is_clip_input(x):
             return (x * self.std + self.mean).clamp(0, 1) if self.resize_on_device else x
-        raise StreamInputError(f"the stream serves float images with values in [{low:.3g}, "
-                               f"{high:.3g}], normalised by someone else; {STREAM_FIX}")
+        raise StreamInputError(
+            f"the stream serves float images with values in [{low:.3g}, "
+            f"{high:.3g}], normalised by someone else; {STREAM_FIX}"
+        )
 
 
-def stream_transforms(backbone, *, augment: bool = False,
-                      resize_on_device: bool = False) -> Tuple[Callable, Callable]:
+def stream_transforms(
+    backbone, *, augment: bool = False, resize_on_device: bool = False
+) -> Tuple[Callable, Callable]:
     """``(train_transform, eval_transform)`` to give one's own Avalanche benchmark.
 
     The stream then serves what the package's own builders serve: CLIP's input (the
@@ -209,11 +241,18 @@ def stream_transforms(backbone, *, augment: bool = False,
     backbone = getattr(getattr(backbone, "model", backbone), "backbone", backbone)
     if resize_on_device:
         eval_tf = transforms.PILToTensor()
-        train_tf = (transforms.Compose([transforms.RandomResizedCrop(
-            backbone.image_size, scale=(0.9, 1.0)), eval_tf]) if augment else eval_tf)
+        train_tf = (
+            transforms.Compose(
+                [transforms.RandomResizedCrop(backbone.image_size, scale=(0.9, 1.0)), eval_tf]
+            )
+            if augment
+            else eval_tf
+        )
         return train_tf, eval_tf
-    return (backbone.train_transform if augment else backbone.eval_transform,
-            backbone.eval_transform)
+    return (
+        backbone.train_transform if augment else backbone.eval_transform,
+        backbone.eval_transform,
+    )
 
 
 def task_layout(benchmark) -> Dict[str, int]:
@@ -230,10 +269,15 @@ def task_layout(benchmark) -> Dict[str, int]:
     sizes = [len(set(exp.classes_in_this_experience)) for exp in benchmark.train_stream]
     later = sorted(set(sizes[1:]))
     if len(later) > 1:
-        raise ValueError(f"the stream's tasks have {sizes} classes: after the first, every "
-                         "task must have the same number (increment)")
-    return {"init_class": sizes[0], "increment": later[0] if later else sizes[0],
-            "total_tasks": len(sizes)}
+        raise ValueError(
+            f"the stream's tasks have {sizes} classes: after the first, every "
+            "task must have the same number (increment)"
+        )
+    return {
+        "init_class": sizes[0],
+        "increment": later[0] if later else sizes[0],
+        "total_tasks": len(sizes),
+    }
 
 
 def _find_classes(source, depth: int = 0) -> Optional[List[str]]:
@@ -272,13 +316,14 @@ def class_names_for(source, benchmark=None) -> Union[List[str], Dict[int, str]]:
     Raises:
         ValueError: no class names could be found; the message says what to pass.
     """
-    names = (list(source) if isinstance(source, (list, tuple)) else _find_classes(source))
+    names = list(source) if isinstance(source, (list, tuple)) else _find_classes(source)
     if names is None:
-        raise ValueError(f"no class names found in {type(source).__name__}; pass a dataset "
-                         "with a 'classes' list or the names themselves")
+        raise ValueError(
+            f"no class names found in {type(source).__name__}; pass a dataset "
+            "with a 'classes' list or the names themselves"
+        )
     names = [str(n).replace("_", " ") for n in names]
-    benchmark = source if benchmark is None and not isinstance(source, (list, tuple)) \
-        else benchmark
+    benchmark = source if benchmark is None and not isinstance(source, (list, tuple)) else benchmark
     mapping = getattr(benchmark, "class_mapping", None)
     if not mapping or list(mapping) == list(range(len(mapping))):
         return names

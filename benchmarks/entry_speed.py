@@ -19,6 +19,7 @@ Prints one JSON line: ``process_seconds`` (the entry from start to exit, model l
 included), the run's own ``wall_seconds`` and ``train_seconds`` from ``results.json``, and
 its exit code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_random_cifar100(root: Path, train_per_class: int, test_per_class: int,
-                          seed: int = 0) -> None:
+def write_random_cifar100(
+    root: Path, train_per_class: int, test_per_class: int, seed: int = 0
+) -> None:
     """Random uint8 images ``[n, 3072]`` in the official ``cifar-100-python`` pickles."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-100-python"
@@ -44,14 +46,23 @@ def write_random_cifar100(root: Path, train_per_class: int, test_per_class: int,
 
     def split(per_class: int) -> dict:
         labels = [k for k in range(100) for _ in range(per_class)]
-        return {"batch_label": "random", "filenames": [f"{i}.png" for i in range(len(labels))],
-                "data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
-                "fine_labels": labels, "coarse_labels": [k // 5 for k in labels]}
+        return {
+            "batch_label": "random",
+            "filenames": [f"{i}.png" for i in range(len(labels))],
+            "data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
+            "fine_labels": labels,
+            "coarse_labels": [k // 5 for k in labels],
+        }
 
-    meta = {"fine_label_names": [f"thing_{k}" for k in range(100)],
-            "coarse_label_names": [f"group_{k}" for k in range(20)]}
-    for name, content in (("train", split(train_per_class)), ("test", split(test_per_class)),
-                          ("meta", meta)):
+    meta = {
+        "fine_label_names": [f"thing_{k}" for k in range(100)],
+        "coarse_label_names": [f"group_{k}" for k in range(20)],
+    }
+    for name, content in (
+        ("train", split(train_per_class)),
+        ("test", split(test_per_class)),
+        ("meta", meta),
+    ):
         with open(folder / name, "wb") as f:
             pickle.dump(content, f)
 
@@ -59,13 +70,15 @@ def write_random_cifar100(root: Path, train_per_class: int, test_per_class: int,
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
-    own, entry_args = argv[:cut], argv[cut + 1:]
+    own, entry_args = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-per-class", type=int, default=500)
     parser.add_argument("--test-per-class", type=int, default=100)
-    parser.add_argument("--work-dir", default=None,
-                        help="where the data and the run go (default: a temporary folder, "
-                             "removed at the end)")
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="where the data and the run go (default: a temporary folder, removed at the end)",
+    )
     args = parser.parse_args(own)
     if args.train_per_class < 1 or args.test_per_class < 1:
         parser.error("--train-per-class and --test-per-class must be at least 1")
@@ -77,9 +90,17 @@ def main(argv=None) -> int:
 
         tv_cifar.check_integrity = lambda *a, **k: True
         tv_cifar.CIFAR10._check_integrity = lambda self: True
-        sys.argv = [str(ROOT / "experiments/run_split_cifar.py"), "--data-root",
-                    str(work / "data"), "--output-dir", str(work / "run"), "--overwrite",
-                    "--set", "pretrained=null", *entry_args]
+        sys.argv = [
+            str(ROOT / "experiments/run_split_cifar.py"),
+            "--data-root",
+            str(work / "data"),
+            "--output-dir",
+            str(work / "run"),
+            "--overwrite",
+            "--set",
+            "pretrained=null",
+            *entry_args,
+        ]
         began = time.perf_counter()
         try:
             runpy.run_path(sys.argv[0], run_name="__main__")
@@ -89,13 +110,23 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - began
         results_file = work / "run" / "results.json"
         results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    print(json.dumps({"phase": "entry", "exit_code": code,
-                      "process_seconds": round(seconds, 3),
-                      **{key: (round(results[key], 3) if key in results else None)
-                         for key in ("wall_seconds", "train_seconds")},
-                      "completed_tasks": results.get("completed_tasks"),
-                      "train_images": 100 * args.train_per_class,
-                      "test_images": 100 * args.test_per_class}), flush=True)
+    print(
+        json.dumps(
+            {
+                "phase": "entry",
+                "exit_code": code,
+                "process_seconds": round(seconds, 3),
+                **{
+                    key: (round(results[key], 3) if key in results else None)
+                    for key in ("wall_seconds", "train_seconds")
+                },
+                "completed_tasks": results.get("completed_tasks"),
+                "train_images": 100 * args.train_per_class,
+                "test_images": 100 * args.test_per_class,
+            }
+        ),
+        flush=True,
+    )
     return code
 
 

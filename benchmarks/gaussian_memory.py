@@ -21,6 +21,7 @@ resident set at once, and the peak is the kernel's high-water mark (``VmHWM``), 
 start of the phase (``/proc/self/clear_refs``). On CUDA the peak is torch's allocator's
 (``max_memory_allocated``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,7 +64,7 @@ class Memory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            Path("/proc/self/clear_refs").write_text("5")     # VmHWM := VmRSS
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
 
     def peak(self) -> int:
         if self.device.type == "cuda":
@@ -72,8 +73,7 @@ class Memory:
         return self._status("VmHWM")
 
 
-def synthetic_features(classes: int, per_class: int, dim: int, device: torch.device,
-                       seed: int = 0):
+def synthetic_features(classes: int, per_class: int, dim: int, device: torch.device, seed: int = 0):
     """``(features [classes * per_class, dim], labels)``: class ``c`` around its own random
     mean; the covariance's values do not change the memory."""
     generator = torch.Generator().manual_seed(seed)
@@ -92,9 +92,18 @@ def fit_in_tasks(gaussians: ClassGaussians, feats, labels, tasks: int) -> None:
         gaussians.fit(feats[keep], labels[keep])
 
 
-def measure(phase: str, classes: int, dim: int = 512, storage: str = "full", rank: int = 64,
-            device: str = "cpu", tasks: int = 10, per_class: int = 16,
-            samples_per_class: int = 20, state: Optional[str] = None) -> Dict[str, object]:
+def measure(
+    phase: str,
+    classes: int,
+    dim: int = 512,
+    storage: str = "full",
+    rank: int = 64,
+    device: str = "cpu",
+    tasks: int = 10,
+    per_class: int = 16,
+    samples_per_class: int = 20,
+    state: Optional[str] = None,
+) -> Dict[str, object]:
     """Run ``phase`` (one of ``PHASES``) in this process and return its JSON record.
 
     Meant for a fresh process (``report`` starts one per phase): what ran before in the
@@ -113,8 +122,9 @@ def measure(phase: str, classes: int, dim: int = 512, storage: str = "full", ran
     gaussians = ClassGaussians(dim, storage, rank)
     base = memory.now()
     if phase != "gaussian_fit" and state is not None:
-        gaussians.load_state_dict(torch.load(state, map_location=dev, weights_only=True),
-                                  assign=True)
+        gaussians.load_state_dict(
+            torch.load(state, map_location=dev, weights_only=True), assign=True
+        )
     elif phase != "gaussian_fit":
         fit_in_tasks(gaussians, feats, labels, tasks)
     stored = gaussians.factor_bytes
@@ -126,8 +136,9 @@ def measure(phase: str, classes: int, dim: int = 512, storage: str = "full", ran
         stored = gaussians.factor_bytes
         extra["tasks"] = tasks
     elif phase == "gaussian_sample":
-        drawn, _ = gaussians.sample(list(range(classes)), samples_per_class,
-                                    torch.Generator(dev).manual_seed(0))
+        drawn, _ = gaussians.sample(
+            list(range(classes)), samples_per_class, torch.Generator(dev).manual_seed(0)
+        )
         extra["samples_per_class"] = samples_per_class
         del drawn
     elif phase == "gaussian_checkpoint":
@@ -137,8 +148,9 @@ def measure(phase: str, classes: int, dim: int = 512, storage: str = "full", ran
             extra["file_mib"] = round(path.stat().st_size / MIB, 1)
             del gaussians
             loaded = ClassGaussians(dim, storage, rank).to(dev)
-            loaded.load_state_dict(torch.load(path, map_location=dev, weights_only=True),
-                                   assign=True)
+            loaded.load_state_dict(
+                torch.load(path, map_location=dev, weights_only=True), assign=True
+            )
             assert loaded.factor_bytes == stored
     else:
         raise ValueError(f"phase {phase!r} is not one of {', '.join(PHASES)}")
@@ -146,15 +158,31 @@ def measure(phase: str, classes: int, dim: int = 512, storage: str = "full", ran
     peak = memory.peak() - base
     if phase == "gaussian_fit" and state is not None:
         torch.save(gaussians.state_dict(), state)
-    return {"phase": phase, "classes": classes, "dim": dim, "storage": storage,
-            **({"rank": rank} if storage == "lowrank" else {}), "device": dev.type,
-            "peak_mib": round(peak / MIB, 1), "stored_factor_mib": round(stored / MIB, 1),
-            "ratio": round(peak / stored, 3), "seconds": round(seconds, 1), **extra}
+    return {
+        "phase": phase,
+        "classes": classes,
+        "dim": dim,
+        "storage": storage,
+        **({"rank": rank} if storage == "lowrank" else {}),
+        "device": dev.type,
+        "peak_mib": round(peak / MIB, 1),
+        "stored_factor_mib": round(stored / MIB, 1),
+        "ratio": round(peak / stored, 3),
+        "seconds": round(seconds, 1),
+        **extra,
+    }
 
 
-def report(classes: int, storages: Optional[List[str]] = None, device: str = "cpu",
-           dim: int = 512, rank: int = 64, tasks: int = 10, per_class: int = 16,
-           samples_per_class: int = 20) -> List[Dict[str, object]]:
+def report(
+    classes: int,
+    storages: Optional[List[str]] = None,
+    device: str = "cpu",
+    dim: int = 512,
+    rank: int = 64,
+    tasks: int = 10,
+    per_class: int = 16,
+    samples_per_class: int = 20,
+) -> List[Dict[str, object]]:
     """Measure every phase of every storage in its own process; print and return the
     records (one JSON line each)."""
     records = []
@@ -164,15 +192,33 @@ def report(classes: int, storages: Optional[List[str]] = None, device: str = "cp
         for storage in storages or list(STORAGES):
             state = str(Path(folder) / f"{storage}.pt")
             for phase in PHASES:
-                command = [sys.executable, str(Path(__file__).resolve()), "--child", phase,
-                           "--classes", str(classes), "--storage", storage,
-                           "--device", device, "--dim", str(dim), "--rank", str(rank),
-                           "--tasks", str(tasks), "--per-class", str(per_class),
-                           "--samples-per-class", str(samples_per_class), "--state", state]
+                command = [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--child",
+                    phase,
+                    "--classes",
+                    str(classes),
+                    "--storage",
+                    storage,
+                    "--device",
+                    device,
+                    "--dim",
+                    str(dim),
+                    "--rank",
+                    str(rank),
+                    "--tasks",
+                    str(tasks),
+                    "--per-class",
+                    str(per_class),
+                    "--samples-per-class",
+                    str(samples_per_class),
+                    "--state",
+                    state,
+                ]
                 done = subprocess.run(command, env=env, capture_output=True, text=True)
                 if done.returncode != 0:
-                    raise RuntimeError(f"{phase} of {storage} failed:\n"
-                                       f"{done.stderr[-2000:]}")
+                    raise RuntimeError(f"{phase} of {storage} failed:\n{done.stderr[-2000:]}")
                 record = json.loads(done.stdout.strip().splitlines()[-1])
                 print(json.dumps(record), flush=True)
                 records.append(record)
@@ -186,30 +232,48 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--rank", type=int, default=64, help="lowrank's gaussian_rank")
-    parser.add_argument("--tasks", type=int, default=10,
-                        help="gaussian_fit: experiences the classes arrive in")
-    parser.add_argument("--per-class", type=int, default=16,
-                        help="synthetic features per class")
-    parser.add_argument("--samples-per-class", type=int, default=20,
-                        help="gaussian_sample: features drawn per class")
+    parser.add_argument(
+        "--tasks", type=int, default=10, help="gaussian_fit: experiences the classes arrive in"
+    )
+    parser.add_argument("--per-class", type=int, default=16, help="synthetic features per class")
+    parser.add_argument(
+        "--samples-per-class",
+        type=int,
+        default=20,
+        help="gaussian_sample: features drawn per class",
+    )
     parser.add_argument("--child", choices=PHASES, help=argparse.SUPPRESS)
     parser.add_argument("--state", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("classes", "dim", "rank", "tasks", "samples_per_class"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got "
-                         f"{getattr(args, name)}")
+            parser.error(
+                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+            )
     if args.per_class < 2:
-        parser.error(f"--per-class must be at least 2 (a covariance needs two samples), got "
-                     f"{args.per_class}")
+        parser.error(
+            f"--per-class must be at least 2 (a covariance needs two samples), got {args.per_class}"
+        )
     if args.tasks > args.classes:
-        parser.error(f"--tasks {args.tasks} exceeds --classes {args.classes}: every task "
-                     "needs a class")
-    settings = dict(dim=args.dim, rank=args.rank, device=args.device, tasks=args.tasks,
-                    per_class=args.per_class, samples_per_class=args.samples_per_class)
+        parser.error(
+            f"--tasks {args.tasks} exceeds --classes {args.classes}: every task needs a class"
+        )
+    settings = dict(
+        dim=args.dim,
+        rank=args.rank,
+        device=args.device,
+        tasks=args.tasks,
+        per_class=args.per_class,
+        samples_per_class=args.samples_per_class,
+    )
     if args.child:
-        print(json.dumps(measure(args.child, args.classes, storage=args.storage[0],
-                                 state=args.state, **settings)))
+        print(
+            json.dumps(
+                measure(
+                    args.child, args.classes, storage=args.storage[0], state=args.state, **settings
+                )
+            )
+        )
     else:
         report(args.classes, args.storage, **settings)
 

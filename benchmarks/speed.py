@@ -39,6 +39,7 @@ in the last epoch of every task with 3 epochs or more (``StepCounter``; that epo
 of ``ms_per_step`` but not of the phase's seconds). The ``stage2`` line gives the same for
 stage 2, counted over the last task's whole stage-2 run. ``--no-step-counts`` counts nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,8 +99,9 @@ class CIFARLikeImages(Dataset):
         return self.transform(Image.fromarray(self.data[index])), self.targets[index]
 
 
-def synthetic_cifar(n_classes: int, train_per_class: int, test_per_class: int, seed: int,
-                    items: str = "pil"):
+def synthetic_cifar(
+    n_classes: int, train_per_class: int, test_per_class: int, seed: int, items: str = "pil"
+):
     """CIFAR-100-sized uint8 stream: a random 32-px prototype per class plus noise.
 
     ``items``: ``"pil"`` serves each image through PIL like torchvision's ``CIFAR100``
@@ -132,25 +134,40 @@ def loader_rates(args, config):
 
     items, _ = synthetic_cifar(config.n_classes, args.train_per_class, 1, config.seed)
     datasets = {}
-    for name, transform in (("PILToTensor", items.transform),
-                            ("ToTensor", transforms.ToTensor())):
+    for name, transform in (("PILToTensor", items.transform), ("ToTensor", transforms.ToTensor())):
         data = copy.copy(items)
         data.transform = transform
-        benchmark = nc_benchmark(data, data, config.total_tasks, task_labels=False,
-                                 fixed_class_order=list(range(config.n_classes)))
+        benchmark = nc_benchmark(
+            data,
+            data,
+            config.total_tasks,
+            task_labels=False,
+            fixed_class_order=list(range(config.n_classes)),
+        )
         datasets[name] = benchmark.train_stream[0].dataset.eval()
     rates = {(name, workers): [] for name in datasets for workers in (0, 2, 4)}
-    for _ in range(args.repeats):          # alternating, so a drifting machine hits all alike
+    for _ in range(args.repeats):  # alternating, so a drifting machine hits all alike
         for name, workers in rates:
             began = time.perf_counter()
-            n = sum(len(batch[0]) for batch in DataLoader(
-                datasets[name], batch_size=config.eval_batch_size, num_workers=workers))
+            n = sum(
+                len(batch[0])
+                for batch in DataLoader(
+                    datasets[name], batch_size=config.eval_batch_size, num_workers=workers
+                )
+            )
             rates[name, workers].append(n / (time.perf_counter() - began))
     for (name, workers), runs in rates.items():
-        emit({"phase": "loader", "transform": name, "num_workers": workers,
-              "images": len(datasets[name]), "batch": config.eval_batch_size,
-              "images_per_s": round(statistics.median(runs), 1),
-              "runs": [round(r, 1) for r in runs]})
+        emit(
+            {
+                "phase": "loader",
+                "transform": name,
+                "num_workers": workers,
+                "images": len(datasets[name]),
+                "batch": config.eval_batch_size,
+                "images_per_s": round(statistics.median(runs), 1),
+                "runs": [round(r, 1) for r in runs],
+            }
+        )
 
 
 class PhaseTimer(SupervisedPlugin):
@@ -181,8 +198,9 @@ class PhaseTimer(SupervisedPlugin):
     def after_training_epoch(self, strategy, **kwargs):
         seconds = self._now() - self._start
         self.seconds["stage1"] += seconds
-        self.epochs.append((strategy.clock.train_exp_epochs, counted_epoch(strategy), seconds,
-                            self._steps))
+        self.epochs.append(
+            (strategy.clock.train_exp_epochs, counted_epoch(strategy), seconds, self._steps)
+        )
 
     def before_eval(self, strategy, **kwargs):
         self._start = self._now()
@@ -235,9 +253,13 @@ class StepSyncCounter(SupervisedPlugin):
 
     def record(self) -> dict:
         """The JSON line of the counts."""
-        return {"phase": "stage1_host_syncs", "steps": self.steps,
-                "syncs_after_first_epoch": self.syncs,
-                "syncs_in_first_epochs": self.first_epoch_syncs, "where": self.where}
+        return {
+            "phase": "stage1_host_syncs",
+            "steps": self.steps,
+            "syncs_after_first_epoch": self.syncs,
+            "syncs_in_first_epochs": self.first_epoch_syncs,
+            "where": self.where,
+        }
 
 
 def counted_epoch(strategy) -> bool:
@@ -360,9 +382,11 @@ class StepCounter(SupervisedPlugin):
 
 def per_step(ops: int, calls: int, steps: int) -> dict:
     """The JSON fields of ``ops`` and ``calls`` counted over ``steps`` steps."""
-    return {"ops_per_step": round(ops / steps, 1) if steps else None,
-            "python_calls_per_step": round(calls / steps, 1) if steps else None,
-            "counted_steps": steps}
+    return {
+        "ops_per_step": round(ops / steps, 1) if steps else None,
+        "python_calls_per_step": round(calls / steps, 1) if steps else None,
+        "counted_steps": steps,
+    }
 
 
 class Stage2Steps:
@@ -384,8 +408,9 @@ class Stage2Steps:
                     return inner(strategy, **kwargs)
                 finally:
                     counting.stop()
-                    self.counted = per_step(counting.mode.ops, counting.calls,
-                                            plugin.steps - before)
+                    self.counted = per_step(
+                        counting.mode.ops, counting.calls, plugin.steps - before
+                    )
             if device.type == "cuda":
                 torch.cuda.synchronize()
             began = time.perf_counter()
@@ -414,11 +439,13 @@ def stage1_steps(epochs: list) -> dict:
     steady_s, steady_n = sum(s for s, _ in steady), sum(n for _, n in steady)
     first_s, first_n = sum(s for s, _ in first), sum(n for _, n in first)
     rate = steady_s / steady_n if steady_n else None
-    return {"ms_per_step": None if rate is None else round(1000 * rate, 3),
-            "steady_steps": steady_n,
-            "first_epoch_ms_per_step": round(1000 * first_s / first_n, 3) if first_n else None,
-            "compile_s": None if rate is None else round(first_s - first_n * rate, 3),
-            "counted_epochs_s": round(sum(s for _, counted, s, _ in epochs if counted), 3)}
+    return {
+        "ms_per_step": None if rate is None else round(1000 * rate, 3),
+        "steady_steps": steady_n,
+        "first_epoch_ms_per_step": round(1000 * first_s / first_n, 3) if first_n else None,
+        "compile_s": None if rate is None else round(first_s - first_n * rate, 3),
+        "counted_epochs_s": round(sum(s for _, counted, s, _ in epochs if counted), 3),
+    }
 
 
 class Stopwatch:
@@ -485,17 +512,25 @@ def run_once(config, named_benchmark, backbone, device, experiences=None, count_
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    extraction, hinge, stage2 = (Stopwatch(device), Stopwatch(device, per_step=True),
-                                 Stopwatch(device))
+    extraction, hinge, stage2 = (
+        Stopwatch(device),
+        Stopwatch(device, per_step=True),
+        Stopwatch(device),
+    )
     timer = PhaseTimer(device, extraction)
     syncs = StepSyncCounter() if device.type == "cuda" else None
     counter = StepCounter() if count_steps else None
     evaluator = make_evaluator().plugin
     model = build_model(config, named_benchmark.class_names, device, backbone=backbone)
-    strategy = CLIPHingeStrategy(config=config, class_names=named_benchmark.class_names, model=model,
-                                 plugins=([counter] if counter else []) + [timer]
-                                 + ([syncs] if syncs else []),
-                                 evaluator=evaluator, device=device, progress=False)
+    strategy = CLIPHingeStrategy(
+        config=config,
+        class_names=named_benchmark.class_names,
+        model=model,
+        plugins=([counter] if counter else []) + [timer] + ([syncs] if syncs else []),
+        evaluator=evaluator,
+        device=device,
+        progress=False,
+    )
     extraction.wrap(strategy, "extract_features", count_items=True)
     if counter is not None:
         counter.pause_inside(strategy)
@@ -505,23 +540,32 @@ def run_once(config, named_benchmark, backbone, device, experiences=None, count_
         if isinstance(plugin, HardPairHingePlugin):
             hinge.wrap(plugin, "before_backward")
         if isinstance(plugin, SecondStagePlugin):
-            stage2_steps = Stage2Steps(plugin, device,
-                                       len(train_stream) - 1 if count_steps else -1)
+            stage2_steps = Stage2Steps(plugin, device, len(train_stream) - 1 if count_steps else -1)
             stage2.wrap(plugin, "after_training_exp")
     sync()
     began, began_cpu = time.perf_counter(), time.process_time()
-    matrix = [task.row for task in train_and_evaluate(
-        strategy, train_stream, named_benchmark.benchmark.test_stream[:experiences])]
+    matrix = [
+        task.row
+        for task in train_and_evaluate(
+            strategy, train_stream, named_benchmark.benchmark.test_stream[:experiences]
+        )
+    ]
     sync()
     total, cpu = time.perf_counter() - began, time.process_time() - began_cpu
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-    phases = {"feature_extraction": extraction.seconds,
-              "stage1": timer.seconds["stage1"], "hinge": hinge.seconds,
-              "stage2": stage2.seconds,
-              "evaluation": timer.seconds["evaluation"] - timer.seconds["extraction_in_eval"],
-              "total": total, "total_process_cpu": cpu}
-    steps = {"stage1": {**stage1_steps(timer.epochs), **(counter.record() if counter else {})},
-             "stage2": stage2_steps.record() if stage2_steps else {}}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    phases = {
+        "feature_extraction": extraction.seconds,
+        "stage1": timer.seconds["stage1"],
+        "hinge": hinge.seconds,
+        "stage2": stage2.seconds,
+        "evaluation": timer.seconds["evaluation"] - timer.seconds["extraction_in_eval"],
+        "total": total,
+        "total_process_cpu": cpu,
+    }
+    steps = {
+        "stage1": {**stage1_steps(timer.epochs), **(counter.record() if counter else {})},
+        "stage2": stage2_steps.record() if stage2_steps else {},
+    }
     return phases, extraction.items, matrix, peak, syncs, steps
 
 
@@ -531,9 +575,11 @@ def bare_encoder_throughput(backbone, device, batch, precision, repeats=10):
     size = backbone.image_size
     images = torch.randn(batch, 3, size, size, device=device)
     visual = backbone.model.visual
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if precision == "bf16" and device.type == "cuda" else torch.autocast(
-                    "cpu", enabled=False))
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if precision == "bf16" and device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
     with autocast:
         for _ in range(3):
             visual(images)
@@ -548,61 +594,101 @@ def bare_encoder_throughput(backbone, device, batch, precision, repeats=10):
 
 
 def emit(record):
-    if distributed.is_main():             # under torchrun rank 0 prints
+    if distributed.is_main():  # under torchrun rank 0 prints
         print(json.dumps(record), flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="cifar100_b0_inc10",
-                        help="a shipped preset name or a JSON config file")
+    parser.add_argument(
+        "--config", default="cifar100_b0_inc10", help="a shipped preset name or a JSON config file"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--synthetic", action="store_true",
-                        help="CIFAR-100-sized random 32-px images, served per item through "
-                             "PIL like torchvision's CIFAR100, resized on the device")
-    parser.add_argument("--synthetic-items", choices=["pil", "tensor"], default="pil",
-                        help="--synthetic: 'pil' pays torchvision CIFAR100's per-image PIL "
-                             "work; 'tensor' slices uint8 tensors (the path of the GPU figures "
-                             "measured at commit 600fee6)")
-    parser.add_argument("--preset", choices=["tiny"], default=None,
-                        help="tiny: the smoke preset's tiny CLIP on the JPEG folder of "
-                             "--data-root with CLIP's eval transform, 5 epochs per task")
-    parser.add_argument("--data-root", default=str(ROOT.parent / "shared/data/cifar10-jpeg-subset"),
-                        help="--preset tiny: a root/{train,test}/<class>/*.jpg tree "
-                             "(default: the CIFAR-10 JPEG subset in ../shared/data)")
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="CIFAR-100-sized random 32-px images, served per item through "
+        "PIL like torchvision's CIFAR100, resized on the device",
+    )
+    parser.add_argument(
+        "--synthetic-items",
+        choices=["pil", "tensor"],
+        default="pil",
+        help="--synthetic: 'pil' pays torchvision CIFAR100's per-image PIL "
+        "work; 'tensor' slices uint8 tensors (the path of the GPU figures "
+        "measured at commit 600fee6)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["tiny"],
+        default=None,
+        help="tiny: the smoke preset's tiny CLIP on the JPEG folder of "
+        "--data-root with CLIP's eval transform, 5 epochs per task",
+    )
+    parser.add_argument(
+        "--data-root",
+        default=str(ROOT.parent / "shared/data/cifar10-jpeg-subset"),
+        help="--preset tiny: a root/{train,test}/<class>/*.jpg tree "
+        "(default: the CIFAR-10 JPEG subset in ../shared/data)",
+    )
     parser.add_argument("--train-per-class", type=int, default=500)
     parser.add_argument("--test-per-class", type=int, default=100)
     parser.add_argument("--bare-batch", type=int, default=512)
     parser.add_argument("--compare-uncached", action="store_true")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="--compare-uncached: timed runs per path, alternating; the "
-                             "medians are compared. --loader-only: passes per combination")
-    parser.add_argument("--loader-only", action="store_true",
-                        help="with --synthetic: time only the data loader (PIL items through "
-                             "Avalanche's wrappers, PILToTensor vs ToTensor, 0/2/4 workers) "
-                             "for one training experience; no model")
-    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
-                        help="skip the untimed warm-up (the first experience once per "
-                             "compared path, compile off) that takes one-time process costs "
-                             "(lazy imports, kernel set-up for new shapes, the OS file "
-                             "cache) off the first timed run")
-    parser.add_argument("--no-step-counts", dest="step_counts", action="store_false",
-                        help="do not count ops and Python calls per step (counting slows the "
-                             "counted epochs, which the phase times include)")
-    parser.add_argument("--classes", type=int, default=None, metavar="N",
-                        help="no run: the peak memory of fitting, sampling and checkpointing "
-                             "the class Gaussians of N synthetic 512-d classes "
-                             "(benchmarks/gaussian_memory.py; --device cpu for the CPU)")
-    parser.add_argument("--gaussian-storage", nargs="+", default=None,
-                        choices=["full", "bf16", "lowrank"],
-                        help="--classes: the storage modes to measure (default: all)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="--compare-uncached: timed runs per path, alternating; the "
+        "medians are compared. --loader-only: passes per combination",
+    )
+    parser.add_argument(
+        "--loader-only",
+        action="store_true",
+        help="with --synthetic: time only the data loader (PIL items through "
+        "Avalanche's wrappers, PILToTensor vs ToTensor, 0/2/4 workers) "
+        "for one training experience; no model",
+    )
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the untimed warm-up (the first experience once per "
+        "compared path, compile off) that takes one-time process costs "
+        "(lazy imports, kernel set-up for new shapes, the OS file "
+        "cache) off the first timed run",
+    )
+    parser.add_argument(
+        "--no-step-counts",
+        dest="step_counts",
+        action="store_false",
+        help="do not count ops and Python calls per step (counting slows the "
+        "counted epochs, which the phase times include)",
+    )
+    parser.add_argument(
+        "--classes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="no run: the peak memory of fitting, sampling and checkpointing "
+        "the class Gaussians of N synthetic 512-d classes "
+        "(benchmarks/gaussian_memory.py; --device cpu for the CPU)",
+    )
+    parser.add_argument(
+        "--gaussian-storage",
+        nargs="+",
+        default=None,
+        choices=["full", "bf16", "lowrank"],
+        help="--classes: the storage modes to measure (default: all)",
+    )
     args = parser.parse_args(argv)
     if args.classes is not None:
         if args.classes < 1:
             parser.error(f"--classes must be at least 1, got {args.classes}")
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from gaussian_memory import report
+
         report(args.classes, args.gaussian_storage, args.device)
         return
     if not args.synthetic and args.preset is None:
@@ -611,14 +697,19 @@ def main(argv=None):
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.loader_only and not args.synthetic:
         parser.error("--loader-only times the synthetic CIFAR items: add --synthetic")
-    try:        # under torchrun: join the processes, each on cuda:LOCAL_RANK (or the CPU)
+    try:  # under torchrun: join the processes, each on cuda:LOCAL_RANK (or the CPU)
         device = torch.device(distributed.init_from_env(args.device))
     except distributed.DistributedError as err:
         parser.error(str(err))
     config = CLIPHingeConfig.from_json(args.config)
     if args.preset == "tiny":
-        tiny = {**SMOKE, "init_epochs": 5, "epochs": 5, "lr_decay_epochs": [],
-                "batch_size": config.batch_size}
+        tiny = {
+            **SMOKE,
+            "init_epochs": 5,
+            "epochs": 5,
+            "lr_decay_epochs": [],
+            "batch_size": config.batch_size,
+        }
         config = config.replace(**tiny)
     else:
         config = config.replace(pretrained=None, resize_on_device=True, class_order="natural")
@@ -626,53 +717,86 @@ def main(argv=None):
     if args.loader_only:
         loader_rates(args, config)
         return
-    seed_everything(config.seed)           # random weights are the same in every process
-    backbone = load_clip(config.model_name, config.pretrained, device=device,
-                         allow_activation_mismatch=config.allow_activation_mismatch)
+    seed_everything(config.seed)  # random weights are the same in every process
+    backbone = load_clip(
+        config.model_name,
+        config.pretrained,
+        device=device,
+        allow_activation_mismatch=config.allow_activation_mismatch,
+    )
     if args.preset == "tiny":
         from avalanche_cliphinge.benchmarks import split_image_folder
 
-        named_benchmark = split_image_folder(args.data_root, init_class=config.init_class,
-                                    increment=config.increment,
-                                    train_transform=backbone.eval_transform,
-                                    eval_transform=backbone.eval_transform)
+        named_benchmark = split_image_folder(
+            args.data_root,
+            init_class=config.init_class,
+            increment=config.increment,
+            train_transform=backbone.eval_transform,
+            eval_transform=backbone.eval_transform,
+        )
     else:
         from avalanche.benchmarks import nc_benchmark
 
         from avalanche_cliphinge.benchmarks.common import NamedBenchmark
 
-        train, test = synthetic_cifar(config.n_classes, args.train_per_class,
-                                      args.test_per_class, config.seed, args.synthetic_items)
+        train, test = synthetic_cifar(
+            config.n_classes,
+            args.train_per_class,
+            args.test_per_class,
+            config.seed,
+            args.synthetic_items,
+        )
         per_exp = {0: config.init_class} if config.init_class != config.increment else None
-        benchmark = nc_benchmark(train, test, config.total_tasks, task_labels=False,
-                                 fixed_class_order=list(range(config.n_classes)),
-                                 per_exp_classes=per_exp)
-        named_benchmark = NamedBenchmark(benchmark=benchmark,
-                              class_names=[f"class {i}" for i in range(config.n_classes)],
-                              class_order=list(range(config.n_classes)),
-                              protocol={"name": "synthetic-cifar"})
-    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-    emit({"phase": "setup", "device": device_name, "model": config.model_name,
-          "precision": config.precision, "compile": config.compile and device.type == "cuda",
-          "compile_step": config.compile_step,
-          "tasks": config.total_tasks, "epochs": [config.init_epochs, config.epochs],
-          "second_stage_epochs": config.second_stage_epochs,
-          "data": f"synthetic, {args.synthetic_items} items" if args.synthetic else "jpeg folder",
-          "num_workers": config.num_workers,
-          "train_images": sum(len(e.dataset) for e in named_benchmark.benchmark.train_stream),
-          "test_images": sum(len(e.dataset) for e in named_benchmark.benchmark.test_stream),
-          "torch": torch.__version__, "processes": distributed.world_size()})
+        benchmark = nc_benchmark(
+            train,
+            test,
+            config.total_tasks,
+            task_labels=False,
+            fixed_class_order=list(range(config.n_classes)),
+            per_exp_classes=per_exp,
+        )
+        named_benchmark = NamedBenchmark(
+            benchmark=benchmark,
+            class_names=[f"class {i}" for i in range(config.n_classes)],
+            class_order=list(range(config.n_classes)),
+            protocol={"name": "synthetic-cifar"},
+        )
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    emit(
+        {
+            "phase": "setup",
+            "device": device_name,
+            "model": config.model_name,
+            "precision": config.precision,
+            "compile": config.compile and device.type == "cuda",
+            "compile_step": config.compile_step,
+            "tasks": config.total_tasks,
+            "epochs": [config.init_epochs, config.epochs],
+            "second_stage_epochs": config.second_stage_epochs,
+            "data": f"synthetic, {args.synthetic_items} items" if args.synthetic else "jpeg folder",
+            "num_workers": config.num_workers,
+            "train_images": sum(len(e.dataset) for e in named_benchmark.benchmark.train_stream),
+            "test_images": sum(len(e.dataset) for e in named_benchmark.benchmark.test_stream),
+            "torch": torch.__version__,
+            "processes": distributed.world_size(),
+        }
+    )
     bare = bare_encoder_throughput(backbone, device, args.bare_batch, config.precision)
-    emit({"phase": "bare_image_encoder", "images_per_s": round(bare, 1),
-          "batch": args.bare_batch})
+    emit({"phase": "bare_image_encoder", "images_per_s": round(bare, 1), "batch": args.bare_batch})
     if args.warmup:
         began = time.perf_counter()
         for cached in [True, False] if args.compare_uncached else [True]:
-            run_once(config.replace(cache_features=cached, compile=False, compile_step=False),
-                     named_benchmark, backbone, device, experiences=1)
+            run_once(
+                config.replace(cache_features=cached, compile=False, compile_step=False),
+                named_benchmark,
+                backbone,
+                device,
+                experiences=1,
+            )
         emit({"phase": "warmup", "seconds": round(time.perf_counter() - began, 3)})
-    phases, extracted, matrix, peak, syncs, steps = run_once(config, named_benchmark, backbone, device,
-                                                             count_steps=args.step_counts)
+    phases, extracted, matrix, peak, syncs, steps = run_once(
+        config, named_benchmark, backbone, device, count_steps=args.step_counts
+    )
     for name, seconds in phases.items():
         record = {"phase": name, "seconds": round(seconds, 3), **steps.get(name, {})}
         if name == "feature_extraction":
@@ -692,25 +816,36 @@ def main(argv=None):
         for repeat in range(args.repeats):
             if repeat > 0:
                 runs["cached"].append(run_once(config, named_benchmark, backbone, device)[0])
-            uncached, _, matrix_u, *_ = run_once(config.replace(cache_features=False), named_benchmark,
-                                                 backbone, device)
+            uncached, _, matrix_u, *_ = run_once(
+                config.replace(cache_features=False), named_benchmark, backbone, device
+            )
             runs["uncached"].append(uncached)
-            diff = max([diff] + [abs(a - b) for ra, rb in zip(matrix, matrix_u)
-                                 for a, b in zip(ra, rb)])
+            diff = max(
+                [diff] + [abs(a - b) for ra, rb in zip(matrix, matrix_u) for a, b in zip(ra, rb)]
+            )
 
         def median(path, key):
             return statistics.median(run[key] for run in runs[path])
 
         cached_s, uncached_s = median("cached", "total"), median("uncached", "total")
-        cached_cpu, uncached_cpu = (median("cached", "total_process_cpu"),
-                                    median("uncached", "total_process_cpu"))
-        emit({"phase": "compare_uncached", "cached_s": round(cached_s, 3),
-              "uncached_s": round(uncached_s, 3), "speedup": round(uncached_s / cached_s, 2),
-              "cpu_time_speedup": round(uncached_cpu / cached_cpu, 2),
-              "repeats": args.repeats,
-              "cached_runs_s": [round(run["total"], 3) for run in runs["cached"]],
-              "uncached_runs_s": [round(run["total"], 3) for run in runs["uncached"]],
-              "max_abs_accuracy_diff_percent": diff, "same_metrics": diff <= 1e-4})
+        cached_cpu, uncached_cpu = (
+            median("cached", "total_process_cpu"),
+            median("uncached", "total_process_cpu"),
+        )
+        emit(
+            {
+                "phase": "compare_uncached",
+                "cached_s": round(cached_s, 3),
+                "uncached_s": round(uncached_s, 3),
+                "speedup": round(uncached_s / cached_s, 2),
+                "cpu_time_speedup": round(uncached_cpu / cached_cpu, 2),
+                "repeats": args.repeats,
+                "cached_runs_s": [round(run["total"], 3) for run in runs["cached"]],
+                "uncached_runs_s": [round(run["total"], 3) for run in runs["uncached"]],
+                "max_abs_accuracy_diff_percent": diff,
+                "same_metrics": diff <= 1e-4,
+            }
+        )
     return 0
 
 

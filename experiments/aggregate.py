@@ -8,6 +8,7 @@
 Writes summary.md, summary.csv, summary.json and summary_curve.{png,pdf}. The same as
 ``cliphinge aggregate``.
 """
+
 import sys
 
 from avalanche_cliphinge.app.aggregate import main

@@ -8,6 +8,7 @@
 One frozen CLIP (loaded once), one stream, one evaluation setup for every entry. Writes
 comparison.md / .csv / .json, accuracy_vs_task.png and TensorBoard runs under tb/<entry>.
 """
+
 import sys
 
 from avalanche_cliphinge.app.comparison import main

@@ -11,10 +11,18 @@ may also name the ``imagenet-r`` folder itself). Without ``--split-list`` a seed
 split per class is drawn (seed = the config's seed).
 The same run: ``cliphinge run --config imagenet_r_b0_inc20 ...``.
 """
+
 import sys
 
 from avalanche_cliphinge.app.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(None, __doc__.splitlines()[0], "imagenet_r_b0_inc20", dataset="imagenet_r",
-                  prog="run_imagenet_r.py"))
+    sys.exit(
+        main(
+            None,
+            __doc__.splitlines()[0],
+            "imagenet_r_b0_inc20",
+            dataset="imagenet_r",
+            prog="run_imagenet_r.py",
+        )
+    )

@@ -9,10 +9,18 @@ Data: ``<data-root>/cifar-100-python/{train,test,meta}`` (torchvision's layout);
 fetches it on a machine with internet.
 The same run: ``cliphinge run --config cifar100_b0_inc10 ...``.
 """
+
 import sys
 
 from avalanche_cliphinge.app.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(None, __doc__.splitlines()[0], "cifar100_b0_inc10", dataset="cifar100",
-                  prog="run_split_cifar.py"))
+    sys.exit(
+        main(
+            None,
+            __doc__.splitlines()[0],
+            "cifar100_b0_inc10",
+            dataset="cifar100",
+            prog="run_split_cifar.py",
+        )
+    )

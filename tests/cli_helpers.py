@@ -1,5 +1,6 @@
 """Helpers shared by the CLI test modules (imported by name: pytest puts tests/ on sys.path;
 ``tests.x`` would resolve to avalanche-lib's own ``tests`` package)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,16 @@ SCRIPTS = ROOT / "experiments"
 
 def smoke_command(output_dir: Path, *extra: str):
     """The smoke preset as a subprocess command line."""
-    return [sys.executable, str(SCRIPTS / "run_split_cifar.py"), "--preset", "smoke",
-            "--output-dir", str(output_dir), "--quiet", *extra]
+    return [
+        sys.executable,
+        str(SCRIPTS / "run_split_cifar.py"),
+        "--preset",
+        "smoke",
+        "--output-dir",
+        str(output_dir),
+        "--quiet",
+        *extra,
+    ]
 
 
 def uninterrupted_smoke_run(tmp_path_factory):
@@ -27,10 +36,14 @@ def uninterrupted_smoke_run(tmp_path_factory):
     out = tmp_path_factory.getbasetemp() / "smoke_uninterrupted"
     record = tmp_path_factory.getbasetemp() / "smoke_uninterrupted.json"
     if not record.exists():
-        proc = subprocess.run(smoke_command(out), cwd=ROOT, capture_output=True, text=True,
-                              timeout=600)
-        record.write_text(json.dumps({"returncode": proc.returncode, "stdout": proc.stdout,
-                                      "stderr": proc.stderr}))
+        proc = subprocess.run(
+            smoke_command(out), cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
+        record.write_text(
+            json.dumps(
+                {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+            )
+        )
     return out, json.loads(record.read_text())
 
 
@@ -46,5 +59,8 @@ def run_script(script: str, args, capsys, monkeypatch):
 
 def snapshot(folder: Path):
     """``{relative path: sha256}`` of every file under ``folder``."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

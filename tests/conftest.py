@@ -3,6 +3,7 @@
 avalanche-lib installs its own top-level ``tests`` package, so nothing here is imported as
 ``tests.conftest``: helpers reach the test files as fixtures only.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,9 @@ from torch.utils.data import TensorDataset
 
 # `make test` runs the suite in pytest-xdist workers: share the cores out instead of every
 # worker's torch using all of them
-torch.set_num_threads(max(1, (os.cpu_count() or 1)
-                          // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+torch.set_num_threads(
+    max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+)
 
 #: Class c: colour channel c % 3, vertical stripes when c >= 3 (ids follow the stream order).
 CLASS_NAMES = ["red", "green", "blue", "red stripes", "green stripes", "blue stripes"]
@@ -75,8 +77,14 @@ def synthetic_stream(synthetic_data):
 
     train = LabelledTensorDataset(synthetic_data["train_x"], synthetic_data["train_y"])
     test = LabelledTensorDataset(synthetic_data["test_x"], synthetic_data["test_y"])
-    return nc_benchmark(train, test, n_experiences=3, task_labels=False, seed=0,
-                        fixed_class_order=list(range(N_CLASSES)))
+    return nc_benchmark(
+        train,
+        test,
+        n_experiences=3,
+        task_labels=False,
+        seed=0,
+        fixed_class_order=list(range(N_CLASSES)),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -89,10 +97,22 @@ def tiny_config() -> Callable[..., "CLIPHingeConfig"]:  # noqa: F821
     from avalanche_cliphinge import CLIPHingeConfig
 
     def make(**overrides) -> CLIPHingeConfig:
-        values = dict(model_name="cliphinge-tiny", pretrained=None, init_class=2, increment=2,
-                      total_tasks=3, init_epochs=10, epochs=10, lr=0.01, init_lr=0.01,
-                      batch_size=16, eval_batch_size=64, seed=0, lr_decay_epochs=[100],
-                      second_stage_epochs=2)
+        values = dict(
+            model_name="cliphinge-tiny",
+            pretrained=None,
+            init_class=2,
+            increment=2,
+            total_tasks=3,
+            init_epochs=10,
+            epochs=10,
+            lr=0.01,
+            init_lr=0.01,
+            batch_size=16,
+            eval_batch_size=64,
+            seed=0,
+            lr_decay_epochs=[100],
+            second_stage_epochs=2,
+        )
         values.update(overrides)
         return CLIPHingeConfig(**values)
 
@@ -106,8 +126,11 @@ def evaluator_factory():
     from avalanche.training.plugins import EvaluationPlugin
 
     def make():
-        return EvaluationPlugin(accuracy_metrics(experience=True, stream=True),
-                                forgetting_metrics(experience=True, stream=True), loggers=[])
+        return EvaluationPlugin(
+            accuracy_metrics(experience=True, stream=True),
+            forgetting_metrics(experience=True, stream=True),
+            loggers=[],
+        )
 
     return make
 
@@ -125,13 +148,24 @@ def run_stream(synthetic_stream, class_names, evaluator_factory):
     """
     from avalanche_cliphinge import CLIPHingeStrategy
 
-    def run(config, *, plugins: Optional[Sequence] = None, use_default_plugins: bool = True,
-            n_experiences: int = 3, on_start=None, after_exp=None, torch_seed: int = 0):
+    def run(
+        config,
+        *,
+        plugins: Optional[Sequence] = None,
+        use_default_plugins: bool = True,
+        n_experiences: int = 3,
+        on_start=None,
+        after_exp=None,
+        torch_seed: int = 0,
+    ):
         torch.manual_seed(torch_seed)
-        strategy = CLIPHingeStrategy(config=config, class_names=class_names,
-                                     plugins=list(plugins or []),
-                                     use_default_plugins=use_default_plugins,
-                                     evaluator=evaluator_factory())
+        strategy = CLIPHingeStrategy(
+            config=config,
+            class_names=class_names,
+            plugins=list(plugins or []),
+            use_default_plugins=use_default_plugins,
+            evaluator=evaluator_factory(),
+        )
         if on_start is not None:
             on_start(strategy)
         results = []

@@ -1,4 +1,5 @@
 """``--seeds`` and ``cliphinge aggregate``: three smoke seeds into one row, checked with numpy."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ SEEDS = (1993, 1994, 1995)
 @pytest.fixture(scope="module")
 def seed_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("seeds")
-    code = run_main(["--preset", "smoke", "--quiet", "--seeds", *map(str, SEEDS),
-                     "--output-dir", str(base)])
+    code = run_main(
+        ["--preset", "smoke", "--quiet", "--seeds", *map(str, SEEDS), "--output-dir", str(base)]
+    )
     assert code == 0
     return base
 
@@ -35,9 +37,13 @@ def test_aggregate_equals_numpy_on_the_results_files(seed_runs, tmp_path, capsys
     assert command_main(["aggregate", *map(str, runs), "--output-dir", str(out)]) == 0
     files = [json.loads((run / "results.json").read_text()) for run in runs]
     summary = json.loads((out / "summary.json").read_text())
-    row, = summary["rows"]
+    (row,) = summary["rows"]
     assert (row["config"], row["method"], row["n"], row["seeds"]) == (
-        "smoke", "cliphinge", 3, list(SEEDS))
+        "smoke",
+        "cliphinge",
+        3,
+        list(SEEDS),
+    )
     for metric in ("AIA", "Last", "AA", "Forgetting"):
         values = np.array([f["metrics"][metric] for f in files])
         assert row[f"{metric}_mean"] == pytest.approx(values.mean(), abs=1e-9)
@@ -48,8 +54,7 @@ def test_aggregate_equals_numpy_on_the_results_files(seed_runs, tmp_path, capsys
     assert row["curve"]["classes_seen"] == [4, 6, 8, 10]
     table = (out / "summary.md").read_text()
     aia = np.array([f["metrics"]["AIA"] for f in files])
-    assert f"| smoke | cliphinge | 3 | {aia.mean():.2f} ± {aia.std(ddof=1):.2f} |" \
-        in table
+    assert f"| smoke | cliphinge | 3 | {aia.mean():.2f} ± {aia.std(ddof=1):.2f} |" in table
     lines = (out / "summary.csv").read_text().splitlines()
     assert lines[0].startswith("config,method,n,seeds,AIA_mean,AIA_std")
     assert lines[1].startswith("smoke,cliphinge,3,1993 1994 1995,")
@@ -58,14 +63,16 @@ def test_aggregate_equals_numpy_on_the_results_files(seed_runs, tmp_path, capsys
         assert path.stat().st_size > 5000
     with Image.open(out / "summary_curve.png") as image:
         pixels = np.asarray(image.convert("L"))
-        assert image.size[0] >= 1800                      # 300 dpi
-        assert pixels.std() > 10                          # not blank
+        assert image.size[0] >= 1800  # 300 dpi
+        assert pixels.std() > 10  # not blank
 
 
 def test_runs_of_other_protocols_are_refused_naming_the_keys(seed_runs, tmp_path):
     other = tmp_path / "other_lr"
-    assert run_main(["--preset", "smoke", "--quiet", "--set", "lr=0.02",
-                     "--output-dir", str(other)]) == 0
+    assert (
+        run_main(["--preset", "smoke", "--quiet", "--set", "lr=0.02", "--output-dir", str(other)])
+        == 0
+    )
     with pytest.raises(AggregateError, match="differ in more than the seed: config.lr"):
         aggregate([seed_runs / "seed_1993", other])
     with pytest.raises(AggregateError, match="holds no results.json"):

@@ -1,4 +1,5 @@
 """load_clip: the tiny offline model, local checkpoint files, and fast offline failures."""
+
 from __future__ import annotations
 
 import hashlib
@@ -65,7 +66,7 @@ def test_local_checkpoint_file_is_loaded_with_its_hash(tiny, tmp_path):
 def test_local_checkpoint_with_another_extension_is_still_a_file(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save(tiny.model.state_dict(), tmp_path / "tiny_weights.ckpt")
-    loaded = load_clip(TINY_MODEL, "tiny_weights.ckpt")   # relative, no separator, .ckpt
+    loaded = load_clip(TINY_MODEL, "tiny_weights.ckpt")  # relative, no separator, .ckpt
     assert loaded.weights_sha256 is not None
     state = loaded.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in tiny.model.state_dict().items())
@@ -134,18 +135,26 @@ def test_hf_hub_offline_set_at_runtime_is_honoured():
             print("ELAPSED", time.monotonic() - start)
             print("MESSAGE", err)
     """)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
     try:
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                              timeout=45, env=env)
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=45, env=env
+        )
     except subprocess.TimeoutExpired:
-        pytest.fail("load_clip('ViT-B-16', 'openai') with HF_HUB_OFFLINE=1 set after import "
-                    "was still retrying downloads 45 s after the start (import included)")
-    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines()
-                 if line.startswith(("ELAPSED", "MESSAGE")))
+        pytest.fail(
+            "load_clip('ViT-B-16', 'openai') with HF_HUB_OFFLINE=1 set after import "
+            "was still retrying downloads 45 s after the start (import included)"
+        )
+    lines = dict(
+        line.split(" ", 1)
+        for line in done.stdout.splitlines()
+        if line.startswith(("ELAPSED", "MESSAGE"))
+    )
     assert "ELAPSED" in lines, done.stdout + done.stderr[-2000:]
     assert float(lines["ELAPSED"]) < 20, (
         f"BackboneError came after {float(lines['ELAPSED']):.0f} s: HF_HUB_OFFLINE set at "
-        "runtime is ignored (huggingface_hub read it at import)")
+        "runtime is ignored (huggingface_hub read it at import)"
+    )
     assert "--pretrained" in lines["MESSAGE"]

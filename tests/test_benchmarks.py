@@ -30,8 +30,12 @@ CIFAR10_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".
 
 def experience_classes(named_benchmark: NamedBenchmark) -> list[list[int]]:
     """Classes of each experience in task order; Avalanche's own lists come from sets."""
-    ordered = [named_benchmark.classes_in_experience(k) for k in range(named_benchmark.n_experiences)]
-    from_avalanche = [list(e.classes_in_this_experience) for e in named_benchmark.benchmark.train_stream]
+    ordered = [
+        named_benchmark.classes_in_experience(k) for k in range(named_benchmark.n_experiences)
+    ]
+    from_avalanche = [
+        list(e.classes_in_this_experience) for e in named_benchmark.benchmark.train_stream
+    ]
     assert [set(c) for c in ordered] == [set(c) for c in from_avalanche]
     return ordered
 
@@ -98,7 +102,9 @@ def offline_cifar(cifar_root, monkeypatch, no_download):
 
 
 def test_cifar_b50_inc10_uses_per_exp_classes(offline_cifar):
-    named_benchmark = split_cifar100(offline_cifar, init_class=50, increment=10, class_order="icarl")
+    named_benchmark = split_cifar100(
+        offline_cifar, init_class=50, increment=10, class_order="icarl"
+    )
     order = CIFAR100_ORDERS["icarl"]
     assert named_benchmark.n_experiences == 6
     assert [len(c) for c in experience_classes(named_benchmark)] == [50, 10, 10, 10, 10, 10]
@@ -135,7 +141,9 @@ def test_cifar_equal_tasks_go_through_avalanche_split_cifar100(offline_cifar, mo
 
 
 def test_cifar_targets_are_original_ids_and_names_follow_meta(offline_cifar):
-    named_benchmark = split_cifar100(offline_cifar, init_class=50, increment=10, class_order="pycil")
+    named_benchmark = split_cifar100(
+        offline_cifar, init_class=50, increment=10, class_order="pycil"
+    )
     assert named_benchmark.class_names[7] == "fine label 07"
     assert len(named_benchmark.class_names) == 100
     for stream in (named_benchmark.benchmark.train_stream, named_benchmark.benchmark.test_stream):
@@ -151,8 +159,14 @@ def test_cifar_with_device_resize_transforms_serves_uint8_images(offline_cifar):
     from avalanche_cliphinge.benchmarks import device_resize_transforms
 
     train_tf, eval_tf = device_resize_transforms()
-    named_benchmark = split_cifar100(offline_cifar, init_class=10, increment=10, class_order="icarl",
-                            train_transform=train_tf, eval_transform=eval_tf)
+    named_benchmark = split_cifar100(
+        offline_cifar,
+        init_class=10,
+        increment=10,
+        class_order="icarl",
+        train_transform=train_tf,
+        eval_transform=eval_tf,
+    )
     for stream in (named_benchmark.benchmark.train_stream, named_benchmark.benchmark.test_stream):
         for image, target, _ in items(stream[2].dataset):
             assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
@@ -241,10 +255,17 @@ def _imagenet_r(root, **kwargs):
 
 def _split_identities(named_benchmark):
     return [
-        sorted(_identity(x) for stream in [named_benchmark.benchmark.train_stream]
-               for exp in stream for x, _, _ in items(exp.dataset)),
-        sorted(_identity(x) for exp in named_benchmark.benchmark.test_stream
-               for x, _, _ in items(exp.dataset)),
+        sorted(
+            _identity(x)
+            for stream in [named_benchmark.benchmark.train_stream]
+            for exp in stream
+            for x, _, _ in items(exp.dataset)
+        ),
+        sorted(
+            _identity(x)
+            for exp in named_benchmark.benchmark.test_stream
+            for x, _, _ in items(exp.dataset)
+        ),
     ]
 
 
@@ -312,8 +333,7 @@ def test_imagenet_r_split_lists_are_honoured_exactly(imagenet_r_root, tmp_path):
         ("imagenet-r/{w}/art_1.jpg 2", "label 2 but n01443537 is class 0"),
     ],
 )
-def test_imagenet_r_bad_list_line_names_file_and_line(imagenet_r_root, tmp_path, bad_line,
-                                                      message):
+def test_imagenet_r_bad_list_line_names_file_and_line(imagenet_r_root, tmp_path, bad_line, message):
     wnid = IMAGENET_R_SUBSET[0]
     lines = [f"{wnid}/art_0.jpg 0", "", bad_line.format(w=wnid)]
     (tmp_path / "train.txt").write_text("\n".join(lines))
@@ -404,8 +424,9 @@ def _stack(stream):
 def test_synthetic_is_deterministic_with_shapes_and_counts():
     a = synthetic(n_classes=6, init_class=2, increment=2, train_per_class=5, test_per_class=3)
     b = synthetic(n_classes=6, init_class=2, increment=2, train_per_class=5, test_per_class=3)
-    c = synthetic(n_classes=6, init_class=2, increment=2, train_per_class=5, test_per_class=3,
-                  seed=1)
+    c = synthetic(
+        n_classes=6, init_class=2, increment=2, train_per_class=5, test_per_class=3, seed=1
+    )
     xa, ya = _stack(a.benchmark.train_stream)
     xb, yb = _stack(b.benchmark.train_stream)
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
@@ -416,10 +437,19 @@ def test_synthetic_is_deterministic_with_shapes_and_counts():
     assert a.protocol["test_sizes"] == [6, 6, 6]
     # CLIP-normalised [0, 1] images: within [(0 - mean) / std, (1 - mean) / std].
     assert xa.min() >= -1.80 and xa.max() <= 2.15
-    assert a.class_names[:3] == ["red horizontal stripes", "green vertical stripes",
-                                 "blue diagonal stripes"]
-    big = synthetic(n_classes=120, init_class=60, increment=60, train_per_class=1,
-                    test_per_class=1, image_size=16)
+    assert a.class_names[:3] == [
+        "red horizontal stripes",
+        "green vertical stripes",
+        "blue diagonal stripes",
+    ]
+    big = synthetic(
+        n_classes=120,
+        init_class=60,
+        increment=60,
+        train_per_class=1,
+        test_per_class=1,
+        image_size=16,
+    )
     assert len(set(big.class_names)) == 120
     assert _stack(big.benchmark.test_stream)[0].shape == (120, 3, 16, 16)
     json.dumps(a.protocol)
@@ -439,8 +469,16 @@ def test_synthetic_classes_are_learnable_from_pixels():
 
 
 def test_public_api_is_exported():
-    for name in ("NamedBenchmark", "split_cifar100", "split_imagenet_r", "split_image_folder",
-                 "synthetic", "CIFAR100_ORDERS", "IMAGENET_R_WNIDS", "IMAGENET_R_CLASS_NAMES"):
+    for name in (
+        "NamedBenchmark",
+        "split_cifar100",
+        "split_imagenet_r",
+        "split_image_folder",
+        "synthetic",
+        "CIFAR100_ORDERS",
+        "IMAGENET_R_WNIDS",
+        "IMAGENET_R_CLASS_NAMES",
+    ):
         assert name in benchmarks.__all__
     assert set(CIFAR100_ORDERS) == {"icarl", "rapf", "pycil"}
     for order in CIFAR100_ORDERS.values():
@@ -470,23 +508,28 @@ def test_imagenet_r_reads_rapf_single_file_list(imagenet_r_root, tmp_path):
     got_train, got_test = _split_identities(named_benchmark)
     assert got_train == sorted(expected_train)
     assert got_test == sorted((p, i) for p in range(4) for i in (1, 5, 9))
-    for exp in named_benchmark.benchmark.train_stream:      # labels come from the wnid folder
+    for exp in named_benchmark.benchmark.train_stream:  # labels come from the wnid folder
         for image, target, _ in items(exp.dataset):
             assert _identity(image)[0] == target
     assert "RAPF" in named_benchmark.protocol["split"]
     assert list(named_benchmark.protocol["split_md5"]) == [path.name]
 
 
-@pytest.mark.parametrize("lines, message", [
-    (["n01443537/art_0.jpg"], r"line 1: expected the line `train`"),
-    (["train", "n01443537/art_0.jpg", "test", "n01443537"], r"line 4: expected `<wnid>/<file>`"),
-    (["train", "n99999999/art_0.jpg"], r"line 2: n99999999 not an ImageNet-R wnid"),
-    (["train", f"{IMAGENET_R_WNIDS[1]}/art_0.jpg"], r"line 2: n\d+ has no class folder"),
-    (["train", "n01443537/art_99.jpg"], r"line 2: .*art_99.jpg does not exist"),
-    (["train", "n01443537/art_0.jpg", "train"], r"line 3: a second `train` section"),
-])
-def test_imagenet_r_rapf_list_errors_name_file_and_line(imagenet_r_root, tmp_path, lines,
-                                                          message):
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (["n01443537/art_0.jpg"], r"line 1: expected the line `train`"),
+        (
+            ["train", "n01443537/art_0.jpg", "test", "n01443537"],
+            r"line 4: expected `<wnid>/<file>`",
+        ),
+        (["train", "n99999999/art_0.jpg"], r"line 2: n99999999 not an ImageNet-R wnid"),
+        (["train", f"{IMAGENET_R_WNIDS[1]}/art_0.jpg"], r"line 2: n\d+ has no class folder"),
+        (["train", "n01443537/art_99.jpg"], r"line 2: .*art_99.jpg does not exist"),
+        (["train", "n01443537/art_0.jpg", "train"], r"line 3: a second `train` section"),
+    ],
+)
+def test_imagenet_r_rapf_list_errors_name_file_and_line(imagenet_r_root, tmp_path, lines, message):
     path = tmp_path / "split.txt"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=f"split.txt, {message}"):
@@ -509,7 +552,7 @@ def test_imagenet_r_stray_folders_are_named(imagenet_r_root, tmp_path):
 
     root = tmp_path / "copy"
     shutil.copytree(imagenet_r_root, root)
-    (root / "imagenet-r" / "n0144353").mkdir()          # a misspelt wnid
+    (root / "imagenet-r" / "n0144353").mkdir()  # a misspelt wnid
     with pytest.warns(UserWarning, match=r"1 folder\(s\) are not ImageNet-R wnids.*n0144353"):
         _imagenet_r(root)
 
@@ -542,13 +585,20 @@ def test_imagenet_r_rapf_order_by_name(full_imagenet_r_root, imagenet_r_root):
         split_imagenet_r(full_imagenet_r_root, class_order="icarl")
 
 
-CIFAR_PRESET_LAYOUTS = {"cifar100_b0_inc10": [10] * 10, "cifar100_b0_inc5": [5] * 20,
-                        "cifar100_b0_inc20": [20] * 5, "cifar100_b50_inc10": [50] + [10] * 5,
-                        "cifar100_b50_inc5": [50] + [5] * 10,
-                        "rapf_cifar100_b0_inc10": [10] * 10}
-IMAGENET_R_PRESET_LAYOUTS = {"imagenet_r_b0_inc20": [20] * 10, "imagenet_r_b0_inc10": [10] * 20,
-                             "imagenet_r_b0_inc40": [40] * 5,
-                             "rapf_imagenet_r_b0_inc20": [20] * 10}
+CIFAR_PRESET_LAYOUTS = {
+    "cifar100_b0_inc10": [10] * 10,
+    "cifar100_b0_inc5": [5] * 20,
+    "cifar100_b0_inc20": [20] * 5,
+    "cifar100_b50_inc10": [50] + [10] * 5,
+    "cifar100_b50_inc5": [50] + [5] * 10,
+    "rapf_cifar100_b0_inc10": [10] * 10,
+}
+IMAGENET_R_PRESET_LAYOUTS = {
+    "imagenet_r_b0_inc20": [20] * 10,
+    "imagenet_r_b0_inc10": [10] * 20,
+    "imagenet_r_b0_inc40": [40] * 5,
+    "rapf_imagenet_r_b0_inc20": [20] * 10,
+}
 
 
 def test_every_preset_builds_its_stated_task_layout(offline_cifar, full_imagenet_r_root):
@@ -561,7 +611,9 @@ def test_every_preset_builds_its_stated_task_layout(offline_cifar, full_imagenet
         layout = dict(init_class=config.init_class, increment=config.increment)
         if name in CIFAR_PRESET_LAYOUTS:
             assert config.dataset == "cifar100"
-            named_benchmark = split_cifar100(offline_cifar, class_order=config.class_order, **layout)
+            named_benchmark = split_cifar100(
+                offline_cifar, class_order=config.class_order, **layout
+            )
             assert named_benchmark.class_order == CIFAR100_ORDERS["icarl"]
         else:
             assert config.dataset == "imagenet_r"

@@ -5,6 +5,7 @@ in-memory ones by their content: an image replaced in place (same path) gives a 
 and a run reusing ``feature_cache_dir`` after the replacement reports what a run without the
 cache reports.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,10 @@ def test_replacing_an_image_in_place_changes_the_fingerprint(image_tree):
     named_benchmark = image_stream(image_tree)
     test_exp = named_benchmark.benchmark.test_stream[1].dataset.eval()
     before = dataset_fingerprint(test_exp)
-    assert dataset_fingerprint(image_stream(image_tree).benchmark.test_stream[1].dataset.eval()) \
-        == before  # the same files give the same key in a new stream
+    assert (
+        dataset_fingerprint(image_stream(image_tree).benchmark.test_stream[1].dataset.eval())
+        == before
+    )  # the same files give the same key in a new stream
     target = image_tree / "test" / "c2" / "1.png"  # not the first, middle or last item
     stat = target.stat()
     draw(target, COLOURS[0], seed=7)
@@ -75,28 +78,39 @@ def test_in_memory_data_is_fingerprinted_by_content():
 
 
 def config(**changes):
-    return CLIPHingeConfig.from_dict({**SMOKE, "init_class": 2, "increment": 2,
-                                      "total_tasks": 2, "init_epochs": 2, "epochs": 2,
-                                      "second_stage_epochs": 0, **changes})
+    return CLIPHingeConfig.from_dict(
+        {
+            **SMOKE,
+            "init_class": 2,
+            "increment": 2,
+            "total_tasks": 2,
+            "init_epochs": 2,
+            "epochs": 2,
+            "second_stage_epochs": 0,
+            **changes,
+        }
+    )
 
 
-def test_cached_run_after_images_replaced_in_place_equals_an_uncached_run(image_tree,
-                                                                          tmp_path):
+def test_cached_run_after_images_replaced_in_place_equals_an_uncached_run(image_tree, tmp_path):
     cache = tmp_path / "cache"
     quiet = {"interactive": False, "log": lambda message: None}
     torch.manual_seed(0)
-    run_experiment(config(feature_cache_dir=str(cache)), image_stream(image_tree),
-                   tmp_path / "first", **quiet)
+    run_experiment(
+        config(feature_cache_dir=str(cache)), image_stream(image_tree), tmp_path / "first", **quiet
+    )
     cached_files = set(cache.iterdir())
     # Class 3's test images become class 0's colour: same paths, new content.
     for path in (image_tree / "test" / "c3").iterdir():
         shutil.copy(image_tree / "test" / "c0" / path.name, path)
     torch.manual_seed(0)
-    with_cache = run_experiment(config(feature_cache_dir=str(cache)), image_stream(image_tree),
-                                tmp_path / "cached", **quiet)
+    with_cache = run_experiment(
+        config(feature_cache_dir=str(cache)), image_stream(image_tree), tmp_path / "cached", **quiet
+    )
     torch.manual_seed(0)
-    without = run_experiment(config(cache_features=False), image_stream(image_tree),
-                             tmp_path / "uncached", **quiet)
+    without = run_experiment(
+        config(cache_features=False), image_stream(image_tree), tmp_path / "uncached", **quiet
+    )
     assert with_cache["accuracy_matrix"] == without["accuracy_matrix"]
     # The test side (whose files changed) was encoded again, the training side came from
     # the cache: 2 train + 2 test entries, then 2 new test entries.

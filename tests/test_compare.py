@@ -3,6 +3,7 @@
 One subprocess run of the script on the smoke stream (all default entries) feeds several tests;
 the rest runs in-process on the same smoke stream with the tiny random CLIP.
 """
+
 import csv
 import json
 import os
@@ -30,8 +31,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "compare.py"
 SMOKE_LIMIT_S = 180
-DEFAULT_ENTRIES = (list(compare.DEFAULT_STRATEGIES)
-                   + [f"cliphinge_{a}" for a in compare.ABLATIONS])
+DEFAULT_ENTRIES = list(compare.DEFAULT_STRATEGIES) + [f"cliphinge_{a}" for a in compare.ABLATIONS]
 
 
 def smoke_config(**overrides) -> CLIPHingeConfig:
@@ -57,16 +57,26 @@ def smoke_run(tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--benchmark", "smoke", "--output-dir",
-                           str(out), "--quiet"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--benchmark", "smoke", "--output-dir", str(out), "--quiet"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     wall = time.perf_counter() - began
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"dir": out, "stdout": proc.stdout, "wall": wall, "cpu": cpu,
-            "json": json.loads((out / "comparison.json").read_text()),
-            "csv": list(csv.DictReader(open(out / "comparison.csv")))}
+    return {
+        "dir": out,
+        "stdout": proc.stdout,
+        "wall": wall,
+        "cpu": cpu,
+        "json": json.loads((out / "comparison.json").read_text()),
+        "csv": list(csv.DictReader(open(out / "comparison.csv"))),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +85,20 @@ def smoke_setup():
     config = smoke_config()
     backbone = compare.load_backbone(config, config.seed)
     named_benchmark = smoke_stream(config)
-    return config, backbone, named_benchmark, compare.extract_feature_stream(named_benchmark, backbone)
+    return (
+        config,
+        backbone,
+        named_benchmark,
+        compare.extract_feature_stream(named_benchmark, backbone),
+    )
 
 
 # ---- the script, end to end -----------------------------------------------------------------
 def test_smoke_comparison_finishes_offline_in_time(smoke_run):
-    print(f"\ncompare.py --benchmark smoke: {smoke_run['wall']:.1f} s wall, "
-          f"{smoke_run['cpu']:.1f} s CPU\n{smoke_run['stdout']}")
+    print(
+        f"\ncompare.py --benchmark smoke: {smoke_run['wall']:.1f} s wall, "
+        f"{smoke_run['cpu']:.1f} s CPU\n{smoke_run['stdout']}"
+    )
     assert smoke_run["wall"] < SMOKE_LIMIT_S
 
 
@@ -98,8 +115,13 @@ def test_smoke_table_holds_every_entry_with_percentages(smoke_run):
         assert f"| {entry} |" in printed
     report = (smoke_run["dir"] / "comparison.md").read_text()
     assert "| cliphinge |" in report and "accuracy_vs_task.png" in report
-    for field in ("model: cliphinge-tiny", "class_order: [0, 1, 2", "seeds: [1993]",
-                  "avalanche-lib: 0.6.0", "stream:"):
+    for field in (
+        "model: cliphinge-tiny",
+        "class_order: [0, 1, 2",
+        "seeds: [1993]",
+        "avalanche-lib: 0.6.0",
+        "stream:",
+    ):
         assert field in report, field
     assert (smoke_run["dir"] / "accuracy_vs_task.png").stat().st_size > 0
 
@@ -107,9 +129,8 @@ def test_smoke_table_holds_every_entry_with_percentages(smoke_run):
 def test_zeroshot_has_no_training_time(smoke_run):
     rows = {r["entry"]: r for r in smoke_run["csv"]}
     assert rows["zeroshot"]["train_seconds_mean"] == ""
-    assert all(float(rows[e]["train_seconds_mean"]) > 0 for e in DEFAULT_ENTRIES
-               if e != "zeroshot")
-    line = next(l for l in smoke_run["stdout"].splitlines() if l.startswith("| zeroshot |"))
+    assert all(float(rows[e]["train_seconds_mean"]) > 0 for e in DEFAULT_ENTRIES if e != "zeroshot")
+    line = next(row for row in smoke_run["stdout"].splitlines() if row.startswith("| zeroshot |"))
     assert line.split("|")[7].strip() == "-"
 
 
@@ -135,26 +156,35 @@ def test_no_replay_no_hinge_equals_strategy_without_those_plugins(smoke_run):
     named_benchmark = smoke_stream(config)
     seed_everything(config.seed)
     strategy = CLIPHingeStrategy(
-        config=config, class_names=named_benchmark.class_names,
+        config=config,
+        class_names=named_benchmark.class_names,
         model=build_model(config, named_benchmark.class_names, backbone=backbone),
-        use_default_plugins=False, plugins=[SecondStagePlugin.from_config(config)],
-        evaluator=EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[]))
-    matrix = [[a if j <= task.index else None for j, a in enumerate(task.row)]
-              for task in train_and_evaluate(strategy, named_benchmark.benchmark.train_stream,
-                                             named_benchmark.benchmark.test_stream)]
+        use_default_plugins=False,
+        plugins=[SecondStagePlugin.from_config(config)],
+        evaluator=EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[]),
+    )
+    matrix = [
+        [a if j <= task.index else None for j, a in enumerate(task.row)]
+        for task in train_and_evaluate(
+            strategy, named_benchmark.benchmark.train_stream, named_benchmark.benchmark.test_stream
+        )
+    ]
     run = next(r for r in smoke_run["json"]["runs"] if r["entry"] == "cliphinge_no_replay_no_hinge")
     assert matrix == run["matrix"]
     assert compare.cil_metrics(matrix, run["test_sizes"]) == run["metrics"]
 
 
 # ---- command-line errors --------------------------------------------------------------------
-@pytest.mark.parametrize("argv, expected", [
-    (["--strategies", "lfw"], "unknown strategy 'lfw'; did you mean 'lwf'?"),
-    (["--strategies", "naive", "gdump"], "did you mean 'gdumb'?"),
-    (["--ablations", "no_replai"], "unknown ablation 'no_replai'; did you mean 'no_replay'?"),
-    (["--set", "baseline.lrr=0.1"], "did you mean 'baseline.lr'?"),
-    (["--set", "epoch=3"], "did you mean 'epochs'?"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--strategies", "lfw"], "unknown strategy 'lfw'; did you mean 'lwf'?"),
+        (["--strategies", "naive", "gdump"], "did you mean 'gdumb'?"),
+        (["--ablations", "no_replai"], "unknown ablation 'no_replai'; did you mean 'no_replay'?"),
+        (["--set", "baseline.lrr=0.1"], "did you mean 'baseline.lr'?"),
+        (["--set", "epoch=3"], "did you mean 'epochs'?"),
+    ],
+)
 def test_unknown_names_exit_2_with_a_suggestion(tmp_path, capsys, argv, expected):
     code = compare.main(["--benchmark", "smoke", "--output-dir", str(tmp_path / "out"), *argv])
     err = capsys.readouterr().err.strip()
@@ -168,10 +198,25 @@ def test_unknown_benchmark_exit_2(tmp_path, capsys):
 
 
 def test_missing_cifar_is_one_line_exit_2(tmp_path, capsys):
-    code = compare.main(["--benchmark", "split_cifar100", "--data-root", str(tmp_path / "none"),
-                         "--set", "model_name=cliphinge-tiny", "--pretrained", "none",
-                         "--device", "cpu", "--strategies", "naive", "--ablations",
-                         "--output-dir", str(tmp_path / "out")])
+    code = compare.main(
+        [
+            "--benchmark",
+            "split_cifar100",
+            "--data-root",
+            str(tmp_path / "none"),
+            "--set",
+            "model_name=cliphinge-tiny",
+            "--pretrained",
+            "none",
+            "--device",
+            "cpu",
+            "--strategies",
+            "naive",
+            "--ablations",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: CIFAR-100 not found")
 
@@ -200,8 +245,9 @@ def test_baseline_model_on_features_equals_it_on_images(smoke_setup):
     config, backbone, named_benchmark, features = smoke_setup
     torch.manual_seed(0)
     on_features = compare.FrozenCLIPClassifier(features.dim)
-    on_images = compare.FrozenCLIPClassifier(features.dim,
-                                             encoder=compare.FrozenImageEncoder(backbone))
+    on_images = compare.FrozenCLIPClassifier(
+        features.dim, encoder=compare.FrozenImageEncoder(backbone)
+    )
     on_images.classifier.load_state_dict(on_features.classifier.state_dict())
     test = named_benchmark.benchmark.test_stream[0].dataset
     images = torch.stack([test[i][0] for i in range(4)])
@@ -209,7 +255,9 @@ def test_baseline_model_on_features_equals_it_on_images(smoke_setup):
     on_images.train()
     assert not on_images.feature_extractor.encoder.training
     assert [n for n, p in on_images.named_parameters() if p.requires_grad] == [
-        "classifier.classifier.weight", "classifier.classifier.bias"]
+        "classifier.classifier.weight",
+        "classifier.classifier.bias",
+    ]
     torch.testing.assert_close(on_images(images), on_features(feats), rtol=1e-5, atol=1e-5)
 
 
@@ -232,17 +280,28 @@ def test_two_seeds_give_mean_and_std_and_one_run_per_seed(smoke_setup, tmp_path)
     config, backbone, _, _ = smoke_setup
     entries = compare.resolve_entries(["zeroshot", "naive"], [])
     settings = compare.BaselineSettings(epochs=2)
-    result = compare.run_comparison(entries, config=config, stream_factory=smoke_stream,
-                                    backbone=backbone, seeds=[0, 1], output_dir=tmp_path,
-                                    settings=settings, log=lambda m: None)
+    result = compare.run_comparison(
+        entries,
+        config=config,
+        stream_factory=smoke_stream,
+        backbone=backbone,
+        seeds=[0, 1],
+        output_dir=tmp_path,
+        settings=settings,
+        log=lambda m: None,
+    )
     compare.write_outputs(result, tmp_path)
     assert [(r.entry, r.seed) for r in result.runs] == [
-        ("zeroshot", 0), ("naive", 0), ("zeroshot", 1), ("naive", 1)]
+        ("zeroshot", 0),
+        ("naive", 0),
+        ("zeroshot", 1),
+        ("naive", 1),
+    ]
     for entry in ("zeroshot", "naive"):
         for seed in (0, 1):
             assert list((tmp_path / "tb" / entry / f"seed{seed}").glob("events.out.*"))
     table = compare.markdown_table(compare.summarize(result))
-    naive = next(l for l in table.splitlines() if l.startswith("| naive |"))
+    naive = next(row for row in table.splitlines() if row.startswith("| naive |"))
     assert naive.count("±") == 7
     rows = {r["entry"]: r for r in csv.DictReader(open(tmp_path / "comparison.csv"))}
     assert rows["naive"]["n_seeds"] == "2" and rows["naive"]["AIA_std"] != ""
@@ -269,10 +328,28 @@ def test_another_avalanche_strategy_joins_through_baselines(tmp_path, monkeypatc
     """The README's recipe: one factory in ``BASELINES`` makes a new ``--strategies`` name."""
     from avalanche.training import AGEM
 
-    monkeypatch.setitem(compare.BASELINES, "agem", lambda ctx: AGEM(
-        **ctx.common, patterns_per_exp=ctx.settings.memory_per_class, sample_size=32))
-    code = compare.main(["--benchmark", "smoke", "--strategies", "naive", "agem", "--ablations",
-                         "--set", "baseline.epochs=2", "--output-dir", str(tmp_path), "--quiet"])
+    monkeypatch.setitem(
+        compare.BASELINES,
+        "agem",
+        lambda ctx: AGEM(
+            **ctx.common, patterns_per_exp=ctx.settings.memory_per_class, sample_size=32
+        ),
+    )
+    code = compare.main(
+        [
+            "--benchmark",
+            "smoke",
+            "--strategies",
+            "naive",
+            "agem",
+            "--ablations",
+            "--set",
+            "baseline.epochs=2",
+            "--output-dir",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out
     assert "| naive |" in table and "| agem |" in table

@@ -1,4 +1,5 @@
 """CLIPHingeConfig: keys, JSON round trip, and the errors a researcher in a hurry sees."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,16 @@ samples_per_old_class use_image_adapter second_stage_epochs second_stage_lr
 second_stage_weight_decay second_stage_momentum second_stage_logit_scale
 second_stage_fusion_weight use_lora_in_second_stage lora_rank lora_alpha lora_layers""".split()
 #: ... plus the implementation keys the section names.
-IMPLEMENTATION_KEYS = ["model_name", "pretrained", "n_ctx", "ctx_init", "class_order",
-                       "prompt_template", "num_workers", "precision"]
+IMPLEMENTATION_KEYS = [
+    "model_name",
+    "pretrained",
+    "n_ctx",
+    "ctx_init",
+    "class_order",
+    "prompt_template",
+    "num_workers",
+    "precision",
+]
 
 
 def test_defaults_are_valid_and_serialisable():
@@ -40,9 +49,18 @@ def test_every_design_key_exists():
 
 
 def test_json_round_trip(tmp_path):
-    config = CLIPHingeConfig(init_class=20, increment=20, total_tasks=5, lr=3e-4,
-                             text_hinge_margin=0.25, lora_layers=[0, 3], class_order=[2, 0, 1],
-                             pretrained=None, ctx_init="", use_image_adapter=True)
+    config = CLIPHingeConfig(
+        init_class=20,
+        increment=20,
+        total_tasks=5,
+        lr=3e-4,
+        text_hinge_margin=0.25,
+        lora_layers=[0, 3],
+        class_order=[2, 0, 1],
+        pretrained=None,
+        ctx_init="",
+        use_image_adapter=True,
+    )
     path = tmp_path / "run.json"
     text = config.to_json(path)
     assert path.read_text() == text
@@ -61,8 +79,9 @@ def test_json_keeps_defaults_for_missing_keys(tmp_path):
     assert config.init_epochs == CLIPHingeConfig().init_epochs
 
 
-@pytest.mark.parametrize("content,match", [("{not json", "not valid JSON"),
-                                           ("[1, 2]", "one JSON object")])
+@pytest.mark.parametrize(
+    "content,match", [("{not json", "not valid JSON"), ("[1, 2]", "one JSON object")]
+)
 def test_bad_json_files_raise_config_error(tmp_path, content, match):
     path = tmp_path / "bad.json"
     path.write_text(content)
@@ -88,10 +107,20 @@ def test_unknown_key_suggests_the_closest(tmp_path):
         CLIPHingeConfig.from_dict({"zzzzzz": 1})
 
 
-@pytest.mark.parametrize("key,value", [("epochs", "5"), ("update_old_text_prompts", 1),
-                                       ("epochs", True), ("epochs", 5.0), ("lr", "0.1"),
-                                       ("lora_layers", [1.5]), ("lora_layers", 3),
-                                       ("ctx_init", 4), ("pretrained", 7)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("epochs", "5"),
+        ("update_old_text_prompts", 1),
+        ("epochs", True),
+        ("epochs", 5.0),
+        ("lr", "0.1"),
+        ("lora_layers", [1.5]),
+        ("lora_layers", 3),
+        ("ctx_init", 4),
+        ("pretrained", 7),
+    ],
+)
 def test_wrong_type_names_the_key(key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         CLIPHingeConfig(**{key: value})
@@ -99,26 +128,43 @@ def test_wrong_type_names_the_key(key, value):
         CLIPHingeConfig.from_dict({key: value})
 
 
-@pytest.mark.parametrize("key,value", [("lr", 0), ("init_lr", -1e-3), ("second_stage_lr", 0.0),
-                                       ("text_hard_pair_threshold", 1.5),
-                                       ("image_hard_pair_threshold", -1.01),
-                                       ("precision", "fp16"), ("init_class", 0),
-                                       ("batch_size", 0), ("epochs", -1),
-                                       ("samples_per_old_class", -5),
-                                       ("second_stage_momentum", 1.5),
-                                       ("covariance_shrinkage", 2.0),
-                                       ("lora_layers", [-1]),
-                                       ("prompt_template", "a photo of a cat"),
-                                       ("class_order", "random"), ("class_order", [0, "1"])])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("lr", 0),
+        ("init_lr", -1e-3),
+        ("second_stage_lr", 0.0),
+        ("text_hard_pair_threshold", 1.5),
+        ("image_hard_pair_threshold", -1.01),
+        ("precision", "fp16"),
+        ("init_class", 0),
+        ("batch_size", 0),
+        ("epochs", -1),
+        ("samples_per_old_class", -5),
+        ("second_stage_momentum", 1.5),
+        ("covariance_shrinkage", 2.0),
+        ("lora_layers", [-1]),
+        ("prompt_template", "a photo of a cat"),
+        ("class_order", "random"),
+        ("class_order", [0, "1"]),
+    ],
+)
 def test_out_of_range_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key):
         CLIPHingeConfig(**{key: value})
 
 
 def test_edge_values_inside_the_ranges_are_accepted():
-    config = CLIPHingeConfig(text_hard_pair_threshold=1.0, image_hard_pair_threshold=-1.0,
-                             epochs=0, second_stage_epochs=0, samples_per_old_class=0,
-                             precision="bf16", class_order="pycil", pretrained=None)
+    config = CLIPHingeConfig(
+        text_hard_pair_threshold=1.0,
+        image_hard_pair_threshold=-1.0,
+        epochs=0,
+        second_stage_epochs=0,
+        samples_per_old_class=0,
+        precision="bf16",
+        class_order="pycil",
+        pretrained=None,
+    )
     assert config.text_hard_pair_threshold == 1.0 and config.precision == "bf16"
 
 
@@ -138,8 +184,16 @@ def test_check_class_count_message():
 
 def test_with_overrides_parses_json_values_or_keeps_strings():
     base = CLIPHingeConfig()
-    config = base.with_overrides(["epochs=3", "lora_layers=[1]", "ctx_init=a photo",
-                                  "pretrained=null", "use_image_adapter=true", "lr=0.5"])
+    config = base.with_overrides(
+        [
+            "epochs=3",
+            "lora_layers=[1]",
+            "ctx_init=a photo",
+            "pretrained=null",
+            "use_image_adapter=true",
+            "lr=0.5",
+        ]
+    )
     assert config.epochs == 3 and config.lora_layers == [1] and config.ctx_init == "a photo"
     assert config.pretrained is None and config.use_image_adapter is True and config.lr == 0.5
     assert base.epochs == CLIPHingeConfig().epochs and base.lora_layers == [10, 11]  # untouched

@@ -21,6 +21,7 @@ imported the package once, with the variables torchrun gives its workers (``RANK
 its agent's rule (when a rank fails, the others are stopped): each costs its run, not the
 imports of every process.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,16 +46,43 @@ from cli_helpers import ROOT, SCRIPTS
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["--preset", "smoke", "--quiet", "--threads", "1", "--dist-timeout", "3",
-        "--set", "init_class=3", "--set", "increment=1", "--set", "total_tasks=3",
-        "--set", "init_epochs=1", "--set", "epochs=1", "--set", "second_stage_epochs=1",
-        "--set", "eval_batch_size=7"]
+ARGS = [
+    "--preset",
+    "smoke",
+    "--quiet",
+    "--threads",
+    "1",
+    "--dist-timeout",
+    "3",
+    "--set",
+    "init_class=3",
+    "--set",
+    "increment=1",
+    "--set",
+    "total_tasks=3",
+    "--set",
+    "init_epochs=1",
+    "--set",
+    "epochs=1",
+    "--set",
+    "second_stage_epochs=1",
+    "--set",
+    "eval_batch_size=7",
+]
 #: Under torchrun each rank adds its own cache folder (``$CACHE0`` or ``$CACHE1``).
-PER_RANK_CACHE = ('if [ "$RANK" = 0 ]; then d=$CACHE0; else d=$CACHE1; fi; '
-                  'exec "$0" "$@" --set "feature_cache_dir=$d"')
+PER_RANK_CACHE = (
+    'if [ "$RANK" = 0 ]; then d=$CACHE0; else d=$CACHE1; fi; '
+    'exec "$0" "$@" --set "feature_cache_dir=$d"'
+)
 #: What torchrun tells its workers.
-TORCHRUN_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
-                      "LOCAL_WORLD_SIZE")
+TORCHRUN_VARIABLES = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+)
 #: results.json keys that measure time or how the run was launched.
 VARYING = ("train_seconds", "wall_seconds")
 LAUNCH = ("command", "processes")
@@ -65,8 +93,9 @@ def launch(command, **env):
     """Run ``command`` with one thread and ``env`` added: the finished process."""
     environment = {k: v for k, v in os.environ.items() if k != KILL_ENV}
     environment.update(OMP_NUM_THREADS="1", **env)
-    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300
+    )
 
 
 def cache_args(cache: Path):
@@ -75,10 +104,24 @@ def cache_args(cache: Path):
 
 def torchrun(output_dir: Path, caches, *extra: str):
     """The config under torchrun, 2 processes, rank r caching in ``caches[r]``."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", "--no-python", "sh", "-c", PER_RANK_CACHE,
-               sys.executable, str(SCRIPTS / "run_split_cifar.py"), *ARGS, "--output-dir",
-               str(output_dir), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--no-python",
+        "sh",
+        "-c",
+        PER_RANK_CACHE,
+        sys.executable,
+        str(SCRIPTS / "run_split_cifar.py"),
+        *ARGS,
+        "--output-dir",
+        str(output_dir),
+        *extra,
+    ]
     return launch(command, CACHE0=str(caches[0]), CACHE1=str(caches[1]))
 
 
@@ -92,9 +135,14 @@ def _rank(rank: int, world: int, port: int, argv, kill_at, log_path: str) -> Non
     for name in TORCHRUN_VARIABLES:
         os.environ.pop(name, None)
     if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                          LOCAL_WORLD_SIZE=str(world))
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_WORLD_SIZE=str(world),
+        )
     if kill_at:
         os.environ[KILL_ENV] = kill_at
     from avalanche_cliphinge.app.cli import main
@@ -112,9 +160,14 @@ def ranks(tmp_path_factory):
     a preloaded forkserver; when one ends with an error the others are stopped, as torchrun's
     agent does."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["avalanche_cliphinge.app.cli",
-                                    "avalanche_cliphinge.app.experiment",
-                                    "avalanche_cliphinge.benchmarks", "tensorboard"])
+    context.set_forkserver_preload(
+        [
+            "avalanche_cliphinge.app.cli",
+            "avalanche_cliphinge.app.experiment",
+            "avalanche_cliphinge.benchmarks",
+            "tensorboard",
+        ]
+    )
     logs = tmp_path_factory.mktemp("rank_logs")
 
     def start(argvs, kill_at=None):
@@ -122,15 +175,16 @@ def ranks(tmp_path_factory):
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         paths = [logs / f"{port}_rank{r}.log" for r in range(len(argvs))]
-        procs = [context.Process(target=_rank, args=(r, len(argvs), port, argv, kill_at,
-                                                     str(path)))
-                 for r, (argv, path) in enumerate(zip(argvs, paths))]
+        procs = [
+            context.Process(target=_rank, args=(r, len(argvs), port, argv, kill_at, str(path)))
+            for r, (argv, path) in enumerate(zip(argvs, paths))
+        ]
         for proc in procs:
             proc.start()
         deadline = time.monotonic() + 300
         while any(p.exitcode is None for p in procs) and time.monotonic() < deadline:
             if any(p.exitcode not in (None, 0) for p in procs):
-                time.sleep(2)                         # the others' own error, then SIGTERM
+                time.sleep(2)  # the others' own error, then SIGTERM
                 for proc in procs:
                     if proc.exitcode is None:
                         proc.terminate()
@@ -157,8 +211,13 @@ def runs(tmp_path_factory, ranks):
     assert codes == [0], logs[0][-3000:]
     two = torchrun(base / "two", caches)
     assert two.returncode == 0, two.stderr[-3000:]
-    return {"one": base / "one", "two": base / "two", "caches": caches, "stdout": two.stdout,
-            "base": base}
+    return {
+        "one": base / "one",
+        "two": base / "two",
+        "caches": caches,
+        "stdout": two.stdout,
+        "base": base,
+    }
 
 
 # ---- comparing ------------------------------------------------------------------------------
@@ -229,31 +288,32 @@ def test_a_rank_without_the_cached_features_makes_every_rank_recompute(runs):
 
 
 def test_a_folder_check_of_rank_0_stops_every_rank_with_one_error(runs, ranks):
-    argv = rank_argv(runs["one"], runs["caches"][0])     # a finished run, no --overwrite
+    argv = rank_argv(runs["one"], runs["caches"][0])  # a finished run, no --overwrite
     codes, logs = ranks([argv, argv])
     assert codes == [2, 2]
     assert [ln for ln in logs[0].splitlines() if ln.startswith("error:")] == [
         f"error: {runs['one']} already holds a finished run (results.json); pass --overwrite "
-        "to run again or choose another --output-dir"]
+        "to run again or choose another --output-dir"
+    ]
     assert "error:" not in logs[1]
 
 
-def test_a_failure_on_rank_1_alone_stops_every_rank_and_rank_1_says_why(runs, ranks,
-                                                                       tmp_path):
+def test_a_failure_on_rank_1_alone_stops_every_rank_and_rank_1_says_why(runs, ranks, tmp_path):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
-    codes, logs = ranks([rank_argv(tmp_path / "out", runs["caches"][0]),
-                         rank_argv(tmp_path / "out", not_a_folder)])
+    codes, logs = ranks(
+        [rank_argv(tmp_path / "out", runs["caches"][0]), rank_argv(tmp_path / "out", not_a_folder)]
+    )
     assert codes == [2, 2]
     assert "error:" not in logs[0]
     assert f"error: feature_cache_dir {not_a_folder} is a file" in logs[1]
-    assert not (tmp_path / "out").exists()               # stopped before the folder
+    assert not (tmp_path / "out").exists()  # stopped before the folder
 
 
 def test_kill_rank_0_then_resume_with_two_ranks_equals_the_one_process_run(runs, ranks):
     folder = runs["base"] / "killed"
     caches = [runs["caches"][0], runs["base"] / "cache_copy"]
-    shutil.copytree(caches[0], caches[1])               # every rank finds every feature
+    shutil.copytree(caches[0], caches[1])  # every rank finds every feature
     codes, logs = ranks([rank_argv(folder, cache) for cache in caches], kill_at="results:1")
     assert codes[0] == -signal.SIGKILL, logs[0][-3000:]
     assert codes[1] != 0
@@ -295,10 +355,14 @@ def test_the_helpers_do_nothing_in_one_process():
     assert not distributed.is_echo(err.value)
 
 
-@pytest.mark.parametrize("extra, env, message", [
-    (["--device", "cuda:1"], {"LOCAL_RANK": "0"}, "every process takes cuda:LOCAL_RANK"),
-    ([], {}, "cannot join the process group"),
-], ids=["cuda-index", "no-rendezvous"])
+@pytest.mark.parametrize(
+    "extra, env, message",
+    [
+        (["--device", "cuda:1"], {"LOCAL_RANK": "0"}, "every process takes cuda:LOCAL_RANK"),
+        ([], {}, "cannot join the process group"),
+    ],
+    ids=["cuda-index", "no-rendezvous"],
+)
 def test_a_bad_launch_is_one_error_line(extra, env, message, monkeypatch, capsys, tmp_path):
     from avalanche_cliphinge.app.cli import main
 

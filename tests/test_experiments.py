@@ -4,6 +4,7 @@
 for ``test_resume.py``, which compares its resumed run with it); ``run_imagenet_r.py`` runs
 in-process on a generated four-class ``imagenet-r/<wnid>/*.jpg`` tree.
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,12 +19,12 @@ from avalanche_cliphinge.app.checkpoint import list_checkpoints, load_checkpoint
 from avalanche_cliphinge.app.cli import build_parser, resolve_config
 from avalanche_cliphinge.app.results import cil_metrics, grouped_accuracy
 
-from cli_helpers import SCRIPTS, run_script, uninterrupted_smoke_run
+from cli_helpers import run_script, uninterrupted_smoke_run
 
 #: subprocess runs of the application: `pytest -m "not slow"` leaves them out
 pytestmark = pytest.mark.slow
 N_TASKS = 4  # --preset smoke: 4 + 2 + 2 + 2 synthetic classes
-EPOCHS = 8   # --preset smoke: init_epochs = epochs = 8
+EPOCHS = 8  # --preset smoke: init_epochs = epochs = 8
 STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
 STREAM_FORGETTING = "StreamForgetting/eval_phase/test_stream"
 
@@ -44,8 +45,9 @@ def results(smoke_run):
 def events(smoke_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    accumulator = EventAccumulator(str(smoke_run[0] / "tb"),
-                                   size_guidance={"scalars": 0, "images": 0})
+    accumulator = EventAccumulator(
+        str(smoke_run[0] / "tb"), size_guidance={"scalars": 0, "images": 0}
+    )
     accumulator.Reload()
     return accumulator
 
@@ -76,7 +78,7 @@ def test_results_json_holds_grouped_accuracy_after_every_task(results):
         assert group == grouped_accuracy(matrix[t], sizes, t)
         assert len(group["tasks"]) == t + 1
         assert (group["old"] is None) == (t == 0)
-    values = [v for t, row in enumerate(matrix) for v in row[:t + 1]]
+    values = [v for t, row in enumerate(matrix) for v in row[: t + 1]]
     assert all(0.0 <= v <= 100.0 for v in values + [g["all"] for g in results["per_task"]])
     # Tasks not trained yet are null, not a measured 0.
     assert all(matrix[t][j] is None for t in range(N_TASKS) for j in range(t + 1, N_TASKS))
@@ -98,8 +100,16 @@ def test_results_json_metrics_follow_their_definitions(results):
 
 def test_results_json_records_the_protocol(results):
     protocol = results["protocol"]
-    for key in ("model", "pretrained", "weights_sha256", "class_order", "seed", "config",
-                "versions", "device"):
+    for key in (
+        "model",
+        "pretrained",
+        "weights_sha256",
+        "class_order",
+        "seed",
+        "config",
+        "versions",
+        "device",
+    ):
         assert key in protocol, key
     assert protocol["model"] == "cliphinge-tiny"
     assert protocol["pretrained"] is None and protocol["weights_sha256"] is None
@@ -126,8 +136,9 @@ def test_tensorboard_holds_stream_accuracy_and_forgetting_after_every_task(event
         # The stream accuracy covers the whole test stream, unseen classes included (scored 0).
         whole_stream = float(np.dot([a or 0.0 for a in row], sizes) / sizes.sum())
         assert 100 * event.value == pytest.approx(whole_stream, abs=1e-3)
-    assert 100 * forgetting[-1].value == pytest.approx(results["avalanche_stream_forgetting"],
-                                                       abs=1e-3)
+    assert 100 * forgetting[-1].value == pytest.approx(
+        results["avalanche_stream_forgetting"], abs=1e-3
+    )
     epochs = events.Scalars("Top1_Acc_Epoch/train_phase/train_stream/Task000")
     assert len(epochs) == len({e.step for e in epochs}) == N_TASKS * EPOCHS
 
@@ -150,7 +161,8 @@ def test_eval_csv_has_one_row_per_training_and_eval_experience(smoke_run, result
     # Avalanche's CSVLogger: one row per evaluated experience after each training experience.
     assert header == ["eval_exp", "training_exp", "eval_accuracy", "eval_loss", "forgetting"]
     assert [(int(r[1]), int(r[0])) for r in rows] == [
-        (t, j) for t in range(N_TASKS) for j in range(N_TASKS)]
+        (t, j) for t in range(N_TASKS) for j in range(N_TASKS)
+    ]
     for row in rows:
         t, j = int(row[1]), int(row[0])
         expected = results["accuracy_matrix"][t][j] if j <= t else 0.0  # Avalanche's 0
@@ -159,10 +171,17 @@ def test_eval_csv_has_one_row_per_training_and_eval_experience(smoke_run, result
 
 def test_training_csv_has_one_row_per_epoch(smoke_run):
     header, rows = read_csv(smoke_run[0] / "csv" / "training_results.csv")
-    assert header == ["training_exp", "epoch", "training_accuracy", "val_accuracy",
-                      "training_loss", "val_loss"]
+    assert header == [
+        "training_exp",
+        "epoch",
+        "training_accuracy",
+        "val_accuracy",
+        "training_loss",
+        "val_loss",
+    ]
     assert [(int(r[0]), int(r[1])) for r in rows] == [
-        (t, e) for t in range(N_TASKS) for e in range(EPOCHS)]
+        (t, e) for t in range(N_TASKS) for e in range(EPOCHS)
+    ]
 
 
 def test_plots_report_and_logs_are_written(smoke_run):
@@ -201,12 +220,13 @@ def test_seen_classes_accuracy_is_the_size_weighted_mean_of_the_trained_tasks(ev
     seen = events.Scalars(SEEN_ACC)
     assert [e.step for e in seen] == [e.step for e in events.Scalars(STREAM_ACC)]
     for t, event in enumerate(seen):
-        expected = np.dot(matrix[t][:t + 1], sizes[:t + 1]) / sizes[:t + 1].sum()
+        expected = np.dot(matrix[t][: t + 1], sizes[: t + 1]) / sizes[: t + 1].sum()
         assert 100 * event.value == pytest.approx(expected, abs=1e-3)
         assert 100 * results["seen_stream_accuracy"][t] == pytest.approx(expected, abs=1e-3)
     # after the first task Avalanche's stream accuracy counts the 6 untrained classes too
     assert events.Scalars(STREAM_ACC)[0].value == pytest.approx(
-        seen[0].value * sizes[0] / sizes.sum(), abs=1e-6)
+        seen[0].value * sizes[0] / sizes.sum(), abs=1e-6
+    )
 
 
 def test_loss_terms_learning_rate_and_stage2_loss_are_logged_per_epoch(events, results):
@@ -220,8 +240,11 @@ def test_loss_terms_learning_rate_and_stage2_loss_are_logged_per_epoch(events, r
     assert len(events.Scalars(f"Loss_Epoch_text_hinge/{TRAIN}")) == len(hinge_tasks) * EPOCHS
     lr = [e.value for e in events.Scalars(f"LR_Epoch/{TRAIN}")]
     # step decay: lr_decay_factor once per lr_decay_epochs entry reached (float32 in TB)
-    expected = [config["init_lr"] * config["lr_decay_factor"]
-                ** sum(e >= d for d in config["lr_decay_epochs"]) for e in range(EPOCHS)]
+    expected = [
+        config["init_lr"]
+        * config["lr_decay_factor"] ** sum(e >= d for d in config["lr_decay_epochs"])
+        for e in range(EPOCHS)
+    ]
     assert lr[:EPOCHS] == pytest.approx(expected, rel=1e-6)
     stage2 = events.Scalars(f"Loss_Stage2_Epoch/{TRAIN}")
     trained = [t for t in range(N_TASKS) if t >= config["second_stage_start_task"]]
@@ -254,18 +277,25 @@ def test_hard_pairs_carry_class_names_and_results_txt_holds_everything(smoke_run
         assert pair["old_name"] == names[pair["old"]] and pair["new_name"] == names[pair["new"]]
         assert -1.0 <= pair["similarity"] <= 1.0
     text = (smoke_run[0] / "results.txt").read_text()
-    for needle in ("Accuracy matrix (%)", "Hard pairs", "Time: training",
-                   f"{pairs[0]['old_name']} ({pairs[0]['old']}) -> {pairs[0]['new_name']}",
-                   "Top1_Acc_Stream_SeenClasses", "  config:", "    seed: 1993", "versions"):
+    for needle in (
+        "Accuracy matrix (%)",
+        "Hard pairs",
+        "Time: training",
+        f"{pairs[0]['old_name']} ({pairs[0]['old']}) -> {pairs[0]['new_name']}",
+        "Top1_Acc_Stream_SeenClasses",
+        "  config:",
+        "    seed: 1993",
+        "versions",
+    ):
         assert needle in text, needle
     matrix_rows = [line for line in text.splitlines() if line.startswith("task  0 ")]
     assert matrix_rows and matrix_rows[0].split()[2:] == ["100.00", "-", "-", "-"]
 
 
 def test_confusion_matrix_agrees_with_the_last_row_of_the_accuracy_matrix(smoke_run, results):
-    counts = np.asarray(results["confusion_matrix"])        # [true, predicted], class order
+    counts = np.asarray(results["confusion_matrix"])  # [true, predicted], class order
     sizes = results["test_sizes"]
-    per_class = 15                                          # --preset smoke: 15 test images
+    per_class = 15  # --preset smoke: 15 test images
     assert counts.shape == (10, 10) and (counts.sum(axis=1) == per_class).all()
     bounds = np.cumsum([0] + [s // per_class for s in sizes])
     for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -273,17 +303,31 @@ def test_confusion_matrix_agrees_with_the_last_row_of_the_accuracy_matrix(smoke_
         assert 100 * correct / sizes[j] == pytest.approx(results["accuracy_matrix"][-1][j])
     for stem in ("confusion_matrix", "accuracy_matrix", "accuracy_curve"):
         with Image.open(smoke_run[0] / f"{stem}.png") as image:
-            assert image.format == "PNG" and min(image.size) > 600     # 300 dpi
+            assert image.format == "PNG" and min(image.size) > 600  # 300 dpi
         assert (smoke_run[0] / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
 
 
 # ---- --set parsing ---------------------------------------------------------------------------
 def test_set_values_are_read_as_json_then_as_strings():
     parser = build_parser("test", "imagenet_r_b0_inc20")
-    args = parser.parse_args(["--set", "pretrained=null", "--set", 'class_order="natural"',
-                              "--set", "lr_decay_epochs=[2, 3]", "--set", "epochs=1",
-                              "--set", "model_name=cliphinge-tiny", "--set", "lr=1e-2",
-                              "--set", "use_image_adapter=true"])
+    args = parser.parse_args(
+        [
+            "--set",
+            "pretrained=null",
+            "--set",
+            'class_order="natural"',
+            "--set",
+            "lr_decay_epochs=[2, 3]",
+            "--set",
+            "epochs=1",
+            "--set",
+            "model_name=cliphinge-tiny",
+            "--set",
+            "lr=1e-2",
+            "--set",
+            "use_image_adapter=true",
+        ]
+    )
     config = resolve_config(args)
     assert config.pretrained is None
     assert config.class_order == "natural"
@@ -309,19 +353,39 @@ def make_imagenet_r_tree(root: Path, n_classes: int = 4, per_class: int = 5) -> 
     return wnids
 
 
-TINY_IMAGENET_R = ["--set", "model_name=cliphinge-tiny", "--set", "pretrained=null",
-                   "--set", "init_class=2", "--set", "increment=2", "--set", "total_tasks=2",
-                   "--set", "epochs=1", "--set", "init_epochs=1",
-                   "--set", "second_stage_epochs=1", "--set", 'class_order="natural"',
-                   "--set", "num_workers=2"]     # the config's 8 workers, scaled to 2 cores
+TINY_IMAGENET_R = [
+    "--set",
+    "model_name=cliphinge-tiny",
+    "--set",
+    "pretrained=null",
+    "--set",
+    "init_class=2",
+    "--set",
+    "increment=2",
+    "--set",
+    "total_tasks=2",
+    "--set",
+    "epochs=1",
+    "--set",
+    "init_epochs=1",
+    "--set",
+    "second_stage_epochs=1",
+    "--set",
+    'class_order="natural"',
+    "--set",
+    "num_workers=2",
+]  # the config's 8 workers, scaled to 2 cores
 
 
 def test_run_imagenet_r_finishes_on_a_tiny_tree(tmp_path, capsys, monkeypatch):
     wnids = make_imagenet_r_tree(tmp_path / "data")
     out = tmp_path / "run"
     code, stdout, stderr = run_script(
-        "run_imagenet_r.py", ["--data-root", tmp_path / "data", "--output-dir", out, "--quiet",
-                              *TINY_IMAGENET_R], capsys, monkeypatch)
+        "run_imagenet_r.py",
+        ["--data-root", tmp_path / "data", "--output-dir", out, "--quiet", *TINY_IMAGENET_R],
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, stderr
     assert "AIA (avg incremental acc)" in stdout
     results = json.loads((out / "results.json").read_text())
@@ -331,7 +395,7 @@ def test_run_imagenet_r_finishes_on_a_tiny_tree(tmp_path, capsys, monkeypatch):
     assert results["protocol"]["stream"] == "split_imagenet_r"
     assert results["test_sizes"] == [2, 2]  # 5 images per class: 4 train / 1 test
     assert results["protocol"]["class_order"] == [0, 1, 2, 3]
-    assert results["protocol"]["activation"] == "gelu"      # the tiny model's; OpenAI's: quickgelu
+    assert results["protocol"]["activation"] == "gelu"  # the tiny model's; OpenAI's: quickgelu
     assert results["protocol"]["config_file"] == "imagenet_r_b0_inc20"
     assert results["protocol"]["reproduces"].startswith("ImageNet-R B0 Inc20")
     assert len(wnids) == 4

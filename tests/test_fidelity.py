@@ -1,5 +1,6 @@
 """Fidelity to the published protocols: fp32 scores, RAPF's replay volume, hard-pair rule and
 covariance shrinkage as config keys, and the shipped presets found by name."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,16 @@ import torch
 import torch.nn.functional as F
 from avalanche.training.plugins import SupervisedPlugin
 
-from avalanche_cliphinge import (CLIPHingeConfig, ClassGaussians, ConfigError,
-                                 GaussianReplayPlugin, HardPairHingePlugin, build_model,
-                                 rapf_shrink_cov, select_hard_pairs)
+from avalanche_cliphinge import (
+    CLIPHingeConfig,
+    ClassGaussians,
+    ConfigError,
+    GaussianReplayPlugin,
+    HardPairHingePlugin,
+    build_model,
+    rapf_shrink_cov,
+    select_hard_pairs,
+)
 from avalanche_cliphinge.config import config_reproduces, list_presets
 from avalanche_cliphinge.model.heads import TaskHead
 
@@ -33,13 +41,13 @@ def test_scores_are_fp32_under_bf16_autocast(tiny_config, class_names):
     torch.manual_seed(0)
     model = build_model(tiny_config(), class_names)
     model.add_task(list(range(len(class_names))))
-    model.set_trainable_prompts([])     # the text features are encoded once, in fp32, and cached
+    model.set_trainable_prompts([])  # the text features are encoded once, in fp32, and cached
     model.eval()
     with torch.no_grad():
         text = model.text_features()
         feats = near_tie_features(text, 64, torch.Generator().manual_seed(0))
         exact = model(feats)
-        fp32_winner = (feats @ text.T).argmax(1)        # ground truth without any autocast
+        fp32_winner = (feats @ text.T).argmax(1)  # ground truth without any autocast
         with torch.autocast("cpu", dtype=torch.bfloat16):
             autocast_scores = model(feats)
             bf16 = model.logit_scale * F.normalize(feats, dim=-1) @ text.T
@@ -50,7 +58,7 @@ def test_scores_are_fp32_under_bf16_autocast(tiny_config, class_names):
     assert torch.equal(autocast_scores, exact)
     assert torch.equal(autocast_scores.argmax(1), fp32_winner)
 
-    model.heads["0"] = TaskHead(text, 20.0)             # stage 2: clip + 0.3 * head
+    model.heads["0"] = TaskHead(text, 20.0)  # stage 2: clip + 0.3 * head
     with torch.no_grad():
         fused = model(feats)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -62,30 +70,69 @@ def test_scores_are_fp32_under_bf16_autocast(tiny_config, class_names):
 def test_euclidean_hard_pairs_match_numpy_distances():
     rng = np.random.default_rng(0)
     new, old = rng.normal(size=(3, 8)), rng.normal(size=(5, 8))
-    new[0] = old[2] + 0.05 * rng.normal(size=8)        # a close pair, so some pass 0.55
+    new[0] = old[2] + 0.05 * rng.normal(size=8)  # a close pair, so some pass 0.55
     unit_new = new / np.linalg.norm(new, axis=1, keepdims=True)
     unit_old = old / np.linalg.norm(old, axis=1, keepdims=True)
     dist = np.linalg.norm(unit_new[:, None] - unit_old[None], axis=-1)
     new_ids, old_ids = [20, 21, 22], [0, 1, 2, 3, 4]
     for threshold in (0.55, 1.2, 1.4):
-        expected = sorted(((old_ids[c], new_ids[r], float(unit_new[r] @ unit_old[c]))
-                           for r, c in zip(*np.nonzero(dist < threshold))),
-                          key=lambda p: (-p[2], p[0], p[1]))
-        got = select_hard_pairs(torch.tensor(new, dtype=torch.float32),
-                                torch.tensor(old, dtype=torch.float32), new_ids, old_ids,
-                                threshold, top_k=None, metric="euclidean")
+        expected = sorted(
+            (
+                (old_ids[c], new_ids[r], float(unit_new[r] @ unit_old[c]))
+                for r, c in zip(*np.nonzero(dist < threshold))
+            ),
+            key=lambda p: (-p[2], p[0], p[1]),
+        )
+        got = select_hard_pairs(
+            torch.tensor(new, dtype=torch.float32),
+            torch.tensor(old, dtype=torch.float32),
+            new_ids,
+            old_ids,
+            threshold,
+            top_k=None,
+            metric="euclidean",
+        )
         assert [(o, n) for o, n, _ in got] == [(o, n) for o, n, _ in expected]
         assert [s for _, _, s in got] == pytest.approx([s for _, _, s in expected], abs=1e-6)
-    assert 1 <= len(select_hard_pairs(torch.tensor(new, dtype=torch.float32),
-                                      torch.tensor(old, dtype=torch.float32), new_ids, old_ids,
-                                      0.55, None, "euclidean")) < 15
-    everything = select_hard_pairs(torch.tensor(new, dtype=torch.float32),
-                                   torch.tensor(old, dtype=torch.float32), new_ids, old_ids,
-                                   2.0, None, "euclidean")
-    assert len(everything) == 15                   # no cap: every pair within distance 2
-    assert len(select_hard_pairs(torch.tensor(new, dtype=torch.float32),
-                                 torch.tensor(old, dtype=torch.float32), new_ids, old_ids,
-                                 2.0, 10, "euclidean")) == 10
+    assert (
+        1
+        <= len(
+            select_hard_pairs(
+                torch.tensor(new, dtype=torch.float32),
+                torch.tensor(old, dtype=torch.float32),
+                new_ids,
+                old_ids,
+                0.55,
+                None,
+                "euclidean",
+            )
+        )
+        < 15
+    )
+    everything = select_hard_pairs(
+        torch.tensor(new, dtype=torch.float32),
+        torch.tensor(old, dtype=torch.float32),
+        new_ids,
+        old_ids,
+        2.0,
+        None,
+        "euclidean",
+    )
+    assert len(everything) == 15  # no cap: every pair within distance 2
+    assert (
+        len(
+            select_hard_pairs(
+                torch.tensor(new, dtype=torch.float32),
+                torch.tensor(old, dtype=torch.float32),
+                new_ids,
+                old_ids,
+                2.0,
+                10,
+                "euclidean",
+            )
+        )
+        == 10
+    )
 
 
 def test_hinge_plugin_takes_metric_and_cap_from_config():
@@ -129,10 +176,11 @@ def test_rapf_shrink_cov_matches_numpy_and_fit_uses_it():
     plain, shrunk = ClassGaussians(6), ClassGaussians(6)
     plain.fit(torch.tensor(feats, dtype=torch.float32), labels, jitter=1e-4)
     shrunk.fit(torch.tensor(feats, dtype=torch.float32), labels, jitter=1e-4, rapf_shrink=True)
-    ridge = cov + 1e-4 * np.eye(6)              # RAPF: torch.cov + 1e-4 I, then shrink_cov
+    ridge = cov + 1e-4 * np.eye(6)  # RAPF: torch.cov + 1e-4 I, then shrink_cov
     assert np.allclose(plain.covariance_of([0])[0].numpy(), ridge, rtol=1e-4, atol=1e-5)
-    assert np.allclose(shrunk.covariance_of([0])[0].numpy(), numpy_rapf_shrink(ridge),
-                       rtol=1e-4, atol=1e-5)
+    assert np.allclose(
+        shrunk.covariance_of([0])[0].numpy(), numpy_rapf_shrink(ridge), rtol=1e-4, atol=1e-5
+    )
 
 
 # ---- RAPF's replay volume ----------------------------------------------------------------------
@@ -145,43 +193,50 @@ class ChunkRecorder(SupervisedPlugin):
 
     def before_training_epoch(self, strategy, **kwargs):
         if self.replay.chunks is not None:
-            self.epochs.append((list(strategy.experience_classes.old),
-                                [labels.tolist() for _, labels in self.replay.chunks]))
+            self.epochs.append(
+                (
+                    list(strategy.experience_classes.old),
+                    [labels.tolist() for _, labels in self.replay.chunks],
+                )
+            )
 
 
-def test_replay_per_step_gives_k_classes_per_batch_cycling_the_old_classes(run_stream,
-                                                                            tiny_config):
-    config = tiny_config(replay_classes_per_step=3, samples_per_old_class=4, init_epochs=1,
-                         epochs=2, second_stage_epochs=0)
+def test_replay_per_step_gives_k_classes_per_batch_cycling_the_old_classes(run_stream, tiny_config):
+    config = tiny_config(
+        replay_classes_per_step=3,
+        samples_per_old_class=4,
+        init_epochs=1,
+        epochs=2,
+        second_stage_epochs=0,
+    )
     replay = GaussianReplayPlugin(samples_per_old_class=4, classes_per_step=3, seed=0)
     recorder = ChunkRecorder(replay)
     run_stream(config, plugins=[replay, recorder])
-    assert len(recorder.epochs) == 4                  # 2 epochs of experiences 1 and 2
+    assert len(recorder.epochs) == 4  # 2 epochs of experiences 1 and 2
     for old, chunks in recorder.epochs:
-        assert len(chunks) == 4                       # 60 samples in batches of 16
+        assert len(chunks) == 4  # 60 samples in batches of 16
         picks = []
         for labels in chunks:
             assert len(labels) == 3 * 4
             classes = labels[::4]
-            assert all(labels[4 * j:4 * j + 4] == [c] * 4 for j, c in enumerate(classes))
+            assert all(labels[4 * j : 4 * j + 4] == [c] * 4 for j, c in enumerate(classes))
             picks += classes
-        cycle = picks[:len(old)]
-        assert sorted(cycle) == sorted(old)           # each epoch visits every old class
+        cycle = picks[: len(old)]
+        assert sorted(cycle) == sorted(old)  # each epoch visits every old class
         assert picks == [cycle[i % len(old)] for i in range(len(picks))]
     first, second = recorder.epochs[2][1], recorder.epochs[3][1]
-    assert first != second                            # a new shuffle every epoch
+    assert first != second  # a new shuffle every epoch
 
 
 def test_replay_per_epoch_volume_is_the_default(run_stream, tiny_config):
-    config = tiny_config(samples_per_old_class=5, init_epochs=1, epochs=1,
-                         second_stage_epochs=0)
+    config = tiny_config(samples_per_old_class=5, init_epochs=1, epochs=1, second_stage_epochs=0)
     assert config.replay_classes_per_step == 0
     replay = GaussianReplayPlugin(samples_per_old_class=5, seed=0)
     recorder = ChunkRecorder(replay)
     run_stream(config, plugins=[replay, recorder], n_experiences=2)
-    (old, chunks), = recorder.epochs
+    ((old, chunks),) = recorder.epochs
     labels = [c for chunk in chunks for c in chunk]
-    assert sorted(labels) == sorted(old * 5)          # 5 per old class over the epoch
+    assert sorted(labels) == sorted(old * 5)  # 5 per old class over the epoch
     assert max(map(len, chunks)) - min(map(len, chunks)) <= 1
 
 
@@ -199,9 +254,15 @@ def test_presets_state_what_they_reproduce_and_hold_only_differences():
         assert all(raw[k] != defaults[k] for k in raw if k not in ("reproduces", "dataset")), name
     assert "86.19" in config_reproduces("rapf_cifar100_b0_inc10")
     rapf = CLIPHingeConfig.from_json("rapf_imagenet_r_b0_inc20")
-    assert (rapf.seed, rapf.batch_size, rapf.replay_classes_per_step, rapf.samples_per_old_class,
-            rapf.hinge_samples_per_pair, rapf.rapf_shrink_cov, rapf.class_order) == (
-        2, 64, 5, 10, 20, True, "rapf")
+    assert (
+        rapf.seed,
+        rapf.batch_size,
+        rapf.replay_classes_per_step,
+        rapf.samples_per_old_class,
+        rapf.hinge_samples_per_pair,
+        rapf.rapf_shrink_cov,
+        rapf.class_order,
+    ) == (2, 64, 5, 10, 20, True, "rapf")
     assert rapf.text_hard_pair_threshold == 0.65 and rapf.text_hard_pair_metric == "euclidean"
 
 
@@ -217,8 +278,10 @@ def test_run_script_takes_a_preset_name_from_any_folder(tmp_path, monkeypatch, c
     shown = build_parser("run", "cifar100_b0_inc10").format_help()
     for name in list_presets():
         assert name in shown
-    code = main(["--config", "imagenet_r_b0_inc20", "--output-dir", str(tmp_path / "run")],
-                dataset="cifar100")
+    code = main(
+        ["--config", "imagenet_r_b0_inc20", "--output-dir", str(tmp_path / "run")],
+        dataset="cifar100",
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "for dataset 'imagenet_r'" in err

@@ -5,6 +5,7 @@ objects (tick labels, line styles, what stays blank, where the legend sits). The
 counts are checked against numpy on hand-made minibatches and inside a real Avalanche
 evaluation.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,39 +29,52 @@ from avalanche_cliphinge.benchmarks import synthetic
 from test_host_sync import HostSyncCounter
 
 TITLE = "CLIPHinge, CIFAR-100 B0 Inc10"
-PER_TASK = [{"all": 100.0, "old": None, "new": 100.0},
-            {"all": 80.0, "old": 70.0, "new": 90.0},
-            {"all": 60.0, "old": 50.0, "new": 0.0}]
+PER_TASK = [
+    {"all": 100.0, "old": None, "new": 100.0},
+    {"all": 80.0, "old": 70.0, "new": 90.0},
+    {"all": 60.0, "old": 50.0, "new": 0.0},
+]
 
 
 def square_matrix(n: int, seed: int = 0):
     """``[n][n]`` accuracies, ``None`` above the diagonal (tasks not trained yet)."""
     rng = np.random.default_rng(seed)
-    return [[float(rng.uniform(0, 100)) if j <= t else None for j in range(n)]
-            for t in range(n)]
+    return [[float(rng.uniform(0, 100)) if j <= t else None for j in range(n)] for t in range(n)]
 
 
 def comparison_entries():
     """The 13 default entries of ``compare.py``: ``{name: group}``."""
-    return {e.name: ("ablation" if e.overrides else "method" if e.kind == "cliphinge"
-                     else "baseline")
-            for e in resolve_entries(DEFAULT_STRATEGIES, tuple(ABLATIONS))}
+    return {
+        e.name: ("ablation" if e.overrides else "method" if e.kind == "cliphinge" else "baseline")
+        for e in resolve_entries(DEFAULT_STRATEGIES, tuple(ABLATIONS))
+    }
 
 
 def comparison(n_tasks: int = 10):
     groups = comparison_entries()
-    curves = {name: list(np.linspace(100, 20 + 4 * k, n_tasks))
-              for k, name in enumerate(groups)}
+    curves = {name: list(np.linspace(100, 20 + 4 * k, n_tasks)) for k, name in enumerate(groups)}
     return figures.comparison_figure(curves, groups, [10] * n_tasks, TITLE)
 
 
 def aggregate_rows():
-    return [{"config": "smoke", "method": "cliphinge", "n": 3,
-             "curve": {"classes_seen": [4, 6, 8, 10], "mean": [100.0, 90.0, 85.0, 80.0],
-                       "std": [0.0, 3.0, 4.0, 2.0]}},
-            {"config": "other", "method": "cliphinge", "n": 1,
-             "curve": {"classes_seen": [4, 6, 8, 10], "mean": [90.0, 70.0, 60.0, 55.0],
-                       "std": None}}]
+    return [
+        {
+            "config": "smoke",
+            "method": "cliphinge",
+            "n": 3,
+            "curve": {
+                "classes_seen": [4, 6, 8, 10],
+                "mean": [100.0, 90.0, 85.0, 80.0],
+                "std": [0.0, 3.0, 4.0, 2.0],
+            },
+        },
+        {
+            "config": "other",
+            "method": "cliphinge",
+            "n": 1,
+            "curve": {"classes_seen": [4, 6, 8, 10], "mean": [90.0, 70.0, 60.0, 55.0], "std": None},
+        },
+    ]
 
 
 FIGURES = {
@@ -68,7 +82,8 @@ FIGURES = {
     "accuracy_matrix": lambda: figures.accuracy_matrix_figure(square_matrix(10), TITLE),
     "comparison": comparison,
     "confusion_matrix": lambda: figures.confusion_matrix_figure(
-        np.diag(np.arange(1, 13)) + 1, [4, 4, 4], TITLE),
+        np.diag(np.arange(1, 13)) + 1, [4, 4, 4], TITLE
+    ),
     "aggregate_curve": lambda: figures.aggregate_curve_figure(aggregate_rows()),
 }
 
@@ -102,7 +117,7 @@ def test_each_figure_is_saved_as_a_300_dpi_png_and_a_pdf(name, tmp_path):
 # ---- accuracy curve -----------------------------------------------------------------------
 def test_accuracy_curve_has_labelled_lines_against_classes_seen_and_nothing_clipped():
     figure = figures.run_curve_figure(PER_TASK, [4, 3, 3], TITLE)
-    axes, = figure.axes
+    (axes,) = figure.axes
     lines = {line.get_label(): line for line in axes.get_lines()}
     assert set(lines) == {"all seen classes", "old classes", "new classes"}
     assert list(lines["all seen classes"].get_xdata()) == [4, 7, 10]
@@ -111,16 +126,24 @@ def test_accuracy_curve_has_labelled_lines_against_classes_seen_and_nothing_clip
     low, high = axes.get_ylim()
     assert low < 0 and high > 100 and not any(line.get_clip_on() for line in lines.values())
     assert axes.get_title() == TITLE and axes.get_xlabel() == "number of classes seen"
-    legend, = figure.legends
+    (legend,) = figure.legends
     assert outside(legend, axes)
 
 
 def test_run_title_names_method_dataset_layout_and_preset():
-    protocol = {"stream_dataset": "cifar100", "stream_init_class": 10, "stream_increment": 10,
-                "preset": "cifar100_b0_inc10"}
+    protocol = {
+        "stream_dataset": "cifar100",
+        "stream_init_class": 10,
+        "stream_increment": 10,
+        "preset": "cifar100_b0_inc10",
+    }
     assert figures.run_title(protocol) == "CLIPHinge, CIFAR-100 B0 Inc10 (preset cifar100_b0_inc10)"
-    assert figures.run_title({"stream_dataset": "imagenet-r", "stream_init_class": 40,
-                              "stream_increment": 20}) == "CLIPHinge, ImageNet-R B40 Inc20"
+    assert (
+        figures.run_title(
+            {"stream_dataset": "imagenet-r", "stream_init_class": 40, "stream_increment": 20}
+        )
+        == "CLIPHinge, ImageNet-R B40 Inc20"
+    )
 
 
 # ---- accuracy matrix ----------------------------------------------------------------------
@@ -150,7 +173,9 @@ def test_matrix_leaves_none_and_untrained_cells_blank():
     matrix = [[90.0, 0.0, 0.0], [85.04, None, 0.0]]
     axes = figures.accuracy_matrix_figure(matrix).axes[0]
     assert [(t.get_position(), t.get_text()) for t in axes.texts] == [
-        ((0, 0), "90.0"), ((0, 1), "85.0")]
+        ((0, 0), "90.0"),
+        ((0, 1), "85.0"),
+    ]
     assert len(axes.get_yticklabels()) == 2 and len(axes.get_xticklabels()) == 3
 
 
@@ -164,9 +189,10 @@ def test_comparison_gives_every_entry_its_own_colour_and_line_style():
     assert len({(line.get_color(), str(line._unscaled_dash_pattern)) for line in lines}) == 13
     groups = comparison_entries()
     by_name = {line.get_label(): line for line in lines}
-    method, = [n for n, g in groups.items() if g == "method"]
+    (method,) = [n for n, g in groups.items() if g == "method"]
     assert by_name[method].get_linewidth() > max(
-        line.get_linewidth() for n, line in by_name.items() if n != method)
+        line.get_linewidth() for n, line in by_name.items() if n != method
+    )
     # ablations dashed, baselines solid or dash-dot: two families of patterns
     for name, group in groups.items():
         pattern = by_name[name]._unscaled_dash_pattern[1]
@@ -178,7 +204,7 @@ def test_comparison_gives_every_entry_its_own_colour_and_line_style():
 
 def test_comparison_legend_sits_outside_grouped_under_headings():
     figure = comparison()
-    legend, = figure.legends
+    (legend,) = figure.legends
     assert outside(legend, figure.axes[0])
     texts = [t.get_text() for t in legend.get_texts()]
     assert texts[:2] == ["method", "cliphinge"]
@@ -199,11 +225,15 @@ def test_line_styles_stay_distinct_for_many_entries():
 
 # ---- confusion matrix ---------------------------------------------------------------------
 def test_confusion_figure_is_row_normalised_with_task_borders_and_labels():
-    counts = np.array([[8, 2, 0, 0, 0],
-                       [1, 3, 0, 0, 0],
-                       [0, 0, 5, 0, 5],
-                       [0, 0, 0, 0, 0],   # a class without test samples: blank row
-                       [0, 1, 0, 0, 3]])
+    counts = np.array(
+        [
+            [8, 2, 0, 0, 0],
+            [1, 3, 0, 0, 0],
+            [0, 0, 5, 0, 5],
+            [0, 0, 0, 0, 0],  # a class without test samples: blank row
+            [0, 1, 0, 0, 3],
+        ]
+    )
     percent = figures.row_percent(counts)
     assert percent[0].tolist() == [80.0, 20.0, 0.0, 0.0, 0.0]
     assert np.isnan(percent[3]).all()
@@ -215,7 +245,8 @@ def test_confusion_figure_is_row_normalised_with_task_borders_and_labels():
     across, down = axes.get_lines()  # axhline, axvline at the border between the tasks
     assert list(across.get_ydata()) == list(down.get_xdata()) == [1.5, 1.5]
     assert sorted(t.get_text() for t in axes.texts) == sorted(
-        ["80", "20", "25", "75", "50", "50", "25", "75"])
+        ["80", "20", "25", "75", "50", "50", "25", "75"]
+    )
     image = axes.get_images()[0].get_array()
     assert image.mask[3].all() and image[0, 0] == pytest.approx(80.0)
     with pytest.raises(ValueError, match="does not match"):
@@ -279,8 +310,7 @@ def test_drawing_neither_switches_the_backend_nor_uses_pyplot(before, tmp_path):
     # pyplot and matplotlib.use are replaced by traps before figures is imported: any use
     # of either while importing, drawing or saving fails the subprocess.
     code = DRAW_ALL.format(before=before, folder=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     chosen, after = json.loads(proc.stdout.strip().splitlines()[-1])
     assert chosen == after == (None if not before else "svg")
@@ -289,16 +319,19 @@ def test_drawing_neither_switches_the_backend_nor_uses_pyplot(before, tmp_path):
 
 # ---- the confusion-matrix plugin ----------------------------------------------------------
 def fake_strategy(scores, labels):
-    return SimpleNamespace(device=torch.device("cpu"), mb_output=torch.tensor(scores),
-                           mb_y=torch.tensor(labels))
+    return SimpleNamespace(
+        device=torch.device("cpu"), mb_output=torch.tensor(scores), mb_y=torch.tensor(labels)
+    )
 
 
 def test_plugin_counts_true_x_predicted_like_numpy():
     plugin = ConfusionMatrixPlugin(n_classes=4)
     rng = np.random.default_rng(3)
-    batches = [(rng.normal(size=(5, 2)), rng.integers(0, 2, 5)),   # 2 classes seen so far
-               (rng.normal(size=(6, 4)), rng.integers(0, 4, 6)),
-               (rng.normal(size=(3, 4)), np.array([3, 3, 0]))]
+    batches = [
+        (rng.normal(size=(5, 2)), rng.integers(0, 2, 5)),  # 2 classes seen so far
+        (rng.normal(size=(6, 4)), rng.integers(0, 4, 6)),
+        (rng.normal(size=(3, 4)), np.array([3, 3, 0])),
+    ]
     expected = np.zeros((4, 4), dtype=np.int64)
     plugin.before_eval(fake_strategy(*batches[0]))
     for scores, labels in batches:
@@ -317,8 +350,9 @@ def test_plugin_hand_made_example():
     plugin = ConfusionMatrixPlugin(n_classes=3)
     plugin.before_eval(fake_strategy([[0.0]], [0]))
     # predictions 1, 0, 2, 2 for labels 0, 0, 2, 1
-    plugin.after_eval_iteration(fake_strategy([[0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1]],
-                                              [0, 0, 2, 1]))
+    plugin.after_eval_iteration(
+        fake_strategy([[0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1]], [0, 0, 2, 1])
+    )
     assert plugin.matrix().tolist() == [[1, 1, 0], [0, 0, 1], [0, 0, 1]]
 
 
@@ -344,20 +378,31 @@ def test_plugin_step_never_reads_the_device_back():
 
 
 def test_plugin_in_an_avalanche_evaluation_matches_the_model_on_the_test_stream():
-    named_benchmark = synthetic(n_classes=6, init_class=2, increment=2, train_per_class=2,
-                       test_per_class=5, class_order=[4, 1, 5, 0, 3, 2])
+    named_benchmark = synthetic(
+        n_classes=6,
+        init_class=2,
+        increment=2,
+        train_per_class=2,
+        test_per_class=5,
+        class_order=[4, 1, 5, 0, 3, 2],
+    )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 6))
     plugin = ConfusionMatrixPlugin(n_classes=6)
-    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                     train_mb_size=8, eval_mb_size=7, device="cpu", plugins=[plugin],
-                     evaluator=EvaluationPlugin(loggers=[]))
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_mb_size=8,
+        eval_mb_size=7,
+        device="cpu",
+        plugins=[plugin],
+        evaluator=EvaluationPlugin(loggers=[]),
+    )
     strategy.eval(named_benchmark.benchmark.test_stream)
     expected = np.zeros((6, 6), dtype=np.int64)
     with torch.no_grad():
         for experience in named_benchmark.benchmark.test_stream:
-            for x, y, *_ in torch.utils.data.DataLoader(experience.dataset.eval(),
-                                                        batch_size=30):
+            for x, y, *_ in torch.utils.data.DataLoader(experience.dataset.eval(), batch_size=30):
                 np.add.at(expected, (y.numpy(), model(x).argmax(1).numpy()), 1)
     assert plugin.matrix().tolist() == expected.tolist()
     assert plugin.matrix().sum() == 30

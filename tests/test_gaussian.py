@@ -1,4 +1,5 @@
 """Class Gaussian statistics and sampling against numpy."""
+
 from __future__ import annotations
 
 import warnings
@@ -13,8 +14,9 @@ from avalanche_cliphinge import ClassGaussians, class_gaussian_stats, make_posit
 def numpy_pd(cov: np.ndarray, shrinkage: float, jitter: float) -> np.ndarray:
     dim = cov.shape[-1]
     sym = 0.5 * (cov + cov.T)
-    return ((1 - shrinkage) * sym + shrinkage * np.trace(sym) / dim * np.eye(dim)
-            + jitter * np.eye(dim))
+    return (
+        (1 - shrinkage) * sym + shrinkage * np.trace(sym) / dim * np.eye(dim) + jitter * np.eye(dim)
+    )
 
 
 # ---- class_gaussian_stats ---------------------------------------------------------------
@@ -23,8 +25,9 @@ def test_stats_match_numpy_with_unsorted_labels_a_singleton_and_n_below_dim():
     # class 5: 8 samples (n > d = 6); class 2: 3 samples (n < d); class 9: a single sample
     labels = np.array([5, 2, 5, 9, 5, 2, 5, 5, 2, 5, 5, 5])
     feats = rng.normal(size=(labels.size, 6)) + labels[:, None]
-    classes, means, covs = class_gaussian_stats(torch.tensor(feats, dtype=torch.float32),
-                                                torch.tensor(labels))
+    classes, means, covs = class_gaussian_stats(
+        torch.tensor(feats, dtype=torch.float32), torch.tensor(labels)
+    )
     assert classes.tolist() == [2, 5, 9]
     assert means.shape == (3, 6) and covs.shape == (3, 6, 6)
     assert means.dtype == torch.float32 and covs.dtype == torch.float32
@@ -33,7 +36,7 @@ def test_stats_match_numpy_with_unsorted_labels_a_singleton_and_n_below_dim():
         np.testing.assert_allclose(means[row].numpy(), x.mean(0), atol=1e-5)
         expected = np.zeros((6, 6)) if len(x) == 1 else np.cov(x, rowvar=False, ddof=1)
         np.testing.assert_allclose(covs[row].numpy(), expected, atol=1e-5)
-    assert torch.count_nonzero(covs[2]) == 0                       # singleton: zero covariance
+    assert torch.count_nonzero(covs[2]) == 0  # singleton: zero covariance
     assert np.linalg.matrix_rank(covs[0].double().numpy(), tol=1e-6) == 2  # 3 samples: rank 2
 
 
@@ -44,13 +47,12 @@ def test_stats_reject_mismatched_shapes():
 
 # ---- make_positive_definite -------------------------------------------------------------
 @pytest.mark.parametrize("shrinkage,jitter", [(0.0, 1e-4), (0.3, 1e-3), (1.0, 0.0)])
-def test_positive_definite_formula_and_eigenvalues_for_rank_deficient_covariance(
-        shrinkage, jitter):
+def test_positive_definite_formula_and_eigenvalues_for_rank_deficient_covariance(shrinkage, jitter):
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(3, 8))                  # n = 3 < d = 8: rank 2 covariance
+    x = rng.normal(size=(3, 8))  # n = 3 < d = 8: rank 2 covariance
     cov = np.cov(x, rowvar=False, ddof=1)
     assert np.linalg.eigvalsh(cov).min() < 1e-10  # really singular
-    skew = rng.normal(size=(8, 8)) * 1e-3        # asymmetric noise is symmetrised away
+    skew = rng.normal(size=(8, 8)) * 1e-3  # asymmetric noise is symmetrised away
     got = make_positive_definite(torch.tensor(cov + skew - skew.T), shrinkage, jitter)
     expected = numpy_pd(cov, shrinkage, jitter)
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-12)
@@ -73,8 +75,9 @@ def test_positive_definite_is_batched():
 def two_class_data(seed=0, n=60):
     """Class 3 around +4, class 8 around -4, dim 4, correlated (known sample statistics)."""
     rng = np.random.default_rng(seed)
-    mix = np.array([[1.0, 0.5, 0.0, 0.0], [0.0, 1.0, 0.3, 0.0],
-                    [0.0, 0.0, 0.8, -0.4], [0.0, 0.0, 0.0, 0.6]])
+    mix = np.array(
+        [[1.0, 0.5, 0.0, 0.0], [0.0, 1.0, 0.3, 0.0], [0.0, 0.0, 0.8, -0.4], [0.0, 0.0, 0.0, 0.6]]
+    )
     a = rng.normal(size=(n, 4)) @ mix + 4.0
     b = rng.normal(size=(n, 4)) * np.array([0.5, 1.0, 1.5, 0.7]) - 4.0
     feats = np.concatenate([a, b]).astype(np.float32)
@@ -86,14 +89,16 @@ def two_class_data(seed=0, n=60):
 def test_fit_stores_means_and_positive_definite_covariances():
     feats, labels = two_class_data()
     gaussians = ClassGaussians(4)
-    fitted = gaussians.fit(torch.tensor(feats), torch.tensor(labels), shrinkage=0.0,
-                           jitter=1e-3)
+    fitted = gaussians.fit(torch.tensor(feats), torch.tensor(labels), shrinkage=0.0, jitter=1e-3)
     assert fitted.tolist() == [3, 8] and len(gaussians) == 2
     for c in (3, 8):
         x = feats[labels == c].astype(np.float64)
         np.testing.assert_allclose(gaussians.mean_of([c])[0].numpy(), x.mean(0), atol=1e-5)
-        np.testing.assert_allclose(gaussians.covariance_of([c])[0].numpy(),
-                                   np.cov(x, rowvar=False) + 1e-3 * np.eye(4), atol=1e-5)
+        np.testing.assert_allclose(
+            gaussians.covariance_of([c])[0].numpy(),
+            np.cov(x, rowvar=False) + 1e-3 * np.eye(4),
+            atol=1e-5,
+        )
 
 
 def test_samples_have_the_stored_mean_and_covariance():
@@ -104,7 +109,7 @@ def test_samples_have_the_stored_mean_and_covariance():
     drawn, drawn_labels = gaussians.sample([8, 3], n, torch.Generator().manual_seed(0))
     assert drawn.shape == (2 * n, 4) and drawn_labels.shape == (2 * n,)
     for block, c in enumerate([8, 3]):
-        x = drawn[block * n:(block + 1) * n].double().numpy()
+        x = drawn[block * n : (block + 1) * n].double().numpy()
         mean = gaussians.mean_of([c])[0].double().numpy()
         cov = gaussians.covariance_of([c])[0].double().numpy()
         # standard errors at n = 20000 are ~0.01 for these scales: 0.05 is about 5 sigma
@@ -148,8 +153,12 @@ def test_refit_merges_a_returning_class_and_keeps_the_others():
     # class 8 came back: its statistics are those of its 60 old and 10 new samples together
     all_8 = np.concatenate([feats[labels == 8], new[:10]]).astype(np.float64)
     np.testing.assert_allclose(gaussians.mean_of([8])[0].numpy(), all_8.mean(0), atol=1e-4)
-    np.testing.assert_allclose(gaussians.covs[gaussians.index_of([8])][0].numpy(),
-                               np.cov(all_8, rowvar=False), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        gaussians.covs[gaussians.index_of([8])][0].numpy(),
+        np.cov(all_8, rowvar=False),
+        rtol=1e-4,
+        atol=1e-3,
+    )
     assert int(gaussians.counts[gaussians.index_of([8])]) == 70
     np.testing.assert_allclose(gaussians.mean_of([11])[0].numpy(), new[10:].mean(0), atol=1e-4)
     assert torch.equal(gaussians.mean_of([3]), mean_3)
@@ -172,10 +181,12 @@ def test_single_sample_class_warns_naming_the_class_and_samples_mean_plus_jitter
     lonely = np.full((1, 4), 10.0, dtype=np.float32)
     gaussians = ClassGaussians(4)
     with pytest.warns(UserWarning, match=r"class 42 has 1 training sample") as record:
-        gaussians.fit(torch.tensor(np.concatenate([feats, lonely])),
-                      torch.tensor(np.concatenate([labels, [42]])), jitter=1e-4)
-    assert not any("class 3 " in str(w.message) or "class 8 " in str(w.message)
-                   for w in record)
+        gaussians.fit(
+            torch.tensor(np.concatenate([feats, lonely])),
+            torch.tensor(np.concatenate([labels, [42]])),
+            jitter=1e-4,
+        )
+    assert not any("class 3 " in str(w.message) or "class 8 " in str(w.message) for w in record)
     drawn, _ = gaussians.sample([42], 5000, torch.Generator().manual_seed(0))
     np.testing.assert_allclose(drawn.mean(0).numpy(), lonely[0], atol=1e-3)
     np.testing.assert_allclose(drawn.std(0).numpy(), np.full(4, 1e-2), rtol=0.1)

@@ -1,6 +1,7 @@
 """ClassGaussians' storage modes, chunked fitting and sampling, and the state holding the
 factors once. Memory figures are the benchmark's (benchmarks/gaussian_memory.py), not these
 tests'."""
+
 from __future__ import annotations
 
 import io
@@ -13,8 +14,8 @@ import torch
 from avalanche_cliphinge import CLIPHingeConfig, ClassGaussians, ConfigError
 from avalanche_cliphinge.gaussian import STORAGES, factor_bytes_per_class
 
-HUGE = 1 << 40          # every class in one chunk
-TINY = 1                # one class per chunk, one block per fit
+HUGE = 1 << 40  # every class in one chunk
+TINY = 1  # one class per chunk, one block per fit
 
 
 def class_data(dim=16, classes=(0, 1, 2), n=400, seed=0, offset=0.0):
@@ -27,8 +28,10 @@ def class_data(dim=16, classes=(0, 1, 2), n=400, seed=0, offset=0.0):
         feats.append(rng.normal(size=(n, dim)) @ mix.T + rng.normal(size=dim) + offset)
         labels += [c] * n
     order = rng.permutation(len(labels))
-    return (torch.tensor(np.concatenate(feats)[order], dtype=torch.float32),
-            torch.tensor(labels)[order])
+    return (
+        torch.tensor(np.concatenate(feats)[order], dtype=torch.float32),
+        torch.tensor(labels)[order],
+    )
 
 
 def fitted(storage="full", rank=64, chunk_bytes=HUGE, dim=16, **fit):
@@ -52,7 +55,7 @@ def sampling_tolerance(cov, n):
     cov = cov.double()
     trace = torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1)
     frob = torch.linalg.matrix_norm(cov)
-    return 3 * torch.sqrt((trace ** 2 + frob ** 2) / n) / frob
+    return 3 * torch.sqrt((trace**2 + frob**2) / n) / frob
 
 
 def draws_covariance(gaussians, classes, n, seed=0):
@@ -66,12 +69,12 @@ def draws_covariance(gaussians, classes, n, seed=0):
 @pytest.mark.parametrize("storage", STORAGES)
 def test_chunked_fit_and_sample_equal_unchunked_bitwise(storage):
     whole, chunked = fitted(storage, rank=6), fitted(storage, rank=6, chunk_bytes=TINY)
-    assert len(whole._sizes) == 1 and len(chunked._sizes) == 2    # one block per fit
+    assert len(whole._sizes) == 1 and len(chunked._sizes) == 2  # one block per fit
     ids = [4, 0, 1, 3, 2]
     assert torch.equal(whole.mean_of(ids), chunked.mean_of(ids))
     assert torch.equal(whole.counts[whole.index_of(ids)], chunked.counts[chunked.index_of(ids)])
     assert torch.equal(whole.covariance_of(ids), chunked.covariance_of(ids))
-    for n in (1, 5, 6, 13):      # 5 and 6: shapes where a lone matmul rounds otherwise
+    for n in (1, 5, 6, 13):  # 5 and 6: shapes where a lone matmul rounds otherwise
         a = whole.sample(ids, n, torch.Generator().manual_seed(n))
         b = chunked.sample(ids, n, torch.Generator().manual_seed(n))
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -88,7 +91,7 @@ def test_several_blocks_draw_the_same_rows_twice_from_one_plan():
     plan = gaussians._plan
     second, _ = gaussians.sample_rows(rows, 4, torch.Generator().manual_seed(0))
     assert gaussians._plan is plan and torch.equal(first, second)
-    rows[0] = rows[1]                        # changed in place: a new plan
+    rows[0] = rows[1]  # changed in place: a new plan
     gaussians.sample_rows(rows, 4, torch.Generator().manual_seed(0))
     assert gaussians._plan is not plan
 
@@ -98,12 +101,12 @@ def test_adding_classes_keeps_earlier_blocks_in_place():
     gaussians = ClassGaussians(dim, chunk_bytes=2 * factor_bytes_per_class(dim))
     gaussians.fit(*class_data(dim, classes=(0,)))
     kept = gaussians.chols_0.data_ptr()
-    gaussians.fit(*class_data(dim, classes=(1, 2), seed=1))   # block 0 had < 2 classes: grown
+    gaussians.fit(*class_data(dim, classes=(1, 2), seed=1))  # block 0 had < 2 classes: grown
     assert gaussians._sizes == [3]
     grown = gaussians.chols_0.data_ptr()
     assert grown != kept
-    gaussians.fit(*class_data(dim, classes=(3, 4), seed=2))   # block 0 is full: a new block
-    gaussians.fit(*class_data(dim, classes=(0,), n=20, seed=3))   # returning: written in place
+    gaussians.fit(*class_data(dim, classes=(3, 4), seed=2))  # block 0 is full: a new block
+    gaussians.fit(*class_data(dim, classes=(0,), n=20, seed=3))  # returning: written in place
     assert gaussians._sizes == [3, 2] and gaussians.chols_0.data_ptr() == grown
     assert gaussians.factor_bytes == 5 * factor_bytes_per_class(dim)
 
@@ -118,8 +121,9 @@ def test_returning_class_merges_as_if_fitted_at_once_with_shrinkage_and_rapf():
     assert torch.equal(twice.counts[twice.index_of(ids)], once.counts[once.index_of(ids)])
     torch.testing.assert_close(twice.mean_of(ids), once.mean_of(ids), rtol=0, atol=1e-5)
     assert relative_error(twice.covariance_of(ids), once.covariance_of(ids)).max() < 1e-5
-    assert relative_error(twice.sample_covariance_of(ids),
-                          once.sample_covariance_of(ids)).max() < 1e-5
+    assert (
+        relative_error(twice.sample_covariance_of(ids), once.sample_covariance_of(ids)).max() < 1e-5
+    )
 
 
 @pytest.mark.parametrize("shrinkage,rapf", [(0.0, False), (0.4, False), (0.0, True)])
@@ -129,8 +133,12 @@ def test_sample_covariances_are_recovered_from_the_factors(shrinkage, rapf):
     gaussians.fit(feats, labels, shrinkage=shrinkage, jitter=1e-3, rapf_shrink=rapf)
     for c in range(3):
         x = feats[labels == c].double().numpy()
-        np.testing.assert_allclose(gaussians.sample_covariance_of([c])[0].numpy(),
-                                   np.cov(x, rowvar=False), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            gaussians.sample_covariance_of([c])[0].numpy(),
+            np.cov(x, rowvar=False),
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def test_shrinkage_one_keeps_only_the_trace():
@@ -138,8 +146,12 @@ def test_shrinkage_one_keeps_only_the_trace():
     gaussians = ClassGaussians(16)
     gaussians.fit(feats, labels, shrinkage=1.0)
     cov = np.cov(feats[labels == 0].double().numpy(), rowvar=False)
-    np.testing.assert_allclose(gaussians.sample_covariance_of([0])[0].numpy(),
-                               np.trace(cov) / 16 * np.eye(16), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        gaussians.sample_covariance_of([0])[0].numpy(),
+        np.trace(cov) / 16 * np.eye(16),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 # ---- bf16 and low-rank against the full covariance ---------------------------------------
@@ -153,11 +165,11 @@ def test_bf16_covariance_within_its_rounding_bound_of_the_full_one():
     # ||L||_2^2 = ||S||_2
     trace = torch.diagonal(exact, dim1=-2, dim2=-1).sum(-1)
     top = torch.linalg.matrix_norm(exact, ord=2)
-    d_l = 2.0 ** -9 * trace.sqrt()
-    bound = (2 * d_l * top.sqrt() + d_l ** 2) / torch.linalg.matrix_norm(exact)
+    d_l = 2.0**-9 * trace.sqrt()
+    bound = (2 * d_l * top.sqrt() + d_l**2) / torch.linalg.matrix_norm(exact)
     error = relative_error(half.covariance_of(ids), exact)
     assert (error <= bound).all() and (error > 0).all()
-    assert error.max() < 2.0 ** -7              # a few tenths of a percent
+    assert error.max() < 2.0**-7  # a few tenths of a percent
     n = 40_000
     got = draws_covariance(half, ids, n)
     assert (relative_error(got, exact) <= bound + sampling_tolerance(exact, n)).all()
@@ -177,18 +189,23 @@ def test_lowrank_with_full_rank_reproduces_the_full_covariance():
 def test_lowrank_is_the_top_eigenspace_plus_the_exact_diagonal():
     rank = 4
     full, low = fitted("full"), fitted("lowrank", rank=rank)
-    ids = [0, 2, 3, 4]          # class 1 came back: merged through its rank-4 approximation
+    ids = [0, 2, 3, 4]  # class 1 came back: merged through its rank-4 approximation
     exact = full.covariance_of(ids).double()
     values, vectors = torch.linalg.eigh(exact)
     top = vectors[..., -rank:] * values[..., None, -rank:] @ vectors[..., -rank:].transpose(1, 2)
     expected = top + torch.diag_embed(torch.diagonal(exact - top, dim1=-2, dim2=-1))
     got = low.covariance_of(ids).double()
     assert relative_error(got, expected).max() < 1e-4
-    torch.testing.assert_close(torch.diagonal(got, dim1=-2, dim2=-1),
-                               torch.diagonal(exact, dim1=-2, dim2=-1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        torch.diagonal(got, dim1=-2, dim2=-1),
+        torch.diagonal(exact, dim1=-2, dim2=-1),
+        rtol=1e-5,
+        atol=1e-7,
+    )
     # what it drops: the off-diagonal part of the eigenvalues below the top rank
-    dropped = torch.linalg.matrix_norm((exact - top) - torch.diag_embed(
-        torch.diagonal(exact - top, dim1=-2, dim2=-1))) / torch.linalg.matrix_norm(exact)
+    dropped = torch.linalg.matrix_norm(
+        (exact - top) - torch.diag_embed(torch.diagonal(exact - top, dim1=-2, dim2=-1))
+    ) / torch.linalg.matrix_norm(exact)
     torch.testing.assert_close(relative_error(got, exact), dropped, rtol=1e-3, atol=1e-6)
     n = 40_000
     drawn = draws_covariance(low, ids, n)
@@ -202,15 +219,18 @@ def test_state_holds_the_factors_once_and_round_trips(storage):
     state = gaussians.state_dict()
     assert "covs" not in state and not any(k.startswith("chols") and k[-1] == "s" for k in state)
     pointers = [t.untyped_storage().data_ptr() for t in state.values()]
-    assert len(set(pointers)) == len(pointers)                  # nothing shared or repeated
-    factors = sum(t.numel() * t.element_size() for k, t in state.items()
-                  if k.split("_")[0] in ("chols", "basis", "std"))
+    assert len(set(pointers)) == len(pointers)  # nothing shared or repeated
+    factors = sum(
+        t.numel() * t.element_size()
+        for k, t in state.items()
+        if k.split("_")[0] in ("chols", "basis", "std")
+    )
     assert factors == gaussians.factor_bytes == 5 * factor_bytes_per_class(16, storage, 6)
     total = sum(t.numel() * t.element_size() for t in state.values())
-    assert total == factors + 5 * (16 * 4 + 8 + 8) + 3 * 8      # means, ids, counts, params
+    assert total == factors + 5 * (16 * 4 + 8 + 8) + 3 * 8  # means, ids, counts, params
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    assert total < buffer.tell() < total + 8192                 # the file: once, plus headers
+    assert total < buffer.tell() < total + 8192  # the file: once, plus headers
     buffer.seek(0)
     for assign in (False, True):
         buffer.seek(0)
@@ -220,7 +240,7 @@ def test_state_holds_the_factors_once_and_round_trips(storage):
         a = gaussians.sample([4, 1, 0], 5, torch.Generator().manual_seed(1))[0]
         b = fresh.sample([4, 1, 0], 5, torch.Generator().manual_seed(1))[0]
         assert torch.equal(a, b)
-        fresh.fit(*class_data(16, classes=(7,), seed=4))       # keeps growing after loading
+        fresh.fit(*class_data(16, classes=(7,), seed=4))  # keeps growing after loading
         assert len(fresh) == 6
 
 
@@ -229,14 +249,19 @@ def test_a_state_saved_before_the_blocks_loads():
     gaussians = ClassGaussians(16)
     gaussians.fit(feats, labels)
     chols = gaussians.chols_0
-    legacy = {"class_ids": gaussians.class_ids, "counts": gaussians.counts,
-              "means": gaussians.means, "covs": chols @ chols.transpose(1, 2), "chols": chols}
+    legacy = {
+        "class_ids": gaussians.class_ids,
+        "counts": gaussians.counts,
+        "means": gaussians.means,
+        "covs": chols @ chols.transpose(1, 2),
+        "chols": chols,
+    }
     fresh = ClassGaussians(16)
     fresh.load_state_dict(legacy)
     assert torch.equal(fresh.covariance_of([0, 1, 2]), gaussians.covariance_of([0, 1, 2]))
     with pytest.raises(ValueError, match="without their fit parameters"):
         fresh.sample_covariance_of([0])
-    fresh.fit(*class_data(classes=(5,), seed=2))                # sets them
+    fresh.fit(*class_data(classes=(5,), seed=2))  # sets them
     assert len(fresh) == 4
 
 
@@ -249,12 +274,15 @@ def test_loading_another_storage_names_both():
 
 
 # ---- bad input --------------------------------------------------------------------------
-@pytest.mark.parametrize("args,message", [
-    (dict(storage="fp16"), "'fp16' is not one of full, bf16, lowrank"),
-    (dict(storage="lowrank", rank=0), "rank must be an integer >= 1"),
-    (dict(storage="lowrank", rank=17), "rank 17 exceeds the feature dimension 16"),
-    (dict(chunk_bytes=0), "chunk_bytes must be a positive number of bytes"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (dict(storage="fp16"), "'fp16' is not one of full, bf16, lowrank"),
+        (dict(storage="lowrank", rank=0), "rank must be an integer >= 1"),
+        (dict(storage="lowrank", rank=17), "rank 17 exceeds the feature dimension 16"),
+        (dict(chunk_bytes=0), "chunk_bytes must be a positive number of bytes"),
+    ],
+)
 def test_bad_storage_settings_raise(args, message):
     with pytest.raises(ValueError, match=message):
         ClassGaussians(16, **args)
@@ -281,4 +309,4 @@ def test_fits_with_other_settings_or_features_are_refused():
         ClassGaussians(16).fit(feats, labels, shrinkage=1.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        gaussians.fit(feats, labels, jitter=1e-3)               # same settings: fine
+        gaussians.fit(feats, labels, jitter=1e-3)  # same settings: fine

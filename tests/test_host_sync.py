@@ -11,6 +11,7 @@ Python), ``aten.lift_fresh`` (a tensor made from Python data), and ``Tensor.toli
 The optimizer step is left out: on CUDA the strategy uses fused Adam, which keeps its step
 count on the device, while CPU Adam reads it back by design.
 """
+
 from typing import List
 
 import pytest
@@ -105,11 +106,17 @@ class ReadsTheLoss(SupervisedPlugin):
 
 def run_with_probe(config, synthetic_stream, class_names, tmp_path, extra=()):
     probe = StepProbe(tasks=[1])
-    evaluator = make_evaluator(tensorboard_dir=tmp_path / "tb", text_log=tmp_path / "log.txt",
-                               csv_dir=tmp_path / "csv").plugin
+    evaluator = make_evaluator(
+        tensorboard_dir=tmp_path / "tb", text_log=tmp_path / "log.txt", csv_dir=tmp_path / "csv"
+    ).plugin
     torch.manual_seed(0)
-    strategy = CLIPHingeStrategy(config=config, class_names=class_names,
-                                 plugins=[probe, *extra], evaluator=evaluator, progress=False)
+    strategy = CLIPHingeStrategy(
+        config=config,
+        class_names=class_names,
+        plugins=[probe, *extra],
+        evaluator=evaluator,
+        progress=False,
+    )
     for experience in synthetic_stream.train_stream[:2]:
         strategy.train(experience)
     return probe.windows, strategy
@@ -118,31 +125,41 @@ def run_with_probe(config, synthetic_stream, class_names, tmp_path, extra=()):
 @pytest.fixture
 def hinge_config(tiny_config):
     """Replay, both hinges (every pair hard) and the image adapter all active in task 1."""
-    return tiny_config(init_epochs=2, epochs=2, second_stage_epochs=2,
-                       text_hard_pair_threshold=-1.0, use_image_hinge_loss=True,
-                       image_hard_pair_threshold=-1.0, use_image_adapter=True)
+    return tiny_config(
+        init_epochs=2,
+        epochs=2,
+        second_stage_epochs=2,
+        text_hard_pair_threshold=-1.0,
+        use_image_hinge_loss=True,
+        image_hard_pair_threshold=-1.0,
+        use_image_adapter=True,
+    )
 
 
 def test_a_cached_training_step_reads_nothing_back_and_copies_nothing_from_the_host(
-        hinge_config, synthetic_stream, class_names, tmp_path):
+    hinge_config, synthetic_stream, class_names, tmp_path
+):
     windows, strategy = run_with_probe(hinge_config, synthetic_stream, class_names, tmp_path)
     # task 1: 60 training images in batches of 16, 2 epochs
     assert len(windows) == 2 * 4
     hinge = next(p for p in strategy.plugins if hasattr(p, "text_pairs"))
-    assert hinge.text_pairs and hinge.image_pairs          # the hinge ran in every step
+    assert hinge.text_pairs and hinge.image_pairs  # the hinge ran in every step
     assert all(events == [] for events in windows), windows
 
 
-def test_the_probe_sees_a_step_that_reads_the_loss(hinge_config, synthetic_stream,
-                                                   class_names, tmp_path):
-    windows, _ = run_with_probe(hinge_config, synthetic_stream, class_names, tmp_path,
-                                extra=[ReadsTheLoss()])
+def test_the_probe_sees_a_step_that_reads_the_loss(
+    hinge_config, synthetic_stream, class_names, tmp_path
+):
+    windows, _ = run_with_probe(
+        hinge_config, synthetic_stream, class_names, tmp_path, extra=[ReadsTheLoss()]
+    )
     assert len(windows) == 8
     assert all(events == ["aten._local_scalar_dense.default"] for events in windows), windows
 
 
 def test_stage_two_reads_its_loss_back_once_per_epoch_not_per_step(
-        tiny_config, synthetic_stream, class_names, tmp_path):
+    tiny_config, synthetic_stream, class_names, tmp_path
+):
     config = tiny_config(init_epochs=1, epochs=1, second_stage_epochs=3)
     counts = []
 
@@ -152,13 +169,15 @@ def test_stage_two_reads_its_loss_back_once_per_epoch_not_per_step(
                 super().after_training_exp(strategy, **kwargs)
             counts.append(counter.events)
 
-    _, strategy = run_with_probe(config, synthetic_stream, class_names, tmp_path,
-                                 extra=[Counted.from_config(config)])
+    _, strategy = run_with_probe(
+        config, synthetic_stream, class_names, tmp_path, extra=[Counted.from_config(config)]
+    )
     plugin = next(p for p in strategy.plugins if isinstance(p, SecondStagePlugin))
     assert len(plugin.losses) == 3
     # 3 epochs of 4 steps: one read per epoch, plus the task's class ids made once
-    assert sorted(counts[-1]) == sorted(["aten._local_scalar_dense.default"] * 3
-                                        + ["aten.lift_fresh.default"])
+    assert sorted(counts[-1]) == sorted(
+        ["aten._local_scalar_dense.default"] * 3 + ["aten.lift_fresh.default"]
+    )
 
 
 def test_device_epoch_metrics_log_what_avalanches_epoch_metrics_log(tiny_config, run_stream):
@@ -169,20 +188,23 @@ def test_device_epoch_metrics_log_what_avalanches_epoch_metrics_log(tiny_config,
 
     config = tiny_config(init_epochs=3, epochs=3, second_stage_epochs=0)
     logged = {}
-    for name, metrics in (("avalanche", [EpochAccuracy(), EpochLoss()]),
-                          ("device", [DeviceEpochAccuracy(), DeviceEpochLoss()])):
+    for name, metrics in (
+        ("avalanche", [EpochAccuracy(), EpochLoss()]),
+        ("device", [DeviceEpochAccuracy(), DeviceEpochLoss()]),
+    ):
         evaluator = EvaluationPlugin(*metrics, loggers=[])
         run_stream(config, plugins=[evaluator], n_experiences=2)
         logged[name] = {k: v for k, v in evaluator.get_all_metrics().items()}
-    assert sorted(logged["device"]) == ["Loss_Epoch/train_phase/train_stream/Task000",
-                                        "Top1_Acc_Epoch/train_phase/train_stream/Task000"]
+    assert sorted(logged["device"]) == [
+        "Loss_Epoch/train_phase/train_stream/Task000",
+        "Top1_Acc_Epoch/train_phase/train_stream/Task000",
+    ]
     accuracy = logged["device"]["Top1_Acc_Epoch/train_phase/train_stream/Task000"][1]
     assert len(accuracy) == 6 and len(set(accuracy)) > 1 and min(accuracy) < 1.0
     assert logged["device"] == logged["avalanche"]
 
 
-def test_a_non_finite_loss_stops_at_the_epoch_end_naming_its_first_step(tiny_config,
-                                                                        run_stream):
+def test_a_non_finite_loss_stops_at_the_epoch_end_naming_its_first_step(tiny_config, run_stream):
     class Poison(SupervisedPlugin):
         """Makes the loss of epoch 1, iteration 2 NaN; counts the steps that ran."""
 
@@ -202,7 +224,6 @@ def test_a_non_finite_loss_stops_at_the_epoch_end_naming_its_first_step(tiny_con
         run_stream(tiny_config(init_epochs=3), plugins=[poison], n_experiences=1)
     message = str(raised.value)
     # the terms are those of the first bad step: later steps' cross-entropy is NaN too
-    assert message.startswith("non-finite loss at task 0, epoch 1, iteration 2 "
-                              "(cross_entropy=")
+    assert message.startswith("non-finite loss at task 0, epoch 1, iteration 2 (cross_entropy=")
     assert "cross_entropy=nan" not in message and "poison=inf" in message
-    assert poison.steps == 2 * 4          # epoch 1 ran to its end, epoch 2 never started
+    assert poison.steps == 2 * 4  # epoch 1 ran to its end, epoch 2 never started

@@ -15,6 +15,7 @@ finished; ``resume_loggers``: inside ``--resume``, right after the loggers reope
 Runs are children of a forkserver that has imported the package once, so a case costs its
 training time, not torch's import time.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,15 +37,37 @@ from cli_helpers import ROOT, SCRIPTS
 
 pytestmark = pytest.mark.slow
 
-CHEAP = ["--preset", "smoke", "--quiet", "--set", "total_tasks=3", "--set", "init_epochs=1",
-         "--set", "epochs=1", "--set", "second_stage_epochs=1"]
+CHEAP = [
+    "--preset",
+    "smoke",
+    "--quiet",
+    "--set",
+    "total_tasks=3",
+    "--set",
+    "init_epochs=1",
+    "--set",
+    "epochs=1",
+    "--set",
+    "second_stage_epochs=1",
+]
 N_TASKS = 3
 #: (point, experience): every write boundary in the middle of the run, and those that come
 #: before "finished" on its last task (``checkpoint_write`` of the last task is the
 #: temporary-file test below).
-KILL_POINTS = [*[(point, 1) for point in ("results", "plots", "tensorboard", "checkpoint_write",
-                                          "checkpoint_temp", "checkpoint")],
-               *[(point, 2) for point in ("results", "plots", "tensorboard", "checkpoint")]]
+KILL_POINTS = [
+    *[
+        (point, 1)
+        for point in (
+            "results",
+            "plots",
+            "tensorboard",
+            "checkpoint_write",
+            "checkpoint_temp",
+            "checkpoint",
+        )
+    ],
+    *[(point, 2) for point in ("results", "plots", "tensorboard", "checkpoint")],
+]
 #: TensorBoard tags whose values are wall-clock times: compared by step only.
 TIMING = ("Time_",)
 
@@ -72,16 +95,20 @@ def _main(output_dir: str, extra, kill_at, log_path: str) -> None:
 def launcher(tmp_path_factory):
     """``launch(folder, *extra, kill_at=None) -> exit code`` through a preloaded forkserver."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["avalanche_cliphinge.app.cli",
-                                    "avalanche_cliphinge.app.experiment",
-                                    "avalanche_cliphinge.benchmarks", "matplotlib.pyplot",
-                                    "tensorboard"])
+    context.set_forkserver_preload(
+        [
+            "avalanche_cliphinge.app.cli",
+            "avalanche_cliphinge.app.experiment",
+            "avalanche_cliphinge.benchmarks",
+            "matplotlib.pyplot",
+            "tensorboard",
+        ]
+    )
     logs = tmp_path_factory.mktemp("logs")
 
     def launch(folder: Path, *extra: str, kill_at=None) -> int:
         log = logs / f"{folder.name}.log"
-        process = context.Process(target=_main, args=(str(folder), list(extra), kill_at,
-                                                      str(log)))
+        process = context.Process(target=_main, args=(str(folder), list(extra), kill_at, str(log)))
         process.start()
         process.join(600)
         assert process.exitcode is not None, "timed out"
@@ -117,15 +144,24 @@ def assert_same_outputs(folder: Path, reference: Path) -> None:
     for key in want:
         if key not in ("protocol", "train_seconds", "wall_seconds"):
             assert got[key] == want[key], key
-    assert {k: v for k, v in got["protocol"].items() if k != "command"} == \
-        {k: v for k, v in want["protocol"].items() if k != "command"}
+    assert {k: v for k, v in got["protocol"].items() if k != "command"} == {
+        k: v for k, v in want["protocol"].items() if k != "command"
+    }
     text = [(f / "results.txt").read_text().splitlines() for f in (folder, reference)]
     varying = ("command:", "Time: training")
-    assert [ln for ln in text[0] if not ln.startswith(varying, ln.find(ln.strip()))] == \
-        [ln for ln in text[1] if not ln.startswith(varying, ln.find(ln.strip()))]
-    for name in ("config.json", "accuracy_matrix.png", "accuracy_curve.png", "confusion_matrix.png",
-                 "accuracy_matrix.pdf", "confusion_matrix.pdf",
-                 "csv/eval_results.csv", "csv/training_results.csv"):
+    assert [ln for ln in text[0] if not ln.startswith(varying, ln.find(ln.strip()))] == [
+        ln for ln in text[1] if not ln.startswith(varying, ln.find(ln.strip()))
+    ]
+    for name in (
+        "config.json",
+        "accuracy_matrix.png",
+        "accuracy_curve.png",
+        "confusion_matrix.png",
+        "accuracy_matrix.pdf",
+        "confusion_matrix.pdf",
+        "csv/eval_results.csv",
+        "csv/training_results.csv",
+    ):
         assert (folder / name).read_bytes() == (reference / name).read_bytes(), name
     names = [p.name for _, p in ckpt.list_checkpoints(folder / "checkpoints")]
     assert names == [p.name for _, p in ckpt.list_checkpoints(reference / "checkpoints")]
@@ -134,30 +170,32 @@ def assert_same_outputs(folder: Path, reference: Path) -> None:
         for key in ("completed", "clock", "csv_rows", "evaluator", "config"):
             assert a[key] == b[key], (name, key)
         assert a["run"]["matrix"] == b["run"]["matrix"]
-        assert all(torch.equal(x, y) for x, y in zip(a["model"]["prompts"],
-                                                      b["model"]["prompts"]))
+        assert all(torch.equal(x, y) for x, y in zip(a["model"]["prompts"], b["model"]["prompts"]))
     events, expected = tensorboard(folder), tensorboard(reference)
     assert events.Tags()["scalars"] == expected.Tags()["scalars"]
     assert events.Tags()["images"] == expected.Tags()["images"]
     for tag in expected.Tags()["scalars"]:
         if tag.startswith(TIMING):
-            assert [e.step for e in events.Scalars(tag)] == \
-                [e.step for e in expected.Scalars(tag)], tag
+            assert [e.step for e in events.Scalars(tag)] == [
+                e.step for e in expected.Scalars(tag)
+            ], tag
         else:
-            assert [(e.step, e.value) for e in events.Scalars(tag)] == \
-                [(e.step, e.value) for e in expected.Scalars(tag)], tag
+            assert [(e.step, e.value) for e in events.Scalars(tag)] == [
+                (e.step, e.value) for e in expected.Scalars(tag)
+            ], tag
     for tag in expected.Tags()["images"]:
-        assert [(e.step, e.encoded_image_string) for e in events.Images(tag)] == \
-            [(e.step, e.encoded_image_string) for e in expected.Images(tag)], tag
+        assert [(e.step, e.encoded_image_string) for e in events.Images(tag)] == [
+            (e.step, e.encoded_image_string) for e in expected.Images(tag)
+        ], tag
     leftovers = [p for p in folder.rglob(".*") if p.name != ".lock"]
     assert not leftovers, leftovers
 
 
 # ---- the cases ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("point, experience", KILL_POINTS,
-                         ids=[f"{p}-{e}" for p, e in KILL_POINTS])
-def test_resume_after_a_kill_equals_the_uninterrupted_run(point, experience, launcher,
-                                                         reference, tmp_path):
+@pytest.mark.parametrize("point, experience", KILL_POINTS, ids=[f"{p}-{e}" for p, e in KILL_POINTS])
+def test_resume_after_a_kill_equals_the_uninterrupted_run(
+    point, experience, launcher, reference, tmp_path
+):
     folder = tmp_path / f"{point}_{experience}"
     launcher(folder, kill_at=f"{point}:{experience}")
     results = json.loads((folder / "results.json").read_text())
@@ -172,14 +210,18 @@ def test_kill_inside_resume_after_the_loggers_reopen(launcher, reference, tmp_pa
     csv_before = (folder / "csv" / "eval_results.csv").read_text()
     launcher(folder, "--resume", kill_at="resume_loggers:1")
     # The reopened CSV logger truncated nothing: the kept rows are all still there.
-    assert (folder / "csv" / "eval_results.csv").read_text().startswith(
-        "".join(csv_before.splitlines(keepends=True)[:1 + N_TASKS]))
+    assert (
+        (folder / "csv" / "eval_results.csv")
+        .read_text()
+        .startswith("".join(csv_before.splitlines(keepends=True)[: 1 + N_TASKS]))
+    )
     launcher(folder, "--resume")
     assert_same_outputs(folder, reference)
 
 
 def test_finished_looking_folder_with_lagging_outputs_is_repaired_by_resume(
-        launcher, reference, tmp_path):
+    launcher, reference, tmp_path
+):
     """What an older version left when killed on the last task after results.json: the run
     marked finished, the plots, TensorBoard and checkpoints one task behind."""
     folder = tmp_path / "lagging"
@@ -201,8 +243,9 @@ def test_kill_point_hook_is_inert_without_the_variable(monkeypatch):
     kill_point("results", 3)
 
 
-def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(launcher, reference,
-                                                                        tmp_path):
+def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(
+    launcher, reference, tmp_path
+):
     folder = tmp_path / "temp"
     launcher(folder, kill_at=f"checkpoint_write:{N_TASKS - 1}")
     assert [p.name for p in (folder / "checkpoints").glob(f".exp_00{N_TASKS - 1}.pt.*")]

@@ -4,6 +4,7 @@ The holder is always another process (``fcntl.flock`` locks belong to open files
 second process shows the real behaviour): a small Python process holding the lock through
 ``run_lock.hold``, and a real smoke run. A holder that dies (SIGKILL) never blocks.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,19 @@ from cli_helpers import ROOT, run_script, smoke_command, snapshot
 #: subprocess runs of the application: `pytest -m "not slow"` leaves them out
 pytestmark = pytest.mark.slow
 
-FAST = ["--preset", "smoke", "--quiet", "--set", "total_tasks=2", "--set", "init_epochs=1",
-        "--set", "epochs=1", "--set", "second_stage_epochs=1"]
+FAST = [
+    "--preset",
+    "smoke",
+    "--quiet",
+    "--set",
+    "total_tasks=2",
+    "--set",
+    "init_epochs=1",
+    "--set",
+    "epochs=1",
+    "--set",
+    "second_stage_epochs=1",
+]
 #: Holds the lock through ``run_lock`` loaded from its file, without importing the package
 #: (and torch): the helper process starts in a fraction of a second.
 HOLDER = """
@@ -38,9 +50,11 @@ with run_lock.hold(sys.argv[2]) as lock:
     print("held", flush=True)
     sys.stdin.read()
 """
-REFUSAL = re.compile(r"^error: (?P<folder>.+) is in use by another run \(PID (?P<pid>\d+), "
-                     r"started (?P<started>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC)\); wait for it "
-                     r"to end or choose another --output-dir$")
+REFUSAL = re.compile(
+    r"^error: (?P<folder>.+) is in use by another run \(PID (?P<pid>\d+), "
+    r"started (?P<started>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC)\); wait for it "
+    r"to end or choose another --output-dir$"
+)
 
 
 def the_error(code, stderr) -> str:
@@ -51,9 +65,19 @@ def the_error(code, stderr) -> str:
 
 def start_holder(folder, announce: bool = True) -> subprocess.Popen:
     """A live process holding the lock of ``folder`` (it waits for its stdin to close)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, run_lock.__file__, str(folder),
-                             "announce" if announce else "quiet"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            HOLDER,
+            run_lock.__file__,
+            str(folder),
+            "announce" if announce else "quiet",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -75,15 +99,19 @@ def holder(tmp_path_factory):
     stop(proc)
 
 
-@pytest.mark.parametrize("extra", [[], ["--resume"], ["--overwrite"],
-                                   ["--set", "lr=0.5", "--overwrite"]],
-                         ids=["fresh", "resume", "overwrite", "another-config"])
-def test_second_run_into_a_locked_folder_is_refused_naming_the_holder(holder, extra, capsys,
-                                                                       monkeypatch):
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--resume"], ["--overwrite"], ["--set", "lr=0.5", "--overwrite"]],
+    ids=["fresh", "resume", "overwrite", "another-config"],
+)
+def test_second_run_into_a_locked_folder_is_refused_naming_the_holder(
+    holder, extra, capsys, monkeypatch
+):
     folder, proc = holder
     before = snapshot(folder)
-    code, _, stderr = run_script("run_split_cifar.py", [*FAST, "--output-dir", folder, *extra],
-                                 capsys, monkeypatch)
+    code, _, stderr = run_script(
+        "run_split_cifar.py", [*FAST, "--output-dir", folder, *extra], capsys, monkeypatch
+    )
     match = REFUSAL.match(the_error(code, stderr))
     assert match, stderr
     assert match["folder"] == str(folder) and int(match["pid"]) == proc.pid
@@ -98,8 +126,9 @@ def test_lock_of_a_killed_process_never_blocks(tmp_path, capsys, monkeypatch):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert json.loads((folder / run_lock.LOCK_NAME).read_text())["pid"] == proc.pid  # stale
-    code, _, stderr = run_script("run_split_cifar.py", [*FAST, "--output-dir", folder],
-                                 capsys, monkeypatch)
+    code, _, stderr = run_script(
+        "run_split_cifar.py", [*FAST, "--output-dir", folder], capsys, monkeypatch
+    )
     assert code == 0, stderr
     assert json.loads((folder / "results.json").read_text())["finished"] is True
     assert (folder / run_lock.LOCK_NAME).read_text() == ""  # emptied when the run ended
@@ -125,10 +154,20 @@ def test_lock_is_reentrant_in_one_process_and_exclusive_between_processes(tmp_pa
 @pytest.mark.slow
 def test_a_real_run_in_progress_refuses_a_second_run(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "run"
-    command = smoke_command(folder, "--set", "total_tasks=2", "--set", "init_epochs=2",
-                            "--set", "epochs=2", "--set", "second_stage_epochs=1")
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    command = smoke_command(
+        folder,
+        "--set",
+        "total_tasks=2",
+        "--set",
+        "init_epochs=2",
+        "--set",
+        "epochs=2",
+        "--set",
+        "second_stage_epochs=1",
+    )
+    proc = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lock_file = folder / run_lock.LOCK_NAME
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
@@ -137,9 +176,12 @@ def test_a_real_run_in_progress_refuses_a_second_run(tmp_path, capsys, monkeypat
         time.sleep(0.05)
     try:
         assert proc.poll() is None, proc.stdout.read()
-        code, _, stderr = run_script("run_split_cifar.py",
-                                     [*FAST, "--output-dir", folder, "--overwrite"],
-                                     capsys, monkeypatch)
+        code, _, stderr = run_script(
+            "run_split_cifar.py",
+            [*FAST, "--output-dir", folder, "--overwrite"],
+            capsys,
+            monkeypatch,
+        )
         match = REFUSAL.match(the_error(code, stderr))
         assert match and int(match["pid"]) == proc.pid, stderr
     finally:

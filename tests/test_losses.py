@@ -1,4 +1,5 @@
 """select_hard_pairs, hinge_loss and fuse_logits against values worked out by hand or numpy."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,9 @@ def numpy_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a @ b.T
 
 
-def numpy_hinge(feats: np.ndarray, old_text: np.ndarray, new_text: np.ndarray,
-                margin: float) -> float:
+def numpy_hinge(
+    feats: np.ndarray, old_text: np.ndarray, new_text: np.ndarray, margin: float
+) -> float:
     """Mean over samples of max(0, cos(f, new) - cos(f, old) + margin); feats [n, dim]."""
     pos = numpy_cosine(feats, old_text[None])[:, 0]
     neg = numpy_cosine(feats, new_text[None])[:, 0]
@@ -31,16 +33,23 @@ def numpy_hinge(feats: np.ndarray, old_text: np.ndarray, new_text: np.ndarray,
 OLD = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
 NEW = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0]])
 OLD_IDS, NEW_IDS = [10, 11, 12], [20, 21]
-ALL_PAIRS_BY_HAND = [(10, 20, 1.0), (12, 21, 1.4 / 2 ** 0.5), (10, 21, 0.8),
-                     (12, 20, 1 / 2 ** 0.5), (11, 21, 0.6), (11, 20, 0.0)]
+ALL_PAIRS_BY_HAND = [
+    (10, 20, 1.0),
+    (12, 21, 1.4 / 2**0.5),
+    (10, 21, 0.8),
+    (12, 20, 1 / 2**0.5),
+    (11, 21, 0.6),
+    (11, 20, 0.0),
+]
 
 
 def assert_pairs_equal(got, expected, tol=1e-6):
     assert [(o, n) for o, n, _ in got] == [(o, n) for o, n, _ in expected]
     for (_, _, s_got), (_, _, s_exp) in zip(got, expected):
         assert s_got == pytest.approx(s_exp, abs=tol)
-    assert all(isinstance(o, int) and isinstance(n, int) and isinstance(s, float)
-               for o, n, s in got)
+    assert all(
+        isinstance(o, int) and isinstance(n, int) and isinstance(s, float) for o, n, s in got
+    )
 
 
 def test_pairs_above_threshold_sorted_by_similarity():
@@ -68,8 +77,9 @@ def test_no_pair_above_threshold_and_top_k_zero_give_empty_lists():
 
 def test_ties_broken_by_old_id_then_new_id():
     same = torch.tensor([[2.0, 0.0], [5.0, 0.0]])  # every cosine is exactly 1
-    got = select_hard_pairs(same, same.flip(0), new_ids=[9, 7], old_ids=[5, 3],
-                            threshold=0.5, top_k=10)
+    got = select_hard_pairs(
+        same, same.flip(0), new_ids=[9, 7], old_ids=[5, 3], threshold=0.5, top_k=10
+    )
     assert [(o, n) for o, n, _ in got] == [(3, 7), (3, 9), (5, 7), (5, 9)]
     assert all(s == 1.0 for _, _, s in got)
 
@@ -82,12 +92,23 @@ def test_unnormalised_inputs_match_numpy_cosine():
     old_ids = [3, 1, 4, 15, 9, 2, 6]
     sim = numpy_cosine(new, old)
     threshold = float(np.median(sim))
-    expected = sorted(((old_ids[c], new_ids[r], float(sim[r, c]))
-                       for r in range(5) for c in range(7) if sim[r, c] > threshold),
-                      key=lambda p: (-p[2], p[0], p[1]))[:6]
-    got = select_hard_pairs(torch.tensor(new, dtype=torch.float32),
-                            torch.tensor(old, dtype=torch.float32), new_ids, old_ids,
-                            threshold, top_k=6)
+    expected = sorted(
+        (
+            (old_ids[c], new_ids[r], float(sim[r, c]))
+            for r in range(5)
+            for c in range(7)
+            if sim[r, c] > threshold
+        ),
+        key=lambda p: (-p[2], p[0], p[1]),
+    )[:6]
+    got = select_hard_pairs(
+        torch.tensor(new, dtype=torch.float32),
+        torch.tensor(old, dtype=torch.float32),
+        new_ids,
+        old_ids,
+        threshold,
+        top_k=6,
+    )
     assert len(expected) == 6
     assert_pairs_equal(got, expected, tol=1e-5)
 
@@ -117,7 +138,8 @@ def test_hinge_hand_worked_example():
     assert float(loss) == pytest.approx(0.375, abs=1e-6)
     # margin 1.2 activates the second sample too: (1.4 + 0.2 + 1.2 + 2.2) / 4 = 1.25
     assert float(hinge_loss(HAND_FEATS, HAND_OLD_TEXT, HAND_NEW_TEXT, 1.2)) == pytest.approx(
-        1.25, abs=1e-6)
+        1.25, abs=1e-6
+    )
 
 
 def test_hinge_matches_numpy_on_random_data():
@@ -125,10 +147,12 @@ def test_hinge_matches_numpy_on_random_data():
     feats = rng.normal(size=(9, 6))
     old_text, new_text = rng.normal(size=6) * 3, rng.normal(size=6) * 0.2
     for margin in (0.0, 0.1, 0.7):
-        got = hinge_loss(torch.tensor(feats), torch.tensor(old_text), torch.tensor(new_text),
-                         margin)
-        assert float(got) == pytest.approx(numpy_hinge(feats, old_text, new_text, margin),
-                                           abs=1e-10)
+        got = hinge_loss(
+            torch.tensor(feats), torch.tensor(old_text), torch.tensor(new_text), margin
+        )
+        assert float(got) == pytest.approx(
+            numpy_hinge(feats, old_text, new_text, margin), abs=1e-10
+        )
     assert numpy_hinge(feats, old_text, new_text, 0.7) > 0  # the data exercise the hinge
 
 
@@ -137,8 +161,10 @@ def test_batched_pairs_equal_mean_of_per_pair_losses():
     feats = torch.tensor(rng.normal(size=(3, 5, 4)))
     old_text = torch.tensor(rng.normal(size=(3, 4)))
     new_text = torch.tensor(rng.normal(size=(3, 4)))
-    per_pair = [numpy_hinge(feats[p].numpy(), old_text[p].numpy(), new_text[p].numpy(), 0.2)
-                for p in range(3)]
+    per_pair = [
+        numpy_hinge(feats[p].numpy(), old_text[p].numpy(), new_text[p].numpy(), 0.2)
+        for p in range(3)
+    ]
     batched = hinge_loss(feats, old_text, new_text, margin=0.2)
     assert float(batched) == pytest.approx(float(np.mean(per_pair)), abs=1e-10)
     assert len(set(np.round(per_pair, 8))) == 3  # the pairs really differ
@@ -171,8 +197,12 @@ def test_hinge_gradient_pushes_pos_up_and_neg_down():
     step = 0.05
     assert mean_cos(old_text - step * old_text.grad) > mean_cos(old_text)  # pos goes up
     assert mean_cos(new_text - step * new_text.grad) < mean_cos(new_text)  # neg goes down
-    smaller = hinge_loss(HAND_FEATS, old_text.detach() - step * old_text.grad,
-                         new_text.detach() - step * new_text.grad, 0.1)
+    smaller = hinge_loss(
+        HAND_FEATS,
+        old_text.detach() - step * old_text.grad,
+        new_text.detach() - step * new_text.grad,
+        0.1,
+    )
     assert float(smaller) < loss
 
 
@@ -182,8 +212,9 @@ def test_fuse_logits_is_clip_plus_alpha_head():
     clip, head = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
     got = fuse_logits(torch.tensor(clip), torch.tensor(head), 0.3)
     np.testing.assert_allclose(got.numpy(), clip + 0.3 * head, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(fuse_logits(torch.tensor(clip), torch.tensor(head), 0.0).numpy(),
-                               clip, atol=0)
+    np.testing.assert_allclose(
+        fuse_logits(torch.tensor(clip), torch.tensor(head), 0.0).numpy(), clip, atol=0
+    )
 
 
 def test_fuse_logits_rejects_shape_mismatch():

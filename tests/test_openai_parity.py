@@ -7,6 +7,7 @@ through ``load_clip`` with the package's default config. Image features (the pac
 transform against OpenAI's ``_transform``) and text features (the package's tokenizer against
 ``clip.tokenize``) must agree to 1e-5 relative.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,11 @@ SHARED_JPEGS = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10
 #: too (``{"ViT-B-32-quickgelu": 32}``) but doubles this file's time; the suite keeps B/16.
 ARCHITECTURES = {"ViT-B-16-quickgelu": 16}
 
-PROMPTS = ["a good photo of a goldfish.", "a photo of a great white shark",
-           "an origami of a hermit crab, with a very long description that keeps going"]
+PROMPTS = [
+    "a good photo of a goldfish.",
+    "a photo of a great white shark",
+    "an origami of a hermit crab, with a very long description that keeps going",
+]
 
 
 def reference_clip_module():
@@ -53,9 +57,18 @@ def reference_model(patch: int, seed: int = 0):
     from clip.model import CLIP
 
     torch.manual_seed(seed)
-    model = CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-                 vision_patch_size=patch, context_length=77, vocab_size=49408,
-                 transformer_width=512, transformer_heads=8, transformer_layers=12)
+    model = CLIP(
+        embed_dim=512,
+        image_resolution=224,
+        vision_layers=12,
+        vision_width=768,
+        vision_patch_size=patch,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=512,
+        transformer_heads=8,
+        transformer_layers=12,
+    )
     return model.float().eval()
 
 
@@ -63,9 +76,11 @@ def sample_images():
     """PIL images of several sizes and modes: random, a real JPEG, greyscale."""
     rng = np.random.default_rng(0)
     jpeg = sorted(SHARED_JPEGS.glob("test/*/*.jpg"))[0]
-    return [Image.fromarray(rng.integers(0, 256, (300, 200, 3), np.uint8)),
-            Image.open(jpeg).convert("RGB"),
-            Image.fromarray(rng.integers(0, 256, (61, 97), np.uint8), mode="L")]
+    return [
+        Image.fromarray(rng.integers(0, 256, (300, 200, 3), np.uint8)),
+        Image.open(jpeg).convert("RGB"),
+        Image.fromarray(rng.integers(0, 256, (61, 97), np.uint8), mode="L"),
+    ]
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -88,9 +103,8 @@ def reference(request, clip_ref, tmp_path_factory):
     plain = folder / f"{name}-state-dict.pt"
     torch.save(model.state_dict(), plain)
     # OpenAI's archives also carry these three entries beside the weights
-    for key, value in (("input_resolution", 224), ("context_length", 77),
-                       ("vocab_size", 49408)):
-        model.__dict__.pop(key, None)       # a plain attribute of the reference CLIP
+    for key, value in (("input_resolution", 224), ("context_length", 77), ("vocab_size", 49408)):
+        model.__dict__.pop(key, None)  # a plain attribute of the reference CLIP
         model.register_buffer(key, torch.tensor(value))
     image = torch.zeros(1, 3, 224, 224)
     text = clip_ref.tokenize(["a photo of a cat"])
@@ -99,7 +113,7 @@ def reference(request, clip_ref, tmp_path_factory):
     archive = folder / f"{name}.pt"
     torch.jit.save(traced, str(archive))
     if name == "ViT-B-16-quickgelu":
-        name = CLIPHingeConfig().model_name   # the default config's network, as a user gets it
+        name = CLIPHingeConfig().model_name  # the default config's network, as a user gets it
     return name, model, plain, archive, load_clip(name, str(plain))
 
 
@@ -129,7 +143,8 @@ def test_features_match_openai_reference_code(reference, clip_ref):
     assert relative_error(ours_image, ref_image) < 1e-5
     assert relative_error(ours_text, ref_text) < 1e-5
     assert float(ours.model.logit_scale.exp()) == pytest.approx(
-        float(model.logit_scale.detach().exp()))
+        float(model.logit_scale.detach().exp())
+    )
 
 
 def test_gelu_network_is_off_on_the_same_weights(reference, clip_ref):

@@ -1,5 +1,6 @@
 """The package as a user installs it: one top-level name, the ``cliphinge`` command from any
 folder, the method importable without the application, a saved model used by ``predict``."""
+
 from __future__ import annotations
 
 import os
@@ -18,13 +19,14 @@ SHARED_JPEGS = REPO.parent / "shared/data/cifar10-jpeg-subset"
 
 
 def run(args, cwd, env=None, timeout=300):
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_importing_the_method_loads_no_application_module(tmp_path):
-    probe = ("import sys, avalanche_cliphinge, avalanche_cliphinge.benchmarks; "
-             "print([m for m in sys.modules if m.startswith('avalanche_cliphinge.app')])")
+    probe = (
+        "import sys, avalanche_cliphinge, avalanche_cliphinge.benchmarks; "
+        "print([m for m in sys.modules if m.startswith('avalanche_cliphinge.app')])"
+    )
     done = run([sys.executable, "-c", probe], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
@@ -48,7 +50,8 @@ def test_command_usage_and_unknown_command(tmp_path, capsys):
     assert main(["train"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: unknown command 'train'; choose run, compare, presets, predict or aggregate "
-        "(cliphinge --help)"]
+        "(cliphinge --help)"
+    ]
     assert main(["presets"]) == 0
     assert "rapf_cifar100_b0_inc10\n    CIFAR-100" in capsys.readouterr().out
 
@@ -64,13 +67,31 @@ def test_default_threads():
 def test_wheel_installs_one_package_whose_command_runs_from_any_folder(tmp_path):
     # a copy of the checkout: building writes build/ and *.egg-info beside the sources
     source = tmp_path / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "runs", "build", "*.egg-info", "__pycache__"))
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "runs", "build", "*.egg-info", "__pycache__"
+        ),
+    )
     wheels = tmp_path / "wheels"
-    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                 "-q", "-w", str(wheels), str(source)], cwd=tmp_path)
+    built = run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(source),
+        ],
+        cwd=tmp_path,
+    )
     assert built.returncode == 0, built.stderr[-2000:]
-    wheel, = wheels.glob("avalanche_cliphinge-*.whl")
+    (wheel,) = wheels.glob("avalanche_cliphinge-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
@@ -78,27 +99,62 @@ def test_wheel_installs_one_package_whose_command_runs_from_any_folder(tmp_path)
     assert "avalanche_cliphinge/configs/cifar100_b0_inc10.json" in names
     assert "avalanche_cliphinge/model/configs/cliphinge-tiny.json" in names
     target = tmp_path / "site"
-    installed = run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
-                     str(target), str(wheel)], cwd=tmp_path)
+    installed = run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        cwd=tmp_path,
+    )
     assert installed.returncode == 0, installed.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    (elsewhere / "benchmarks").mkdir()              # a user's own folder of that name
+    (elsewhere / "benchmarks").mkdir()  # a user's own folder of that name
     env = {**os.environ, "PYTHONPATH": str(target)}
-    where = run([sys.executable, "-c",
-                 "import avalanche_cliphinge; print(avalanche_cliphinge.__file__)"],
-                cwd=elsewhere, env=env)
+    where = run(
+        [sys.executable, "-c", "import avalanche_cliphinge; print(avalanche_cliphinge.__file__)"],
+        cwd=elsewhere,
+        env=env,
+    )
     assert where.stdout.strip().startswith(str(target)), where.stdout + where.stderr
     out = elsewhere / "runs" / "smoke"
-    smoke = run([str(target / "bin" / "cliphinge"), "run", "--preset", "smoke", "--quiet",
-                 "--output-dir", str(out)], cwd=elsewhere, env=env, timeout=600)
+    smoke = run(
+        [
+            str(target / "bin" / "cliphinge"),
+            "run",
+            "--preset",
+            "smoke",
+            "--quiet",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=elsewhere,
+        env=env,
+        timeout=600,
+    )
     assert smoke.returncode == 0, smoke.stderr[-2000:]
-    assert "Last                      94.67" in smoke.stdout      # the smoke numbers
+    assert "Last                      94.67" in smoke.stdout  # the smoke numbers
     assert (out / "final_model.pt").is_file()
     images = sorted(SHARED_JPEGS.glob("test/*/*.jpg"))[:2]
-    predicted = run([str(target / "bin" / "cliphinge"), "predict", "--model",
-                     str(out / "final_model.pt"), *map(str, images)], cwd=elsewhere, env=env)
+    predicted = run(
+        [
+            str(target / "bin" / "cliphinge"),
+            "predict",
+            "--model",
+            str(out / "final_model.pt"),
+            *map(str, images),
+        ],
+        cwd=elsewhere,
+        env=env,
+    )
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     lines = predicted.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == [str(p) for p in images]
-    assert all(line.count("(") == 5 for line in lines)     # top 5 names with their scores
+    assert all(line.count("(") == 5 for line in lines)  # top 5 names with their scores

@@ -1,13 +1,18 @@
 """The declared strategy/plugin contract: the method's plugins say what they need, and a
 strategy without it is refused when training starts, naming what is missing."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from avalanche.training import Naive
 
-from avalanche_cliphinge import (CLIPHingeStrategy, GaussianReplayPlugin, HardPairHingePlugin,
-                                 SecondStagePlugin)
+from avalanche_cliphinge import (
+    CLIPHingeStrategy,
+    GaussianReplayPlugin,
+    HardPairHingePlugin,
+    SecondStagePlugin,
+)
 from avalanche_cliphinge.plugins.contract import MethodStrategy
 
 
@@ -19,12 +24,18 @@ def test_cliphinge_strategy_provides_what_every_plugin_declares(tiny_config, cla
         assert all(hasattr(strategy, name) for name in plugin.STRATEGY_NEEDS), plugin
 
 
-@pytest.mark.parametrize("plugin", [GaussianReplayPlugin(), HardPairHingePlugin(),
-                                    SecondStagePlugin()])
+@pytest.mark.parametrize(
+    "plugin", [GaussianReplayPlugin(), HardPairHingePlugin(), SecondStagePlugin()]
+)
 def test_a_method_plugin_on_another_strategy_is_refused_at_once(plugin, synthetic_stream):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 6))
-    naive = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                  criterion=torch.nn.CrossEntropyLoss(), plugins=[plugin], evaluator=None)
+    naive = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        criterion=torch.nn.CrossEntropyLoss(),
+        plugins=[plugin],
+        evaluator=None,
+    )
     assert not isinstance(naive, MethodStrategy)
     with pytest.raises(TypeError) as info:
         naive.train(synthetic_stream.train_stream[0])

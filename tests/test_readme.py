@@ -1,4 +1,5 @@
 """The README's Python example runs as written."""
+
 import re
 import subprocess
 import sys
@@ -10,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_readme_python_example_runs_and_learns():
     readme = (ROOT / "README.md").read_text()
     example = re.search(r"## Python example.*?```python\n(.*?)```", readme, re.S).group(1)
-    done = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", example], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     accuracy = float(re.search(r"stream accuracy ([0-9.]+)", done.stdout).group(1))
-    assert accuracy > 0.5        # 10 classes: chance is 0.1
+    assert accuracy > 0.5  # 10 classes: chance is 0.1

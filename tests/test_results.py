@@ -3,6 +3,7 @@
 Tasks have unequal test sets (10, 20 and 30 samples), so the accuracy over the seen classes
 is the size-weighted mean of the per-task accuracies, not their plain mean.
 """
+
 import json
 
 import numpy as np
@@ -22,8 +23,12 @@ MATRIX = [
 
 def test_grouped_accuracy_after_each_task_is_size_weighted():
     # After task 0 only task 0 is seen: all = old-less = 90.
-    assert grouped_accuracy(MATRIX[0], SIZES, 0) == {"all": 90.0, "tasks": [90.0], "old": None,
-                                                     "new": 90.0}
+    assert grouped_accuracy(MATRIX[0], SIZES, 0) == {
+        "all": 90.0,
+        "tasks": [90.0],
+        "old": None,
+        "new": 90.0,
+    }
     # After task 1: all = (95*10 + 80*20) / (10+20) = (950 + 1600) / 30 = 85
     # (the plain mean (95 + 80) / 2 = 87.5 would be wrong); old = task 0 = 95; new = 80.
     g1 = grouped_accuracy(MATRIX[1], SIZES, 1)
@@ -81,8 +86,12 @@ def test_single_task_has_zero_forgetting():
 
 def test_report_lists_every_task_and_the_protocol_but_not_the_config():
     per_task = [grouped_accuracy(MATRIX[t], SIZES, t) for t in range(3)]
-    text = format_results(per_task, cil_metrics(MATRIX, SIZES), 12.5,
-                          {"model": "cliphinge-tiny", "seed": 3, "config": {"lr": 1}})
+    text = format_results(
+        per_task,
+        cil_metrics(MATRIX, SIZES),
+        12.5,
+        {"model": "cliphinge-tiny", "seed": 3, "config": {"lr": 1}},
+    )
     assert "task  2: all  71.67 | old  53.33 | new  90.00 |  60.00  50.00  90.00" in text
     assert "AIA (avg incremental acc) 82.22" in text
     assert "Avalanche StreamForgetting (first - last) 12.50" in text
@@ -94,10 +103,16 @@ def test_report_lists_every_task_and_the_protocol_but_not_the_config():
 def test_a_runs_plots_are_written_as_png_and_pdf(tmp_path):
     from avalanche_cliphinge.app.experiment import PLOT_FILES, RunState, _write_plots
 
-    run = RunState(matrix=MATRIX, per_task=[grouped_accuracy(MATRIX[t], SIZES, t)
-                                            for t in range(3)])
-    protocol = {"stream_dataset": "cifar100", "stream_init_class": 2, "stream_increment": 2,
-                "stream_classes_per_experience": [2, 2, 2], "preset": "demo"}
+    run = RunState(
+        matrix=MATRIX, per_task=[grouped_accuracy(MATRIX[t], SIZES, t) for t in range(3)]
+    )
+    protocol = {
+        "stream_dataset": "cifar100",
+        "stream_init_class": 2,
+        "stream_increment": 2,
+        "stream_classes_per_experience": [2, 2, 2],
+        "preset": "demo",
+    }
     figures = _write_plots(tmp_path, run, protocol=protocol)
     assert list(figures) == ["results/accuracy_matrix", "results/accuracy_curve"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(PLOT_FILES[:4])  # no temp

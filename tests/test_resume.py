@@ -6,6 +6,7 @@ same seed (the same run ``test_experiments.py`` checks). The refusals (corrupt c
 another config, finished or unfinished folders) run in this process on copies of the killed
 run's folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,11 +35,30 @@ pytestmark = pytest.mark.slow
 N_TASKS = 4
 EPOCHS = 8
 STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
-SAME_RESULTS = ("finished", "completed_tasks", "metrics", "avalanche_stream_forgetting",
-                "per_task", "accuracy_matrix", "test_sizes", "hard_pairs")
+SAME_RESULTS = (
+    "finished",
+    "completed_tasks",
+    "metrics",
+    "avalanche_stream_forgetting",
+    "per_task",
+    "accuracy_matrix",
+    "test_sizes",
+    "hard_pairs",
+)
 #: A cheap smoke run: 2 tasks (4 + 2 classes), 1 epoch each.
-FAST = ["--preset", "smoke", "--quiet", "--set", "total_tasks=2", "--set", "init_epochs=1",
-        "--set", "epochs=1", "--set", "second_stage_epochs=1"]
+FAST = [
+    "--preset",
+    "smoke",
+    "--quiet",
+    "--set",
+    "total_tasks=2",
+    "--set",
+    "init_epochs=1",
+    "--set",
+    "epochs=1",
+    "--set",
+    "second_stage_epochs=1",
+]
 
 
 def error_lines(stderr: str):
@@ -55,13 +75,17 @@ def stream_events(tb_dir: Path):
 
 def resume(folder: Path, capsys, monkeypatch, *extra):
     """``--resume`` of the smoke preset in ``folder``: ``(exit code, stdout, stderr)``."""
-    return run_script("run_split_cifar.py", ["--preset", "smoke", "--quiet", "--output-dir",
-                                             folder, "--resume", *extra], capsys, monkeypatch)
+    return run_script(
+        "run_split_cifar.py",
+        ["--preset", "smoke", "--quiet", "--output-dir", folder, "--resume", *extra],
+        capsys,
+        monkeypatch,
+    )
 
 
 def truncate(path: Path, keep: float = 0.5) -> None:
     data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
+    path.write_bytes(data[: int(len(data) * keep)])
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +111,11 @@ def killed_and_resumed(tmp_path_factory, uninterrupted):
     try:
         while proc.poll() is None and time.monotonic() < deadline:
             # Experience 3 is under way once its first epoch is logged.
-            if checkpoint.exists() and training_csv.exists() and any(
-                    line.startswith("3,") for line in training_csv.read_text().splitlines()):
+            if (
+                checkpoint.exists()
+                and training_csv.exists()
+                and any(line.startswith("3,") for line in training_csv.read_text().splitlines())
+            ):
                 break
             time.sleep(0.02)
     finally:
@@ -99,8 +126,9 @@ def killed_and_resumed(tmp_path_factory, uninterrupted):
     assert proc.returncode == -signal.SIGKILL, (base / "smoke_killed.log").read_text()[-3000:]
     template = base / "smoke_killed_copy"
     shutil.copytree(out, template)
-    resumed = subprocess.run(smoke_command(out, "--resume"), cwd=ROOT, capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        smoke_command(out, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return out, template, {"stdout": resumed.stdout, "stderr": resumed.stderr}
 
@@ -114,8 +142,7 @@ def unfinished(killed_and_resumed, tmp_path):
 
 
 # ---- kill and resume ---------------------------------------------------------------------------
-def test_killed_run_is_unfinished_with_the_last_two_checkpoints(killed_and_resumed,
-                                                                uninterrupted):
+def test_killed_run_is_unfinished_with_the_last_two_checkpoints(killed_and_resumed, uninterrupted):
     template = killed_and_resumed[1]
     results = json.loads((template / "results.json").read_text())
     assert results["finished"] is False and results["completed_tasks"] == 3
@@ -133,8 +160,9 @@ def test_resumed_run_equals_the_uninterrupted_run(killed_and_resumed, uninterrup
     reference = uninterrupted[1]
     for key in SAME_RESULTS:
         assert resumed[key] == reference[key], key
-    differing = {k for k in reference["protocol"]
-                 if resumed["protocol"].get(k) != reference["protocol"][k]}
+    differing = {
+        k for k in reference["protocol"] if resumed["protocol"].get(k) != reference["protocol"][k]
+    }
     assert differing == {"command"}  # "... --resume"
     assert "resuming from exp_002.pt: after experience 2 (3 of 4 done)" in proc["stdout"]
 
@@ -144,25 +172,32 @@ def test_csv_logs_after_resume_hold_each_experience_once(killed_and_resumed, uni
     for name in ("eval_results.csv", "training_results.csv"):
         # Same rows, same values, same order as without the interruption: the rows the killed
         # process wrote for experience 3 are gone, none of experiences 0-2 is repeated.
-        assert (out / "csv" / name).read_text() == \
-            (uninterrupted[0] / "csv" / name).read_text(), name
+        assert (out / "csv" / name).read_text() == (uninterrupted[0] / "csv" / name).read_text(), (
+            name
+        )
     eval_rows = (out / "csv" / "eval_results.csv").read_text().splitlines()[1:]
     assert len(eval_rows) == len(set(eval_rows)) == N_TASKS * N_TASKS
 
 
-def test_tensorboard_after_resume_has_no_duplicated_or_orphaned_points(killed_and_resumed,
-                                                                       uninterrupted):
+def test_tensorboard_after_resume_has_no_duplicated_or_orphaned_points(
+    killed_and_resumed, uninterrupted
+):
     resumed = stream_events(killed_and_resumed[0] / "tb")
     reference = stream_events(uninterrupted[0] / "tb")
     assert len(list((killed_and_resumed[0] / "tb").iterdir())) == 2  # one file per process
-    for tag in (STREAM_ACC, "StreamForgetting/eval_phase/test_stream",
-                "Top1_Acc_Epoch/train_phase/train_stream/Task000",
-                "Loss_Epoch/train_phase/train_stream/Task000", "results/AIA"):
+    for tag in (
+        STREAM_ACC,
+        "StreamForgetting/eval_phase/test_stream",
+        "Top1_Acc_Epoch/train_phase/train_stream/Task000",
+        "Loss_Epoch/train_phase/train_stream/Task000",
+        "results/AIA",
+    ):
         got = [(e.step, e.value) for e in resumed.Scalars(tag)]
         assert got == [(e.step, e.value) for e in reference.Scalars(tag)], tag
     assert len(resumed.Scalars(STREAM_ACC)) == N_TASKS
-    assert [e.step for e in resumed.Images("results/accuracy_matrix")] == \
-        [e.step for e in reference.Scalars(STREAM_ACC)]
+    assert [e.step for e in resumed.Images("results/accuracy_matrix")] == [
+        e.step for e in reference.Scalars(STREAM_ACC)
+    ]
 
 
 def test_resume_is_marked_in_the_log_and_checkpoints_roll_on(killed_and_resumed):
@@ -174,20 +209,24 @@ def test_resume_is_marked_in_the_log_and_checkpoints_roll_on(killed_and_resumed)
 
 
 # ---- corrupt checkpoints -----------------------------------------------------------------------
-def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(unfinished, uninterrupted,
-                                                                   capsys, monkeypatch):
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(
+    unfinished, uninterrupted, capsys, monkeypatch
+):
     truncate(unfinished / "checkpoints" / "exp_002.pt")
     code, stdout, stderr = resume(unfinished, capsys, monkeypatch)
     assert code == 0, stderr
-    assert f"warning: checkpoint {unfinished / 'checkpoints' / 'exp_002.pt'} is corrupt or " \
-           "truncated" in stdout
+    assert (
+        f"warning: checkpoint {unfinished / 'checkpoints' / 'exp_002.pt'} is corrupt or "
+        "truncated" in stdout
+    )
     assert "resuming from the previous checkpoint exp_001.pt instead" in stdout
     assert "resuming from exp_001.pt: after experience 1 (2 of 4 done)" in stdout
     results = json.loads((unfinished / "results.json").read_text())
     for key in SAME_RESULTS:  # experiences 2 and 3 redone in this process: still identical
         assert results[key] == uninterrupted[1][key], key
-    assert (unfinished / "csv" / "eval_results.csv").read_text() == \
-        (uninterrupted[0] / "csv" / "eval_results.csv").read_text()
+    assert (unfinished / "csv" / "eval_results.csv").read_text() == (
+        uninterrupted[0] / "csv" / "eval_results.csv"
+    ).read_text()
     assert ckpt.load_checkpoint(unfinished / "checkpoints" / "exp_002.pt")["completed"] == 3
 
 
@@ -195,14 +234,19 @@ def test_all_checkpoints_corrupt_is_an_error_naming_them(unfinished, capsys, mon
     truncate(unfinished / "checkpoints" / "exp_002.pt", keep=0.1)
     (unfinished / "checkpoints" / "exp_001.pt").write_bytes(b"not a checkpoint at all")
     before = snapshot(unfinished)
-    code, stdout, stderr = run_script("run_split_cifar.py", [
-        "--preset", "smoke", "--quiet", "--output-dir", unfinished, "--resume"],
-        capsys, monkeypatch)
+    code, stdout, stderr = run_script(
+        "run_split_cifar.py",
+        ["--preset", "smoke", "--quiet", "--output-dir", unfinished, "--resume"],
+        capsys,
+        monkeypatch,
+    )
     assert code == 2
     lines = error_lines(stderr)
     assert len(lines) == 1, stderr
-    assert lines[0].startswith(f"error: no usable checkpoint in {unfinished / 'checkpoints'}: "
-                               "exp_002.pt, exp_001.pt cannot be read")
+    assert lines[0].startswith(
+        f"error: no usable checkpoint in {unfinished / 'checkpoints'}: "
+        "exp_002.pt, exp_001.pt cannot be read"
+    )
     assert "--overwrite" in lines[0]
     assert snapshot(unfinished) == before
 
@@ -238,27 +282,48 @@ def test_save_checkpoint_keeps_two_and_clears_leftover_temporary_files(tmp_path)
 def checkpoint_state(completed: int, n_exps: int = 4):
     """A well-formed checkpoint state of ``completed`` 2-class tasks (values are dummies)."""
     tasks = [[2 * t, 2 * t + 1] for t in range(completed)]
-    return {"completed": completed, "config": {}, "stream": {},
-            "model": {"task_classes": tasks, "prompts": [torch.zeros(2, 4, 8) for _ in tasks],
-                      "gaussians": {k: torch.zeros(0) for k in ("class_ids", "means", "chols")},
-                      "heads": {}, "head_scales": {}, "adapter": None, "lora": {}},
-            "clock": dict.fromkeys(ckpt._CLOCK_FIELDS, 0),
-            "evaluator": [], "rng": ckpt.rng_state(),
-            "run": {"matrix": [[0.0] * n_exps for _ in tasks], "per_task": [{}] * completed,
-                    "stream_forgetting": [None] * completed, "hard_pairs": [{}] * completed,
-                    "train_seconds": 0.0, "wall_seconds": 0.0},
-            "csv_rows": {"eval_results.csv": 1}, "tb_files": {}}
+    return {
+        "completed": completed,
+        "config": {},
+        "stream": {},
+        "model": {
+            "task_classes": tasks,
+            "prompts": [torch.zeros(2, 4, 8) for _ in tasks],
+            "gaussians": {k: torch.zeros(0) for k in ("class_ids", "means", "chols")},
+            "heads": {},
+            "head_scales": {},
+            "adapter": None,
+            "lora": {},
+        },
+        "clock": dict.fromkeys(ckpt._CLOCK_FIELDS, 0),
+        "evaluator": [],
+        "rng": ckpt.rng_state(),
+        "run": {
+            "matrix": [[0.0] * n_exps for _ in tasks],
+            "per_task": [{}] * completed,
+            "stream_forgetting": [None] * completed,
+            "hard_pairs": [{}] * completed,
+            "train_seconds": 0.0,
+            "wall_seconds": 0.0,
+        },
+        "csv_rows": {"eval_results.csv": 1},
+        "tb_files": {},
+    }
 
 
 FORGERIES = {
     "completed=-1": (lambda s: s.update(completed=-1), "completed=-1 is not a positive"),
-    "completed=99": (lambda s: s.update(completed=99), "completed=99 is not a positive|"
-                                                       "model.task_classes is not 99"),
+    "completed=99": (
+        lambda s: s.update(completed=99),
+        "completed=99 is not a positive|model.task_classes is not 99",
+    ),
     "no numpy RNG": (lambda s: s["rng"].pop("numpy"), "rng lacks the python, numpy or torch"),
     "config a list": (lambda s: s.update(config=[1, 2]), "config is a list, not a mapping"),
     "short matrix": (lambda s: s["run"]["matrix"].pop(), "run.matrix is not 3 rows"),
-    "prompt shape": (lambda s: s["model"]["prompts"].__setitem__(0, torch.zeros(3, 4)),
-                     "model.prompts is not 3 tensors"),
+    "prompt shape": (
+        lambda s: s["model"]["prompts"].__setitem__(0, torch.zeros(3, 4)),
+        "model.prompts is not 3 tensors",
+    ),
     "clock": (lambda s: s.update(clock={"train_iterations": -5}), "clock is not Avalanche"),
 }
 
@@ -284,28 +349,46 @@ def test_checkpoint_named_for_another_experience_is_refused(tmp_path):
 # ---- refusals ---------------------------------------------------------------------------------
 def test_unfinished_run_without_resume_is_refused(unfinished, capsys, monkeypatch):
     before = snapshot(unfinished)
-    code, _, stderr = run_script("run_split_cifar.py", [
-        "--preset", "smoke", "--quiet", "--output-dir", unfinished], capsys, monkeypatch)
+    code, _, stderr = run_script(
+        "run_split_cifar.py",
+        ["--preset", "smoke", "--quiet", "--output-dir", unfinished],
+        capsys,
+        monkeypatch,
+    )
     assert code == 2
     assert error_lines(stderr) == [
         f"error: {unfinished} holds an unfinished run (3 experiences done); pass --resume to "
-        "continue it or --overwrite to start again"]
+        "continue it or --overwrite to start again"
+    ]
     assert snapshot(unfinished) == before
 
 
 def test_checkpoint_of_another_config_lists_the_differences_and_force_overrides(
-        unfinished, uninterrupted, capsys, monkeypatch):
+    unfinished, uninterrupted, capsys, monkeypatch
+):
     before = snapshot(unfinished)
-    args = ["--preset", "smoke", "--quiet", "--output-dir", unfinished, "--resume",
-            "--set", "lr=0.02", "--set", "text_hinge_margin=0.2", "--set", "num_workers=1"]
+    args = [
+        "--preset",
+        "smoke",
+        "--quiet",
+        "--output-dir",
+        unfinished,
+        "--resume",
+        "--set",
+        "lr=0.02",
+        "--set",
+        "text_hinge_margin=0.2",
+        "--set",
+        "num_workers=1",
+    ]
     code, _, stderr = run_script("run_split_cifar.py", args, capsys, monkeypatch)
     assert code == 2
     assert error_lines(stderr) == [
         "error: exp_002.pt was made with another config (lr: 0.01 -> 0.02; text_hinge_margin: "
-        "0.1 -> 0.2); pass --force to resume anyway"]  # num_workers does not change results
+        "0.1 -> 0.2); pass --force to resume anyway"
+    ]  # num_workers does not change results
     assert snapshot(unfinished) == before
-    code, stdout, stderr = run_script("run_split_cifar.py", args + ["--force"], capsys,
-                                      monkeypatch)
+    code, stdout, stderr = run_script("run_split_cifar.py", args + ["--force"], capsys, monkeypatch)
     assert code == 0, stderr
     assert "--force: resuming although lr: 0.01 -> 0.02; text_hinge_margin: 0.1 -> 0.2" in stdout
     results = json.loads((unfinished / "results.json").read_text())
@@ -314,55 +397,73 @@ def test_checkpoint_of_another_config_lists_the_differences_and_force_overrides(
     assert results["protocol"]["config"]["lr"] == 0.02
 
 
-def test_finished_run_is_refused_and_overwrite_starts_again(uninterrupted, tmp_path, capsys,
-                                                            monkeypatch):
+def test_finished_run_is_refused_and_overwrite_starts_again(
+    uninterrupted, tmp_path, capsys, monkeypatch
+):
     folder = tmp_path / "finished"
     shutil.copytree(uninterrupted[0], folder)
     before = snapshot(folder)
     for extra in ([], ["--resume"]):
-        code, _, stderr = run_script("run_split_cifar.py", [
-            "--preset", "smoke", "--quiet", "--output-dir", folder, *extra], capsys, monkeypatch)
+        code, _, stderr = run_script(
+            "run_split_cifar.py",
+            ["--preset", "smoke", "--quiet", "--output-dir", folder, *extra],
+            capsys,
+            monkeypatch,
+        )
         assert code == 2
         assert error_lines(stderr) == [
             f"error: {folder} already holds a finished run (results.json); pass --overwrite "
-            "to run again or choose another --output-dir"]
+            "to run again or choose another --output-dir"
+        ]
     assert snapshot(folder) == before
     (folder / "notes.md").write_text("mine")  # not a run file: --overwrite leaves it
-    code, _, stderr = run_script("run_split_cifar.py", [*FAST, "--output-dir", folder,
-                                                        "--overwrite"], capsys, monkeypatch)
+    code, _, stderr = run_script(
+        "run_split_cifar.py", [*FAST, "--output-dir", folder, "--overwrite"], capsys, monkeypatch
+    )
     assert code == 0, stderr
     results = json.loads((folder / "results.json").read_text())
     assert results["finished"] is True and results["completed_tasks"] == 2
     assert [p.name for _, p in ckpt.list_checkpoints(folder / "checkpoints")] == [
-        "exp_001.pt", "exp_000.pt"]  # the old run's exp_002/exp_003 are gone
+        "exp_001.pt",
+        "exp_000.pt",
+    ]  # the old run's exp_002/exp_003 are gone
     assert len(list((folder / "tb").iterdir())) == 1
     assert (folder / "notes.md").read_text() == "mine"
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path, capsys, monkeypatch):
-    code, _, stderr = run_script("run_split_cifar.py", [
-        *FAST, "--output-dir", tmp_path, "--resume", "--overwrite"], capsys, monkeypatch)
+    code, _, stderr = run_script(
+        "run_split_cifar.py",
+        [*FAST, "--output-dir", tmp_path, "--resume", "--overwrite"],
+        capsys,
+        monkeypatch,
+    )
     assert code == 2
     assert "argument --overwrite: not allowed with argument --resume" in stderr
 
 
-def test_resume_without_a_checkpoint_starts_from_the_first_experience(tmp_path, capsys,
-                                                                       monkeypatch):
-    code, stdout, stderr = run_script("run_split_cifar.py", [
-        *FAST, "--output-dir", tmp_path / "new", "--resume"], capsys, monkeypatch)
+def test_resume_without_a_checkpoint_starts_from_the_first_experience(
+    tmp_path, capsys, monkeypatch
+):
+    code, stdout, stderr = run_script(
+        "run_split_cifar.py",
+        [*FAST, "--output-dir", tmp_path / "new", "--resume"],
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, stderr
     assert "--resume: no checkpoint in" in stdout
     assert json.loads((tmp_path / "new" / "results.json").read_text())["finished"] is True
 
 
 # ---- numerics ---------------------------------------------------------------------------------
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, capsys,
-                                                                     monkeypatch):
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
     out = tmp_path / "nan"
     # Task 0 trains with init_lr = 0.01; lr = 1e30 (task 1 on) makes the first Adam step
     # blow the prompts up and the next loss NaN.
-    code, _, stderr = run_script("run_split_cifar.py", [
-        *FAST, "--output-dir", out, "--set", "lr=1e30"], capsys, monkeypatch)
+    code, _, stderr = run_script(
+        "run_split_cifar.py", [*FAST, "--output-dir", out, "--set", "lr=1e30"], capsys, monkeypatch
+    )
     assert code == 2
     lines = error_lines(stderr)
     assert len(lines) == 1, stderr
@@ -378,9 +479,12 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, c
     ckpt.load_model_state(model, state["model"])
     assert model.n_tasks == 1
     # The run continues from that checkpoint once lr is sane (a changed key needs --force).
-    code, _, stderr = run_script("run_split_cifar.py", [
-        *FAST, "--output-dir", out, "--resume", "--force", "--set", "lr=0.01"],
-        capsys, monkeypatch)
+    code, _, stderr = run_script(
+        "run_split_cifar.py",
+        [*FAST, "--output-dir", out, "--resume", "--force", "--set", "lr=0.01"],
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, stderr
     assert json.loads((out / "results.json").read_text())["finished"] is True
 
@@ -405,18 +509,30 @@ class StopAtExperience(SupervisedPlugin):
 
 def test_resume_restores_adapter_lora_heads_and_image_pairs(tmp_path):
     """Every optional learned part survives a checkpoint: the continued run is identical."""
-    config = CLIPHingeConfig.from_dict({
-        **SMOKE, "total_tasks": 3, "init_epochs": 2, "epochs": 2, "second_stage_epochs": 1,
-        "use_image_adapter": True, "use_image_hinge_loss": True,
-        "image_hard_pair_threshold": -1.0, "use_lora_in_second_stage": True,
-        "lora_layers": [0, 1], "lora_rank": 2})
+    config = CLIPHingeConfig.from_dict(
+        {
+            **SMOKE,
+            "total_tasks": 3,
+            "init_epochs": 2,
+            "epochs": 2,
+            "second_stage_epochs": 1,
+            "use_image_adapter": True,
+            "use_image_hinge_loss": True,
+            "image_hard_pair_threshold": -1.0,
+            "use_lora_in_second_stage": True,
+            "lora_layers": [0, 1],
+            "lora_rank": 2,
+        }
+    )
     from avalanche_cliphinge.app.cli import smoke_stream
 
     named_benchmark = smoke_stream(config)
     quiet = {"interactive": False, "log": lambda message: None}
     reference = run_experiment(config, named_benchmark, tmp_path / "reference", **quiet)
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, named_benchmark, tmp_path / "run", plugins=[StopAtExperience(2)], **quiet)
+        run_experiment(
+            config, named_benchmark, tmp_path / "run", plugins=[StopAtExperience(2)], **quiet
+        )
     state = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "exp_001.pt")
     assert state["model"]["adapter"] is not None and set(state["model"]["lora"]) == {"task1"}
     assert set(state["model"]["heads"]) == {"1"}
@@ -427,8 +543,9 @@ def test_resume_restores_adapter_lora_heads_and_image_pairs(tmp_path):
 
 
 # ---- checkpoints that cannot continue this run (issue 14) -------------------------------------
-def test_forged_newest_checkpoint_falls_back_and_all_forged_is_an_error(unfinished, capsys,
-                                                                        monkeypatch):
+def test_forged_newest_checkpoint_falls_back_and_all_forged_is_an_error(
+    unfinished, capsys, monkeypatch
+):
     newest = unfinished / "checkpoints" / "exp_002.pt"
     state = torch.load(newest, weights_only=True)
     torch.save({**state, "completed": -1}, newest)
@@ -439,38 +556,60 @@ def test_forged_newest_checkpoint_falls_back_and_all_forged_is_an_error(unfinish
     code, _, stderr = resume(unfinished, capsys, monkeypatch)
     lines = error_lines(stderr)
     assert code == 2 and len(lines) == 1, stderr
-    assert lines[0].startswith(f"error: no usable checkpoint in {unfinished / 'checkpoints'}: "
-                               "exp_002.pt, exp_001.pt cannot be read")
+    assert lines[0].startswith(
+        f"error: no usable checkpoint in {unfinished / 'checkpoints'}: "
+        "exp_002.pt, exp_001.pt cannot be read"
+    )
     assert snapshot(unfinished) == before
     torch.save(older, previous)  # the previous one intact again: used, with a warning
     code, stdout, stderr = resume(unfinished, capsys, monkeypatch)
     assert code == 0, stderr
-    assert f"warning: checkpoint {newest} is damaged or forged (completed=-1 is not a " \
-           "positive experience count)" in stdout
+    assert (
+        f"warning: checkpoint {newest} is damaged or forged (completed=-1 is not a "
+        "positive experience count)" in stdout
+    )
     assert "resuming from exp_001.pt: after experience 1 (2 of 4 done)" in stdout
 
 
-@pytest.mark.parametrize("changes, message", [
-    (["--set", "init_class=6", "--set", "total_tasks=3"],
-     r"exp_002.pt was trained on tasks of \[4, 2, 2\] classes, but this stream's first 3 "
-     r"tasks hold \[6, 2, 2\]"),
-    (["--set", "increment=3", "--set", "total_tasks=3", "--set", "init_class=4"],
-     r"exp_002.pt was trained on tasks of \[4, 2, 2\] classes, but this stream's first 3 "
-     r"tasks hold \[4, 3, 3\]"),
-    (["--set", "total_tasks=2", "--set", "init_class=8"],
-     r"exp_002.pt was trained on tasks of \[4, 2, 2\] classes, but this stream's first 2 "
-     r"tasks hold \[8, 2\]"),
-    (["--set", "total_tasks=3"],
-     r"exp_002.pt holds 3 experiences of a 4-experience stream, but this stream has 3"),
-    (["--set", "n_ctx=6"], r"exp_002.pt has prompts of \[4\] context tokens, the config n_ctx=6"),
-], ids=["6+2+2", "4+3+3", "8+2", "4+2+2", "n_ctx"])
-def test_checkpoint_of_another_layout_is_refused_even_with_force(changes, message, unfinished,
-                                                                 capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            ["--set", "init_class=6", "--set", "total_tasks=3"],
+            r"exp_002.pt was trained on tasks of \[4, 2, 2\] classes, but this stream's first 3 "
+            r"tasks hold \[6, 2, 2\]",
+        ),
+        (
+            ["--set", "increment=3", "--set", "total_tasks=3", "--set", "init_class=4"],
+            r"exp_002.pt was trained on tasks of \[4, 2, 2\] classes, but this stream's first 3 "
+            r"tasks hold \[4, 3, 3\]",
+        ),
+        (
+            ["--set", "total_tasks=2", "--set", "init_class=8"],
+            r"exp_002.pt was trained on tasks of \[4, 2, 2\] classes, but this stream's first 2 "
+            r"tasks hold \[8, 2\]",
+        ),
+        (
+            ["--set", "total_tasks=3"],
+            r"exp_002.pt holds 3 experiences of a 4-experience stream, but this stream has 3",
+        ),
+        (
+            ["--set", "n_ctx=6"],
+            r"exp_002.pt has prompts of \[4\] context tokens, the config n_ctx=6",
+        ),
+    ],
+    ids=["6+2+2", "4+3+3", "8+2", "4+2+2", "n_ctx"],
+)
+def test_checkpoint_of_another_layout_is_refused_even_with_force(
+    changes, message, unfinished, capsys, monkeypatch
+):
     before = snapshot(unfinished)
     code, _, stderr = resume(unfinished, capsys, monkeypatch, "--force", *changes)
     lines = error_lines(stderr)
     assert code == 2 and len(lines) == 1, stderr
     assert re.search(message, lines[0]), lines[0]
-    assert lines[0].endswith("--force cannot bridge that: resume with the config and data it "
-                             "was made with, or start again with --overwrite")
+    assert lines[0].endswith(
+        "--force cannot bridge that: resume with the config and data it "
+        "was made with, or start again with --overwrite"
+    )
     assert snapshot(unfinished) == before  # no CSV row, TensorBoard point or file written

@@ -1,4 +1,5 @@
 """A trained model as a file: CLIPHingeModel.save / load / predict."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,7 @@ from avalanche_cliphinge.model.saving import SavedModelError
 
 @pytest.fixture(scope="module")
 def trained(run_stream, tiny_config):
-    config = tiny_config(init_epochs=6, epochs=6, second_stage_epochs=2,
-                         use_image_adapter=True)
+    config = tiny_config(init_epochs=6, epochs=6, second_stage_epochs=2, use_image_adapter=True)
     strategy, results = run_stream(config)
     return strategy, results
 
@@ -20,7 +20,7 @@ def test_saved_model_scores_exactly_like_the_trained_one(trained, synthetic_data
     strategy, _ = trained
     model = strategy.model.eval()
     path = model.save(tmp_path / "final_model.pt")
-    torch.manual_seed(12345)         # another global RNG state: the file must decide everything
+    torch.manual_seed(12345)  # another global RNG state: the file must decide everything
     loaded = CLIPHingeModel.load(path)
     assert not loaded.training and loaded.task_classes == model.task_classes
     assert set(loaded.heads) == set(model.heads) and loaded.adapter is not None
@@ -42,7 +42,7 @@ def test_predict_names_the_classes(trained, synthetic_data, class_names, tmp_pat
     expected = results[-1]["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
     assert accuracy == pytest.approx(expected, abs=1e-6)
     assert pred.names[0] == [class_names[int(c)] for c in pred.class_ids[0]]
-    one = loaded.predict(images[0], k=1)                      # a single image
+    one = loaded.predict(images[0], k=1)  # a single image
     assert one.class_ids.shape == (1, 1) and one.names[0][0] == pred.names[0][0]
 
 

@@ -1,4 +1,5 @@
 """The speed machinery: feature cache, batch order, truncated prompts, device resize, speed.py."""
+
 import json
 import subprocess
 import sys
@@ -54,11 +55,11 @@ def test_feature_cache_memory_budget_evicts_least_recently_used():
     calls = []
     for key in ["a", "b", "a", "c"]:
         cache.get_or_compute(key, lambda key=key: calls.append(key) or entry)
-    assert calls == ["a", "b", "c"]          # "a" came from memory the second time
+    assert calls == ["a", "b", "c"]  # "a" came from memory the second time
     assert cache.hits == 1 and cache.misses == 3
     assert cache.bytes_used <= 500
     cache.get_or_compute("b", lambda: calls.append("b2") or entry)
-    assert calls[-1] == "b2"                 # "b" was the least recently used: evicted
+    assert calls[-1] == "b2"  # "b" was the least recently used: evicted
 
 
 def test_feature_cache_on_disk_is_reused_by_a_new_cache_and_ignores_corrupt_files(tmp_path):
@@ -96,7 +97,7 @@ def test_strategy_reuses_the_disk_cache_with_the_same_results(tiny_config, run_s
     config = tiny_config(feature_cache_dir=str(tmp_path / "cache"), init_epochs=2, epochs=2)
     first, results_a = run_stream(config)
     files = sorted((tmp_path / "cache").glob("*.pt"))
-    assert len(files) == 6                    # 3 train + 3 test experiences
+    assert len(files) == 6  # 3 train + 3 test experiences
     second, results_b = run_stream(config)
     assert second.feature_cache.misses == 0 and second.feature_cache.hits >= 6
     assert results_a[-1] == results_b[-1]
@@ -104,12 +105,19 @@ def test_strategy_reuses_the_disk_cache_with_the_same_results(tiny_config, run_s
 
 def test_truncated_prompts_give_the_full_length_text_features(backbone):
     clip = backbone.model
-    prompts = TaskPrompts(clip, backbone.tokenizer, ["red horizontal stripes", "cat"], n_ctx=4,
-                          ctx_init="a photo of a")
+    prompts = TaskPrompts(
+        clip,
+        backbone.tokenizer,
+        ["red horizontal stripes", "cat"],
+        n_ctx=4,
+        ctx_init="a photo of a",
+    )
     assert prompts.tokens.shape[1] < 77
     with torch.no_grad():
         ours = prompts(clip)
-        full_tokens = backbone.tokenizer(["a photo of a red horizontal stripes.", "a photo of a cat."])
+        full_tokens = backbone.tokenizer(
+            ["a photo of a red horizontal stripes.", "a photo of a cat."]
+        )
         reference = F.normalize(clip.encode_text(full_tokens), dim=-1)
     np.testing.assert_allclose(ours.numpy(), reference.numpy(), atol=1e-5)
 
@@ -127,14 +135,16 @@ def test_a_common_prompt_length_gives_every_task_one_shape_and_the_same_features
     model.add_task([0, 1])
     model.add_task([2, 3])
     assert [p.tokens.shape for p in model.prompts] == [(2, 10), (2, 10)]
-    own = TaskPrompts(backbone.model, tokenizer, ["cat", "dog"], n_ctx=4,
-                      ctx_init="a photo of a")
+    own = TaskPrompts(backbone.model, tokenizer, ["cat", "dog"], n_ctx=4, ctx_init="a photo of a")
     assert own.tokens.shape == (2, 8)
     with torch.no_grad():
-        torch.testing.assert_close(model.task_text_features(0), own(backbone.model),
-                                   atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="length 7 cannot hold these prompts: it must be "
-                                         "between 8 and the context length 77"):
+        torch.testing.assert_close(
+            model.task_text_features(0), own(backbone.model), atol=1e-6, rtol=0
+        )
+    with pytest.raises(
+        ValueError,
+        match="length 7 cannot hold these prompts: it must be between 8 and the context length 77",
+    ):
         TaskPrompts(backbone.model, tokenizer, ["cat"], n_ctx=4, length=7)
 
 
@@ -145,8 +155,10 @@ def test_device_preprocess_resizes_and_normalises_like_the_formula(backbone):
     size = backbone.image_size
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-    expected = (F.interpolate(images, size=(size, size), mode="bicubic",
-                              align_corners=False).clamp(0, 1) - mean) / std
+    expected = (
+        F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        - mean
+    ) / std
     assert out.shape == (2, 3, size, size)
     torch.testing.assert_close(out, expected)
     as_uint8 = (images * 255).round().to(torch.uint8)
@@ -179,12 +191,14 @@ def test_resize_on_device_feeds_the_encoder_the_preprocessed_images(tiny_config,
     from avalanche_cliphinge import build_model
 
     images = torch.rand(3, 3, 32, 32)
-    on = build_model(tiny_config(resize_on_device=True), ["a", "b", "c", "d", "e", "f"],
-                     backbone=backbone)
+    on = build_model(
+        tiny_config(resize_on_device=True), ["a", "b", "c", "d", "e", "f"], backbone=backbone
+    )
     off = build_model(tiny_config(), ["a", "b", "c", "d", "e", "f"], backbone=backbone)
     with torch.no_grad():
-        torch.testing.assert_close(on.run_image_encoder(images),
-                                   off.run_image_encoder(on.preprocess(images)))
+        torch.testing.assert_close(
+            on.run_image_encoder(images), off.run_image_encoder(on.preprocess(images))
+        )
         assert not torch.allclose(on.run_image_encoder(images), off.run_image_encoder(images))
 
 
@@ -193,15 +207,21 @@ def test_hinge_grad_to_old_text_lets_the_hinge_move_old_prompts(tiny_config, run
 
     grads = {}
     for flag in (False, True):
-        config = tiny_config(update_old_text_prompts=True, hinge_grad_to_old_text=flag,
-                             text_hard_pair_threshold=-1.0, samples_per_old_class=0,
-                             init_epochs=1, epochs=1, second_stage_epochs=0)
+        config = tiny_config(
+            update_old_text_prompts=True,
+            hinge_grad_to_old_text=flag,
+            text_hard_pair_threshold=-1.0,
+            samples_per_old_class=0,
+            init_epochs=1,
+            epochs=1,
+            second_stage_epochs=0,
+        )
         strategy, _ = run_stream(config, n_experiences=2)
         model = strategy.model
         model.train()
         model.set_trainable_prompts([0, 1])
         for prompts in model.prompts:
-            prompts.ctx.grad = None           # drop what the last training step left
+            prompts.ctx.grad = None  # drop what the last training step left
         plugin = next(p for p in strategy.plugins if isinstance(p, HardPairHingePlugin))
         strategy.step.text_features = None
         loss = plugin.pair_loss(strategy, plugin.text_pairs, 10.0)
@@ -220,17 +240,47 @@ def test_seed_changes_the_prompt_initialisation_and_the_shuffling(tiny_config, r
 def test_speed_benchmark_tiny_cpu_mode_prints_every_phase():
     """The benchmark script itself (figures are printed, never asserted)."""
     done = subprocess.run(
-        [sys.executable, "benchmarks/speed.py", "--preset", "tiny", "--compare-uncached",
-         "--set", "init_epochs=1", "--set", "epochs=1", "--set", "second_stage_epochs=1",
-         "--bare-batch", "32"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "benchmarks/speed.py",
+            "--preset",
+            "tiny",
+            "--compare-uncached",
+            "--set",
+            "init_epochs=1",
+            "--set",
+            "epochs=1",
+            "--set",
+            "second_stage_epochs=1",
+            "--bare-batch",
+            "32",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    records = {r["phase"]: r for r in map(json.loads, (line for line in done.stdout.splitlines()
-                                                      if line.startswith("{")))}
-    for phase in ("setup", "bare_image_encoder", "feature_extraction", "stage1", "hinge",
-                  "stage2", "evaluation", "total", "extraction_efficiency", "compare_uncached"):
+    records = {
+        r["phase"]: r
+        for r in map(
+            json.loads, (line for line in done.stdout.splitlines() if line.startswith("{"))
+        )
+    }
+    for phase in (
+        "setup",
+        "bare_image_encoder",
+        "feature_extraction",
+        "stage1",
+        "hinge",
+        "stage2",
+        "evaluation",
+        "total",
+        "extraction_efficiency",
+        "compare_uncached",
+    ):
         assert phase in records, phase
-    assert records["feature_extraction"]["images"] == 500      # 400 train + 100 test JPEGs
+    assert records["feature_extraction"]["images"] == 500  # 400 train + 100 test JPEGs
     assert records["compare_uncached"]["same_metrics"] is True
     assert records["total"]["seconds"] > 0
 
@@ -238,14 +288,41 @@ def test_speed_benchmark_tiny_cpu_mode_prints_every_phase():
 def test_speed_benchmark_synthetic_mode_runs_the_cifar_path_on_the_cpu():
     """--synthetic (the GPU benchmark's data) with the tiny CLIP: per-item PIL data, 2 workers."""
     done = subprocess.run(
-        [sys.executable, "benchmarks/speed.py", "--synthetic", "--device", "cpu",
-         "--set", f"model_name={TINY_MODEL}", "--set", "init_epochs=1", "--set", "epochs=1",
-         "--set", "second_stage_epochs=1", "--set", "num_workers=2",
-         "--train-per-class", "3", "--test-per-class", "2", "--bare-batch", "16"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "benchmarks/speed.py",
+            "--synthetic",
+            "--device",
+            "cpu",
+            "--set",
+            f"model_name={TINY_MODEL}",
+            "--set",
+            "init_epochs=1",
+            "--set",
+            "epochs=1",
+            "--set",
+            "second_stage_epochs=1",
+            "--set",
+            "num_workers=2",
+            "--train-per-class",
+            "3",
+            "--test-per-class",
+            "2",
+            "--bare-batch",
+            "16",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    records = {r["phase"]: r for r in map(json.loads, (line for line in done.stdout.splitlines()
-                                                      if line.startswith("{")))}
+    records = {
+        r["phase"]: r
+        for r in map(
+            json.loads, (line for line in done.stdout.splitlines() if line.startswith("{"))
+        )
+    }
     assert records["setup"]["train_images"] == 300 and records["setup"]["test_images"] == 200
     assert records["setup"]["data"] == "synthetic, pil items"
     assert records["setup"]["num_workers"] == 2
@@ -256,21 +333,45 @@ def test_speed_benchmark_synthetic_mode_runs_the_cifar_path_on_the_cpu():
 
 def test_speed_loader_only_times_every_transform_and_worker_count():
     done = subprocess.run(
-        [sys.executable, "benchmarks/speed.py", "--synthetic", "--loader-only",
-         "--train-per-class", "2", "--repeats", "2", "--set", "eval_batch_size=4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "benchmarks/speed.py",
+            "--synthetic",
+            "--loader-only",
+            "--train-per-class",
+            "2",
+            "--repeats",
+            "2",
+            "--set",
+            "eval_batch_size=4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [(r["transform"], r["num_workers"]) for r in records] == [
-        ("PILToTensor", 0), ("PILToTensor", 2), ("PILToTensor", 4),
-        ("ToTensor", 0), ("ToTensor", 2), ("ToTensor", 4)]
+        ("PILToTensor", 0),
+        ("PILToTensor", 2),
+        ("PILToTensor", 4),
+        ("ToTensor", 0),
+        ("ToTensor", 2),
+        ("ToTensor", 4),
+    ]
     for r in records:
         assert r["phase"] == "loader" and r["images"] == 20 and r["batch"] == 4  # 10 classes x 2
         assert len(r["runs"]) == 2 and r["images_per_s"] == pytest.approx(
-            sorted(r["runs"])[0] / 2 + sorted(r["runs"])[1] / 2, abs=0.1)
-    refused = subprocess.run([sys.executable, "benchmarks/speed.py", "--preset", "tiny",
-                              "--loader-only"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+            sorted(r["runs"])[0] / 2 + sorted(r["runs"])[1] / 2, abs=0.1
+        )
+    refused = subprocess.run(
+        [sys.executable, "benchmarks/speed.py", "--preset", "tiny", "--loader-only"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode == 2
     assert "--loader-only times the synthetic CIFAR items: add --synthetic" in refused.stderr
 
@@ -300,8 +401,9 @@ def test_speed_synthetic_items_pil_and_tensor_hold_the_same_images():
     assert pil_train.targets == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
 
 
-def test_loader_workers_and_eval_batch_size_change_no_feature(tiny_config, synthetic_stream,
-                                                              class_names):
+def test_loader_workers_and_eval_batch_size_change_no_feature(
+    tiny_config, synthetic_stream, class_names
+):
     """num_workers and eval_batch_size only shape data loading: the features stay the same."""
     from avalanche_cliphinge import CLIPHingeStrategy
 
@@ -309,9 +411,11 @@ def test_loader_workers_and_eval_batch_size_change_no_feature(tiny_config, synth
     extracted = {}
     for workers, batch in ((0, 64), (2, 64), (0, 7)):
         torch.manual_seed(0)
-        strategy = CLIPHingeStrategy(config=tiny_config(num_workers=workers,
-                                                        eval_batch_size=batch),
-                                     class_names=class_names, progress=False)
+        strategy = CLIPHingeStrategy(
+            config=tiny_config(num_workers=workers, eval_batch_size=batch),
+            class_names=class_names,
+            progress=False,
+        )
         extracted[workers, batch] = strategy.extract_features(dataset)
     feats, labels = extracted[0, 64]
     assert feats.shape == (60, 64) and labels.tolist() == [0] * 30 + [1] * 30
@@ -334,11 +438,11 @@ def test_text_cache_keeps_frozen_tasks_and_never_serves_a_trainable_one_stale(ba
         first = model.text_features()
         assert len(calls) == 3
         model.text_features()
-        assert len(calls) == 3                       # all three from the cache
-        model.set_trainable_prompts([2])             # tasks 0 and 1 stay cached
+        assert len(calls) == 3  # all three from the cache
+        model.set_trainable_prompts([2])  # tasks 0 and 1 stay cached
         model.text_features()
         assert len(calls) == 4
-        ctx = model.prompts[2].ctx                   # an optimizer step on the trainable task
+        ctx = model.prompts[2].ctx  # an optimizer step on the trainable task
         ctx.add_(torch.randn(ctx.shape, generator=torch.Generator().manual_seed(0)))
         moved = model.text_features()
         assert len(calls) == 5
@@ -364,10 +468,12 @@ def test_speed_step_sync_counter_counts_sync_warnings_inside_steps_only(monkeypa
         strategy = SimpleNamespace(clock=SimpleNamespace(train_exp_epochs=epoch))
         counter.before_training_iteration(strategy)
         for _ in range(n_syncs):
-            warnings.warn("called a synchronizing CUDA operation")
-        warnings.warn("an unrelated warning")
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        warnings.warn("an unrelated warning", stacklevel=1)
         counter.after_training_iteration(strategy)
-    warnings.warn("called a synchronizing CUDA operation")     # outside a step: not counted
+    warnings.warn(
+        "called a synchronizing CUDA operation", stacklevel=1
+    )  # outside a step: not counted
     record = counter.record()
     assert record["steps"] == 5
     assert record["syncs_in_first_epochs"] == 2 + 1
@@ -380,11 +486,33 @@ def test_speed_step_sync_counter_counts_sync_warnings_inside_steps_only(monkeypa
 def test_entry_speed_runs_the_main_entry_on_random_cifar100_files(tmp_path):
     """benchmarks/entry_speed.py: the real CIFAR path (SplitCIFAR100, PIL items), timed."""
     done = subprocess.run(
-        [sys.executable, "benchmarks/entry_speed.py", "--train-per-class", "3",
-         "--test-per-class", "2", "--work-dir", str(tmp_path), "--", "--device", "cpu",
-         "--quiet", "--set", f"model_name={TINY_MODEL}", "--set", "init_epochs=1",
-         "--set", "epochs=1", "--set", "second_stage_epochs=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "benchmarks/entry_speed.py",
+            "--train-per-class",
+            "3",
+            "--test-per-class",
+            "2",
+            "--work-dir",
+            str(tmp_path),
+            "--",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--set",
+            f"model_name={TINY_MODEL}",
+            "--set",
+            "init_epochs=1",
+            "--set",
+            "epochs=1",
+            "--set",
+            "second_stage_epochs=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(done.stdout.splitlines()[-1])
     assert record["phase"] == "entry" and record["exit_code"] == 0
@@ -396,10 +524,26 @@ def test_entry_speed_runs_the_main_entry_on_random_cifar100_files(tmp_path):
     assert results["protocol"]["pretrained"] is None
     assert results["test_sizes"] == [20] * 10
     bad = subprocess.run(
-        [sys.executable, "benchmarks/entry_speed.py", "--train-per-class", "1",
-         "--test-per-class", "1", "--work-dir", str(tmp_path / "bad"), "--", "--device", "cpu",
-         "--set", "batch_size=0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "benchmarks/entry_speed.py",
+            "--train-per-class",
+            "1",
+            "--test-per-class",
+            "1",
+            "--work-dir",
+            str(tmp_path / "bad"),
+            "--",
+            "--device",
+            "cpu",
+            "--set",
+            "batch_size=0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2
     assert "error: config key 'batch_size' must be >= 1, got 0" in bad.stderr
     assert json.loads(bad.stdout.splitlines()[-1])["exit_code"] == 2

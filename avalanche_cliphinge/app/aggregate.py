@@ -9,6 +9,7 @@ and the accuracy-on-seen-classes curve with its band.
 
 Writes ``summary.md``, ``summary.csv``, ``summary.json`` and ``summary_curve.{png,pdf}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,13 +40,16 @@ def read_run(folder: Path) -> Dict[str, Any]:
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise AggregateError(f"{folder} holds no results.json; pass the output folders of "
-                             "finished runs") from None
+        raise AggregateError(
+            f"{folder} holds no results.json; pass the output folders of finished runs"
+        ) from None
     except (ValueError, OSError) as err:
         raise AggregateError(f"{path} is not readable JSON ({type(err).__name__})") from None
     if not results.get("finished"):
-        raise AggregateError(f"{folder} holds an unfinished run ({results.get('completed_tasks')}"
-                             " tasks); finish it with --resume or leave it out")
+        raise AggregateError(
+            f"{folder} holds an unfinished run ({results.get('completed_tasks')}"
+            " tasks); finish it with --resume or leave it out"
+        )
     return results
 
 
@@ -64,8 +68,9 @@ def flatten(record: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 def run_key(results: Dict[str, Any]) -> Tuple[str, str]:
     """(config, method) of a run: the row it belongs to (``--preset smoke`` runs: smoke)."""
     protocol = results["protocol"]
-    config = (protocol.get("preset") or protocol.get("config_file")
-              or protocol.get("stream", "config"))
+    config = (
+        protocol.get("preset") or protocol.get("config_file") or protocol.get("stream", "config")
+    )
     return Path(str(config)).stem, protocol.get("method", "cliphinge")
 
 
@@ -106,19 +111,26 @@ def aggregate(folders: Sequence[Path]) -> List[Dict[str, Any]]:
             raise AggregateError(
                 f"runs of {config} / {method} differ in more than the seed: "
                 f"{', '.join(differing[:6])}{' ...' if len(differing) > 6 else ''}; "
-                "aggregate them separately")
-        row: Dict[str, Any] = {"config": config, "method": method, "n": len(runs),
-                               "seeds": [r["protocol"].get("seed") for _, r in runs],
-                               "runs": [str(f) for f, _ in runs]}
+                "aggregate them separately"
+            )
+        row: Dict[str, Any] = {
+            "config": config,
+            "method": method,
+            "n": len(runs),
+            "seeds": [r["protocol"].get("seed") for _, r in runs],
+            "runs": [str(f) for f, _ in runs],
+        }
         for metric in METRICS:
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(
-                [r["metrics"][metric] for _, r in runs])
+                [r["metrics"][metric] for _, r in runs]
+            )
         curves = np.asarray([[t["all"] for t in r["per_task"]] for _, r in runs])
         sizes = runs[0][1]["protocol"].get("stream_classes_per_experience")
         row["curve"] = {
             # classes seen after each task; the task number when the stream did not record it
-            "classes_seen": ([int(v) for v in np.cumsum(sizes)] if sizes
-                             else list(range(1, curves.shape[1] + 1))),
+            "classes_seen": (
+                [int(v) for v in np.cumsum(sizes)] if sizes else list(range(1, curves.shape[1] + 1))
+            ),
             "mean": curves.mean(0).tolist(),
             "std": curves.std(0, ddof=1).tolist() if len(runs) > 1 else None,
         }
@@ -132,30 +144,40 @@ def _cell(mean: float, std: Optional[float]) -> str:
 
 def summary_markdown(rows: Sequence[Dict[str, Any]]) -> str:
     """The table of ``summary.md``."""
-    lines = ["| config | method | n | " + " | ".join(METRICS) + " |",
-             "|---|---|---|" + "---|" * len(METRICS)]
+    lines = [
+        "| config | method | n | " + " | ".join(METRICS) + " |",
+        "|---|---|---|" + "---|" * len(METRICS),
+    ]
     for row in rows:
         cells = [_cell(row[f"{m}_mean"], row[f"{m}_std"]) for m in METRICS]
-        lines.append(f"| {row['config']} | {row['method']} | {row['n']} | "
-                     + " | ".join(cells) + " |")
-    return ("# Summary\n\nMean ± sample standard deviation (n - 1) over n runs; percent. AIA = "
-            "mean accuracy on seen classes over tasks, Last = after the last task, AA = mean of "
-            "the per-task accuracies after the last task, Forgetting = mean over old tasks of "
-            "(best earlier - last).\n\n" + "\n".join(lines) + "\n\n"
-            "![accuracy on seen classes](summary_curve.png)\n")
+        lines.append(
+            f"| {row['config']} | {row['method']} | {row['n']} | " + " | ".join(cells) + " |"
+        )
+    return (
+        "# Summary\n\nMean ± sample standard deviation (n - 1) over n runs; percent. AIA = "
+        "mean accuracy on seen classes over tasks, Last = after the last task, AA = mean of "
+        "the per-task accuracies after the last task, Forgetting = mean over old tasks of "
+        "(best earlier - last).\n\n" + "\n".join(lines) + "\n\n"
+        "![accuracy on seen classes](summary_curve.png)\n"
+    )
 
 
 def summary_csv(rows: Sequence[Dict[str, Any]]) -> str:
     """``summary.csv``: one line per row, empty std with a single run."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["config", "method", "n", "seeds"]
-                    + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")])
+    writer.writerow(
+        ["config", "method", "n", "seeds"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    )
     for row in rows:
-        writer.writerow([row["config"], row["method"], row["n"],
-                         " ".join(str(s) for s in row["seeds"])]
-                        + [("" if row[f"{m}_{s}"] is None else f"{row[f'{m}_{s}']:.4f}")
-                           for m in METRICS for s in ("mean", "std")])
+        writer.writerow(
+            [row["config"], row["method"], row["n"], " ".join(str(s) for s in row["seeds"])]
+            + [
+                ("" if row[f"{m}_{s}"] is None else f"{row[f'{m}_{s}']:.4f}")
+                for m in METRICS
+                for s in ("mean", "std")
+            ]
+        )
     return out.getvalue()
 
 
@@ -165,8 +187,11 @@ def write_summary(rows: Sequence[Dict[str, Any]], output_dir: Path) -> List[Path
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in (("summary.md", summary_markdown(rows)), ("summary.csv", summary_csv(rows)),
-                       ("summary.json", json.dumps({"rows": list(rows)}, indent=2) + "\n")):
+    for name, text in (
+        ("summary.md", summary_markdown(rows)),
+        ("summary.csv", summary_csv(rows)),
+        ("summary.json", json.dumps({"rows": list(rows)}, indent=2) + "\n"),
+    ):
         write_text_atomic(text, output_dir / name)
         written.append(output_dir / name)
     written += save_figure(aggregate_curve_figure(rows), output_dir / "summary_curve")
@@ -177,7 +202,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """``cliphinge aggregate RUN_DIR... --output-dir DIR``; returns the exit code."""
     parser = argparse.ArgumentParser(
         prog="cliphinge aggregate",
-        description="Mean ± std over finished runs, one row per (config, method).")
+        description="Mean ± std over finished runs, one row per (config, method).",
+    )
     parser.add_argument("runs", nargs="+", help="output folders of finished runs")
     parser.add_argument("--output-dir", required=True, help="where the summary files go")
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ and results so far, the CSV line counts, the config and the stream's shape. The 
 ``checkpoints/exp_<k>.pt`` is written after experience k (0-based) through a temporary file
 and a rename; the newest two are kept.
 """
+
 from __future__ import annotations
 
 import random
@@ -21,6 +22,7 @@ import torch
 
 from ..atomic import kill_point, remove_temp_files, save_atomic
 from ..metrics import SeenClassesStreamAccuracy
+
 # a checkpoint's "model" entry is the saved-model format's learned state
 from ..model.saving import learned_state as model_state  # noqa: F401
 from ..model.saving import restore_learned_state as load_model_state  # noqa: F401
@@ -38,10 +40,17 @@ def rng_state() -> Dict[str, Any]:
     """Python, numpy, torch and CUDA generator states as tensors and plain values."""
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state()
-    state = {"python": [version, list(internal), gauss],
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                       int(np_state[2]), int(np_state[3]), float(np_state[4])],
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -59,8 +68,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 # ---- Avalanche state ------------------------------------------------------------------------
-_CLOCK_FIELDS = ("train_iterations", "train_exp_counter", "train_exp_epochs",
-                 "train_exp_iterations", "train_epoch_iterations", "total_iterations")
+_CLOCK_FIELDS = (
+    "train_iterations",
+    "train_exp_counter",
+    "train_exp_epochs",
+    "train_exp_iterations",
+    "train_epoch_iterations",
+    "total_iterations",
+)
 
 
 def clock_state(clock) -> Dict[str, int]:
@@ -86,9 +101,13 @@ def evaluator_state(evaluator) -> List[Optional[Dict[str, Any]]]:
         if inner is None:
             states.append(None)
             continue
-        states.append({"initial": {int(k): float(v) for k, v in inner.initial.items()},
-                       "last": {int(k): float(v) for k, v in inner.last.items()},
-                       "train_exp_id": getattr(metric, "train_exp_id", None)})
+        states.append(
+            {
+                "initial": {int(k): float(v) for k, v in inner.initial.items()},
+                "last": {int(k): float(v) for k, v in inner.last.items()},
+                "train_exp_id": getattr(metric, "train_exp_id", None),
+            }
+        )
     return states
 
 
@@ -162,11 +181,13 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
         reason = (str(err).strip().splitlines() or [""])[0][:120]
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated "
-                              f"({type(err).__name__}: {reason})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {reason})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not an avalanche-cliphinge checkpoint of format "
-                              f"{FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} is not an avalanche-cliphinge checkpoint of format {FORMAT_VERSION}"
+        )
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete (no {', '.join(missing)})")
@@ -193,47 +214,84 @@ def _structure_problem(state: Dict[str, Any]) -> Optional[str]:
     if not isinstance(state["config"], dict):
         return f"config is a {type(state['config']).__name__}, not a mapping of keys"
     model = state["model"]
-    if not isinstance(model, dict) or not {"task_classes", "prompts", "gaussians", "heads",
-                                           "head_scales", "adapter", "lora"} <= set(model):
+    if not isinstance(model, dict) or not {
+        "task_classes",
+        "prompts",
+        "gaussians",
+        "heads",
+        "head_scales",
+        "adapter",
+        "lora",
+    } <= set(model):
         return "model lacks some of its parts"
     tasks, prompts = model["task_classes"], model["prompts"]
-    if not (isinstance(tasks, list) and len(tasks) == done
-            and all(isinstance(t, list) and t and all(map(_is_int, t)) for t in tasks)):
+    if not (
+        isinstance(tasks, list)
+        and len(tasks) == done
+        and all(isinstance(t, list) and t and all(map(_is_int, t)) for t in tasks)
+    ):
         return f"model.task_classes is not {done} lists of class ids"
-    if not (isinstance(prompts, list) and len(prompts) == done and all(
+    if not (
+        isinstance(prompts, list)
+        and len(prompts) == done
+        and all(
             isinstance(p, torch.Tensor) and p.dim() == 3 and p.shape[0] == len(t)
-            for p, t in zip(prompts, tasks))):
+            for p, t in zip(prompts, tasks)
+        )
+    ):
         return f"model.prompts is not {done} tensors [classes of the task, n_ctx, width]"
     gaussians = model["gaussians"]
-    if not (isinstance(gaussians, dict) and all(isinstance(gaussians.get(k), torch.Tensor)
-                                                for k in ("class_ids", "means"))):
+    if not (
+        isinstance(gaussians, dict)
+        and all(isinstance(gaussians.get(k), torch.Tensor) for k in ("class_ids", "means"))
+    ):
         return "model.gaussians lacks class_ids or means"
     clock = state["clock"]
-    if not (isinstance(clock, dict) and set(clock) == set(_CLOCK_FIELDS)
-            and all(_is_int(v) and v >= 0 for v in clock.values())):
+    if not (
+        isinstance(clock, dict)
+        and set(clock) == set(_CLOCK_FIELDS)
+        and all(_is_int(v) and v >= 0 for v in clock.values())
+    ):
         return "clock is not Avalanche's counters"
     rng = state["rng"]
-    if not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
-            and isinstance(rng.get("python"), list) and len(rng["python"]) == 3
-            and isinstance(rng["python"][1], list) and len(rng["python"][1]) == 625
-            and isinstance(rng.get("numpy"), list) and len(rng["numpy"]) == 5
-            and isinstance(rng["numpy"][1], torch.Tensor) and rng["numpy"][1].numel() == 624):
+    if not (
+        isinstance(rng, dict)
+        and isinstance(rng.get("torch"), torch.Tensor)
+        and isinstance(rng.get("python"), list)
+        and len(rng["python"]) == 3
+        and isinstance(rng["python"][1], list)
+        and len(rng["python"][1]) == 625
+        and isinstance(rng.get("numpy"), list)
+        and len(rng["numpy"]) == 5
+        and isinstance(rng["numpy"][1], torch.Tensor)
+        and rng["numpy"][1].numel() == 624
+    ):
         return "rng lacks the python, numpy or torch generator state"
     run = state["run"]
-    if not isinstance(run, dict) or not {"matrix", "per_task", "stream_forgetting",
-                                         "hard_pairs"} <= set(run):
+    if not isinstance(run, dict) or not {
+        "matrix",
+        "per_task",
+        "stream_forgetting",
+        "hard_pairs",
+    } <= set(run):
         return "run lacks the results so far"
     matrix = run["matrix"]
-    if not (isinstance(matrix, list) and len(matrix) == done
-            and all(isinstance(row, list) and len(row) == len(matrix[0]) >= done
-                    for row in matrix)):
+    if not (
+        isinstance(matrix, list)
+        and len(matrix) == done
+        and all(isinstance(row, list) and len(row) == len(matrix[0]) >= done for row in matrix)
+    ):
         return f"run.matrix is not {done} rows of one accuracy per test experience"
-    if any(not isinstance(run[k], list) or len(run[k]) != done
-           for k in ("per_task", "stream_forgetting", "hard_pairs")):
+    if any(
+        not isinstance(run[k], list) or len(run[k]) != done
+        for k in ("per_task", "stream_forgetting", "hard_pairs")
+    ):
         return f"run.per_task, stream_forgetting or hard_pairs do not hold {done} entries"
     rows = state["csv_rows"]
-    if not (isinstance(rows, dict) and all(isinstance(k, str) and _is_int(v) and v >= 1
-                                           for k, v in rows.items())):
+    if not (
+        isinstance(rows, dict)
+        and all(isinstance(k, str) and _is_int(v) and v >= 1 for k, v in rows.items())
+    ):
         return "csv_rows is not a line count per CSV file"
     if not isinstance(state["evaluator"], list):
         return "evaluator is not a list of metric states"
@@ -256,14 +314,18 @@ def load_latest(folder: Path, warn: Callable[[str], None] = print) -> Optional[D
             bad.append((path, str(err)))
             continue
         if bad:
-            warn(f"warning: {'; '.join(e for _, e in bad)}; resuming from the previous "
-                 f"checkpoint {path.name} instead")
+            warn(
+                f"warning: {'; '.join(e for _, e in bad)}; resuming from the previous "
+                f"checkpoint {path.name} instead"
+            )
         return state
     if bad:
         names = ", ".join(p.name for p, _ in bad)
-        raise CheckpointError(f"no usable checkpoint in {folder}: {names} cannot be read "
-                              "(corrupt, truncated or not a checkpoint); start again with "
-                              "--overwrite")
+        raise CheckpointError(
+            f"no usable checkpoint in {folder}: {names} cannot be read "
+            "(corrupt, truncated or not a checkpoint); start again with "
+            "--overwrite"
+        )
     return None
 
 
@@ -271,5 +333,8 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[s
     """``key: saved -> current`` for every config key whose value differs (the keys in
     ``RUNTIME_KEYS``, which do not change results, are not compared)."""
     keys = sorted((set(saved) | set(current)) - set(RUNTIME_KEYS))
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
-            if saved.get(k) != current.get(k)]
+    return [
+        f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]

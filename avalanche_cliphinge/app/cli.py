@@ -1,5 +1,6 @@
 """``cliphinge run``: the command line of a whole run (also ``experiments/run_split_cifar.py``
 and ``run_imagenet_r.py``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,95 +20,186 @@ from ..distributed import DistributedError
 from .checkpoint import CheckpointError
 from .datasets import add_dataset_arguments, dataset_entry
 from ..config import CLIPHingeConfig, ConfigError, config_reproduces, list_presets
-from .experiment import (RunError, check_output_dir, check_run_paths, prepare_output_dir,
-                         print_summary, run_experiment)
+from .experiment import (
+    RunError,
+    check_output_dir,
+    check_run_paths,
+    prepare_output_dir,
+    print_summary,
+    run_experiment,
+)
 from ..model.backbone import TINY_MODEL, BackboneError, load_clip
 from ..seeding import seed_everything
 from .run_lock import RunLockedError, hold
 
 #: Overrides of ``--preset smoke``: tiny random CLIP and the built-in synthetic stream.
-SMOKE = {"dataset": "synthetic", "model_name": TINY_MODEL, "pretrained": None,
-         "init_class": 4, "increment": 2, "total_tasks": 4, "init_epochs": 8, "epochs": 8,
-         "batch_size": 16, "lr": 0.01, "init_lr": 0.01, "lr_decay_epochs": [6],
-         "text_hard_pair_threshold": 0.5, "second_stage_epochs": 3, "eval_batch_size": 128,
-         "class_order": "natural", "num_workers": 0, "resize_on_device": False}
+SMOKE = {
+    "dataset": "synthetic",
+    "model_name": TINY_MODEL,
+    "pretrained": None,
+    "init_class": 4,
+    "increment": 2,
+    "total_tasks": 4,
+    "init_epochs": 8,
+    "epochs": 8,
+    "batch_size": 16,
+    "lr": 0.01,
+    "init_lr": 0.01,
+    "lr_decay_epochs": [6],
+    "text_hard_pair_threshold": 0.5,
+    "second_stage_epochs": 3,
+    "eval_batch_size": 128,
+    "class_order": "natural",
+    "num_workers": 0,
+    "resize_on_device": False,
+}
 
 #: Failures of the request (config, data, folder, checkpoint, numerics): one ``error:`` line
 #: and exit code 2. Anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS = (ConfigError, BackboneError, RunError, CheckpointError, RunLockedError,
-                   FileNotFoundError, NotADirectoryError, PermissionError, ValueError,
-                   FloatingPointError, DistributedError)
+EXPECTED_ERRORS = (
+    ConfigError,
+    BackboneError,
+    RunError,
+    CheckpointError,
+    RunLockedError,
+    FileNotFoundError,
+    NotADirectoryError,
+    PermissionError,
+    ValueError,
+    FloatingPointError,
+    DistributedError,
+)
 #: Errors of the disk or the folder (full, over quota, read-only, gone): one ``error:`` line
 #: naming the file, also when they come as a plain ``OSError``.
-DISK_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free space within your quota",
-               errno.EFBIG: "free space or raise the file size limit (ulimit -f)",
-               errno.EROFS: "make the file system writable",
-               errno.EACCES: "make the folder writable", errno.EPERM: "make the folder writable",
-               errno.EIO: "check the disk"}
+DISK_ERRNOS = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free space within your quota",
+    errno.EFBIG: "free space or raise the file size limit (ulimit -f)",
+    errno.EROFS: "make the file system writable",
+    errno.EACCES: "make the folder writable",
+    errno.EPERM: "make the folder writable",
+    errno.EIO: "check the disk",
+}
 
 
-def build_parser(description: str, default_config: str,
-                 prog: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(
+    description: str, default_config: str, prog: Optional[str] = None
+) -> argparse.ArgumentParser:
     """The options of ``cliphinge run`` and of the experiment scripts."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     epilog=presets_epilog(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=default_config,
-                        help="a shipped preset (listed below) or a JSON file of config keys "
-                             "(default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, repeatable; the value is read as JSON "
-                             "(5, 0.1, true, null, [4, 10], \"text\") and otherwise taken as "
-                             "a string: --set epochs=5 --set pretrained=null")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=presets_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        default=default_config,
+        help="a shipped preset (listed below) or a JSON file of config keys (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, repeatable; the value is read as JSON "
+        '(5, 0.1, true, null, [4, 10], "text") and otherwise taken as '
+        "a string: --set epochs=5 --set pretrained=null",
+    )
     parser.add_argument("--data-root", default="data", help="dataset folder (default: data)")
-    parser.add_argument("--pretrained", default=None,
-                        help="open_clip tag (openai) or a local checkpoint file; overrides the "
-                             "config's 'pretrained'")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if "
-                                                       "available)")
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="open_clip tag (openai) or a local checkpoint file; overrides the "
+        "config's 'pretrained'",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)"
+    )
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
-    seeds.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
-                       help="one run per seed, one after the other, each in "
-                            "<output-dir>/seed_<SEED> and each resumable; combine them with "
-                            "cliphinge aggregate")
-    parser.add_argument("--output-dir", default=None,
-                        help="where results go (default: runs/<config name>, runs/smoke with "
-                             "--preset smoke)")
-    parser.add_argument("--preset", choices=["smoke"], default=None,
-                        help="smoke: tiny random CLIP on the built-in synthetic stream, "
-                             "offline, under a minute on 2 CPU cores")
-    parser.add_argument("--download", action="store_true",
-                        help="download the dataset when it is missing (needs internet)")
-    parser.add_argument("--skip-bad-images", action="store_true",
-                        help="leave out image files that cannot be read (one warning with "
-                             "their count and the first paths) instead of stopping at the "
-                             "first; reads every image once before the run")
-    parser.add_argument("--augment", action="store_true",
-                        help="random-resized-crop training augmentation (off by default, as in "
-                             "RAPF; turns the feature cache off)")
+    seeds.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="SEED",
+        help="one run per seed, one after the other, each in "
+        "<output-dir>/seed_<SEED> and each resumable; combine them with "
+        "cliphinge aggregate",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="where results go (default: runs/<config name>, runs/smoke with --preset smoke)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["smoke"],
+        default=None,
+        help="smoke: tiny random CLIP on the built-in synthetic stream, "
+        "offline, under a minute on 2 CPU cores",
+    )
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="download the dataset when it is missing (needs internet)",
+    )
+    parser.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave out image files that cannot be read (one warning with "
+        "their count and the first paths) instead of stopping at the "
+        "first; reads every image once before the run",
+    )
+    parser.add_argument(
+        "--augment",
+        action="store_true",
+        help="random-resized-crop training augmentation (off by default, as in "
+        "RAPF; turns the feature cache off)",
+    )
     again = parser.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue after the last complete experience in --output-dir "
-                            "(from its newest readable checkpoint)")
-    again.add_argument("--overwrite", action="store_true",
-                       help="start again in an --output-dir that holds a run (deletes its "
-                            "results, logs and checkpoints)")
-    parser.add_argument("--force", action="store_true",
-                        help="with --resume: accept a checkpoint made with another config")
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue after the last complete experience in --output-dir "
+        "(from its newest readable checkpoint)",
+    )
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an --output-dir that holds a run (deletes its "
+        "results, logs and checkpoints)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: accept a checkpoint made with another config",
+    )
     parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: the cores this process may use, at "
-                             "most 8, shared out among torchrun's processes on the machine; "
-                             "1 on a machine with 2 cores or fewer)")
-    parser.add_argument("--dist-timeout", type=_positive_minutes,
-                        default=distributed.DEFAULT_TIMEOUT_MINUTES, metavar="MINUTES",
-                        help="under torchrun: how long a process waits for the others before "
-                             "the run stops with an error (default: %(default)s)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: the cores this process may use, at "
+        "most 8, shared out among torchrun's processes on the machine; "
+        "1 on a machine with 2 cores or fewer)",
+    )
+    parser.add_argument(
+        "--dist-timeout",
+        type=_positive_minutes,
+        default=distributed.DEFAULT_TIMEOUT_MINUTES,
+        metavar="MINUTES",
+        help="under torchrun: how long a process waits for the others before "
+        "the run stops with an error (default: %(default)s)",
+    )
     add_dataset_arguments(parser)
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of an error instead of one line")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an error instead of one line",
+    )
     return parser
 
 
@@ -140,13 +232,21 @@ def smoke_stream(config: CLIPHingeConfig):
 
     order = config.class_order
     if isinstance(order, str) and order != "natural":
-        raise ConfigError(f"class_order '{order}' is a CIFAR-100 order; the smoke stream has "
-                          f"{config.n_classes} classes: use 'natural' or a list of its class "
-                          "ids")
-    return synthetic(n_classes=config.n_classes, init_class=config.init_class,
-                     increment=config.increment, train_per_class=30, test_per_class=15,
-                     noise=0.25, seed=config.seed,
-                     class_order=None if order == "natural" else order)
+        raise ConfigError(
+            f"class_order '{order}' is a CIFAR-100 order; the smoke stream has "
+            f"{config.n_classes} classes: use 'natural' or a list of its class "
+            "ids"
+        )
+    return synthetic(
+        n_classes=config.n_classes,
+        init_class=config.init_class,
+        increment=config.increment,
+        train_per_class=30,
+        test_per_class=15,
+        noise=0.25,
+        seed=config.seed,
+        class_order=None if order == "natural" else order,
+    )
 
 
 class _RandomWeightsNotice(logging.Filter):
@@ -175,8 +275,10 @@ def _one_line(err: BaseException) -> str:
 def _disk_error(err: OSError, output_dir: Path) -> str:
     """One line for a disk or folder error: the file, the reason, what to do."""
     where = err.filename or output_dir
-    return (f"cannot write {where} ({err.strerror or err}); {DISK_ERRNOS[err.errno]}, then "
-            f"continue with --resume (the files written so far in {output_dir} are intact)")
+    return (
+        f"cannot write {where} ({err.strerror or err}); {DISK_ERRNOS[err.errno]}, then "
+        f"continue with --resume (the files written so far in {output_dir} are intact)"
+    )
 
 
 def default_threads() -> int:
@@ -185,8 +287,9 @@ def default_threads() -> int:
     run's training took 45 s with the default threads on a busy 2-core machine, 2.4 s with
     one, same results). Under torchrun the cores are shared out among the machine's
     processes."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     return 1 if cores <= 2 else max(1, min(cores // distributed.local_world_size(), 8))
 
 
@@ -201,9 +304,13 @@ def _positive_minutes(text: str) -> float:
     return value
 
 
-def main(argv: Optional[List[str]] = None, description: str = "Run CLIPHingeStrategy on a "
-         "class-incremental stream.", default_config: str = "cifar100_b0_inc10",
-         dataset: Optional[str] = None, prog: Optional[str] = None) -> int:
+def main(
+    argv: Optional[List[str]] = None,
+    description: str = "Run CLIPHingeStrategy on a class-incremental stream.",
+    default_config: str = "cifar100_b0_inc10",
+    dataset: Optional[str] = None,
+    prog: Optional[str] = None,
+) -> int:
     """Parse, build the stream of the config's ``dataset`` with the model's transforms, run,
     print the report.
 
@@ -217,8 +324,10 @@ def main(argv: Optional[List[str]] = None, description: str = "Run CLIPHingeStra
     import torch
 
     torch.set_num_threads(args.threads or default_threads())
-    output_dir = Path(args.output_dir or Path("runs") / (
-        "smoke" if args.preset == "smoke" else Path(args.config).stem))
+    output_dir = Path(
+        args.output_dir
+        or Path("runs") / ("smoke" if args.preset == "smoke" else Path(args.config).stem)
+    )
     try:
         # under torchrun: join the processes, each on cuda:LOCAL_RANK (or the CPU)
         args.device = distributed.init_from_env(args.device, args.dist_timeout)
@@ -238,12 +347,13 @@ def main(argv: Optional[List[str]] = None, description: str = "Run CLIPHingeStra
         distributed.shutdown()
 
 
-def _run_and_report(args: argparse.Namespace, argv: Optional[List[str]], output_dir: Path,
-                    dataset: Optional[str]) -> int:
+def _run_and_report(
+    args: argparse.Namespace, argv: Optional[List[str]], output_dir: Path, dataset: Optional[str]
+) -> int:
     """One run into ``output_dir``: the summary, or one ``error:`` line; the exit code."""
     notice = _RandomWeightsNotice()
     logging.getLogger().addFilter(notice)
-    main = distributed.is_main()        # under torchrun rank 0 reports, the others are quiet
+    main = distributed.is_main()  # under torchrun rank 0 reports, the others are quiet
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
@@ -254,33 +364,42 @@ def _run_and_report(args: argparse.Namespace, argv: Optional[List[str]], output_
         disk = isinstance(err, OSError) and err.errno in DISK_ERRNOS
         if args.debug or not (disk or isinstance(err, EXPECTED_ERRORS)):
             raise
-        if not distributed.is_echo(err):        # the rank it happened on says it, once
-            print(f"error: {_disk_error(err, output_dir) if disk else _one_line(err)}",
-                  file=sys.stderr)
+        if not distributed.is_echo(err):  # the rank it happened on says it, once
+            print(
+                f"error: {_disk_error(err, output_dir) if disk else _one_line(err)}",
+                file=sys.stderr,
+            )
         return 2
     except KeyboardInterrupt:
         if main:
-            print(f"interrupted; continue with the same command plus --resume (output "
-                  f"folder {output_dir})", file=sys.stderr)
+            print(
+                f"interrupted; continue with the same command plus --resume (output "
+                f"folder {output_dir})",
+                file=sys.stderr,
+            )
         return 130
     finally:
         logging.getLogger().removeFilter(notice)
     if not main:
         return 0
     print_summary(results)
-    print(f"results: {output_dir / 'results.txt'} | TensorBoard: tensorboard --logdir "
-          f"{output_dir / 'tb'} | this process: {seconds:.1f} s")
+    print(
+        f"results: {output_dir / 'results.txt'} | TensorBoard: tensorboard --logdir "
+        f"{output_dir / 'tb'} | this process: {seconds:.1f} s"
+    )
     return 0
 
 
-def _run(args: argparse.Namespace, argv: Optional[List[str]], output_dir: Path,
-         dataset: Optional[str]):
+def _run(
+    args: argparse.Namespace, argv: Optional[List[str]], output_dir: Path, dataset: Optional[str]
+):
     import torch
 
     began = time.perf_counter()
     # every rank checks the request (torchrun); a failure on any rank stops them all
     config, stream_factory = distributed.agree(lambda: _checked_request(args, dataset))
     with ExitStack() as held:
+
         def take_folder() -> None:
             # The folder is locked from the first look at it to the end of the run (by rank
             # 0 under torchrun: its verdict stops every rank alike).
@@ -290,14 +409,26 @@ def _run(args: argparse.Namespace, argv: Optional[List[str]], output_dir: Path,
         distributed.on_main(take_folder)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         backbone, named_benchmark = _load_backbone_and_stream(args, config, device, stream_factory)
-        protocol = {"stream": named_benchmark.protocol.get("name", config.dataset),
-                    "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
-                    "config_file": str(args.config), "preset": args.preset,
-                    "reproduces": config_reproduces(args.config)}
-        results = run_experiment(config, named_benchmark, output_dir, backbone=backbone, device=device,
-                                 resume=args.resume, overwrite=args.overwrite,
-                                 force=args.force, wandb=args.wandb,
-                                 interactive=not args.quiet, protocol=protocol)
+        protocol = {
+            "stream": named_benchmark.protocol.get("name", config.dataset),
+            "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+            "config_file": str(args.config),
+            "preset": args.preset,
+            "reproduces": config_reproduces(args.config),
+        }
+        results = run_experiment(
+            config,
+            named_benchmark,
+            output_dir,
+            backbone=backbone,
+            device=device,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            force=args.force,
+            wandb=args.wandb,
+            interactive=not args.quiet,
+            protocol=protocol,
+        )
     return results, time.perf_counter() - began
 
 
@@ -308,8 +439,10 @@ def _checked_request(args: argparse.Namespace, dataset: Optional[str]):
     stream_factory = None
     if args.preset != "smoke":
         if dataset is not None and config.dataset != dataset:
-            raise ConfigError(f"config {args.config} is for dataset '{config.dataset}', not "
-                              f"'{dataset}'; run it with: cliphinge run --config {args.config}")
+            raise ConfigError(
+                f"config {args.config} is for dataset '{config.dataset}', not "
+                f"'{dataset}'; run it with: cliphinge run --config {args.config}"
+            )
         check_data, stream_factory = dataset_entry(config)
         config.require_layout(f"the {config.dataset} stream builder")
         check_data(args, config)
@@ -317,8 +450,9 @@ def _checked_request(args: argparse.Namespace, dataset: Optional[str]):
     return config, stream_factory
 
 
-def _load_backbone_and_stream(args: argparse.Namespace, config: CLIPHingeConfig, device: str,
-                              stream_factory):
+def _load_backbone_and_stream(
+    args: argparse.Namespace, config: CLIPHingeConfig, device: str, stream_factory
+):
     """The frozen CLIP and the stream named_benchmark built with its transforms.
 
     Under torchrun each machine's first process loads first (it downloads what is missing),
@@ -330,8 +464,12 @@ def _load_backbone_and_stream(args: argparse.Namespace, config: CLIPHingeConfig,
         # Random weights (pretrained=None) come from the global RNG: seed it first, so a
         # resumed run gets the same frozen CLIP as the run it continues.
         seed_everything(config.seed)
-        backbone = load_clip(config.model_name, config.pretrained, device=device,
-                             allow_activation_mismatch=config.allow_activation_mismatch)
+        backbone = load_clip(
+            config.model_name,
+            config.pretrained,
+            device=device,
+            allow_activation_mismatch=config.allow_activation_mismatch,
+        )
         with skip_unreadable_images(args.skip_bad_images):
             if args.preset == "smoke":
                 return backbone, smoke_stream(config)

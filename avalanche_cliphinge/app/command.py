@@ -5,6 +5,7 @@ names), ``compare`` (beside Avalanche's strategies and zero-shot CLIP), ``preset
 shipped configs and what they reproduce), ``predict`` (top classes of images with a saved
 model), ``aggregate`` (mean ± std over finished runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,9 @@ def presets_main(argv: List[str]) -> int:
     """Print every shipped preset with what it reproduces."""
     from ..config import list_presets
 
-    argparse.ArgumentParser(prog="cliphinge presets",
-                            description="The shipped presets (--config NAME).").parse_args(argv)
+    argparse.ArgumentParser(
+        prog="cliphinge presets", description="The shipped presets (--config NAME)."
+    ).parse_args(argv)
     for name, note in list_presets().items():
         print(f"{name}\n    {note}")
     return 0
@@ -37,16 +39,21 @@ def presets_main(argv: List[str]) -> int:
 
 def predict_main(argv: List[str]) -> int:
     """Print the top classes of each image with a saved model."""
-    parser = argparse.ArgumentParser(prog="cliphinge predict",
-                                     description="Top classes of images with a saved model.")
-    parser.add_argument("--model", required=True,
-                        help="a saved model: final_model.pt in a run's output folder")
+    parser = argparse.ArgumentParser(
+        prog="cliphinge predict", description="Top classes of images with a saved model."
+    )
+    parser.add_argument(
+        "--model", required=True, help="a saved model: final_model.pt in a run's output folder"
+    )
     parser.add_argument("images", nargs="+", help="image files (any format PIL reads)")
     parser.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
-    parser.add_argument("--pretrained", default=None,
-                        help="the frozen CLIP weights on this machine (a tag or a file with "
-                             "the SHA-256 recorded at training) when not where training "
-                             "found them")
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="the frozen CLIP weights on this machine (a tag or a file with "
+        "the SHA-256 recorded at training) when not where training "
+        "found them",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default: cpu)")
     args = parser.parse_args(argv)
     from PIL import Image, UnidentifiedImageError
@@ -65,8 +72,10 @@ def predict_main(argv: List[str]) -> int:
                 with Image.open(path) as image:
                     images.append(image.convert("RGB"))
             except (OSError, UnidentifiedImageError) as err:
-                raise SavedModelError(f"cannot read image {path} ({type(err).__name__}); pass "
-                                      "JPEG, PNG or another format PIL reads") from None
+                raise SavedModelError(
+                    f"cannot read image {path} ({type(err).__name__}); pass "
+                    "JPEG, PNG or another format PIL reads"
+                ) from None
         prediction = model.predict(images, k=args.top)
     except (SavedModelError, BackboneError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -100,6 +109,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .aggregate import main as aggregate_main
 
         return aggregate_main(rest)
-    print(f"error: unknown command '{command}'; choose run, compare, presets, predict or "
-          "aggregate (cliphinge --help)", file=sys.stderr)
+    print(
+        f"error: unknown command '{command}'; choose run, compare, presets, predict or "
+        "aggregate (cliphinge --help)",
+        file=sys.stderr,
+    )
     return 2

@@ -26,6 +26,7 @@ per strategy. ``CLIPHingeStrategy`` runs on the image stream exactly as ``run_ex
 so its numbers match ``experiments/run_split_cifar.py``; its entries share one ``FeatureCache``
 per stream, so the encoder runs once for all of them as well.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,11 @@ from ..strategy import CLIPHingeStrategy, build_model
 ZEROSHOT = "zeroshot"
 CLIPHINGE = "cliphinge"
 BENCHMARKS = ("split_cifar100", "imagenet_r", "smoke")
-DEFAULT_CONFIGS = {"split_cifar100": "cifar100_b0_inc10", "imagenet_r": "imagenet_r_b0_inc20",
-                   "smoke": "cifar100_b0_inc10"}
+DEFAULT_CONFIGS = {
+    "split_cifar100": "cifar100_b0_inc10",
+    "imagenet_r": "imagenet_r_b0_inc20",
+    "smoke": "cifar100_b0_inc10",
+}
 
 #: CLIPHinge ablations: config overrides on top of the run's config.
 ABLATIONS: Dict[str, Dict[str, Any]] = {
@@ -81,8 +85,11 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "no_stage2": {"second_stage_epochs": 0},
     # alpha = 0 scores exactly the stage-1 CLIP logits (clip + 0 * head); stage 2 still trains.
     "no_fusion": {"second_stage_fusion_weight": 0.0},
-    "no_replay_no_hinge": {"samples_per_old_class": 0, "text_use_hinge_loss": False,
-                           "use_image_hinge_loss": False},
+    "no_replay_no_hinge": {
+        "samples_per_old_class": 0,
+        "text_use_hinge_loss": False,
+        "use_image_hinge_loss": False,
+    },
 }
 
 
@@ -124,8 +131,9 @@ class BaselineSettings:
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "sgd"):
-            raise CompareError(f"baseline.optimizer must be 'adam' or 'sgd', got "
-                               f"{self.optimizer!r}")
+            raise CompareError(
+                f"baseline.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}"
+            )
         for key in ("epochs", "batch_size"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -133,16 +141,19 @@ class BaselineSettings:
         if not self.lr > 0:
             raise CompareError(f"baseline.lr must be > 0, got {self.lr!r}")
         if not isinstance(self.memory_per_class, int) or self.memory_per_class < 1:
-            raise CompareError(f"baseline.memory_per_class must be an integer >= 1, got "
-                               f"{self.memory_per_class!r}")
+            raise CompareError(
+                f"baseline.memory_per_class must be an integer >= 1, got {self.memory_per_class!r}"
+            )
 
     def with_overrides(self, assignments: Dict[str, Any]) -> "BaselineSettings":
         """A copy with ``{key: value}`` applied; unknown keys name the closest one."""
         known = [f.name for f in dataclasses.fields(self)]
         for key in assignments:
             if key not in known:
-                raise CompareError(f"--set: unknown baseline setting 'baseline.{key}'"
-                                   + _suggest(key, known, prefix="baseline."))
+                raise CompareError(
+                    f"--set: unknown baseline setting 'baseline.{key}'"
+                    + _suggest(key, known, prefix="baseline.")
+                )
         return BaselineSettings(**{**dataclasses.asdict(self), **assignments})
 
 
@@ -234,16 +245,23 @@ def _icarl(ctx: BaselineContext) -> SupervisedTemplate:
     del kwargs["criterion"]  # iCaRL brings its own loss
     classifier = nn.Linear(model.classifier.classifier.in_features, ctx.n_classes)
     kwargs["optimizer"] = ctx.optimizer(classifier.parameters())
-    return ICaRL(feature_extractor=model.feature_extractor, classifier=classifier,
-                 memory_size=ctx.memory, buffer_transform=None, fixed_memory=True, **kwargs)
+    return ICaRL(
+        feature_extractor=model.feature_extractor,
+        classifier=classifier,
+        memory_size=ctx.memory,
+        buffer_transform=None,
+        fixed_memory=True,
+        **kwargs,
+    )
 
 
 #: Avalanche strategies by entry name: ``factory(BaselineContext) -> strategy``. Add one here
 #: (or at run time, before ``main``) to make it a ``--strategies`` name.
 BASELINES: Dict[str, Callable[[BaselineContext], SupervisedTemplate]] = {
     "naive": lambda ctx: Naive(**ctx.common),
-    "lwf": lambda ctx: LwF(**ctx.common, alpha=ctx.settings.lwf_alpha,
-                           temperature=ctx.settings.lwf_temperature),
+    "lwf": lambda ctx: LwF(
+        **ctx.common, alpha=ctx.settings.lwf_alpha, temperature=ctx.settings.lwf_temperature
+    ),
     "ewc": lambda ctx: EWC(**ctx.common, ewc_lambda=ctx.settings.ewc_lambda),
     "replay": lambda ctx: Replay(**ctx.common, mem_size=ctx.memory),
     "gdumb": lambda ctx: GDumb(**ctx.common, mem_size=ctx.memory),
@@ -293,12 +311,25 @@ class ZeroShotCLIPStrategy(SupervisedTemplate):
     metrics are Avalanche's.
     """
 
-    def __init__(self, *, model: ZeroShotCLIP, eval_mb_size: int = 256,
-                 device: str | torch.device = "cpu", evaluator=default_evaluator):
+    def __init__(
+        self,
+        *,
+        model: ZeroShotCLIP,
+        eval_mb_size: int = 256,
+        device: str | torch.device = "cpu",
+        evaluator=default_evaluator,
+    ):
         placeholder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
-        super().__init__(model=model, optimizer=placeholder, criterion=nn.CrossEntropyLoss(),
-                         train_mb_size=eval_mb_size, train_epochs=0, eval_mb_size=eval_mb_size,
-                         device=device, evaluator=evaluator)
+        super().__init__(
+            model=model,
+            optimizer=placeholder,
+            criterion=nn.CrossEntropyLoss(),
+            train_mb_size=eval_mb_size,
+            train_epochs=0,
+            eval_mb_size=eval_mb_size,
+            device=device,
+            evaluator=evaluator,
+        )
 
     def make_optimizer(self, **kwargs):
         """Nothing to optimise."""
@@ -323,9 +354,14 @@ class FeatureStream:
 
 
 @torch.no_grad()
-def extract_feature_stream(named_benchmark, backbone: CLIPBackbone, device: str | torch.device = "cpu",
-                           batch_size: int = 256, bf16: bool = False,
-                           num_workers: int = 0) -> FeatureStream:
+def extract_feature_stream(
+    named_benchmark,
+    backbone: CLIPBackbone,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+    bf16: bool = False,
+    num_workers: int = 0,
+) -> FeatureStream:
     """Run the frozen image encoder once over every experience of ``named_benchmark`` (eval transform).
 
     Returns unnormalised ``float32`` features in a benchmark built the way the image stream
@@ -337,15 +373,23 @@ def extract_feature_stream(named_benchmark, backbone: CLIPBackbone, device: str 
     began = time.perf_counter()
     device = torch.device(device)
     encoder = backbone.model.eval()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda"
-                else nullcontext())
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if bf16 and device.type == "cuda"
+        else nullcontext()
+    )
 
     def encode(stream):
         feats, labels = [], []
         for experience in stream:
-            f, y = encode_dataset(encoder.encode_image, experience.dataset.eval(),
-                                  batch_size=batch_size, device=device,
-                                  num_workers=num_workers, autocast=lambda: autocast)
+            f, y = encode_dataset(
+                encoder.encode_image,
+                experience.dataset.eval(),
+                batch_size=batch_size,
+                device=device,
+                num_workers=num_workers,
+                autocast=lambda: autocast,
+            )
             feats.append(f.cpu())
             labels.append(y.cpu())
         return TensorDataset(torch.cat(feats), torch.cat(labels))
@@ -353,17 +397,27 @@ def extract_feature_stream(named_benchmark, backbone: CLIPBackbone, device: str 
     image_benchmark = named_benchmark.benchmark
     sizes = list(image_benchmark.n_classes_per_exp)
     train, test = encode(image_benchmark.train_stream), encode(image_benchmark.test_stream)
-    benchmark = make_nc_benchmark(train, test, list(named_benchmark.class_order), sizes[0],
-                                  sizes[1] if len(sizes) > 1 else sizes[0], None, None)
+    benchmark = make_nc_benchmark(
+        train,
+        test,
+        list(named_benchmark.class_order),
+        sizes[0],
+        sizes[1] if len(sizes) > 1 else sizes[0],
+        None,
+        None,
+    )
     for side in ("train_stream", "test_stream"):
         ours, theirs = getattr(benchmark, side), getattr(image_benchmark, side)
         for k, (a, b) in enumerate(zip(ours, theirs)):
             same_classes = sorted(a.classes_in_this_experience) == sorted(
-                b.classes_in_this_experience)
+                b.classes_in_this_experience
+            )
             if not same_classes or len(a.dataset) != len(b.dataset):
-                raise RuntimeError(f"feature stream differs from the image stream at {side} "
-                                   f"experience {k}; the stream must hold each class in one "
-                                   "experience")
+                raise RuntimeError(
+                    f"feature stream differs from the image stream at {side} "
+                    f"experience {k}; the stream must hold each class in one "
+                    "experience"
+                )
     for a, b in zip(benchmark.test_stream, image_benchmark.test_stream):
         if list(a.dataset.targets) != list(b.dataset.targets):
             raise RuntimeError("feature test stream is not index-aligned with the image one")
@@ -391,8 +445,9 @@ def strategy_names() -> Tuple[str, ...]:
     return (ZEROSHOT, *BASELINES, CLIPHINGE)
 
 
-def resolve_entries(strategies: Sequence[str] = DEFAULT_STRATEGIES,
-                    ablations: Sequence[str] = tuple(ABLATIONS)) -> List[Entry]:
+def resolve_entries(
+    strategies: Sequence[str] = DEFAULT_STRATEGIES, ablations: Sequence[str] = tuple(ABLATIONS)
+) -> List[Entry]:
     """Entries for the named strategies and CLIPHinge ablations (order: as listed, ablations
     last). Names are case-insensitive; an unknown one raises ``CompareError`` naming the closest.
     """
@@ -400,25 +455,30 @@ def resolve_entries(strategies: Sequence[str] = DEFAULT_STRATEGIES,
     for raw in strategies:
         name = raw.strip().lower()
         if name not in strategy_names():
-            raise CompareError(f"unknown strategy '{raw}'" + _suggest(name, strategy_names())
-                               + f" (choose from {', '.join(strategy_names())})")
-        kind = ("zeroshot" if name == ZEROSHOT else "cliphinge" if name == CLIPHINGE
-                else "baseline")
+            raise CompareError(
+                f"unknown strategy '{raw}'"
+                + _suggest(name, strategy_names())
+                + f" (choose from {', '.join(strategy_names())})"
+            )
+        kind = "zeroshot" if name == ZEROSHOT else "cliphinge" if name == CLIPHINGE else "baseline"
         entries.append(Entry(name, kind))
     for raw in ablations:
         name = raw.strip().lower()
         if name not in ABLATIONS:
-            raise CompareError(f"unknown ablation '{raw}'" + _suggest(name, ABLATIONS)
-                               + f" (choose from {', '.join(ABLATIONS)}, or none)")
-        entries.append(Entry(f"{CLIPHINGE}_{name}", "cliphinge",
-                             tuple(ABLATIONS[name].items())))
+            raise CompareError(
+                f"unknown ablation '{raw}'"
+                + _suggest(name, ABLATIONS)
+                + f" (choose from {', '.join(ABLATIONS)}, or none)"
+            )
+        entries.append(Entry(f"{CLIPHINGE}_{name}", "cliphinge", tuple(ABLATIONS[name].items())))
     names = [e.name for e in entries]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise CompareError(f"entries named twice: {', '.join(repeated)}; list each once")
     if not entries:
-        raise CompareError("nothing to compare: give at least one --strategies name or "
-                           "--ablations name")
+        raise CompareError(
+            "nothing to compare: give at least one --strategies name or --ablations name"
+        )
     return entries
 
 
@@ -455,9 +515,18 @@ class RunResult:
     peak_memory_mib: float
 
 
-def build_strategy(entry: Entry, *, config: CLIPHingeConfig, named_benchmark, backbone: CLIPBackbone,
-                   features: Optional[FeatureStream], settings: BaselineSettings, evaluator,
-                   device: str | torch.device, feature_cache: Optional[FeatureCache] = None):
+def build_strategy(
+    entry: Entry,
+    *,
+    config: CLIPHingeConfig,
+    named_benchmark,
+    backbone: CLIPBackbone,
+    features: Optional[FeatureStream],
+    settings: BaselineSettings,
+    evaluator,
+    device: str | torch.device,
+    feature_cache: Optional[FeatureCache] = None,
+):
     """The Avalanche strategy of ``entry``; the caller seeds the RNGs first.
 
     ``feature_cache`` is shared by the CLIPHinge entries of one stream (a new one when None).
@@ -467,32 +536,53 @@ def build_strategy(entry: Entry, *, config: CLIPHingeConfig, named_benchmark, ba
         if cfg.use_lora_in_second_stage and cfg.second_stage_epochs > 0:
             backbone = copy.deepcopy(backbone)  # LoRA is injected into the encoder in place
         model = build_model(cfg, named_benchmark.class_names, device, backbone=backbone)
-        return CLIPHingeStrategy(config=cfg, class_names=named_benchmark.class_names, model=model,
-                                 evaluator=evaluator, device=device, feature_cache=feature_cache)
+        return CLIPHingeStrategy(
+            config=cfg,
+            class_names=named_benchmark.class_names,
+            model=model,
+            evaluator=evaluator,
+            device=device,
+            feature_cache=feature_cache,
+        )
     if features is None:
         raise ValueError(f"{entry.name} runs on pre-extracted features: pass features")
     if entry.kind == "zeroshot":
-        text = raw_text_features(backbone.model, backbone.tokenizer, named_benchmark.class_names,
-                                 config.prompt_template)
+        text = raw_text_features(
+            backbone.model, backbone.tokenizer, named_benchmark.class_names, config.prompt_template
+        )
         model = ZeroShotCLIP(text.cpu(), float(backbone.model.logit_scale.exp()))
-        return ZeroShotCLIPStrategy(model=model, eval_mb_size=config.eval_batch_size,
-                                    device=device, evaluator=evaluator)
+        return ZeroShotCLIPStrategy(
+            model=model, eval_mb_size=config.eval_batch_size, device=device, evaluator=evaluator
+        )
     model = FrozenCLIPClassifier(features.dim)
     context = BaselineContext({}, settings, len(named_benchmark.class_names))
-    context.common = dict(model=model, optimizer=context.optimizer(model.parameters()),
-                          criterion=nn.CrossEntropyLoss(),
-                          train_mb_size=settings.batch_size or config.batch_size,
-                          train_epochs=settings.epochs or config.epochs,
-                          eval_mb_size=config.eval_batch_size, device=device,
-                          evaluator=evaluator)
+    context.common = dict(
+        model=model,
+        optimizer=context.optimizer(model.parameters()),
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=settings.batch_size or config.batch_size,
+        train_epochs=settings.epochs or config.epochs,
+        eval_mb_size=config.eval_batch_size,
+        device=device,
+        evaluator=evaluator,
+    )
     return BASELINES[entry.name](context)
 
 
-def run_entry(entry: Entry, *, config: CLIPHingeConfig, named_benchmark, backbone: CLIPBackbone,
-              features: Optional[FeatureStream], output_dir: str | Path,
-              settings: Optional[BaselineSettings] = None, device: str | torch.device = "cpu",
-              run_name: Optional[str] = None, feature_cache: Optional[FeatureCache] = None,
-              log: Callable[[str], None] = print) -> RunResult:
+def run_entry(
+    entry: Entry,
+    *,
+    config: CLIPHingeConfig,
+    named_benchmark,
+    backbone: CLIPBackbone,
+    features: Optional[FeatureStream],
+    output_dir: str | Path,
+    settings: Optional[BaselineSettings] = None,
+    device: str | torch.device = "cpu",
+    run_name: Optional[str] = None,
+    feature_cache: Optional[FeatureCache] = None,
+    log: Callable[[str], None] = print,
+) -> RunResult:
     """Train ``entry`` on every experience, evaluating the whole test stream after each.
 
     Args:
@@ -514,17 +604,26 @@ def run_entry(entry: Entry, *, config: CLIPHingeConfig, named_benchmark, backbon
     run_name = run_name or entry.name
     device = torch.device(device)
     log_name = run_name.replace("/", "_")
-    evaluation = make_evaluator(tensorboard_dir=Path(output_dir) / "tb" / run_name,
-                                text_log=Path(output_dir) / "logs" / f"{log_name}.txt")
+    evaluation = make_evaluator(
+        tensorboard_dir=Path(output_dir) / "tb" / run_name,
+        text_log=Path(output_dir) / "logs" / f"{log_name}.txt",
+    )
     writer = evaluation.tensorboard.writer
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(config.seed)
     try:
-        strategy = build_strategy(entry, config=config, named_benchmark=named_benchmark, backbone=backbone,
-                                  features=features, settings=settings,
-                                  evaluator=evaluation.plugin, device=device,
-                                  feature_cache=feature_cache)
+        strategy = build_strategy(
+            entry,
+            config=config,
+            named_benchmark=named_benchmark,
+            backbone=backbone,
+            features=features,
+            settings=settings,
+            evaluator=evaluation.plugin,
+            device=device,
+            feature_cache=feature_cache,
+        )
         benchmark = named_benchmark.benchmark if entry.kind == "cliphinge" else features.benchmark
         test_sizes = [len(exp.dataset) for exp in benchmark.test_stream]
         matrix, curve, train_seconds, forgetting = [], [], 0.0, None
@@ -542,18 +641,25 @@ def run_entry(entry: Entry, *, config: CLIPHingeConfig, named_benchmark, backbon
     finally:
         evaluation.close()
         writer.close()
-    return RunResult(entry=entry.name, seed=config.seed, matrix=matrix, test_sizes=test_sizes,
-                     curve=curve, metrics=metrics, stream_forgetting=forgetting,
-                     train_seconds=None if entry.kind == "zeroshot" else train_seconds,
-                     peak_memory_mib=peak_memory_mib(device))
+    return RunResult(
+        entry=entry.name,
+        seed=config.seed,
+        matrix=matrix,
+        test_sizes=test_sizes,
+        curve=curve,
+        metrics=metrics,
+        stream_forgetting=forgetting,
+        train_seconds=None if entry.kind == "zeroshot" else train_seconds,
+        peak_memory_mib=peak_memory_mib(device),
+    )
 
 
 def peak_memory_mib(device: torch.device) -> float:
     """CUDA ``max_memory_allocated`` on a GPU, else the process's peak RSS (MiB)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # bytes vs KiB
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes vs KiB
 
 
 @dataclass
@@ -567,12 +673,18 @@ class Comparison:
     wall_seconds: float = 0.0
 
 
-def run_comparison(entries: Sequence[Entry], *, config: CLIPHingeConfig,
-                   stream_factory: Callable[[CLIPHingeConfig], Any], backbone: CLIPBackbone,
-                   seeds: Sequence[int], output_dir: str | Path,
-                   settings: Optional[BaselineSettings] = None,
-                   device: str | torch.device = "cpu",
-                   log: Callable[[str], None] = print) -> Comparison:
+def run_comparison(
+    entries: Sequence[Entry],
+    *,
+    config: CLIPHingeConfig,
+    stream_factory: Callable[[CLIPHingeConfig], Any],
+    backbone: CLIPBackbone,
+    seeds: Sequence[int],
+    output_dir: str | Path,
+    settings: Optional[BaselineSettings] = None,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] = print,
+) -> Comparison:
     """Run every entry on every seed; the stream is built once per seed (``stream_factory``
     gets the config with that seed) and its features are extracted once, when needed.
 
@@ -589,43 +701,76 @@ def run_comparison(entries: Sequence[Entry], *, config: CLIPHingeConfig,
         named_benchmark = stream_factory(cfg)
         cfg.check_class_count(len(named_benchmark.class_names), "the stream")
         if named_benchmark.n_experiences != cfg.total_tasks:
-            raise CompareError(f"the stream has {named_benchmark.n_experiences} experiences but "
-                               f"total_tasks={cfg.total_tasks}; make them agree")
+            raise CompareError(
+                f"the stream has {named_benchmark.n_experiences} experiences but "
+                f"total_tasks={cfg.total_tasks}; make them agree"
+            )
         features = None
         if any(e.kind != "cliphinge" for e in entries):
-            features = extract_feature_stream(named_benchmark, backbone, device, cfg.eval_batch_size,
-                                              bf16=cfg.precision == "bf16",
-                                              num_workers=cfg.num_workers)
+            features = extract_feature_stream(
+                named_benchmark,
+                backbone,
+                device,
+                cfg.eval_batch_size,
+                bf16=cfg.precision == "bf16",
+                num_workers=cfg.num_workers,
+            )
             extraction.append(features.seconds)
-            log(f"seed {seed}: frozen image features extracted once for zero-shot and the "
-                f"baselines in {features.seconds:.1f} s")
-        cache = FeatureCache(max_bytes=int(cfg.feature_cache_max_gb * 2 ** 30),
-                             directory=cfg.feature_cache_dir)
+            log(
+                f"seed {seed}: frozen image features extracted once for zero-shot and the "
+                f"baselines in {features.seconds:.1f} s"
+            )
+        cache = FeatureCache(
+            max_bytes=int(cfg.feature_cache_max_gb * 2**30), directory=cfg.feature_cache_dir
+        )
         for entry in entries:
             run_name = entry.name if len(seeds) == 1 else f"{entry.name}/seed{seed}"
-            runs.append(run_entry(entry, config=cfg, named_benchmark=named_benchmark, backbone=backbone,
-                                  features=features, output_dir=output_dir, settings=settings,
-                                  device=device, run_name=run_name, feature_cache=cache,
-                                  log=log))
+            runs.append(
+                run_entry(
+                    entry,
+                    config=cfg,
+                    named_benchmark=named_benchmark,
+                    backbone=backbone,
+                    features=features,
+                    output_dir=output_dir,
+                    settings=settings,
+                    device=device,
+                    run_name=run_name,
+                    feature_cache=cache,
+                    log=log,
+                )
+            )
         streams.append(named_benchmark)
-    protocol = describe_protocol(config, streams[0], backbone, list(seeds), entries, settings,
-                                 device, extraction)
+    protocol = describe_protocol(
+        config, streams[0], backbone, list(seeds), entries, settings, device, extraction
+    )
     if len(streams) > 1 and any(s.class_order != streams[0].class_order for s in streams):
         protocol["class_order"] = {int(s): b.class_order for s, b in zip(seeds, streams)}
-    return Comparison(list(entries), runs, [int(s) for s in seeds], protocol,
-                      time.perf_counter() - began)
+    return Comparison(
+        list(entries), runs, [int(s) for s in seeds], protocol, time.perf_counter() - began
+    )
 
 
-def describe_protocol(config: CLIPHingeConfig, named_benchmark, backbone: CLIPBackbone,
-                      seeds: List[int], entries: Sequence[Entry], settings: BaselineSettings,
-                      device, extraction_seconds: Sequence[float]) -> Dict[str, Any]:
+def describe_protocol(
+    config: CLIPHingeConfig,
+    named_benchmark,
+    backbone: CLIPBackbone,
+    seeds: List[int],
+    entries: Sequence[Entry],
+    settings: BaselineSettings,
+    device,
+    extraction_seconds: Sequence[float],
+) -> Dict[str, Any]:
     """The protocol block: model, weights, stream, class order, seeds, settings, versions."""
     defaults = CLIPHingeConfig().to_dict()
     changed = {k: v for k, v in config.to_dict().items() if defaults[k] != v and k != "seed"}
     stream = {k: v for k, v in named_benchmark.protocol.items() if k not in ("class_order",)}
     dev = torch.device(device)
-    device_name = (f"cuda ({torch.cuda.get_device_name(dev)})"
-                   if dev.type == "cuda" and torch.cuda.is_available() else "cpu")
+    device_name = (
+        f"cuda ({torch.cuda.get_device_name(dev)})"
+        if dev.type == "cuda" and torch.cuda.is_available()
+        else "cpu"
+    )
     protocol: Dict[str, Any] = {
         "model": backbone.model_name,
         "pretrained": backbone.pretrained or f"none (random weights, torch seed {seeds[0]})",
@@ -640,31 +785,39 @@ def describe_protocol(config: CLIPHingeConfig, named_benchmark, backbone: CLIPBa
     if any(e.kind == "baseline" for e in entries):
         protocol["baselines"] = {
             "model": "frozen CLIP image encoder + avalanche.models.IncrementalClassifier on "
-                     "L2-normalised image features; optimizer over the head only (iCaRL: a "
-                     "fixed nn.Linear over all classes and nearest-mean at test time, as "
-                     "Avalanche's ICaRL needs)",
+            "L2-normalised image features; optimizer over the head only (iCaRL: a "
+            "fixed nn.Linear over all classes and nearest-mean at test time, as "
+            "Avalanche's ICaRL needs)",
             "features": "extracted once per seed (eval transform) into an Avalanche benchmark "
-                        "of feature tensors shared by zero-shot and the baselines; not counted "
-                        "in their train time",
+            "of feature tensors shared by zero-shot and the baselines; not counted "
+            "in their train time",
             "feature_extraction_seconds": [round(s, 2) for s in extraction_seconds],
-            "settings": {**dataclasses.asdict(settings),
-                         "epochs": settings.epochs or config.epochs,
-                         "batch_size": settings.batch_size or config.batch_size,
-                         "memory (Replay, GDumb, iCaRL)": settings.memory_per_class
-                         * len(named_benchmark.class_names)},
+            "settings": {
+                **dataclasses.asdict(settings),
+                "epochs": settings.epochs or config.epochs,
+                "batch_size": settings.batch_size or config.batch_size,
+                "memory (Replay, GDumb, iCaRL)": settings.memory_per_class
+                * len(named_benchmark.class_names),
+            },
         }
     if any(e.kind == "zeroshot" for e in entries):
-        protocol["zeroshot"] = (f"template {config.prompt_template!r}, scores over the classes "
-                                "seen so far, no training")
+        protocol["zeroshot"] = (
+            f"template {config.prompt_template!r}, scores over the classes seen so far, no training"
+        )
     protocol["versions"] = package_versions()
     return protocol
 
 
 # ---- table ----------------------------------------------------------------------------------
-COLUMNS = (("AIA", "AIA"), ("Last", "Last"), ("AA", "AA"),
-           ("Forgetting", "Forgetting (max - last)"),
-           ("stream_forgetting", "Avalanche StreamForgetting"),
-           ("train_seconds", "train time (s)"), ("peak_memory_mib", "peak memory (MiB)"))
+COLUMNS = (
+    ("AIA", "AIA"),
+    ("Last", "Last"),
+    ("AA", "AA"),
+    ("Forgetting", "Forgetting (max - last)"),
+    ("stream_forgetting", "Avalanche StreamForgetting"),
+    ("train_seconds", "train time (s)"),
+    ("peak_memory_mib", "peak memory (MiB)"),
+)
 
 
 def summarize(comparison: Comparison) -> List[Dict[str, Any]]:
@@ -713,18 +866,32 @@ def write_outputs(comparison: Comparison, output_dir: str | Path) -> Dict[str, P
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = summarize(comparison)
-    paths = {name: output_dir / name for name in
-             ("comparison.md", "comparison.csv", "comparison.json",
-              *figure_files("accuracy_vs_task"))}
-    kinds = {e.name: ("ablation" if e.overrides else "method" if e.kind == "cliphinge"
-                      else "baseline") for e in comparison.entries}
+    paths = {
+        name: output_dir / name
+        for name in (
+            "comparison.md",
+            "comparison.csv",
+            "comparison.json",
+            *figure_files("accuracy_vs_task"),
+        )
+    }
+    kinds = {
+        e.name: ("ablation" if e.overrides else "method" if e.kind == "cliphinge" else "baseline")
+        for e in comparison.entries
+    }
     stream = comparison.protocol.get("stream", {})
-    title = (stream_title(stream, "CLIPHinge vs baselines")
-             + (f", mean over {len(comparison.seeds)} seeds" if len(comparison.seeds) > 1
-                else ""))
-    save_figure(comparison_figure({row["entry"]: row["curve"] for row in rows}, kinds,
-                                  stream.get("classes_per_experience"), title),
-                output_dir / "accuracy_vs_task")
+    title = stream_title(stream, "CLIPHinge vs baselines") + (
+        f", mean over {len(comparison.seeds)} seeds" if len(comparison.seeds) > 1 else ""
+    )
+    save_figure(
+        comparison_figure(
+            {row["entry"]: row["curve"] for row in rows},
+            kinds,
+            stream.get("classes_per_experience"),
+            title,
+        ),
+        output_dir / "accuracy_vs_task",
+    )
     with open(paths["comparison.csv"], "w", newline="") as handle:
         writer = csv.writer(handle)
         header = ["entry", "n_seeds"]
@@ -735,39 +902,55 @@ def write_outputs(comparison: Comparison, output_dir: str | Path) -> Dict[str, P
             line = [row["entry"], len(row["seeds"])]
             for key, _ in COLUMNS:
                 mean, std = mean_std(row[key])
-                line += ["" if mean is None else round(mean, 4),
-                         "" if std is None else round(std, 4)]
+                line += [
+                    "" if mean is None else round(mean, 4),
+                    "" if std is None else round(std, 4),
+                ]
             writer.writerow(line)
     paths["comparison.md"].write_text(format_report(comparison, rows))
-    paths["comparison.json"].write_text(json.dumps({
-        "table": [{k: v for k, v in row.items()} for row in rows],
-        "runs": [dataclasses.asdict(run) for run in comparison.runs],
-        "protocol": comparison.protocol,
-        "wall_seconds": comparison.wall_seconds,
-    }, indent=2) + "\n")
+    paths["comparison.json"].write_text(
+        json.dumps(
+            {
+                "table": [{k: v for k, v in row.items()} for row in rows],
+                "runs": [dataclasses.asdict(run) for run in comparison.runs],
+                "protocol": comparison.protocol,
+                "wall_seconds": comparison.wall_seconds,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return paths
 
 
 def format_report(comparison: Comparison, rows: Sequence[Dict[str, Any]]) -> str:
     """The markdown report: table, plot, what the columns mean, protocol."""
     seeds = comparison.seeds
-    spread = (f"mean ± sample std over seeds {seeds}" if len(seeds) > 1
-              else f"seed {seeds[0]}")
-    lines = ["# Comparison", "", f"Class-incremental, evaluated on the whole test stream after "
-             f"every task; {spread}.", "", markdown_table(rows),
-             "![accuracy on seen classes vs classes seen](accuracy_vs_task.png) "
-             "([PDF](accuracy_vs_task.pdf))", "",
-             "- AIA = mean over tasks of the accuracy on all classes seen so far; Last = that "
-             "accuracy after the last task; AA = mean of the per-task accuracies after the last "
-             "task; Forgetting = mean over old tasks of (best earlier accuracy - last accuracy) "
-             "(as in the README). Avalanche StreamForgetting = accuracy right after learning "
-             "minus the last accuracy, averaged over experiences: a different quantity.",
-             "- train time: wall seconds inside `strategy.train`; `-` = no training (zero-shot). "
-             "Zero-shot and the Avalanche baselines train on features extracted once and shared "
-             "(extraction time in the protocol); CLIPHinge extracts its own.",
-             "- peak memory: CUDA max_memory_allocated per run on a GPU; on a CPU the process's "
-             "peak RSS so far (it can only grow from one row to the next).", "",
-             "## Protocol", "", "```text"]
+    spread = f"mean ± sample std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    lines = [
+        "# Comparison",
+        "",
+        f"Class-incremental, evaluated on the whole test stream after every task; {spread}.",
+        "",
+        markdown_table(rows),
+        "![accuracy on seen classes vs classes seen](accuracy_vs_task.png) "
+        "([PDF](accuracy_vs_task.pdf))",
+        "",
+        "- AIA = mean over tasks of the accuracy on all classes seen so far; Last = that "
+        "accuracy after the last task; AA = mean of the per-task accuracies after the last "
+        "task; Forgetting = mean over old tasks of (best earlier accuracy - last accuracy) "
+        "(as in the README). Avalanche StreamForgetting = accuracy right after learning "
+        "minus the last accuracy, averaged over experiences: a different quantity.",
+        "- train time: wall seconds inside `strategy.train`; `-` = no training (zero-shot). "
+        "Zero-shot and the Avalanche baselines train on features extracted once and shared "
+        "(extraction time in the protocol); CLIPHinge extracts its own.",
+        "- peak memory: CUDA max_memory_allocated per run on a GPU; on a CPU the process's "
+        "peak RSS so far (it can only grow from one row to the next).",
+        "",
+        "## Protocol",
+        "",
+        "```text",
+    ]
     for key, value in comparison.protocol.items():
         if isinstance(value, dict):
             lines.append(f"{key}:")
@@ -783,41 +966,82 @@ def build_parser() -> argparse.ArgumentParser:
     """Options of ``experiments/compare.py``."""
     parser = argparse.ArgumentParser(
         description="CLIPHingeStrategy, its ablations, Avalanche baselines and zero-shot CLIP "
-                    "on one stream with one frozen CLIP: one table, one plot, TensorBoard runs.")
-    parser.add_argument("--benchmark", required=True, metavar="|".join(BENCHMARKS),
-                        help="smoke: tiny random CLIP on the synthetic stream, offline")
-    parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
-                        metavar="NAME", help=f"entries among {', '.join(strategy_names())} "
-                                             "(default: %(default)s)")
-    parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS), metavar="NAME",
-                        help=f"CLIPHinge ablations among {', '.join(ABLATIONS)}; 'none' or no "
-                             "name for none (default: all)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None,
-                        help="seeds (default: the config's seed); mean ± std over several")
-    parser.add_argument("--output-dir", default=None,
-                        help="where the table, plot and TensorBoard runs go (default: "
-                             "runs/compare_<benchmark>)")
+        "on one stream with one frozen CLIP: one table, one plot, TensorBoard runs."
+    )
+    parser.add_argument(
+        "--benchmark",
+        required=True,
+        metavar="|".join(BENCHMARKS),
+        help="smoke: tiny random CLIP on the synthetic stream, offline",
+    )
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=list(DEFAULT_STRATEGIES),
+        metavar="NAME",
+        help=f"entries among {', '.join(strategy_names())} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ablations",
+        nargs="*",
+        default=list(ABLATIONS),
+        metavar="NAME",
+        help=f"CLIPHinge ablations among {', '.join(ABLATIONS)}; 'none' or no "
+        "name for none (default: all)",
+    )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="seeds (default: the config's seed); mean ± std over several",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="where the table, plot and TensorBoard runs go (default: runs/compare_<benchmark>)",
+    )
     parser.add_argument("--data-root", default="data", help="dataset folder (default: data)")
-    parser.add_argument("--split-list", default=None,
-                        help="imagenet_r: folder with train.txt / test.txt (default: seeded "
-                             "80/20 split)")
-    parser.add_argument("--download", action="store_true",
-                        help="split_cifar100: download CIFAR-100 when missing (needs internet)")
-    parser.add_argument("--pretrained", default=None,
-                        help="open_clip tag or local checkpoint; overrides the config")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if "
-                                                       "available)")
-    parser.add_argument("--config", default=None,
-                        help="a shipped preset name or a JSON config file (default: "
-                             "cifar100_b0_inc10, or imagenet_r_b0_inc20 for ImageNet-R)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (JSON value), repeatable; "
-                             "baseline.<key>=... sets a baseline setting (baseline.lr=0.05)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: 1 for smoke, where the tiny model runs "
-                             "about 10x faster single-threaded, else torch's default)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier comparison in --output-dir")
+    parser.add_argument(
+        "--split-list",
+        default=None,
+        help="imagenet_r: folder with train.txt / test.txt (default: seeded 80/20 split)",
+    )
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="split_cifar100: download CIFAR-100 when missing (needs internet)",
+    )
+    parser.add_argument(
+        "--pretrained", default=None, help="open_clip tag or local checkpoint; overrides the config"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="a shipped preset name or a JSON config file (default: "
+        "cifar100_b0_inc10, or imagenet_r_b0_inc20 for ImageNet-R)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (JSON value), repeatable; "
+        "baseline.<key>=... sets a baseline setting (baseline.lr=0.05)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 for smoke, where the tiny model runs "
+        "about 10x faster single-threaded, else torch's default)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier comparison in --output-dir"
+    )
     parser.add_argument("--quiet", action="store_true", help="only the final table")
     return parser
 
@@ -838,9 +1062,9 @@ def resolve_settings(args: argparse.Namespace) -> Tuple[CLIPHingeConfig, Baselin
                 raise CompareError(f"--set expects key=value, got '{item}'")
             raw = item.split("=", 1)[1]
             try:
-                baseline_sets[key[len("baseline."):]] = json.loads(raw)
+                baseline_sets[key[len("baseline.") :]] = json.loads(raw)
             except json.JSONDecodeError:
-                baseline_sets[key[len("baseline."):]] = raw
+                baseline_sets[key[len("baseline.") :]] = raw
         else:
             config_sets.append(item)
     config = config.with_overrides(config_sets)
@@ -852,8 +1076,9 @@ def resolve_settings(args: argparse.Namespace) -> Tuple[CLIPHingeConfig, Baselin
     return config, BaselineSettings().with_overrides(baseline_sets)
 
 
-def stream_factory_for(args: argparse.Namespace,
-                       backbone: CLIPBackbone) -> Callable[[CLIPHingeConfig], Any]:
+def stream_factory_for(
+    args: argparse.Namespace, backbone: CLIPBackbone
+) -> Callable[[CLIPHingeConfig], Any]:
     """``config -> NamedBenchmark`` for ``--benchmark`` with CLIP's eval transform (no
     augmentation, as in RAPF)."""
     if args.benchmark == "smoke":
@@ -864,43 +1089,66 @@ def stream_factory_for(args: argparse.Namespace,
         from ..benchmarks import split_cifar100
 
         def cifar(config):
-            order = (list(range(100)) if config.class_order == "natural"
-                     else config.class_order)
-            return split_cifar100(args.data_root, init_class=config.init_class,
-                                  increment=config.increment, class_order=order,
-                                  train_transform=backbone.eval_transform,
-                                  eval_transform=backbone.eval_transform,
-                                  download=args.download)
+            order = list(range(100)) if config.class_order == "natural" else config.class_order
+            return split_cifar100(
+                args.data_root,
+                init_class=config.init_class,
+                increment=config.increment,
+                class_order=order,
+                train_transform=backbone.eval_transform,
+                eval_transform=backbone.eval_transform,
+                download=args.download,
+            )
+
         return cifar
     from ..benchmarks import split_imagenet_r
 
     def imagenet_r(config):
         order = None if config.class_order == "natural" else config.class_order
-        return split_imagenet_r(args.data_root, init_class=config.init_class,
-                                increment=config.increment, split=args.split_list or "seeded",
-                                seed=config.seed, class_order=order,
-                                train_transform=backbone.eval_transform,
-                                eval_transform=backbone.eval_transform)
+        return split_imagenet_r(
+            args.data_root,
+            init_class=config.init_class,
+            increment=config.increment,
+            split=args.split_list or "seeded",
+            seed=config.seed,
+            class_order=order,
+            train_transform=backbone.eval_transform,
+            eval_transform=backbone.eval_transform,
+        )
+
     return imagenet_r
 
 
-def load_backbone(config: CLIPHingeConfig, seed: int,
-                  device: str | torch.device = "cpu") -> CLIPBackbone:
+def load_backbone(
+    config: CLIPHingeConfig, seed: int, device: str | torch.device = "cpu"
+) -> CLIPBackbone:
     """``load_clip`` after seeding torch with ``seed``: random weights (``pretrained=None``)
     are then the same in every process, so smoke comparisons reproduce."""
     seed_everything(seed)
-    return load_clip(config.model_name, config.pretrained, device=device,
-                     allow_activation_mismatch=config.allow_activation_mismatch)
+    return load_clip(
+        config.model_name,
+        config.pretrained,
+        device=device,
+        allow_activation_mismatch=config.allow_activation_mismatch,
+    )
 
 
 def prepare_output(output_dir: Path, overwrite: bool) -> None:
     """Refuse to mix two comparisons in one folder unless ``overwrite``."""
-    names = ("comparison.md", "comparison.csv", "comparison.json",
-             *figure_files("accuracy_vs_task"), "tb", "logs")
+    names = (
+        "comparison.md",
+        "comparison.csv",
+        "comparison.json",
+        *figure_files("accuracy_vs_task"),
+        "tb",
+        "logs",
+    )
     present = [n for n in names if (output_dir / n).exists()]
     if present and not overwrite:
-        raise CompareError(f"{output_dir} already holds a comparison ({', '.join(present)}); "
-                           "pass --overwrite or choose another --output-dir")
+        raise CompareError(
+            f"{output_dir} already holds a comparison ({', '.join(present)}); "
+            "pass --overwrite or choose another --output-dir"
+        )
     for name in present:
         path = output_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -913,18 +1161,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     """
     args = build_parser().parse_args(argv)
     began = time.perf_counter()
-    log = (lambda message: None) if args.quiet else (lambda message: print(message,
-                                                                            flush=True))
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     try:
         if distributed.launched():
             # the baselines are Avalanche's own strategies: under torchrun they would split
             # their data without sharing gradients; every process would also write the folder
-            raise CompareError("cliphinge compare runs in one process: start it with python, "
-                               "not torchrun (cliphinge run uses several)")
+            raise CompareError(
+                "cliphinge compare runs in one process: start it with python, "
+                "not torchrun (cliphinge run uses several)"
+            )
         if args.benchmark not in BENCHMARKS:
-            raise CompareError(f"unknown benchmark '{args.benchmark}'"
-                               + _suggest(args.benchmark, BENCHMARKS)
-                               + f" (choose from {', '.join(BENCHMARKS)})")
+            raise CompareError(
+                f"unknown benchmark '{args.benchmark}'"
+                + _suggest(args.benchmark, BENCHMARKS)
+                + f" (choose from {', '.join(BENCHMARKS)})"
+            )
         ablations = [a for a in args.ablations if a.lower() != "none"]
         entries = resolve_entries(args.strategies, ablations)
         config, settings = resolve_settings(args)
@@ -941,18 +1192,36 @@ def main(argv: Optional[List[str]] = None) -> int:
         prepare_output(output_dir, args.overwrite)
         output_dir.mkdir(parents=True, exist_ok=True)
         backbone = load_backbone(config, seeds[0], device)
-        comparison = run_comparison(entries, config=config,
-                                    stream_factory=stream_factory_for(args, backbone),
-                                    backbone=backbone, seeds=seeds, output_dir=output_dir,
-                                    settings=settings, device=device, log=log)
+        comparison = run_comparison(
+            entries,
+            config=config,
+            stream_factory=stream_factory_for(args, backbone),
+            backbone=backbone,
+            seeds=seeds,
+            output_dir=output_dir,
+            settings=settings,
+            device=device,
+            log=log,
+        )
         comparison.protocol["command"] = " ".join(
-            ["experiments/compare.py"] + (argv if argv is not None else sys.argv[1:]))
+            ["experiments/compare.py"] + (argv if argv is not None else sys.argv[1:])
+        )
         write_outputs(comparison, output_dir)
-    except (CompareError, ConfigError, BackboneError, FileNotFoundError, NotADirectoryError,
-            PermissionError, ValueError, FloatingPointError) as err:
+    except (
+        CompareError,
+        ConfigError,
+        BackboneError,
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+        ValueError,
+        FloatingPointError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(markdown_table(summarize(comparison)), end="")
-    print(f"report: {output_dir / 'comparison.md'} | TensorBoard: tensorboard --logdir "
-          f"{output_dir / 'tb'} | this process: {time.perf_counter() - began:.1f} s")
+    print(
+        f"report: {output_dir / 'comparison.md'} | TensorBoard: tensorboard --logdir "
+        f"{output_dir / 'tb'} | this process: {time.perf_counter() - began:.1f} s"
+    )
     return 0

@@ -1,4 +1,5 @@
 """The confusion matrix of an evaluation, counted on the device by an Avalanche plugin."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -38,8 +39,7 @@ class ConfusionMatrixPlugin(SupervisedPlugin, supports_distributed=True):
     def before_eval(self, strategy, **kwargs):
         """Start a zeroed count for this evaluation (when enabled)."""
         if self.enabled:
-            self._counts = torch.zeros(self.n_classes ** 2, dtype=torch.long,
-                                       device=strategy.device)
+            self._counts = torch.zeros(self.n_classes**2, dtype=torch.long, device=strategy.device)
 
     def after_eval_iteration(self, strategy, **kwargs):
         """Add the minibatch's (true, predicted) pairs to the count (when enabled)."""
@@ -47,12 +47,13 @@ class ConfusionMatrixPlugin(SupervisedPlugin, supports_distributed=True):
             return
         scores = strategy.mb_output
         if scores.shape[1] > self.n_classes:
-            raise ValueError(f"the model scores {scores.shape[1]} classes, the confusion "
-                             f"matrix has {self.n_classes}; pass the stream's class count")
+            raise ValueError(
+                f"the model scores {scores.shape[1]} classes, the confusion "
+                f"matrix has {self.n_classes}; pass the stream's class count"
+            )
         index = strategy.mb_y.to(torch.long) * self.n_classes + scores.detach().argmax(1)
         if self._counts is None or self._counts.device != index.device:
-            self._counts = torch.zeros(self.n_classes ** 2, dtype=torch.long,
-                                       device=index.device)
+            self._counts = torch.zeros(self.n_classes**2, dtype=torch.long, device=index.device)
         self._counts.index_add_(0, index, torch.ones_like(index))
 
     def matrix(self, class_order: Optional[Sequence[int]] = None) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The one evaluator of the application: the runner, the comparison and the speed benchmark
 all measure with ``make_evaluator``."""
+
 from __future__ import annotations
 
 import sys
@@ -7,16 +8,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from avalanche.evaluation.metrics import (accuracy_metrics, bwt_metrics, forgetting_metrics,
-                                          loss_metrics, timing_metrics)
-from avalanche.logging import (BaseLogger, CSVLogger, InteractiveLogger, TensorboardLogger,
-                               TextLogger)
+from avalanche.evaluation.metrics import (
+    accuracy_metrics,
+    bwt_metrics,
+    forgetting_metrics,
+    loss_metrics,
+    timing_metrics,
+)
+from avalanche.logging import (
+    BaseLogger,
+    CSVLogger,
+    InteractiveLogger,
+    TensorboardLogger,
+    TextLogger,
+)
 from avalanche.training.plugins import EvaluationPlugin
 
 from ..compiled_step import overrides
-from ..metrics import (DeviceEpochAccuracy, DeviceEpochLoss, DeviceEpochLossTerm,
-                       EpochLearningRate, SeenClassesStreamAccuracy, Stage2EpochLoss,
-                       StepFreeEpochTime, metric_needs)
+from ..metrics import (
+    DeviceEpochAccuracy,
+    DeviceEpochLoss,
+    DeviceEpochLossTerm,
+    EpochLearningRate,
+    SeenClassesStreamAccuracy,
+    Stage2EpochLoss,
+    StepFreeEpochTime,
+    metric_needs,
+)
 
 #: The loss terms of a stage-1 step logged per epoch (``Loss_Epoch_<term>``).
 LOSS_TERMS = ("cross_entropy", "text_hinge", "image_hinge")
@@ -78,7 +96,8 @@ class LeanEvaluationPlugin(EvaluationPlugin):
         if table is None:
             table = self._tables[callback, sums_kept] = (
                 [m for m in self.metrics if metric_needs(m, callback, sums_kept)],
-                [logger for logger in self.loggers if overrides(logger, callback)])
+                [logger for logger in self.loggers if overrides(logger, callback)],
+            )
         metrics, loggers = table
         if not metrics and not loggers and not self._metric_values:
             return []
@@ -90,8 +109,13 @@ class LeanEvaluationPlugin(EvaluationPlugin):
         try:
             for metric in metrics:
                 results = getattr(metric, callback)(strategy)
-                for value in (results if isinstance(results, Sequence)
-                              else [] if results is None else [results]):
+                for value in (
+                    results
+                    if isinstance(results, Sequence)
+                    else []
+                    if results is None
+                    else [results]
+                ):
                     self.publish_metric_value(value)
             values, self._metric_values = self._metric_values, []
             for logger in self.loggers:
@@ -116,19 +140,32 @@ def make_metrics() -> list:
     the classes not trained yet. New metrics go at the end: checkpoints restore the forgetting
     metrics' memory by position.
     """
-    return [DeviceEpochAccuracy(), accuracy_metrics(experience=True, stream=True),
-            forgetting_metrics(experience=True, stream=True),
-            bwt_metrics(experience=True, stream=True),
-            DeviceEpochLoss(), loss_metrics(experience=True, stream=True),
-            StepFreeEpochTime(), timing_metrics(experience=True),
-            *[DeviceEpochLossTerm(term) for term in LOSS_TERMS], EpochLearningRate(),
-            Stage2EpochLoss(), SeenClassesStreamAccuracy()]
+    return [
+        DeviceEpochAccuracy(),
+        accuracy_metrics(experience=True, stream=True),
+        forgetting_metrics(experience=True, stream=True),
+        bwt_metrics(experience=True, stream=True),
+        DeviceEpochLoss(),
+        loss_metrics(experience=True, stream=True),
+        StepFreeEpochTime(),
+        timing_metrics(experience=True),
+        *[DeviceEpochLossTerm(term) for term in LOSS_TERMS],
+        EpochLearningRate(),
+        Stage2EpochLoss(),
+        SeenClassesStreamAccuracy(),
+    ]
 
 
-def make_evaluator(*, tensorboard_dir: Optional[Path] = None, text_log: Optional[Path] = None,
-                   csv_dir: Optional[Path] = None, interactive: bool = False,
-                   wandb_run: Optional[str] = None, wandb_dir: Optional[Path] = None,
-                   append: bool = False) -> Evaluation:
+def make_evaluator(
+    *,
+    tensorboard_dir: Optional[Path] = None,
+    text_log: Optional[Path] = None,
+    csv_dir: Optional[Path] = None,
+    interactive: bool = False,
+    wandb_run: Optional[str] = None,
+    wandb_dir: Optional[Path] = None,
+    append: bool = False,
+) -> Evaluation:
     """A ``LeanEvaluationPlugin`` with ``make_metrics()`` and the loggers asked for.
 
     Args:
@@ -162,8 +199,12 @@ def make_evaluator(*, tensorboard_dir: Optional[Path] = None, text_log: Optional
         except ImportError:
             raise EvaluatorError("--wandb needs the wandb package: pip install wandb") from None
         from avalanche.logging import WandBLogger
-        loggers.append(WandBLogger(project_name="avalanche-cliphinge", run_name=wandb_run,
-                                   dir=str(wandb_dir or ".")))
+
+        loggers.append(
+            WandBLogger(
+                project_name="avalanche-cliphinge", run_name=wandb_run, dir=str(wandb_dir or ".")
+            )
+        )
     return Evaluation(LeanEvaluationPlugin(*make_metrics(), loggers=loggers), tb_logger, files)
 
 

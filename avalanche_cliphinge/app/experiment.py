@@ -3,6 +3,7 @@
 Used by ``experiments/run_split_cifar.py`` and ``experiments/run_imagenet_r.py``; usable from
 Python as ``run_experiment(config, named_benchmark, output_dir, ...)``.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,14 @@ from ..config import CLIPHingeConfig, ConfigError
 from ..model.backbone import CLIPBackbone
 from ..plugins.hard_pair_hinge import HardPairHingePlugin
 from ..seeding import seed_everything
-from .figures import (accuracy_matrix_figure, confusion_matrix_figure, figure_files,
-                      run_curve_figure, run_title, save_figure)
+from .figures import (
+    accuracy_matrix_figure,
+    confusion_matrix_figure,
+    figure_files,
+    run_curve_figure,
+    run_title,
+    save_figure,
+)
 from .confusion import ConfusionMatrixPlugin
 from .evaluation import Evaluation, EvaluatorError, make_evaluator
 from .loop import SEEN_ACCURACY, metric_value, train_and_evaluate
@@ -38,8 +45,15 @@ from .results import cil_metrics, format_report, format_results, grouped_accurac
 from ..strategy import CLIPHingeStrategy, build_model
 from ..streams import task_layout
 
-PACKAGES = ("avalanche-cliphinge", "avalanche-lib", "torch", "torchvision", "open_clip_torch",
-            "peft", "numpy")
+PACKAGES = (
+    "avalanche-cliphinge",
+    "avalanche-lib",
+    "torch",
+    "torchvision",
+    "open_clip_torch",
+    "peft",
+    "numpy",
+)
 
 
 class RunError(RuntimeError):
@@ -59,11 +73,23 @@ def package_versions() -> Dict[str, str]:
 
 #: The figures of a run (``_write_plots``), each as PNG and PDF; the confusion matrix once the
 #: last task is evaluated.
-PLOT_FILES = (*figure_files("accuracy_matrix"), *figure_files("accuracy_curve"),
-              *figure_files("confusion_matrix"))
+PLOT_FILES = (
+    *figure_files("accuracy_matrix"),
+    *figure_files("accuracy_curve"),
+    *figure_files("confusion_matrix"),
+)
 #: Files and folders a run writes into its output folder (``--overwrite`` removes these only).
-RUN_FILES = ("results.json", "results.txt", "log.txt", "config.json", "csv", "tb",
-             "checkpoints", "final_model.pt", *PLOT_FILES)
+RUN_FILES = (
+    "results.json",
+    "results.txt",
+    "log.txt",
+    "config.json",
+    "csv",
+    "tb",
+    "checkpoints",
+    "final_model.pt",
+    *PLOT_FILES,
+)
 #: Files written whole through a temporary file, fsync and rename (``atomic.write_atomic``).
 ATOMIC_FILES = ("results.json", "results.txt", "config.json", *PLOT_FILES)
 #: What an attempt that failed before its first checkpoint leaves behind.
@@ -85,8 +111,10 @@ def restore_logs(output_dir: Path, state: Dict[str, Any], log: Callable[[str], N
         path = csv_dir / name
         lines = path.read_text().splitlines(keepends=True) if path.exists() else []
         if len(lines) < rows:
-            log(f"warning: {path} holds {len(lines)} lines but the checkpoint counted {rows}; "
-                "its missing rows cannot be restored")
+            log(
+                f"warning: {path} holds {len(lines)} lines but the checkpoint counted {rows}; "
+                "its missing rows cannot be restored"
+            )
         elif len(lines) > rows:
             write_text_atomic("".join(lines[:rows]), path)
     tb_dir = Path(output_dir) / "tb"
@@ -110,8 +138,11 @@ def tensorboard_sizes(output_dir: Path, tb_logger) -> Dict[str, int]:
     """``{path under tb/: bytes}`` of every TensorBoard file, after a flush (for checkpoints)."""
     tb_logger.writer.flush()
     tb_dir = Path(output_dir) / "tb"
-    return {p.relative_to(tb_dir).as_posix(): p.stat().st_size
-            for p in sorted(tb_dir.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(tb_dir).as_posix(): p.stat().st_size
+        for p in sorted(tb_dir.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _purge_tensorboard_from(tb_dir: Path, step: int) -> None:
@@ -162,7 +193,8 @@ class FiniteScoresCheck(SupervisedPlugin, supports_distributed=True):
             raise FloatingPointError(
                 f"test experience {exp.current_experience}: {bad} of {len(exp.dataset)} "
                 "samples give NaN or Inf scores (non-finite image features); check that "
-                "experience's test images and the transforms")
+                "experience's test images and the transforms"
+            )
 
 
 @dataclass
@@ -183,8 +215,13 @@ class RunState:
 def named_pair(pair: Sequence, names: Sequence[str]) -> Dict[str, Any]:
     """A hard pair ``(old_id, new_id, similarity)`` with its class names, for the reports."""
     old, new, similarity = pair
-    return {"old": int(old), "new": int(new), "old_name": names[int(old)],
-            "new_name": names[int(new)], "similarity": float(similarity)}
+    return {
+        "old": int(old),
+        "new": int(new),
+        "old_name": names[int(old)],
+        "new_name": names[int(new)],
+        "similarity": float(similarity),
+    }
 
 
 def hard_pairs_of(hinge: Optional[HardPairHingePlugin]) -> Dict[str, List[Sequence]]:
@@ -198,9 +235,11 @@ def stream_fingerprint(named_benchmark) -> Dict[str, Any]:
     """What must stay the same for a checkpoint to continue on a stream: the class order,
     the classes and sizes of every experience."""
     benchmark = named_benchmark.benchmark
-    return {"class_order": [int(c) for c in named_benchmark.class_order],
-            "train_sizes": [len(exp.dataset) for exp in benchmark.train_stream],
-            "test_sizes": [len(exp.dataset) for exp in benchmark.test_stream]}
+    return {
+        "class_order": [int(c) for c in named_benchmark.class_order],
+        "train_sizes": [len(exp.dataset) for exp in benchmark.train_stream],
+        "test_sizes": [len(exp.dataset) for exp in benchmark.test_stream],
+    }
 
 
 def check_stream(config: CLIPHingeConfig, named_benchmark) -> None:
@@ -209,40 +248,53 @@ def check_stream(config: CLIPHingeConfig, named_benchmark) -> None:
     Raises ``ConfigError`` (class counts) or ``RunError`` (task count, empty experiences).
     """
     config.check_class_count(len(named_benchmark.class_names), "the stream")
-    train_stream, test_stream = named_benchmark.benchmark.train_stream, named_benchmark.benchmark.test_stream
+    train_stream, test_stream = (
+        named_benchmark.benchmark.train_stream,
+        named_benchmark.benchmark.test_stream,
+    )
     n_exps = len(train_stream)
     if n_exps != config.total_tasks:
-        raise RunError(f"the stream has {n_exps} experiences but total_tasks="
-                       f"{config.total_tasks}; make them agree")
+        raise RunError(
+            f"the stream has {n_exps} experiences but total_tasks="
+            f"{config.total_tasks}; make them agree"
+        )
     if len(test_stream) != n_exps:
-        raise RunError(f"the stream has {n_exps} training but {len(test_stream)} test "
-                       "experiences; they must be index-aligned (one test experience per task)")
+        raise RunError(
+            f"the stream has {n_exps} training but {len(test_stream)} test "
+            "experiences; they must be index-aligned (one test experience per task)"
+        )
     for name, stream in (("training", train_stream), ("test", test_stream)):
         for index, exp in enumerate(stream):
             if len(exp.dataset) == 0:
-                raise RunError(f"{name} experience {index} of the stream is empty; every "
-                               "experience needs training and test samples (check the split "
-                               "and the class order)")
+                raise RunError(
+                    f"{name} experience {index} of the stream is empty; every "
+                    "experience needs training and test samples (check the split "
+                    "and the class order)"
+                )
 
 
 def prepare_output_dir(output_dir: str | Path) -> Path:
     """Create ``output_dir``; ``RunError`` if it is a file or cannot be written."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise RunError(f"--output-dir {output_dir} is a file, not a folder; choose another "
-                       "--output-dir")
+        raise RunError(
+            f"--output-dir {output_dir} is a file, not a folder; choose another --output-dir"
+        )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output_dir):
             pass
     except OSError as err:
-        raise RunError(f"cannot write to --output-dir {output_dir} ({err.strerror or err}); "
-                       "choose a writable folder") from None
+        raise RunError(
+            f"cannot write to --output-dir {output_dir} ({err.strerror or err}); "
+            "choose a writable folder"
+        ) from None
     return output_dir
 
 
-def check_output_dir(output_dir: str | Path, *, resume: bool = False,
-                     overwrite: bool = False) -> None:
+def check_output_dir(
+    output_dir: str | Path, *, resume: bool = False, overwrite: bool = False
+) -> None:
     """Cheap checks of the output folder, before a model or a dataset is loaded.
 
     Creates the folder; refuses (``RunError``) one that cannot be written, one another run
@@ -257,12 +309,16 @@ def check_output_dir(output_dir: str | Path, *, resume: bool = False,
         results_path = output_dir / "results.json"
         checkpoints = ckpt.list_checkpoints(output_dir / "checkpoints")
         if _is_finished(results_path, checkpoints):
-            raise RunError(f"{output_dir} already holds a finished run (results.json); pass "
-                           "--overwrite to run again or choose another --output-dir")
+            raise RunError(
+                f"{output_dir} already holds a finished run (results.json); pass "
+                "--overwrite to run again or choose another --output-dir"
+            )
         if not resume and (checkpoints or results_path.exists()):
             done = f" ({checkpoints[0][0] + 1} experiences done)" if checkpoints else ""
-            raise RunError(f"{output_dir} holds an unfinished run{done}; pass --resume to "
-                           "continue it or --overwrite to start again")
+            raise RunError(
+                f"{output_dir} holds an unfinished run{done}; pass --resume to "
+                "continue it or --overwrite to start again"
+            )
 
 
 def _is_finished(results_path: Path, checkpoints) -> bool:
@@ -276,8 +332,7 @@ def _is_finished(results_path: Path, checkpoints) -> bool:
     try:
         results = json.loads(results_path.read_text())
         done = int(results.get("completed_tasks", 0))
-        return bool(results.get("finished")) and (
-            not checkpoints or checkpoints[0][0] + 1 >= done)
+        return bool(results.get("finished")) and (not checkpoints or checkpoints[0][0] + 1 >= done)
     except (OSError, ValueError, AttributeError, TypeError):
         return False
 
@@ -291,13 +346,22 @@ def _remove_run_files(output_dir: Path, names: Sequence[str]) -> None:
             path.unlink()
 
 
-def run_experiment(config: CLIPHingeConfig, named_benchmark, output_dir: str | Path, *,
-                   backbone: Optional[CLIPBackbone] = None, device: str = "cpu",
-                   resume: bool = False, overwrite: bool = False, force: bool = False,
-                   wandb: bool = False, interactive: bool = True,
-                   protocol: Optional[Dict[str, Any]] = None,
-                   plugins: Sequence[Any] = (),
-                   log: Callable[[str], None] = print) -> Dict[str, Any]:
+def run_experiment(
+    config: CLIPHingeConfig,
+    named_benchmark,
+    output_dir: str | Path,
+    *,
+    backbone: Optional[CLIPBackbone] = None,
+    device: str = "cpu",
+    resume: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
+    wandb: bool = False,
+    interactive: bool = True,
+    protocol: Optional[Dict[str, Any]] = None,
+    plugins: Sequence[Any] = (),
+    log: Callable[[str], None] = print,
+) -> Dict[str, Any]:
     """Train on every experience of ``named_benchmark``, evaluating the full test stream after each.
 
     After every experience the results so far (``results.json``, ``results.txt``, plots,
@@ -336,15 +400,16 @@ def run_experiment(config: CLIPHingeConfig, named_benchmark, output_dir: str | P
             so far are intact and ``resume=True`` continues.
     """
     if resume and overwrite:
-        raise RunError("resume and overwrite exclude each other: continue the run or start "
-                       "it again")
+        raise RunError(
+            "resume and overwrite exclude each other: continue the run or start it again"
+        )
     output_dir = Path(output_dir)
-    if not config.layout_is_set:        # the keys left unset are read off the stream
+    if not config.layout_is_set:  # the keys left unset are read off the stream
         layout = task_layout(named_benchmark.benchmark)
         config = config.replace(**{k: v for k, v in layout.items() if getattr(config, k) is None})
     check_stream(config, named_benchmark)
     check_run_paths(config)
-    if not distributed.is_main():       # under torchrun rank 0 alone prints and shows bars
+    if not distributed.is_main():  # under torchrun rank 0 alone prints and shows bars
         log, interactive = _quiet, False
     with ExitStack() as held:
         locks: List[run_lock.RunLock] = []
@@ -356,22 +421,49 @@ def run_experiment(config: CLIPHingeConfig, named_benchmark, output_dir: str | P
 
         # the folder is rank 0's (torchrun); its verdict stops every rank alike
         distributed.on_main(take_folder)
-        return _run_locked(config, named_benchmark, output_dir, locks[0] if locks else None,
-                           backbone=backbone, device=device, resume=resume,
-                           overwrite=overwrite, force=force, wandb=wandb,
-                           interactive=interactive, protocol=protocol, plugins=plugins,
-                           log=log)
+        return _run_locked(
+            config,
+            named_benchmark,
+            output_dir,
+            locks[0] if locks else None,
+            backbone=backbone,
+            device=device,
+            resume=resume,
+            overwrite=overwrite,
+            force=force,
+            wandb=wandb,
+            interactive=interactive,
+            protocol=protocol,
+            plugins=plugins,
+            log=log,
+        )
 
 
-def _run_locked(config: CLIPHingeConfig, named_benchmark, output_dir: Path, lock, *, backbone, device,
-                resume, overwrite, force, wandb, interactive, protocol, plugins, log):
+def _run_locked(
+    config: CLIPHingeConfig,
+    named_benchmark,
+    output_dir: Path,
+    lock,
+    *,
+    backbone,
+    device,
+    resume,
+    overwrite,
+    force,
+    wandb,
+    interactive,
+    protocol,
+    plugins,
+    log,
+):
     """``run_experiment`` once the folder is locked and checked."""
     checkpoints = output_dir / "checkpoints"
     n_exps = len(named_benchmark.benchmark.train_stream)
     fingerprint = stream_fingerprint(named_benchmark)
     # read on rank 0 (the output folder may be on its machine only), sent to every rank
-    state = distributed.on_main(lambda: _load_resume_state(checkpoints, config, fingerprint,
-                                                           resume, force, log))
+    state = distributed.on_main(
+        lambda: _load_resume_state(checkpoints, config, fingerprint, resume, force, log)
+    )
     if state is not None:
         _check_resumable(state, config, named_benchmark)
     seed_everything(config.seed)
@@ -385,7 +477,8 @@ def _run_locked(config: CLIPHingeConfig, named_benchmark, output_dir: Path, lock
             raise ckpt.CheckpointError(
                 f"checkpoint {state['path']} does not fit this model "
                 f"({str(err).splitlines()[0][:160]}); resume with the config it was made "
-                "with, or start again with --overwrite") from None
+                "with, or start again with --overwrite"
+            ) from None
     made: List[Evaluation] = []
 
     def claim_folder() -> None:
@@ -401,11 +494,17 @@ def _run_locked(config: CLIPHingeConfig, named_benchmark, output_dir: Path, lock
             ckpt.prune_checkpoints(checkpoints)
         write_text_atomic(config.to_json(), output_dir / "config.json")
         try:
-            made.append(make_evaluator(tensorboard_dir=output_dir / "tb",
-                                       text_log=output_dir / "log.txt",
-                                       csv_dir=output_dir / "csv", interactive=interactive,
-                                       wandb_run=output_dir.name if wandb else None,
-                                       wandb_dir=output_dir, append=state is not None))
+            made.append(
+                make_evaluator(
+                    tensorboard_dir=output_dir / "tb",
+                    text_log=output_dir / "log.txt",
+                    csv_dir=output_dir / "csv",
+                    interactive=interactive,
+                    wandb_run=output_dir.name if wandb else None,
+                    wandb_dir=output_dir,
+                    append=state is not None,
+                )
+            )
         except EvaluatorError as err:
             raise RunError(str(err)) from None
 
@@ -415,9 +514,15 @@ def _run_locked(config: CLIPHingeConfig, named_benchmark, output_dir: Path, lock
     evaluator, tb_logger = evaluation.plugin, evaluation.tensorboard
     try:
         checks = [FiniteScoresCheck(), ConfusionMatrixPlugin(len(named_benchmark.class_names))]
-        strategy = CLIPHingeStrategy(config=config, class_names=named_benchmark.class_names,
-                                     model=model, plugins=[*plugins, *checks],
-                                     evaluator=evaluator, device=device, progress=interactive)
+        strategy = CLIPHingeStrategy(
+            config=config,
+            class_names=named_benchmark.class_names,
+            model=model,
+            plugins=[*plugins, *checks],
+            evaluator=evaluator,
+            device=device,
+            progress=interactive,
+        )
         run = RunState()
         start = 0
         if state is not None:
@@ -427,8 +532,10 @@ def _run_locked(config: CLIPHingeConfig, named_benchmark, output_dir: Path, lock
             strategy.current_task = model.n_tasks - 1
             run = RunState(**state["run"])
             start = state["completed"]
-            message = (f"resuming from {Path(state['path']).name}: after experience "
-                       f"{start - 1} ({start} of {n_exps} done)")
+            message = (
+                f"resuming from {Path(state['path']).name}: after experience "
+                f"{start - 1} ({start} of {n_exps} done)"
+            )
 
             def announce() -> None:
                 log(message)
@@ -436,8 +543,21 @@ def _run_locked(config: CLIPHingeConfig, named_benchmark, output_dir: Path, lock
                 kill_point("resume_loggers", start)
 
             distributed.on_main(announce)
-        _train_and_evaluate(strategy, named_benchmark, output_dir, run, start, config, fingerprint,
-                            backbone, protocol, device, tb_logger, evaluator, log)
+        _train_and_evaluate(
+            strategy,
+            named_benchmark,
+            output_dir,
+            run,
+            start,
+            config,
+            fingerprint,
+            backbone,
+            protocol,
+            device,
+            tb_logger,
+            evaluator,
+            log,
+        )
     finally:
         evaluation.close()
     return distributed.on_main(lambda: json.loads((output_dir / "results.json").read_text()))
@@ -446,8 +566,7 @@ def _run_locked(config: CLIPHingeConfig, named_benchmark, output_dir: Path, lock
 def _remove_temp_files(output_dir: Path) -> None:
     """Temporary files of atomic writes a killed run left (results, plots, checkpoints)."""
     remove_temp_files(output_dir, lambda name: name in ATOMIC_FILES)
-    remove_temp_files(output_dir / "checkpoints",
-                      ckpt.is_checkpoint_name)
+    remove_temp_files(output_dir / "checkpoints", ckpt.is_checkpoint_name)
 
 
 def check_prompt_length(tokenizer, class_names: Sequence[str], config: CLIPHingeConfig) -> None:
@@ -459,27 +578,37 @@ def check_prompt_length(tokenizer, class_names: Sequence[str], config: CLIPHinge
     if encode is None or limit is None:
         return
     for name in class_names:
-        for what, text in (("the prompt", f"{'X ' * config.n_ctx}{name}."),
-                           ("prompt_template", config.prompt_template.format(name))):
+        for what, text in (
+            ("the prompt", f"{'X ' * config.n_ctx}{name}."),
+            ("prompt_template", config.prompt_template.format(name)),
+        ):
             length = len(encode(text)) + 2  # start and end of text
             if length > limit:
                 raise ConfigError(
                     f"class name {name!r} makes {what} {length} tokens long, beyond the text "
                     f"encoder's {limit} (n_ctx={config.n_ctx}); lower n_ctx or shorten the "
-                    "name or the template")
+                    "name or the template"
+                )
 
 
 def check_run_paths(config: CLIPHingeConfig) -> None:
     """Refuse (``RunError``) a ``feature_cache_dir`` that exists but is not a folder."""
     folder = config.feature_cache_dir
     if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
-        raise RunError(f"feature_cache_dir {folder} is a file, not a folder; choose another "
-                       "feature_cache_dir or set it to null")
+        raise RunError(
+            f"feature_cache_dir {folder} is a file, not a folder; choose another "
+            "feature_cache_dir or set it to null"
+        )
 
 
-def _load_resume_state(checkpoints: Path, config: CLIPHingeConfig,
-                       fingerprint: Dict[str, Any], resume: bool, force: bool,
-                       log: Callable[[str], None]) -> Optional[Dict[str, Any]]:
+def _load_resume_state(
+    checkpoints: Path,
+    config: CLIPHingeConfig,
+    fingerprint: Dict[str, Any],
+    resume: bool,
+    force: bool,
+    log: Callable[[str], None],
+) -> Optional[Dict[str, Any]]:
     """The checkpoint to resume from, checked against the config and the stream."""
     if not resume:
         return None
@@ -492,8 +621,11 @@ def _load_resume_state(checkpoints: Path, config: CLIPHingeConfig,
     if saved_stream is not None:
         differences += [f"stream {k}" for k in fingerprint if saved_stream.get(k) != fingerprint[k]]
     if differences and not force:
-        raise RunError(f"{Path(state['path']).name} was made with another config ("
-                       + "; ".join(differences) + "); pass --force to resume anyway")
+        raise RunError(
+            f"{Path(state['path']).name} was made with another config ("
+            + "; ".join(differences)
+            + "); pass --force to resume anyway"
+        )
     if differences:
         log("--force: resuming although " + "; ".join(differences))
     return state
@@ -504,35 +636,54 @@ def _check_resumable(state: Dict[str, Any], config: CLIPHingeConfig, named_bench
     more experiences done than the stream has, another task layout, another prompt length."""
     name = Path(state["path"]).name
     done, n_exps = state["completed"], len(named_benchmark.benchmark.train_stream)
-    ending = ("; --force cannot bridge that: resume with the config and data it was made "
-              "with, or start again with --overwrite")
+    ending = (
+        "; --force cannot bridge that: resume with the config and data it was made "
+        "with, or start again with --overwrite"
+    )
     order, layout, begin = list(named_benchmark.class_order), [], 0
     for task in range(min(done, n_exps)):
         size = config.task_size(task)
-        layout.append(sorted(int(c) for c in order[begin:begin + size]))
+        layout.append(sorted(int(c) for c in order[begin : begin + size]))
         begin += size
     saved = state["model"]["task_classes"]
     differ = [k for k, classes in enumerate(layout) if sorted(saved[k]) != classes]
     if differ:
         k = differ[0]
-        raise RunError(f"{name} was trained on tasks of {[len(t) for t in saved]} classes, but "
-                       f"this stream's first {len(layout)} tasks hold "
-                       f"{[len(t) for t in layout]} (task {k}: classes {sorted(saved[k])} "
-                       f"there, {layout[k]} here){ending}")
+        raise RunError(
+            f"{name} was trained on tasks of {[len(t) for t in saved]} classes, but "
+            f"this stream's first {len(layout)} tasks hold "
+            f"{[len(t) for t in layout]} (task {k}: classes {sorted(saved[k])} "
+            f"there, {layout[k]} here){ending}"
+        )
     width = len(state["run"]["matrix"][0])
     if done > n_exps or width != n_exps:
-        raise RunError(f"{name} holds {done} experiences of a {width}-experience stream, but "
-                       f"this stream has {n_exps}{ending}")
+        raise RunError(
+            f"{name} holds {done} experiences of a {width}-experience stream, but "
+            f"this stream has {n_exps}{ending}"
+        )
     n_ctx = {int(p.shape[1]) for p in state["model"]["prompts"]}
     if n_ctx != {config.n_ctx}:
-        raise RunError(f"{name} has prompts of {sorted(n_ctx)} context tokens, the config "
-                       f"n_ctx={config.n_ctx}{ending}")
+        raise RunError(
+            f"{name} has prompts of {sorted(n_ctx)} context tokens, the config "
+            f"n_ctx={config.n_ctx}{ending}"
+        )
 
 
-def _train_and_evaluate(strategy, named_benchmark, output_dir: Path, run: RunState, start: int,
-                        config: CLIPHingeConfig, fingerprint: Dict[str, Any], backbone,
-                        protocol: Optional[Dict[str, Any]], device: str, tb_logger, evaluator,
-                        log: Callable[[str], None]) -> None:
+def _train_and_evaluate(
+    strategy,
+    named_benchmark,
+    output_dir: Path,
+    run: RunState,
+    start: int,
+    config: CLIPHingeConfig,
+    fingerprint: Dict[str, Any],
+    backbone,
+    protocol: Optional[Dict[str, Any]],
+    device: str,
+    tb_logger,
+    evaluator,
+    log: Callable[[str], None],
+) -> None:
     n_exps = len(named_benchmark.benchmark.train_stream)
     test_sizes = fingerprint["test_sizes"]
     full_protocol = {
@@ -553,8 +704,12 @@ def _train_and_evaluate(strategy, named_benchmark, output_dir: Path, run: RunSta
     confusion = next(p for p in strategy.plugins if isinstance(p, ConfusionMatrixPlugin))
     model = strategy.model
     names = named_benchmark.class_names
-    for task in train_and_evaluate(strategy, named_benchmark.benchmark.train_stream,
-                                   named_benchmark.benchmark.test_stream, start):
+    for task in train_and_evaluate(
+        strategy,
+        named_benchmark.benchmark.train_stream,
+        named_benchmark.benchmark.test_stream,
+        start,
+    ):
         index = task.index
         run.train_seconds += task.train_seconds
         run.wall_seconds += task.seconds
@@ -562,48 +717,64 @@ def _train_and_evaluate(strategy, named_benchmark, output_dir: Path, run: RunSta
         run.per_task.append(grouped_accuracy(task.row, test_sizes, index))
         run.stream_forgetting.append(task.stream_forgetting)
         run.seen_stream_accuracy.append(metric_value(task.metrics, SEEN_ACCURACY))
-        run.hard_pairs.append({kind: [named_pair(pair, names) for pair in pairs]
-                               for kind, pairs in hard_pairs_of(hinge).items()})
-        if index == n_exps - 1:      # the confusion matrix once every task is trained
+        run.hard_pairs.append(
+            {
+                kind: [named_pair(pair, names) for pair in pairs]
+                for kind, pairs in hard_pairs_of(hinge).items()
+            }
+        )
+        if index == n_exps - 1:  # the confusion matrix once every task is trained
             run.confusion = confusion.matrix(named_benchmark.class_order).tolist()
 
         def write_experience(index: int = index) -> None:
             # results, plots, TensorBoard, checkpoint, and only then "finished": a kill at
             # any point between redoes this experience on --resume, and the redone
             # experience cuts the logs back to the previous checkpoint.
-            summary = _write_results(output_dir, run, test_sizes, full_protocol, n_exps,
-                                     False)
+            summary = _write_results(output_dir, run, test_sizes, full_protocol, n_exps, False)
             kill_point("results", index)
-            figures = _write_plots(output_dir, run, protocol=full_protocol,
-                                   confusion=None if run.confusion is None
-                                   else np.asarray(run.confusion))
+            figures = _write_plots(
+                output_dir,
+                run,
+                protocol=full_protocol,
+                confusion=None if run.confusion is None else np.asarray(run.confusion),
+            )
             kill_point("plots", index)
             _log_results(tb_logger, figures, summary["metrics"], run, strategy.clock)
             kill_point("tensorboard", index)
-            ckpt.save_checkpoint({
-                "completed": index + 1,
-                "config": config.to_dict(),
-                "stream": fingerprint,
-                "model": ckpt.model_state(model),
-                "clock": ckpt.clock_state(strategy.clock),
-                "evaluator": ckpt.evaluator_state(evaluator),
-                "rng": ckpt.rng_state(),
-                "run": dict(run.__dict__),
-                "csv_rows": csv_row_counts(output_dir),
-                "tb_files": tensorboard_sizes(output_dir, tb_logger),
-            }, output_dir / "checkpoints")
-            log(f"task {index}: accuracy on seen classes {run.per_task[-1]['all']:.2f}% "
-                f"(AIA so far {summary['metrics']['AIA']:.2f}%)")
+            ckpt.save_checkpoint(
+                {
+                    "completed": index + 1,
+                    "config": config.to_dict(),
+                    "stream": fingerprint,
+                    "model": ckpt.model_state(model),
+                    "clock": ckpt.clock_state(strategy.clock),
+                    "evaluator": ckpt.evaluator_state(evaluator),
+                    "rng": ckpt.rng_state(),
+                    "run": dict(run.__dict__),
+                    "csv_rows": csv_row_counts(output_dir),
+                    "tb_files": tensorboard_sizes(output_dir, tb_logger),
+                },
+                output_dir / "checkpoints",
+            )
+            log(
+                f"task {index}: accuracy on seen classes {run.per_task[-1]['all']:.2f}% "
+                f"(AIA so far {summary['metrics']['AIA']:.2f}%)"
+            )
 
         # files on rank 0 (torchrun); a failure there stops every rank alike
         distributed.on_main(write_experience)
     if len(run.matrix) == n_exps:
+
         def finish() -> None:
             # Also when resumed from the last checkpoint: its plots and TensorBoard points
             # were written before it, only the "finished" results may be missing.
             strategy.model.save(output_dir / "final_model.pt", config)
-            log_hparams(tb_logger.writer, config, cil_metrics(run.matrix, test_sizes),
-                        strategy.clock.train_iterations)
+            log_hparams(
+                tb_logger.writer,
+                config,
+                cil_metrics(run.matrix, test_sizes),
+                strategy.clock.train_iterations,
+            )
             _write_results(output_dir, run, test_sizes, full_protocol, n_exps, True)
 
         distributed.on_main(finish)
@@ -620,8 +791,14 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-def _write_results(output_dir: Path, run: RunState, sizes: Sequence[int],
-                   protocol: Dict[str, Any], n_exps: int, finished: bool) -> Dict[str, Any]:
+def _write_results(
+    output_dir: Path,
+    run: RunState,
+    sizes: Sequence[int],
+    protocol: Dict[str, Any],
+    n_exps: int,
+    finished: bool,
+) -> Dict[str, Any]:
     """results.json and results.txt (atomic); ``finished`` only once everything else of the
     last experience is written."""
     metrics = cil_metrics(run.matrix, sizes)
@@ -642,15 +819,18 @@ def _write_results(output_dir: Path, run: RunState, sizes: Sequence[int],
     }
     for name, value in metrics.items():
         if not math.isfinite(value):
-            raise FloatingPointError(f"metric {name} is {value}: the accuracy matrix holds "
-                                     f"non-finite values {run.matrix}")
+            raise FloatingPointError(
+                f"metric {name} is {value}: the accuracy matrix holds "
+                f"non-finite values {run.matrix}"
+            )
     write_text_atomic(json.dumps(summary, indent=2) + "\n", output_dir / "results.json")
     write_text_atomic(format_report(summary), output_dir / "results.txt")
     return summary
 
 
-def _write_plots(output_dir: Path, run: RunState, *, protocol: Optional[Dict[str, Any]] = None,
-                 confusion=None) -> Dict[str, Any]:
+def _write_plots(
+    output_dir: Path, run: RunState, *, protocol: Optional[Dict[str, Any]] = None, confusion=None
+) -> Dict[str, Any]:
     """The run's figures as PNG (300 dpi) and PDF, each atomic (``figures.save_figure``):
     ``accuracy_matrix``, ``accuracy_curve`` and, when ``confusion`` is given,
     ``confusion_matrix``. Returns ``{TensorBoard tag: figure}``.
@@ -664,18 +844,20 @@ def _write_plots(output_dir: Path, run: RunState, *, protocol: Optional[Dict[str
     protocol = protocol or {}
     title = run_title(protocol)
     sizes = protocol.get("stream_classes_per_experience")
-    figures = {"results/accuracy_matrix": accuracy_matrix_figure(run.matrix, title),
-               "results/accuracy_curve": run_curve_figure(run.per_task, sizes, title)}
+    figures = {
+        "results/accuracy_matrix": accuracy_matrix_figure(run.matrix, title),
+        "results/accuracy_curve": run_curve_figure(run.per_task, sizes, title),
+    }
     if confusion is not None:
         figures["results/confusion_matrix"] = confusion_matrix_figure(
-            confusion, sizes or [len(confusion)], title)
+            confusion, sizes or [len(confusion)], title
+        )
     for tag, figure in figures.items():
         save_figure(figure, output_dir / tag.split("/")[-1])
     return figures
 
 
-def _log_results(tb_logger, figures, metrics: Dict[str, float], run: RunState,
-                 clock) -> None:
+def _log_results(tb_logger, figures, metrics: Dict[str, float], run: RunState, clock) -> None:
     """The results so far as TensorBoard scalars and images (flushed).
 
     Stepped, as every scalar the package adds, by Avalanche's ``clock.train_iterations``
@@ -699,8 +881,10 @@ def log_hparams(writer, config: CLIPHingeConfig, metrics: Dict[str, float], step
     the HParams tab. Written once, when the run finishes, into the run's event file."""
     from torch.utils.tensorboard.summary import hparams
 
-    values = {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
-              for key, value in config.to_dict().items()}
+    values = {
+        key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+        for key, value in config.to_dict().items()
+    }
     finals = {f"hparam/{k}": float(v) for k, v in metrics.items()}
     # into the run's own event file (SummaryWriter.add_hparams would open a second one)
     file_writer = writer._get_file_writer()
@@ -716,10 +900,18 @@ def print_summary(results: Dict[str, Any], out=None) -> None:
     the current ``sys.stdout``)."""
     out = out or sys.stdout
     metrics = results["metrics"]
-    out.write(format_results(results["per_task"], metrics,
-                             results["avalanche_stream_forgetting"],
-                             {k: v for k, v in results["protocol"].items()
-                              if k in ("model", "pretrained", "class_order", "seed",
-                                       "device")}))
-    out.write(f"wall time {results['wall_seconds']:.1f} s (training "
-              f"{results['train_seconds']:.1f} s)\n")
+    out.write(
+        format_results(
+            results["per_task"],
+            metrics,
+            results["avalanche_stream_forgetting"],
+            {
+                k: v
+                for k, v in results["protocol"].items()
+                if k in ("model", "pretrained", "class_order", "seed", "device")
+            },
+        )
+    )
+    out.write(
+        f"wall time {results['wall_seconds']:.1f} s (training {results['train_seconds']:.1f} s)\n"
+    )

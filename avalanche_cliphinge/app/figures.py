@@ -15,6 +15,7 @@ plots on its own, and TensorBoard's ``SummaryWriter.add_figure`` takes the figur
 no creation date: the same figure gives the same bytes), each through a temporary file and a
 rename. Tasks are numbered from 1 on the figures, as in papers.
 """
+
 from __future__ import annotations
 
 import io
@@ -38,12 +39,17 @@ FORMATS = ("png", "pdf")
 GROUPS = ("method", "ablation", "baseline")
 GROUP_TITLES = {"method": "method", "ablation": "ablations", "baseline": "baselines"}
 #: Readable names of the stream's ``dataset`` entries.
-DATASET_NAMES = {"cifar100": "CIFAR-100", "imagenet-r": "ImageNet-R",
-                 "synthetic coloured patterns": "synthetic patterns"}
+DATASET_NAMES = {
+    "cifar100": "CIFAR-100",
+    "imagenet-r": "ImageNet-R",
+    "synthetic coloured patterns": "synthetic patterns",
+}
 #: Lines of ``accuracy_curve_figure``: key of ``curves`` -> (label, colour, style, marker).
-RUN_LINES = {"all": ("all seen classes", "#0072B2", "-", "o"),
-             "old": ("old classes", "#D55E00", "--", "s"),
-             "new": ("new classes", "#009E73", ":", "^")}
+RUN_LINES = {
+    "all": ("all seen classes", "#0072B2", "-", "o"),
+    "old": ("old classes", "#D55E00", "--", "s"),
+    "new": ("new classes", "#009E73", ":", "^"),
+}
 Y_LIMITS = (-3.0, 103.0)  # markers at 0 and 100 stay whole inside the axes
 MARKERS = ("s", "^", "v", "D", "P", "X", "<", ">", "p", "h", "*", "d")
 #: (dash, gap) of the ablations' dashed lines, in points times the line width.
@@ -63,8 +69,9 @@ def figure_files(stem: str) -> Tuple[str, ...]:
     return tuple(f"{stem}.{fmt}" for fmt in FORMATS)
 
 
-def save_figure(figure: Figure, stem: str | Path, dpi: int = DPI,
-                formats: Sequence[str] = FORMATS) -> List[Path]:
+def save_figure(
+    figure: Figure, stem: str | Path, dpi: int = DPI, formats: Sequence[str] = FORMATS
+) -> List[Path]:
     """Write ``figure`` as ``<stem>.<format>`` for each of ``formats``; returns the paths.
 
     Each file is rendered in memory and written through a temporary file, fsync and a
@@ -76,8 +83,12 @@ def save_figure(figure: Figure, stem: str | Path, dpi: int = DPI,
     for fmt in formats:
         buffer = io.BytesIO()
         with matplotlib.rc_context({"pdf.fonttype": 42}):
-            figure.savefig(buffer, format=fmt, dpi=dpi,
-                           metadata={"CreationDate": None} if fmt == "pdf" else None)
+            figure.savefig(
+                buffer,
+                format=fmt,
+                dpi=dpi,
+                metadata={"CreationDate": None} if fmt == "pdf" else None,
+            )
         path = stem.parent / f"{stem.name}.{fmt}"
         write_bytes_atomic(buffer.getvalue(), path)
         paths.append(path)
@@ -104,8 +115,9 @@ def stream_title(stream: Mapping[str, Any], method: str = "CLIPHinge") -> str:
 def run_title(protocol: Mapping[str, Any], method: str = "CLIPHinge") -> str:
     """Title of a run's figures from its ``results.json`` protocol: method, dataset, task
     layout and the preset or config file (``"CLIPHinge, CIFAR-100 B0 Inc10 (preset ...)"``)."""
-    stream = {key[len("stream_"):]: value for key, value in protocol.items()
-              if key.startswith("stream_")}
+    stream = {
+        key[len("stream_") :]: value for key, value in protocol.items() if key.startswith("stream_")
+    }
     title = stream_title(stream, method)
     if protocol.get("preset"):
         return f"{title} (preset {protocol['preset']})"
@@ -119,8 +131,9 @@ def _set_class_axis(axes, seen: Sequence[int], xlabel: str = "number of classes 
     percent with room for markers at 0 and 100, grid."""
     step = max(1, int(np.ceil(len(seen) / 20)))
     axes.set_xticks(list(seen))
-    axes.set_xticklabels([str(v) if (i % step == 0 or i == len(seen) - 1) else ""
-                          for i, v in enumerate(seen)])
+    axes.set_xticklabels(
+        [str(v) if (i % step == 0 or i == len(seen) - 1) else "" for i, v in enumerate(seen)]
+    )
     axes.set_xlabel(xlabel)
     axes.set_ylim(*Y_LIMITS)
     axes.set_yticks(range(0, 101, 20))
@@ -135,8 +148,12 @@ def _x_axis(n_tasks: int, classes_per_task: Optional[Sequence[int]]) -> Tuple[Li
     return list(range(1, n_tasks + 1)), "tasks trained"
 
 
-def accuracy_curve_figure(seen: Sequence[int], curves: Mapping[str, Sequence[Optional[float]]],
-                          title: str, xlabel: str = "number of classes seen") -> Figure:
+def accuracy_curve_figure(
+    seen: Sequence[int],
+    curves: Mapping[str, Sequence[Optional[float]]],
+    title: str,
+    xlabel: str = "number of classes seen",
+) -> Figure:
     """Accuracy after each task vs the number of classes seen.
 
     Args:
@@ -151,17 +168,27 @@ def accuracy_curve_figure(seen: Sequence[int], curves: Mapping[str, Sequence[Opt
     for key, values in curves.items():
         label, colour, style, marker = RUN_LINES[key]
         points = [(x, v) for x, v in zip(seen, values) if v is not None]
-        axes.plot([p[0] for p in points], [p[1] for p in points], linestyle=style,
-                  marker=marker, color=colour, label=label, linewidth=2, markersize=6,
-                  clip_on=False, zorder=3)
+        axes.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            linestyle=style,
+            marker=marker,
+            color=colour,
+            label=label,
+            linewidth=2,
+            markersize=6,
+            clip_on=False,
+            zorder=3,
+        )
     _set_class_axis(axes, seen, xlabel)
     axes.set_title(title)
     figure.legend(loc="outside lower center", ncols=len(curves), frameon=False)
     return figure
 
 
-def run_curve_figure(per_task: Sequence[Mapping[str, Any]],
-                     classes_per_task: Optional[Sequence[int]], title: str) -> Figure:
+def run_curve_figure(
+    per_task: Sequence[Mapping[str, Any]], classes_per_task: Optional[Sequence[int]], title: str
+) -> Figure:
     """``accuracy_curve_figure`` of a run's ``per_task`` records (``grouped_accuracy``):
     all seen, old and new classes against classes seen (the task number without
     ``classes_per_task``)."""
@@ -176,7 +203,7 @@ def _as_matrix(rows: Sequence[Sequence[Optional[float]]]) -> np.ndarray:
     width = max((len(r) for r in rows), default=0)
     out = np.full((len(rows), width), np.nan)
     for t, row in enumerate(rows):
-        out[t, :len(row)] = [np.nan if v is None else float(v) for v in row]
+        out[t, : len(row)] = [np.nan if v is None else float(v) for v in row]
     return out
 
 
@@ -186,8 +213,9 @@ def _cell_font(n: int) -> float:
     return float(np.clip(10.0 - 1.5 * np.log2(max(n, 1) / 4.0), 3.5, 9.0))
 
 
-def accuracy_matrix_figure(matrix: Sequence[Sequence[Optional[float]]],
-                           title: Optional[str] = None) -> Figure:
+def accuracy_matrix_figure(
+    matrix: Sequence[Sequence[Optional[float]]], title: Optional[str] = None
+) -> Figure:
     """Heatmap of ``acc[t][j]`` (percent): task trained (rows) x task evaluated (columns).
 
     Args:
@@ -208,8 +236,15 @@ def accuracy_matrix_figure(matrix: Sequence[Sequence[Optional[float]]],
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
     image = axes.imshow(np.ma.masked_invalid(acc), vmin=0, vmax=100, cmap=cmap, aspect="equal")
     for t, j in zip(*np.nonzero(np.isfinite(acc))):
-        axes.text(j, t, f"{acc[t, j]:.1f}", ha="center", va="center", fontsize=font,
-                  color="white" if acc[t, j] < 55 else "black")
+        axes.text(
+            j,
+            t,
+            f"{acc[t, j]:.1f}",
+            ha="center",
+            va="center",
+            fontsize=font,
+            color="white" if acc[t, j] < 55 else "black",
+        )
     ticks = max(font + 1.0, 5.0)
     axes.set_xticks(range(cols), [str(j + 1) for j in range(cols)], fontsize=ticks)
     axes.set_yticks(range(rows), [str(t + 1) for t in range(rows)], fontsize=ticks)
@@ -255,26 +290,40 @@ def entry_styles(groups: Sequence[str]) -> List[Dict[str, Any]]:
         if group == "method":
             # several "method" entries (more than one CLIPHinge config): greys, solid
             grey = 0.55 * k / max(n - 1, 1)
-            styles.append({"color": matplotlib.colors.to_hex((grey, grey, grey)),
-                           "linestyle": "-" if k == 0 else _dashes("baseline", k),
-                           "marker": "o", "linewidth": 2.6, "markersize": 6, "zorder": 5})
+            styles.append(
+                {
+                    "color": matplotlib.colors.to_hex((grey, grey, grey)),
+                    "linestyle": "-" if k == 0 else _dashes("baseline", k),
+                    "marker": "o",
+                    "linewidth": 2.6,
+                    "markersize": 6,
+                    "zorder": 5,
+                }
+            )
             continue
-        low, high, cmap = ((0.42, 1.0, "YlOrRd") if group == "ablation"
-                           else (0.0, 0.8, "viridis"))
+        low, high, cmap = (0.42, 1.0, "YlOrRd") if group == "ablation" else (0.0, 0.8, "viridis")
         position = low + (high - low) * (k / (n - 1) if n > 1 else 0.5)
         colour = matplotlib.colors.to_hex(matplotlib.colormaps[cmap](position))
-        style = {"color": colour, "linestyle": _dashes(group, k),
-                 "marker": MARKERS[k % len(MARKERS)], "linewidth": 1.6, "markersize": 5,
-                 "zorder": 4 if group == "ablation" else 3}
+        style = {
+            "color": colour,
+            "linestyle": _dashes(group, k),
+            "marker": MARKERS[k % len(MARKERS)],
+            "linewidth": 1.6,
+            "markersize": 5,
+            "zorder": 4 if group == "ablation" else 3,
+        }
         if group == "ablation":
             style.update(marker="o" if k % 2 == 0 else "D", markerfacecolor="white")
         styles.append(style)
     return styles
 
 
-def comparison_figure(curves: Mapping[str, Sequence[float]], groups: Mapping[str, str],
-                      classes_per_task: Optional[Sequence[int]] = None,
-                      title: str = "Accuracy on seen classes") -> Figure:
+def comparison_figure(
+    curves: Mapping[str, Sequence[float]],
+    groups: Mapping[str, str],
+    classes_per_task: Optional[Sequence[int]] = None,
+    title: str = "Accuracy on seen classes",
+) -> Figure:
     """Accuracy on seen classes after each task, one line per entry.
 
     Args:
@@ -295,8 +344,9 @@ def comparison_figure(curves: Mapping[str, Sequence[float]], groups: Mapping[str
     axes = figure.add_subplot()
     lines = {}
     for name in names:
-        lines[name], = axes.plot(seen[:len(curves[name])], curves[name], label=name,
-                                 clip_on=False, **styles[name])
+        (lines[name],) = axes.plot(
+            seen[: len(curves[name])], curves[name], label=name, clip_on=False, **styles[name]
+        )
     _set_class_axis(axes, seen, xlabel)
     axes.set_ylabel("accuracy on seen classes (%)")
     axes.set_title(title)
@@ -308,8 +358,9 @@ def comparison_figure(curves: Mapping[str, Sequence[float]], groups: Mapping[str
             labels.append(GROUP_TITLES[group])
             handles += [lines[n] for n in members]
             labels += members
-    legend = figure.legend(handles, labels, loc="outside right upper", fontsize=8,
-                           frameon=False, handlelength=3.2)
+    legend = figure.legend(
+        handles, labels, loc="outside right upper", fontsize=8, frameon=False, handlelength=3.2
+    )
     for text, handle in zip(legend.get_texts(), handles):
         if handle.get_linestyle() == "None":
             text.set_fontweight("bold")
@@ -324,8 +375,9 @@ def row_percent(confusion: np.ndarray) -> np.ndarray:
         return np.where(totals > 0, 100.0 * counts / totals, np.nan)
 
 
-def confusion_matrix_figure(confusion: np.ndarray, classes_per_task: Sequence[int],
-                            title: Optional[str] = None) -> Figure:
+def confusion_matrix_figure(
+    confusion: np.ndarray, classes_per_task: Sequence[int], title: Optional[str] = None
+) -> Figure:
     """Final confusion matrix over the stream's classes, grouped by task.
 
     Args:
@@ -341,14 +393,21 @@ def confusion_matrix_figure(confusion: np.ndarray, classes_per_task: Sequence[in
     counts = np.asarray(confusion)
     n = counts.shape[0]
     if counts.shape != (n, n) or sum(classes_per_task) != n:
-        raise ValueError(f"confusion of shape {counts.shape} does not match "
-                         f"{sum(classes_per_task)} classes in {len(classes_per_task)} tasks")
+        raise ValueError(
+            f"confusion of shape {counts.shape} does not match "
+            f"{sum(classes_per_task)} classes in {len(classes_per_task)} tasks"
+        )
     percent = row_percent(counts)
     figure = new_figure(6.2, 5.4)
     axes = figure.add_subplot()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
-    image = axes.imshow(np.ma.masked_invalid(percent), cmap=cmap, norm=PowerNorm(0.5, 0, 100),
-                        interpolation="nearest", aspect="equal")
+    image = axes.imshow(
+        np.ma.masked_invalid(percent),
+        cmap=cmap,
+        norm=PowerNorm(0.5, 0, 100),
+        interpolation="nearest",
+        aspect="equal",
+    )
     ends = np.cumsum(classes_per_task)
     for end in ends[:-1]:
         axes.axhline(end - 0.5, color="white", linewidth=0.8)
@@ -356,8 +415,15 @@ def confusion_matrix_figure(confusion: np.ndarray, classes_per_task: Sequence[in
     if n <= 20:
         font = _cell_font(n) - 1.0
         for i, j in zip(*np.nonzero(np.nan_to_num(percent) > 0)):
-            axes.text(j, i, f"{percent[i, j]:.0f}", ha="center", va="center", fontsize=font,
-                      color="white" if percent[i, j] < 30 else "black")
+            axes.text(
+                j,
+                i,
+                f"{percent[i, j]:.0f}",
+                ha="center",
+                va="center",
+                fontsize=font,
+                color="white" if percent[i, j] < 30 else "black",
+            )
     centres = ends - np.asarray(classes_per_task) / 2.0 - 0.5
     font = _cell_font(len(classes_per_task)) + 0.5
     labels = [str(t + 1) for t in range(len(classes_per_task))]
@@ -373,9 +439,10 @@ def confusion_matrix_figure(confusion: np.ndarray, classes_per_task: Sequence[in
     return figure
 
 
-def aggregate_curve_figure(rows: Sequence[Mapping[str, Any]],
-                           title: str = "Accuracy on seen classes, mean ± std over seeds"
-                           ) -> Figure:
+def aggregate_curve_figure(
+    rows: Sequence[Mapping[str, Any]],
+    title: str = "Accuracy on seen classes, mean ± std over seeds",
+) -> Figure:
     """Mean accuracy on seen classes vs classes seen with a ± std band, one line per row.
 
     Args:
@@ -390,15 +457,25 @@ def aggregate_curve_figure(rows: Sequence[Mapping[str, Any]],
     for row, style in zip(rows, styles):
         curve = row["curve"]
         x, mean = np.asarray(curve["classes_seen"]), np.asarray(curve["mean"])
-        axes.plot(x, mean, label=f"{row['config']} / {row['method']} (n={row['n']})",
-                  clip_on=False, **style)
+        axes.plot(
+            x,
+            mean,
+            label=f"{row['config']} / {row['method']} (n={row['n']})",
+            clip_on=False,
+            **style,
+        )
         if curve["std"] is not None:
             std = np.asarray(curve["std"])  # the band stops at 0 and 100 (percent)
-            axes.fill_between(x, np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100),
-                              color=style["color"], alpha=0.2, linewidth=0)
+            axes.fill_between(
+                x,
+                np.clip(mean - std, 0, 100),
+                np.clip(mean + std, 0, 100),
+                color=style["color"],
+                alpha=0.2,
+                linewidth=0,
+            )
     _set_class_axis(axes, rows[0]["curve"]["classes_seen"])
     axes.set_ylabel("accuracy on seen classes (%)")
     axes.set_title(title)
-    figure.legend(loc="outside lower center", ncols=min(len(rows), 3), fontsize=8,
-                  frameon=False)
+    figure.legend(loc="outside lower center", ncols=min(len(rows), 3), fontsize=8, frameon=False)
     return figure

@@ -1,5 +1,6 @@
 """The one run loop: train on an experience, evaluate the whole test stream, read the
 accuracy row. The runner, the comparison and the speed benchmark all go through it."""
+
 from __future__ import annotations
 
 import time
@@ -45,13 +46,13 @@ class TaskResult:
         return [a if j <= self.index else None for j, a in enumerate(self.row)]
 
 
-def metric_value(results: Dict[str, float], prefix: str,
-                 experience: Optional[int] = None) -> Optional[float]:
+def metric_value(
+    results: Dict[str, float], prefix: str, experience: Optional[int] = None
+) -> Optional[float]:
     """The first value whose name starts with ``prefix`` (and ends with ``/Exp<experience>``
     when given); ``None`` when there is none."""
     for key, value in results.items():
-        if key.startswith(prefix) and (experience is None
-                                       or key.endswith(f"/Exp{experience:03d}")):
+        if key.startswith(prefix) and (experience is None or key.endswith(f"/Exp{experience:03d}")):
             return float(value)
     return None
 
@@ -70,13 +71,15 @@ def accuracy_row(results: Dict[str, float], n_exps: int) -> List[float]:
             raise MissingMetricError(
                 f"the evaluator reported no {EXP_ACCURACY}/.../Exp{j:03d}; give the strategy "
                 "an evaluator with accuracy_metrics(experience=True) and evaluate the whole "
-                "test stream")
+                "test stream"
+            )
         row.append(100.0 * value)
     return row
 
 
-def train_and_evaluate(strategy, train_stream: Sequence, test_stream: Sequence,
-                       start: int = 0) -> Iterator[TaskResult]:
+def train_and_evaluate(
+    strategy, train_stream: Sequence, test_stream: Sequence, start: int = 0
+) -> Iterator[TaskResult]:
     """Train ``strategy`` on ``train_stream[start:]`` one experience at a time and evaluate
     ``test_stream`` after each; yields one ``TaskResult`` per experience, after its
     evaluation (the caller writes results and checkpoints before the next one starts)."""
@@ -87,7 +90,11 @@ def train_and_evaluate(strategy, train_stream: Sequence, test_stream: Sequence,
         trained = time.perf_counter()
         results = strategy.eval(test_stream)
         forgetting = metric_value(results, STREAM_FORGETTING)
-        yield TaskResult(index=index, row=accuracy_row(results, n_exps),
-                         stream_forgetting=None if forgetting is None else 100.0 * forgetting,
-                         train_seconds=trained - began, seconds=time.perf_counter() - began,
-                         metrics=dict(results))
+        yield TaskResult(
+            index=index,
+            row=accuracy_row(results, n_exps),
+            stream_forgetting=None if forgetting is None else 100.0 * forgetting,
+            train_seconds=trained - began,
+            seconds=time.perf_counter() - began,
+            metrics=dict(results),
+        )

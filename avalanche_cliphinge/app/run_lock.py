@@ -7,6 +7,7 @@ says who (PID, host, start time); a second run into the folder, whatever its fla
 refused with that line. The file is emptied when the run ends, and never removed (removing
 a lock file lets two processes lock two different files of one name).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -46,7 +47,8 @@ class RunLock:
             os.close(fd)
             raise RunLockedError(
                 f"{self.folder} is in use by another run ({holder}); wait for it to end or "
-                "choose another --output-dir") from None
+                "choose another --output-dir"
+            ) from None
         except BaseException:
             os.close(fd)
             raise
@@ -56,8 +58,11 @@ class RunLock:
         """Write this process's PID, host and start time into the lock file (once)."""
         if self._fd is None or self._announced:
             return
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        }
         data = (json.dumps(holder) + "\n").encode()
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, data, 0)

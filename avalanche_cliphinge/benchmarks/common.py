@@ -70,15 +70,12 @@ def check_task_split(
         ValueError: the numbers do not add up; the message says which would.
     """
     if init_class < 1 or increment < 1:
-        raise ValueError(
-            f"init_class={init_class} and increment={increment} must both be >= 1."
-        )
+        raise ValueError(f"init_class={init_class} and increment={increment} must both be >= 1.")
     rest = n_classes - init_class
     if rest < 0 or rest % increment != 0:
         divisors = [d for d in range(1, rest + 1) if rest % d == 0] if rest > 0 else []
         hint = (
-            f"with init_class={init_class} the increment must divide {rest} "
-            f"(one of {divisors})"
+            f"with init_class={init_class} the increment must divide {rest} (one of {divisors})"
             if divisors
             else f"init_class must be at most {n_classes}"
         )
@@ -218,9 +215,7 @@ def _drop_unreadable(dataset):
 
 def list_images(folder: Path) -> list[Path]:
     """Image files (jpg, jpeg, png; any case) directly inside `folder`, sorted by name."""
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def make_nc_benchmark(

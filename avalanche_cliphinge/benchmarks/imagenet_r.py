@@ -33,16 +33,206 @@ _URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
 #: class_orders/imagenet_R_order.yaml (ECCV'24 code).
 IMAGENET_R_ORDERS: dict[str, list[int]] = {
     "rapf": [
-        29, 75, 18, 9, 62, 46, 133, 54, 89, 24, 135, 158, 119, 198, 49, 96, 32, 21, 79, 3, 65,
-        131, 191, 30, 140, 113, 84, 95, 188, 167, 127, 164, 185, 170, 168, 136, 98, 12, 121, 186,
-        193, 172, 51, 19, 104, 108, 161, 178, 73, 152, 7, 61, 39, 67, 14, 91, 111, 41, 56, 194,
-        23, 145, 184, 165, 189, 122, 128, 48, 66, 47, 148, 92, 199, 109, 160, 110, 132, 102, 154,
-        107, 33, 70, 80, 173, 187, 97, 43, 81, 153, 147, 112, 17, 52, 195, 144, 50, 146, 40, 141,
-        143, 106, 10, 22, 115, 162, 44, 1, 34, 134, 26, 183, 4, 87, 139, 45, 94, 27, 83, 130, 103,
-        126, 138, 35, 123, 190, 105, 71, 88, 76, 156, 180, 176, 25, 37, 137, 6, 15, 175, 192, 63,
-        11, 31, 8, 196, 36, 159, 85, 28, 77, 93, 174, 78, 171, 150, 42, 99, 0, 2, 149, 86, 72,
-        163, 166, 117, 116, 74, 125, 55, 90, 120, 114, 20, 182, 68, 69, 181, 157, 38, 59, 179, 16,
-        177, 64, 57, 5, 58, 129, 13, 118, 124, 100, 169, 142, 155, 101, 53, 82, 60, 151, 197,
+        29,
+        75,
+        18,
+        9,
+        62,
+        46,
+        133,
+        54,
+        89,
+        24,
+        135,
+        158,
+        119,
+        198,
+        49,
+        96,
+        32,
+        21,
+        79,
+        3,
+        65,
+        131,
+        191,
+        30,
+        140,
+        113,
+        84,
+        95,
+        188,
+        167,
+        127,
+        164,
+        185,
+        170,
+        168,
+        136,
+        98,
+        12,
+        121,
+        186,
+        193,
+        172,
+        51,
+        19,
+        104,
+        108,
+        161,
+        178,
+        73,
+        152,
+        7,
+        61,
+        39,
+        67,
+        14,
+        91,
+        111,
+        41,
+        56,
+        194,
+        23,
+        145,
+        184,
+        165,
+        189,
+        122,
+        128,
+        48,
+        66,
+        47,
+        148,
+        92,
+        199,
+        109,
+        160,
+        110,
+        132,
+        102,
+        154,
+        107,
+        33,
+        70,
+        80,
+        173,
+        187,
+        97,
+        43,
+        81,
+        153,
+        147,
+        112,
+        17,
+        52,
+        195,
+        144,
+        50,
+        146,
+        40,
+        141,
+        143,
+        106,
+        10,
+        22,
+        115,
+        162,
+        44,
+        1,
+        34,
+        134,
+        26,
+        183,
+        4,
+        87,
+        139,
+        45,
+        94,
+        27,
+        83,
+        130,
+        103,
+        126,
+        138,
+        35,
+        123,
+        190,
+        105,
+        71,
+        88,
+        76,
+        156,
+        180,
+        176,
+        25,
+        37,
+        137,
+        6,
+        15,
+        175,
+        192,
+        63,
+        11,
+        31,
+        8,
+        196,
+        36,
+        159,
+        85,
+        28,
+        77,
+        93,
+        174,
+        78,
+        171,
+        150,
+        42,
+        99,
+        0,
+        2,
+        149,
+        86,
+        72,
+        163,
+        166,
+        117,
+        116,
+        74,
+        125,
+        55,
+        90,
+        120,
+        114,
+        20,
+        182,
+        68,
+        69,
+        181,
+        157,
+        38,
+        59,
+        179,
+        16,
+        177,
+        64,
+        57,
+        5,
+        58,
+        129,
+        13,
+        118,
+        124,
+        100,
+        169,
+        142,
+        155,
+        101,
+        53,
+        82,
+        60,
+        151,
+        197,
     ],
 }
 
@@ -237,8 +427,10 @@ def _read_rapf_list(list_file: Path, data_dir: Path, wnids: list[str]):
         where = f"{list_file}, line {line_number}"
         if entry in parts:
             if parts[entry][0] or entry == section:
-                raise ValueError(f"{where}: a second `{entry}` section; the list holds one "
-                                 f"`train` and one `test` section.")
+                raise ValueError(
+                    f"{where}: a second `{entry}` section; the list holds one "
+                    f"`train` and one `test` section."
+                )
             section = entry
             continue
         if section is None:
@@ -251,8 +443,11 @@ def _read_rapf_list(list_file: Path, data_dir: Path, wnids: list[str]):
             raise ValueError(f"{where}: expected `<wnid>/<file>`, got {entry!r}.")
         wnid = relative.parts[0]
         if wnid not in class_of:
-            known = "not an ImageNet-R wnid" if wnid not in IMAGENET_R_WNIDS else (
-                f"has no class folder in {data_dir}")
+            known = (
+                "not an ImageNet-R wnid"
+                if wnid not in IMAGENET_R_WNIDS
+                else (f"has no class folder in {data_dir}")
+            )
             raise ValueError(f"{where}: {wnid} {known}.")
         path = data_dir / relative
         if not path.is_file():
@@ -260,8 +455,10 @@ def _read_rapf_list(list_file: Path, data_dir: Path, wnids: list[str]):
         parts[section][0].append(path)
         parts[section][1].append(class_of[wnid])
     if not parts["test"][0]:
-        raise ValueError(f"{list_file} has no `test` section with paths (RAPF's format: "
-                         f"`train`, paths, `test`, paths).")
+        raise ValueError(
+            f"{list_file} has no `test` section with paths (RAPF's format: "
+            f"`train`, paths, `test`, paths)."
+        )
     return parts["train"], parts["test"]
 
 
@@ -312,9 +509,7 @@ def _read_list(list_file: Path, data_dir: Path, wnids: list[str]):
             continue
         where = f"{list_file}, line {line_number}"
         if len(fields) != 2:
-            raise ValueError(
-                f"{where}: expected `relative/path label`, got {line.strip()!r}."
-            )
+            raise ValueError(f"{where}: expected `relative/path label`, got {line.strip()!r}.")
         relative, label_text = fields
         try:
             label = int(label_text)

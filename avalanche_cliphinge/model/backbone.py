@@ -4,6 +4,7 @@ Every model, the tiny offline one included, goes through ``open_clip.create_mode
 The tiny architecture ``cliphinge-tiny`` (32-px images, 2 blocks of width 64, 64-d embedding) is
 registered through open_clip's own model-config mechanism when this module is imported.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -93,10 +94,12 @@ def _activation_mismatch(model_name: str, weights: str, trained_quick_gelu: bool
     """One line refusing weights trained with another activation than ``model_name`` has."""
     trained = "QuickGELU" if trained_quick_gelu else "GELU"
     built = "QuickGELU" if uses_quick_gelu(model_name) else "GELU"
-    return (f"{weights} were trained with {trained} but {model_name} uses {built}: features "
-            f"would be about 1e-2 off; use model_name '"
-            f"{_sibling_architecture(model_name, trained_quick_gelu)}' (or set "
-            f"allow_activation_mismatch=true to keep it on purpose)")
+    return (
+        f"{weights} were trained with {trained} but {model_name} uses {built}: features "
+        f"would be about 1e-2 off; use model_name '"
+        f"{_sibling_architecture(model_name, trained_quick_gelu)}' (or set "
+        f"allow_activation_mismatch=true to keep it on purpose)"
+    )
 
 
 def is_torchscript_archive(path: str | Path) -> bool:
@@ -108,8 +111,9 @@ def is_torchscript_archive(path: str | Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") or "/code/" in name
-                   for name in archive.namelist())
+        return any(
+            name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist()
+        )
 
 
 #: Entries of OpenAI's TorchScript archives that are not weights of the network.
@@ -128,20 +132,28 @@ def load_torchscript_weights(model: nn.Module, path: str | Path) -> None:
     try:
         archive = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:  # RuntimeError for a damaged archive, pickle errors...
-        raise BackboneError(f"could not read the TorchScript archive '{path}' "
-                            f"({type(err).__name__}: {_first_line(err)})") from None
+        raise BackboneError(
+            f"could not read the TorchScript archive '{path}' "
+            f"({type(err).__name__}: {_first_line(err)})"
+        ) from None
     state = {k: v for k, v in archive.state_dict().items() if k not in _TORCHSCRIPT_EXTRAS}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     if missing or unexpected or wrong:
-        detail = (f"missing {missing[:3]}" if missing else
-                  f"unexpected {unexpected[:3]}" if unexpected else
-                  f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected "
-                  f"{tuple(expected[wrong[0]].shape)}")
-        raise BackboneError(f"the TorchScript archive '{path}' does not fit the architecture "
-                            f"({detail}); pass the model_name it was made for")
+        detail = (
+            f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {unexpected[:3]}"
+            if unexpected
+            else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected "
+            f"{tuple(expected[wrong[0]].shape)}"
+        )
+        raise BackboneError(
+            f"the TorchScript archive '{path}' does not fit the architecture "
+            f"({detail}); pass the model_name it was made for"
+        )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
@@ -149,9 +161,13 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0][:160]
 
 
-def load_clip(model_name: str = "ViT-B-16-quickgelu", pretrained: Optional[str] = "openai",
-              device: str | torch.device = "cpu", *,
-              allow_activation_mismatch: bool = False) -> CLIPBackbone:
+def load_clip(
+    model_name: str = "ViT-B-16-quickgelu",
+    pretrained: Optional[str] = "openai",
+    device: str | torch.device = "cpu",
+    *,
+    allow_activation_mismatch: bool = False,
+) -> CLIPBackbone:
     """Create a frozen open_clip model.
 
     Args:
@@ -177,35 +193,46 @@ def load_clip(model_name: str = "ViT-B-16-quickgelu", pretrained: Optional[str] 
             what to pass instead.
     """
     if model_name not in open_clip.list_models():
-        raise BackboneError(f"unknown open_clip model '{model_name}'; choose one of "
-                            f"open_clip.list_models() (e.g. ViT-B-16-quickgelu, or {TINY_MODEL} "
-                            "offline)")
+        raise BackboneError(
+            f"unknown open_clip model '{model_name}'; choose one of "
+            f"open_clip.list_models() (e.g. ViT-B-16-quickgelu, or {TINY_MODEL} "
+            "offline)"
+        )
     tag = None if pretrained in (None, "", "none", "None") else str(pretrained)
     sha = None
     torchscript = False
     looks_like_file = tag is not None and (
-        Path(tag).is_file() or os.sep in tag
-        or tag.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")))
+        Path(tag).is_file()
+        or os.sep in tag
+        or tag.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+    )
     if looks_like_file:
         if not Path(tag).is_file():
-            raise BackboneError(f"pretrained checkpoint file '{tag}' does not exist; pass an "
-                                "existing file or an open_clip tag such as 'openai'")
+            raise BackboneError(
+                f"pretrained checkpoint file '{tag}' does not exist; pass an "
+                "existing file or an open_clip tag such as 'openai'"
+            )
         sha = file_sha256(tag)
         torchscript = is_torchscript_archive(tag)
-        if (torchscript and not uses_quick_gelu(model_name)
-                and not allow_activation_mismatch):
-            raise BackboneError(_activation_mismatch(
-                model_name, f"the TorchScript archive '{tag}' (OpenAI's format)", True))
+        if torchscript and not uses_quick_gelu(model_name) and not allow_activation_mismatch:
+            raise BackboneError(
+                _activation_mismatch(
+                    model_name, f"the TorchScript archive '{tag}' (OpenAI's format)", True
+                )
+            )
     elif tag is not None:
         if tag not in open_clip.list_pretrained_tags_by_model(model_name):
             raise BackboneError(
                 f"'{tag}' is neither a file nor a pretrained tag of {model_name} (tags: "
-                f"{', '.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none'})")
+                f"{', '.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none'})"
+            )
         trained_quick_gelu = bool(
-            open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))
+            open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False)
+        )
         if trained_quick_gelu != uses_quick_gelu(model_name) and not allow_activation_mismatch:
-            raise BackboneError(_activation_mismatch(
-                model_name, f"the '{tag}' weights", trained_quick_gelu))
+            raise BackboneError(
+                _activation_mismatch(model_name, f"the '{tag}' weights", trained_quick_gelu)
+            )
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         # huggingface_hub reads the variable once at import: honour it when set later too
         import huggingface_hub.constants
@@ -214,17 +241,21 @@ def load_clip(model_name: str = "ViT-B-16-quickgelu", pretrained: Optional[str] 
     try:
         # a TorchScript archive is read below, into a model built without weights
         model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-            model_name, pretrained=None if torchscript else tag, device=device)
+            model_name, pretrained=None if torchscript else tag, device=device
+        )
     except Exception as err:  # torch.load raises UnpicklingError, IndexError... on a bad file
         if sha is not None:
-            raise BackboneError(f"could not load checkpoint '{tag}' into {model_name} "
-                                f"({type(err).__name__}: {_first_line(err)})") from None
+            raise BackboneError(
+                f"could not load checkpoint '{tag}' into {model_name} "
+                f"({type(err).__name__}: {_first_line(err)})"
+            ) from None
         if not isinstance(err, RuntimeError):
             raise
         raise BackboneError(
             f"could not fetch the '{tag}' weights of {model_name} (offline?). Download them on a "
             f"machine with internet and pass the file: --pretrained /path/to/{model_name}.pt "
-            f"(or pretrained=\"/path/...\" in the config)") from None
+            f'(or pretrained="/path/..." in the config)'
+        ) from None
     if torchscript:
         load_torchscript_weights(model, tag)
     if tag is None:
@@ -232,6 +263,12 @@ def load_clip(model_name: str = "ViT-B-16-quickgelu", pretrained: Optional[str] 
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    return CLIPBackbone(model=model, train_transform=train_tf, eval_transform=eval_tf,
-                        tokenizer=open_clip.get_tokenizer(model_name), model_name=model_name,
-                        pretrained=tag, weights_sha256=sha)
+    return CLIPBackbone(
+        model=model,
+        train_transform=train_tf,
+        eval_transform=eval_tf,
+        tokenizer=open_clip.get_tokenizer(model_name),
+        model_name=model_name,
+        pretrained=tag,
+        weights_sha256=sha,
+    )

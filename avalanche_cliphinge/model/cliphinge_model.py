@@ -1,4 +1,5 @@
 """``CLIPHingeModel``: frozen CLIP + per-task prompts, class Gaussians, stage-2 heads, fusion."""
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
@@ -15,6 +16,7 @@ from .backbone import CLIPBackbone
 from .heads import ImageAdapter
 from .lora import VisualLoRA
 from .prompts import TaskPrompts, encode_token_embeddings, prompt_length, raw_text_features
+
 
 class DevicePreprocess(nn.Module):
     """Batched bicubic resize to the model's input size and CLIP normalisation, on device.
@@ -36,8 +38,9 @@ class DevicePreprocess(nn.Module):
         """``[b, 3, h, w]`` -> ``[b, 3, size, size]`` normalised."""
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic",
-                              align_corners=False).clamp_(0, 1)
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bicubic", align_corners=False
+            ).clamp_(0, 1)
         return (x - self.mean) / self.std
 
 
@@ -54,15 +57,23 @@ def class_name_table(class_names: ClassNames) -> Dict[int, str]:
     Raises:
         ValueError: no names, a negative or non-integer id, or a name that is not a string.
     """
-    table = (dict(class_names.items()) if isinstance(class_names, Mapping)
-             else dict(enumerate(class_names)))
+    table = (
+        dict(class_names.items())
+        if isinstance(class_names, Mapping)
+        else dict(enumerate(class_names))
+    )
     if not table:
         raise ValueError("class_names is empty; pass one name per class of the stream")
-    bad = [k for k, v in table.items()
-           if isinstance(k, bool) or not isinstance(k, int) or k < 0 or not isinstance(v, str)]
+    bad = [
+        k
+        for k, v in table.items()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0 or not isinstance(v, str)
+    ]
     if bad:
-        raise ValueError(f"class_names entries {bad[:5]} are not 'class id >= 0: name'; pass a "
-                         "list of names indexed by class id or a dict {class id: name}")
+        raise ValueError(
+            f"class_names entries {bad[:5]} are not 'class id >= 0: name'; pass a "
+            "list of names indexed by class id or a dict {class id: name}"
+        )
     return table
 
 
@@ -95,12 +106,23 @@ class CLIPHingeModel(nn.Module):
             factors (``ClassGaussians``'s ``storage`` and ``rank``).
     """
 
-    def __init__(self, backbone: CLIPBackbone, class_names: ClassNames, *, n_ctx: int = 4,
-                 ctx_init: str = "a photo of a", prompt_template: str = "a good photo of a {}.",
-                 use_image_adapter: bool = False, fusion_weight: float = 0.3,
-                 head_logit_scale: float = 20.0,
-                 lora: Optional[tuple] = None, seed: int = 0, resize_on_device: bool = False,
-                 gaussian_storage: str = "full", gaussian_rank: int = 64):
+    def __init__(
+        self,
+        backbone: CLIPBackbone,
+        class_names: ClassNames,
+        *,
+        n_ctx: int = 4,
+        ctx_init: str = "a photo of a",
+        prompt_template: str = "a good photo of a {}.",
+        use_image_adapter: bool = False,
+        fusion_weight: float = 0.3,
+        head_logit_scale: float = 20.0,
+        lora: Optional[tuple] = None,
+        seed: int = 0,
+        resize_on_device: bool = False,
+        gaussian_storage: str = "full",
+        gaussian_rank: int = 64,
+    ):
         super().__init__()
         self.backbone = backbone
         self.clip = backbone.model
@@ -142,8 +164,9 @@ class CLIPHingeModel(nn.Module):
         prompt-tensor shape), which removes the launch latency that bounds a prompt-learning
         step. Call ``torch.compiler.cudagraph_mark_step_begin()`` before each step.
         """
-        self._encode_trainable = torch.compile(self.encode_prompts, mode="reduce-overhead",
-                                               dynamic=False)
+        self._encode_trainable = torch.compile(
+            self.encode_prompts, mode="reduce-overhead", dynamic=False
+        )
 
     def train(self, mode: bool = True) -> "CLIPHingeModel":
         """Switch the trainable parts; the frozen CLIP stays in eval mode."""
@@ -179,22 +202,34 @@ class CLIPHingeModel(nn.Module):
         class_ids = [int(c) for c in class_ids]
         bad = [c for c in class_ids if c not in self.names]
         if bad:
-            raise ValueError(f"class ids {bad} have no name in class_names (known ids: "
-                             f"{self.class_ids[0]}..{self.class_ids[-1]}, {len(self.names)} "
-                             "names); pass names for every class id of the stream")
+            raise ValueError(
+                f"class ids {bad} have no name in class_names (known ids: "
+                f"{self.class_ids[0]}..{self.class_ids[-1]}, {len(self.names)} "
+                "names); pass names for every class id of the stream"
+            )
         repeated = sorted(set(class_ids) & set(self.seen_classes))
         if repeated:
-            raise ValueError(f"classes {repeated} are already registered; add_task takes new "
-                             "classes only")
+            raise ValueError(
+                f"classes {repeated} are already registered; add_task takes new classes only"
+            )
         task = self.n_tasks
         generator = seeded(self.seed, Draw.PROMPTS, task)
-        self.prompts.append(TaskPrompts(self.clip, self.tokenizer,
-                                        [self.names[c] for c in class_ids], self.n_ctx,
-                                        self.ctx_init, generator, length=self.prompt_length))
+        self.prompts.append(
+            TaskPrompts(
+                self.clip,
+                self.tokenizer,
+                [self.names[c] for c in class_ids],
+                self.n_ctx,
+                self.ctx_init,
+                generator,
+                length=self.prompt_length,
+            )
+        )
         self.task_classes.append(class_ids)
         start = len(self.seen_classes) - len(class_ids)
         self.column_of[torch.tensor(class_ids, device=self.column_of.device)] = torch.arange(
-            start, start + len(class_ids), device=self.column_of.device)
+            start, start + len(class_ids), device=self.column_of.device
+        )
         # the score columns' class ids as a tensor, built once per task (not per minibatch)
         self.class_of_column = torch.tensor(self.seen_classes, device=self.column_of.device)
         return task
@@ -246,9 +281,12 @@ class CLIPHingeModel(nn.Module):
         asked for together (a resumed run picks the same hard pairs to the last bit).
         """
         if self._raw_text is None:
-            self._raw_text = raw_text_features(self.clip, self.tokenizer,
-                                               [self.names[c] for c in self.class_ids],
-                                               self.prompt_template)
+            self._raw_text = raw_text_features(
+                self.clip,
+                self.tokenizer,
+                [self.names[c] for c in self.class_ids],
+                self.prompt_template,
+            )
         rows = [self.class_ids.index(int(c)) for c in class_ids]
         index = torch.as_tensor(rows, dtype=torch.long, device=self._raw_text.device)
         return self._raw_text[index]
@@ -311,9 +349,11 @@ class CLIPHingeModel(nn.Module):
                 feats = features
                 if self.lora is not None and f"task{task}" in self.lora.adapters:
                     if x.ndim == 2:
-                        raise ValueError("LoRA heads need images, not cached features; "
-                                         "the strategy evaluates on images once an adapter "
-                                         "exists")
+                        raise ValueError(
+                            "LoRA heads need images, not cached features; "
+                            "the strategy evaluates on images once an adapter "
+                            "exists"
+                        )
                     with torch.no_grad(), self.lora.using(f"task{task}"):
                         feats = self.run_image_encoder(x)
                 out[:, start:stop] = self.heads[key](feats)
@@ -327,8 +367,12 @@ class CLIPHingeModel(nn.Module):
 
     def to_full_width(self, seen_scores: Tensor) -> Tensor:
         """``[batch, n_seen]`` -> ``[batch, n_outputs]`` in class-id order, unseen = UNSEEN_SCORE."""
-        out = torch.full((seen_scores.shape[0], self.n_outputs), UNSEEN_SCORE,
-                         dtype=seen_scores.dtype, device=seen_scores.device)
+        out = torch.full(
+            (seen_scores.shape[0], self.n_outputs),
+            UNSEEN_SCORE,
+            dtype=seen_scores.dtype,
+            device=seen_scores.device,
+        )
         out[:, self.class_of_column] = seen_scores
         return out
 
@@ -365,8 +409,9 @@ class CLIPHingeModel(nn.Module):
 
         config = config if config is not None else getattr(self, "config", None)
         if config is None:
-            raise ValueError("save needs the CLIPHingeConfig the model was built with: "
-                             "model.save(path, config)")
+            raise ValueError(
+                "save needs the CLIPHingeConfig the model was built with: model.save(path, config)"
+            )
         return save_model(self, path, config)
 
     @classmethod
@@ -407,7 +452,7 @@ class CLIPHingeModel(nn.Module):
         device = self.column_of.device
         scores = []
         for start in range(0, len(images), batch_size):
-            batch = torch.stack([to_input(x) for x in images[start:start + batch_size]])
+            batch = torch.stack([to_input(x) for x in images[start : start + batch_size]])
             scores.append(self(batch.to(device)).float())
         self.train(was_training)
         seen = self.class_of_column

@@ -1,4 +1,5 @@
 """Stage-2 per-task linear heads and the optional stage-1 image adapter."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """One LoRA adapter per task on chosen image-encoder blocks, through peft."""
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,10 @@ class VisualLoRA:
         n_blocks = len(visual.transformer.resblocks)
         bad = [i for i in layers if not 0 <= i < n_blocks]
         if bad:
-            raise ValueError(f"lora_layers {bad} out of range: the image encoder has {n_blocks} "
-                             f"blocks (indices 0..{n_blocks - 1}); fix lora_layers in the config")
+            raise ValueError(
+                f"lora_layers {bad} out of range: the image encoder has {n_blocks} "
+                f"blocks (indices 0..{n_blocks - 1}); fix lora_layers in the config"
+            )
         self.visual = visual
         self.layers = sorted(set(layers))
         self.rank = rank
@@ -59,9 +62,12 @@ class VisualLoRA:
         from peft import LoraConfig, inject_adapter_in_model
 
         blocks = "|".join(str(i) for i in self.layers)
-        config = LoraConfig(r=self.rank, lora_alpha=self.alpha,
-                            target_modules=rf"transformer\.resblocks\.({blocks})\."
-                                           r"mlp\.(c_fc|c_proj)")
+        config = LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            target_modules=rf"transformer\.resblocks\.({blocks})\."
+            r"mlp\.(c_fc|c_proj)",
+        )
         inject_adapter_in_model(config, self.visual, adapter_name=name)
         if generator is not None:
             with torch.no_grad():
@@ -75,8 +81,7 @@ class VisualLoRA:
 
     def parameters(self, name: str) -> List[nn.Parameter]:
         """The trainable LoRA tensors of adapter ``name``."""
-        return [p for n, p in self.visual.named_parameters()
-                if f".{name}." in n and "lora_" in n]
+        return [p for n, p in self.visual.named_parameters() if f".{name}." in n and "lora_" in n]
 
     def activate(self, name: Optional[str]) -> None:
         """Route the encoder through adapter ``name``, or through the frozen base for ``None``."""

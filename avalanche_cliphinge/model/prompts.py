@@ -1,4 +1,5 @@
 """Class-specific learnable text prompts (CoOp-style context vectors, one set per class)."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
@@ -75,9 +76,16 @@ class TaskPrompts(nn.Module):
     rest of the context is never stored or computed).
     """
 
-    def __init__(self, clip: nn.Module, tokenizer: Callable, class_names: Sequence[str],
-                 n_ctx: int, ctx_init: str = "", generator: Optional[torch.Generator] = None,
-                 length: Optional[int] = None):
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer: Callable,
+        class_names: Sequence[str],
+        n_ctx: int,
+        ctx_init: str = "",
+        generator: Optional[torch.Generator] = None,
+        length: Optional[int] = None,
+    ):
         super().__init__()
         embedding = clip.token_embedding
         width = embedding.weight.shape[1]
@@ -85,9 +93,11 @@ class TaskPrompts(nn.Module):
         tokens = _prompt_tokens(tokenizer, class_names, n_ctx).to(device)
         needed = int(tokens.argmax(dim=-1).max()) + 1
         if length is not None and not needed <= length <= tokens.shape[1]:
-            raise ValueError(f"length {length} cannot hold these prompts: it must be between "
-                             f"{needed} and the context length {tokens.shape[1]}")
-        tokens = tokens[:, :needed if length is None else length]
+            raise ValueError(
+                f"length {length} cannot hold these prompts: it must be between "
+                f"{needed} and the context length {tokens.shape[1]}"
+            )
+        tokens = tokens[:, : needed if length is None else length]
         with torch.no_grad():
             embedded = embedding(tokens)
         ctx = torch.randn(len(class_names), n_ctx, width, generator=generator) * 0.02
@@ -96,11 +106,11 @@ class TaskPrompts(nn.Module):
             init_tokens = tokenizer([ctx_init.strip()]).to(device)
             n_words = int(init_tokens.argmax(dim=-1)) - 1
             with torch.no_grad():
-                phrase = embedding(init_tokens)[0, 1:1 + min(n_words, n_ctx)]
-            ctx[:, :phrase.shape[0]] = phrase
+                phrase = embedding(init_tokens)[0, 1 : 1 + min(n_words, n_ctx)]
+            ctx[:, : phrase.shape[0]] = phrase
         self.ctx = nn.Parameter(ctx)
         self.register_buffer("prefix", embedded[:, :1].clone())
-        self.register_buffer("suffix", embedded[:, 1 + n_ctx:].clone())
+        self.register_buffer("suffix", embedded[:, 1 + n_ctx :].clone())
         self.register_buffer("tokens", tokens)
         self.class_names = list(class_names)
 
@@ -114,8 +124,9 @@ class TaskPrompts(nn.Module):
 
 
 @torch.no_grad()
-def raw_text_features(clip: nn.Module, tokenizer: Callable, class_names: Sequence[str],
-                      template: str) -> Tensor:
+def raw_text_features(
+    clip: nn.Module, tokenizer: Callable, class_names: Sequence[str], template: str
+) -> Tensor:
     """``[n, embed_dim]`` normalised CLIP text features of ``template.format(name)``.
 
     The fixed-template (unprompted) features used to choose text-side hard pairs and by

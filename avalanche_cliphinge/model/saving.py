@@ -6,6 +6,7 @@ LoRA adapters), the class names and task order, the config and the backbone's id
 except random ones (``pretrained=None``), which no tag or file could rebuild. Everything is
 plain tensors and Python values, so ``torch.load(weights_only=True)`` reads it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,17 +39,23 @@ def learned_state(model: "CLIPHingeModel") -> Dict[str, Any]:
     lora = {}
     if model.lora is not None:
         for name in model.lora.adapters:
-            lora[name] = {n: p.detach().cpu() for n, p in model.clip.visual.named_parameters()
-                          if f".{name}." in n and "lora_" in n}
+            lora[name] = {
+                n: p.detach().cpu()
+                for n, p in model.clip.visual.named_parameters()
+                if f".{name}." in n and "lora_" in n
+            }
     return {
         "task_classes": [list(c) for c in model.task_classes],
         "prompts": [p.ctx.detach().cpu() for p in model.prompts],
         "gaussians": {k: v.detach().cpu() for k, v in model.gaussians.state_dict().items()},
-        "heads": {k: {n: t.detach().cpu() for n, t in h.state_dict().items()}
-                  for k, h in model.heads.items()},
+        "heads": {
+            k: {n: t.detach().cpu() for n, t in h.state_dict().items()}
+            for k, h in model.heads.items()
+        },
         "head_scales": {k: h.logit_scale for k, h in model.heads.items()},
-        "adapter": None if model.adapter is None else {
-            k: v.detach().cpu() for k, v in model.adapter.state_dict().items()},
+        "adapter": None
+        if model.adapter is None
+        else {k: v.detach().cpu() for k, v in model.adapter.state_dict().items()},
         "lora": lora,
     }
 
@@ -84,8 +91,7 @@ def restore_learned_state(model: "CLIPHingeModel", state: Dict[str, Any]) -> Non
                 named[key].requires_grad_(False)
 
 
-def save_model(model: "CLIPHingeModel", path: str | Path,
-               config: "CLIPHingeConfig") -> Path:
+def save_model(model: "CLIPHingeModel", path: str | Path, config: "CLIPHingeConfig") -> Path:
     """Write ``model`` (built from ``config``) to ``path`` atomically (``atomic.save_atomic``).
 
     Returns the path written.
@@ -95,13 +101,16 @@ def save_model(model: "CLIPHingeModel", path: str | Path,
         "format": MODEL_FORMAT,
         "config": config.to_dict(),
         "class_names": dict(model.names),
-        "backbone": {"model_name": backbone.model_name, "pretrained": backbone.pretrained,
-                     "weights_sha256": backbone.weights_sha256,
-                     "activation": backbone.activation},
+        "backbone": {
+            "model_name": backbone.model_name,
+            "pretrained": backbone.pretrained,
+            "weights_sha256": backbone.weights_sha256,
+            "activation": backbone.activation,
+        },
         "learned": learned_state(model),
-        "frozen_clip": None if backbone.pretrained is not None else {
-            k: v.detach().cpu() for k, v in model.clip.state_dict().items()
-            if "lora_" not in k},
+        "frozen_clip": None
+        if backbone.pretrained is not None
+        else {k: v.detach().cpu() for k, v in model.clip.state_dict().items() if "lora_" not in k},
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,8 +118,9 @@ def save_model(model: "CLIPHingeModel", path: str | Path,
     return path
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               pretrained: Optional[str] = None) -> "CLIPHingeModel":
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", pretrained: Optional[str] = None
+) -> "CLIPHingeModel":
     """A model saved by ``save_model``, in eval mode, ready for ``predict``.
 
     Args:
@@ -129,30 +139,40 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
     path = Path(path)
     if not path.is_file():
-        raise SavedModelError(f"saved model {path} does not exist; a finished run writes "
-                              "final_model.pt in its output folder")
+        raise SavedModelError(
+            f"saved model {path} does not exist; a finished run writes "
+            "final_model.pt in its output folder"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # damaged file, not a torch file...
-        raise SavedModelError(f"{path} is not a readable saved model ({type(err).__name__}: "
-                              f"{(str(err).splitlines() or [''])[0][:120]})") from None
+        raise SavedModelError(
+            f"{path} is not a readable saved model ({type(err).__name__}: "
+            f"{(str(err).splitlines() or [''])[0][:120]})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise SavedModelError(f"{path} is not a saved CLIPHinge model (expected format "
-                              f"'{MODEL_FORMAT}'); pass final_model.pt of a run")
+        raise SavedModelError(
+            f"{path} is not a saved CLIPHinge model (expected format "
+            f"'{MODEL_FORMAT}'); pass final_model.pt of a run"
+        )
     config = CLIPHingeConfig.from_dict(payload["config"], source=str(path))
     identity = payload["backbone"]
     if payload["frozen_clip"] is not None:
         backbone = load_clip(identity["model_name"], None, device=device)
         backbone.model.load_state_dict(payload["frozen_clip"])
     else:
-        backbone = load_clip(identity["model_name"], pretrained or identity["pretrained"],
-                             device=device,
-                             allow_activation_mismatch=config.allow_activation_mismatch)
+        backbone = load_clip(
+            identity["model_name"],
+            pretrained or identity["pretrained"],
+            device=device,
+            allow_activation_mismatch=config.allow_activation_mismatch,
+        )
         recorded = identity["weights_sha256"]
         if recorded is not None and backbone.weights_sha256 != recorded:
             raise SavedModelError(
                 f"{backbone.pretrained} has SHA-256 {backbone.weights_sha256}, but {path} was "
-                f"trained on weights with {recorded}; pass the same file with pretrained=...")
+                f"trained on weights with {recorded}; pass the same file with pretrained=..."
+            )
     model = build_model(config, payload["class_names"], device, backbone=backbone)
     restore_learned_state(model, payload["learned"])
     model.config = config

@@ -6,10 +6,19 @@ classes of the experience, which ``CLIPHingeStrategy`` provides; ``MethodStrateg
 them, and each plugin checks at the start of training (``before_training``) that its strategy
 has what it uses, so a plugin given to another strategy fails at once, naming what is missing.
 """
+
 from __future__ import annotations
 
-from typing import (TYPE_CHECKING, Any, ContextManager, Optional, Protocol, Sequence, Tuple,
-                    runtime_checkable)
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ContextManager,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    runtime_checkable,
+)
 
 from torch import Tensor
 
@@ -42,8 +51,7 @@ class MethodStrategy(Protocol):
     step: "StepState"
     loss: Any
 
-    def autocast(self) -> ContextManager:
-        ...
+    def autocast(self) -> ContextManager: ...
 
 
 def check_strategy(plugin: object, strategy: object, attributes: Sequence[str]) -> None:
@@ -56,4 +64,5 @@ def check_strategy(plugin: object, strategy: object, attributes: Sequence[str]) 
         raise TypeError(
             f"{type(plugin).__name__} needs a strategy with {', '.join(missing)} "
             f"(avalanche_cliphinge.plugins.contract.MethodStrategy); "
-            f"{type(strategy).__name__} lacks them: use it with CLIPHingeStrategy")
+            f"{type(strategy).__name__} lacks them: use it with CLIPHingeStrategy"
+        )

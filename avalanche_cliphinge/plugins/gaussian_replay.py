@@ -1,4 +1,5 @@
 """Gaussian replay: old classes come back as features sampled from their class Gaussians."""
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -38,13 +39,19 @@ class GaussianReplayPlugin(SupervisedPlugin, supports_distributed=True):
     """
 
     #: What it reads and writes on its strategy (see ``contract.MethodStrategy``).
-    STRATEGY_NEEDS = ("model", "device", "current_task", "experience_classes", "step",
-                      "dataloader", "clock")
+    STRATEGY_NEEDS = (
+        "model",
+        "device",
+        "current_task",
+        "experience_classes",
+        "step",
+        "dataloader",
+        "clock",
+    )
     #: The callbacks whose work ``epoch_rows`` does in the captured step.
     COMPILED_STEP_REPLACES = ("before_forward",)
 
-    def __init__(self, samples_per_old_class: int = 20, seed: int = 0,
-                 classes_per_step: int = 0):
+    def __init__(self, samples_per_old_class: int = 20, seed: int = 0, classes_per_step: int = 0):
         super().__init__()
         self.samples_per_old_class = samples_per_old_class
         self.classes_per_step = classes_per_step
@@ -59,28 +66,29 @@ class GaussianReplayPlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_training_epoch(self, strategy, **kwargs):
         model = strategy.model
-        old = strategy.experience_classes.old      # learned before, absent from this experience
+        old = strategy.experience_classes.old  # learned before, absent from this experience
         self.chunks = None
         if not old or self.samples_per_old_class == 0:
             return
-        generator = seeded(self.seed, Draw.REPLAY, strategy.current_task,
-                           strategy.clock.train_exp_epochs)
+        generator = seeded(
+            self.seed, Draw.REPLAY, strategy.current_task, strategy.clock.train_exp_epochs
+        )
         n_chunks = max(len(strategy.dataloader), 1)
         if self.classes_per_step > 0:
             cycle = torch.randperm(len(old), generator=generator)
             picks = cycle[torch.arange(n_chunks * self.classes_per_step) % len(old)]
             rows = model.gaussians.index_of([old[i] for i in picks.tolist()])
             # grouped by pick, so chunk b holds exactly the k classes of minibatch b
-            feats, labels = model.gaussians.sample_rows(rows, self.samples_per_old_class,
-                                                        generator)
+            feats, labels = model.gaussians.sample_rows(rows, self.samples_per_old_class, generator)
         else:
             feats, labels = model.gaussians.sample(old, self.samples_per_old_class, generator)
             order = torch.randperm(labels.numel(), generator=generator).to(labels.device)
             feats, labels = feats[order], labels[order]
         feats, labels = feats.to(strategy.device), labels.to(strategy.device)
         # contiguous views: a step takes its chunk without indexing or copying
-        self.chunks = list(zip(torch.tensor_split(feats, n_chunks),
-                               torch.tensor_split(labels, n_chunks)))
+        self.chunks = list(
+            zip(torch.tensor_split(feats, n_chunks), torch.tensor_split(labels, n_chunks))
+        )
 
     def before_forward(self, strategy, **kwargs):
         if self.chunks is None:
@@ -98,8 +106,7 @@ class GaussianReplayPlugin(SupervisedPlugin, supports_distributed=True):
         """
         if self.chunks is None:
             return None
-        sizes = torch.tensor([len(self.chunks[i % len(self.chunks)][1])
-                              for i in range(n_steps)])
+        sizes = torch.tensor([len(self.chunks[i % len(self.chunks)][1]) for i in range(n_steps)])
         starts = torch.tensor([0] + [len(labels) for _, labels in self.chunks]).cumsum(0)
         starts = starts[torch.arange(n_steps) % len(self.chunks)]
         slots = torch.arange(int(sizes.max()))
@@ -107,8 +114,10 @@ class GaussianReplayPlugin(SupervisedPlugin, supports_distributed=True):
         index = torch.where(valid, starts[:, None] + slots[None, :], 0)
         feats, labels = (torch.cat(part) for part in zip(*self.chunks))
         index, valid = index.to(labels.device), valid.to(labels.device)
-        return (torch.where(valid[..., None], feats[index], 0.0),
-                torch.where(valid, labels[index], -1))
+        return (
+            torch.where(valid[..., None], feats[index], 0.0),
+            torch.where(valid, labels[index], -1),
+        )
 
     def after_training_epoch(self, strategy, **kwargs):
         self.chunks = None

@@ -1,4 +1,5 @@
 """Hinge losses on hard pairs of similar old and new classes."""
+
 from __future__ import annotations
 
 from typing import Dict, List, NamedTuple, Optional, Tuple
@@ -48,13 +49,24 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
     #: The callbacks whose work the ``StepTerm`` it registers does in the captured step.
     COMPILED_STEP_REPLACES = ("before_backward",)
 
-    def __init__(self, *, text_hinge: bool = True, text_margin: float = 0.1,
-                 text_weight: float = 1.0, text_threshold: float = 0.85,
-                 text_top_k: Optional[int] = 10, text_metric: str = "cosine",
-                 image_hinge: bool = False, image_margin: float = 0.1,
-                 image_weight: float = 1.0, image_threshold: float = 0.8,
-                 image_top_k: Optional[int] = 10, samples_per_pair: int = 8,
-                 grad_to_old_text: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        *,
+        text_hinge: bool = True,
+        text_margin: float = 0.1,
+        text_weight: float = 1.0,
+        text_threshold: float = 0.85,
+        text_top_k: Optional[int] = 10,
+        text_metric: str = "cosine",
+        image_hinge: bool = False,
+        image_margin: float = 0.1,
+        image_weight: float = 1.0,
+        image_threshold: float = 0.8,
+        image_top_k: Optional[int] = 10,
+        samples_per_pair: int = 8,
+        grad_to_old_text: bool = False,
+        seed: int = 0,
+    ):
         super().__init__()
         self.text_hinge, self.text_margin, self.text_weight = text_hinge, text_margin, text_weight
         self.text_threshold, self.text_top_k = text_threshold, text_top_k
@@ -74,18 +86,22 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
     @classmethod
     def from_config(cls, config) -> "HardPairHingePlugin":
         """The plugin with the settings of a ``CLIPHingeConfig``."""
-        return cls(text_hinge=config.text_use_hinge_loss, text_margin=config.text_hinge_margin,
-                   text_weight=config.text_hinge_weight,
-                   text_threshold=config.text_hard_pair_threshold,
-                   text_top_k=config.text_top_hard_pairs,
-                   text_metric=config.text_hard_pair_metric,
-                   image_hinge=config.use_image_hinge_loss,
-                   image_margin=config.image_hinge_margin,
-                   image_weight=config.image_hinge_weight,
-                   image_threshold=config.image_hard_pair_threshold,
-                   image_top_k=config.image_top_hard_pairs,
-                   samples_per_pair=config.hinge_samples_per_pair,
-                   grad_to_old_text=config.hinge_grad_to_old_text, seed=config.seed)
+        return cls(
+            text_hinge=config.text_use_hinge_loss,
+            text_margin=config.text_hinge_margin,
+            text_weight=config.text_hinge_weight,
+            text_threshold=config.text_hard_pair_threshold,
+            text_top_k=config.text_top_hard_pairs,
+            text_metric=config.text_hard_pair_metric,
+            image_hinge=config.use_image_hinge_loss,
+            image_margin=config.image_hinge_margin,
+            image_weight=config.image_hinge_weight,
+            image_threshold=config.image_hard_pair_threshold,
+            image_top_k=config.image_top_hard_pairs,
+            samples_per_pair=config.hinge_samples_per_pair,
+            grad_to_old_text=config.hinge_grad_to_old_text,
+            seed=config.seed,
+        )
 
     def before_training(self, strategy, **kwargs):
         check_strategy(self, strategy, self.STRATEGY_NEEDS)
@@ -103,14 +119,24 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
         if not new or not old:
             return
         if self.text_hinge:
-            self.text_pairs = select_hard_pairs(model.raw_text_features(new),
-                                                model.raw_text_features(old), new, old,
-                                                self.text_threshold, self.text_top_k,
-                                                self.text_metric)
+            self.text_pairs = select_hard_pairs(
+                model.raw_text_features(new),
+                model.raw_text_features(old),
+                new,
+                old,
+                self.text_threshold,
+                self.text_top_k,
+                self.text_metric,
+            )
         if self.image_hinge:
-            self.image_pairs = select_hard_pairs(model.gaussians.mean_of(new),
-                                                 model.gaussians.mean_of(old), new, old,
-                                                 self.image_threshold, self.image_top_k)
+            self.image_pairs = select_hard_pairs(
+                model.gaussians.mean_of(new),
+                model.gaussians.mean_of(old),
+                new,
+                old,
+                self.image_threshold,
+                self.image_top_k,
+            )
         for kind, pairs in (("text", self.text_pairs), ("image", self.image_pairs)):
             if pairs:
                 self._index[kind] = pair_index(model, pairs, strategy.device)
@@ -120,27 +146,43 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
 
             def draw(n_steps: int) -> Tuple[Tensor, ...]:
                 # step by step and kind by kind, as before_backward draws them
-                drawn = [[model.gaussians.sample_rows(index.rows, self.samples_per_pair,
-                                                      self._generator)[0].to(device)
-                          for _, index, _, _ in kinds] for _ in range(n_steps)]
+                drawn = [
+                    [
+                        model.gaussians.sample_rows(
+                            index.rows, self.samples_per_pair, self._generator
+                        )[0].to(device)
+                        for _, index, _, _ in kinds
+                    ]
+                    for _ in range(n_steps)
+                ]
                 return tuple(torch.stack(per_kind) for per_kind in zip(*drawn))
 
             def compute(text: Tensor, feats: Tuple[Tensor, ...]) -> Dict[str, Tensor]:
-                return {f"{kind}_hinge": self._hinge(model, f, text, index, margin)
-                        for (kind, index, margin, _), f in zip(kinds, feats)}
+                return {
+                    f"{kind}_hinge": self._hinge(model, f, text, index, margin)
+                    for (kind, index, margin, _), f in zip(kinds, feats)
+                }
 
             strategy.step.terms["hinge"] = StepTerm(
                 weights={f"{kind}_hinge": weight for kind, _, _, weight in kinds},
-                draw=draw, compute=compute)
+                draw=draw,
+                compute=compute,
+            )
 
     def _kinds(self) -> List[Tuple[str, PairIndex, float, float]]:
         """``(kind, pair index, margin, weight)`` of the sides with hard pairs this task."""
-        return [(kind, self._index[kind], margin, weight) for kind, pairs, margin, weight in (
-            ("text", self.text_pairs, self.text_margin, self.text_weight),
-            ("image", self.image_pairs, self.image_margin, self.image_weight)) if pairs]
+        return [
+            (kind, self._index[kind], margin, weight)
+            for kind, pairs, margin, weight in (
+                ("text", self.text_pairs, self.text_margin, self.text_weight),
+                ("image", self.image_pairs, self.image_margin, self.image_weight),
+            )
+            if pairs
+        ]
 
-    def pair_loss(self, strategy, pairs: List[Pair], margin: float,
-                  index: Optional[PairIndex] = None) -> torch.Tensor:
+    def pair_loss(
+        self, strategy, pairs: List[Pair], margin: float, index: Optional[PairIndex] = None
+    ) -> torch.Tensor:
         """Hinge loss of ``pairs`` with freshly drawn old-class features (scalar tensor).
 
         ``index`` is ``pair_index(model, pairs, device)``, looked up once per task so the
@@ -152,12 +194,10 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
             text = model.text_features()
         if index is None:
             index = pair_index(model, pairs, strategy.device)
-        feats, _ = model.gaussians.sample_rows(index.rows, self.samples_per_pair,
-                                               self._generator)
+        feats, _ = model.gaussians.sample_rows(index.rows, self.samples_per_pair, self._generator)
         return self._hinge(model, feats.to(strategy.device), text, index, margin)
 
-    def _hinge(self, model, feats: Tensor, text: Tensor, index: PairIndex,
-               margin: float) -> Tensor:
+    def _hinge(self, model, feats: Tensor, text: Tensor, index: PairIndex, margin: float) -> Tensor:
         """The hinge loss of drawn old-class features ``feats [pairs * samples_per_pair,
         dim]`` (grouped by pair) against the text features ``text [n_seen, dim]``."""
         # cosines in fp32 even under bf16 autocast: a margin of 0.1 is a few bf16 steps
@@ -171,8 +211,9 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_backward(self, strategy, **kwargs):
         for kind, pairs, margin, weight in (
-                ("text", self.text_pairs, self.text_margin, self.text_weight),
-                ("image", self.image_pairs, self.image_margin, self.image_weight)):
+            ("text", self.text_pairs, self.text_margin, self.text_weight),
+            ("image", self.image_pairs, self.image_margin, self.image_weight),
+        ):
             if pairs:
                 loss = self.pair_loss(strategy, pairs, margin, self._index[kind])
                 self.last_losses[kind] = strategy.step.loss_terms[f"{kind}_hinge"] = loss.detach()
@@ -200,6 +241,8 @@ def pair_index(model, pairs: List[Pair], device) -> PairIndex:
     """Look ``pairs`` up in ``model``'s Gaussians and score columns (one host sync)."""
     old_ids = [p[0] for p in pairs]
     new_ids = torch.tensor([p[1] for p in pairs], device=device)
-    return PairIndex(rows=model.gaussians.index_of(old_ids).to(device),
-                     old_cols=model.column_of[torch.tensor(old_ids, device=device)],
-                     new_cols=model.column_of[new_ids])
+    return PairIndex(
+        rows=model.gaussians.index_of(old_ids).to(device),
+        old_cols=model.column_of[torch.tensor(old_ids, device=device)],
+        new_cols=model.column_of[new_ids],
+    )

@@ -1,4 +1,5 @@
 """Stage 2: a per-task linear head (optionally with LoRA) fused with CLIP at inference."""
+
 from __future__ import annotations
 
 import math
@@ -43,12 +44,28 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
     """
 
     #: What it reads on its strategy (see ``contract.MethodStrategy``).
-    STRATEGY_NEEDS = ("model", "device", "config", "experience_classes", "current_features",
-                      "adapted_dataset", "autocast")
+    STRATEGY_NEEDS = (
+        "model",
+        "device",
+        "config",
+        "experience_classes",
+        "current_features",
+        "adapted_dataset",
+        "autocast",
+    )
 
-    def __init__(self, *, start_task: int = 1, epochs: int = 5, lr: float = 0.01,
-                 momentum: float = 0.9, weight_decay: float = 0.0, logit_scale: float = 20.0,
-                 batch_size: int = 100, seed: int = 0):
+    def __init__(
+        self,
+        *,
+        start_task: int = 1,
+        epochs: int = 5,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        logit_scale: float = 20.0,
+        batch_size: int = 100,
+        seed: int = 0,
+    ):
         super().__init__()
         self.start_task, self.epochs, self.lr = start_task, epochs, lr
         self.momentum, self.weight_decay = momentum, weight_decay
@@ -60,11 +77,16 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
     @classmethod
     def from_config(cls, config) -> "SecondStagePlugin":
         """The plugin with the settings of a ``CLIPHingeConfig``."""
-        return cls(start_task=config.second_stage_start_task, epochs=config.second_stage_epochs,
-                   lr=config.second_stage_lr, momentum=config.second_stage_momentum,
-                   weight_decay=config.second_stage_weight_decay,
-                   logit_scale=config.second_stage_logit_scale,
-                   batch_size=config.batch_size, seed=config.seed)
+        return cls(
+            start_task=config.second_stage_start_task,
+            epochs=config.second_stage_epochs,
+            lr=config.second_stage_lr,
+            momentum=config.second_stage_momentum,
+            weight_decay=config.second_stage_weight_decay,
+            logit_scale=config.second_stage_logit_scale,
+            batch_size=config.batch_size,
+            seed=config.seed,
+        )
 
     def before_training(self, strategy, **kwargs):
         check_strategy(self, strategy, self.STRATEGY_NEEDS)
@@ -92,23 +114,29 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
                 own = torch.isin(torch.as_tensor(list(dataset.targets)), classes.cpu())
                 dataset = dataset.subset(torch.nonzero(own).flatten().tolist())
             sampler = EpochBatchSampler(len(dataset), self.batch_size, True, generator)
-            loader = DataLoader(dataset, batch_sampler=sampler,
-                                num_workers=strategy.config.num_workers)
+            loader = DataLoader(
+                dataset, batch_sampler=sampler, num_workers=strategy.config.num_workers
+            )
         else:
             feats, labels = strategy.current_features
-            if created and created.returning:      # the new classes' samples only
+            if created and created.returning:  # the new classes' samples only
                 own = torch.isin(labels, classes)
                 feats, labels = feats[own], labels[own]
             sampler = EpochBatchSampler(len(labels), self.batch_size, True, generator)
             loader = TensorBatchLoader(feats, labels, sampler)
-        optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
-                                    weight_decay=self.weight_decay)
+        optimizer = torch.optim.SGD(
+            params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
         self.losses = []
         head.train()
         # the adapter stays active through backward: peft freezes inactive adapters' weights
         active = model.lora.using(adapter) if use_lora else nullcontext()
-        epochs = tqdm(range(self.epochs), desc=f"stage 2, task {task}", leave=False,
-                      disable=not getattr(strategy, "progress", True))
+        epochs = tqdm(
+            range(self.epochs),
+            desc=f"stage 2, task {task}",
+            leave=False,
+            disable=not getattr(strategy, "progress", True),
+        )
         with active:
             for epoch in epochs:
                 total, count = torch.zeros((), device=device), 0
@@ -121,7 +149,7 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
-                    total += loss.detach() * len(y)     # summed on the device: no sync
+                    total += loss.detach() * len(y)  # summed on the device: no sync
                     count += len(y)
                 # NaN weights make the epoch's loss NaN: one read checks both
                 finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
@@ -131,7 +159,8 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
                     raise FloatingPointError(
                         f"non-finite stage-2 loss or weights at task {task}, epoch {epoch} "
                         f"({self.losses[-1]}); lower second_stage_lr, second_stage_weight_decay "
-                        "or second_stage_logit_scale. Earlier checkpoints are intact")
+                        "or second_stage_logit_scale. Earlier checkpoints are intact"
+                    )
         self.steps += self.epochs * len(loader)
         head.eval()
         head.requires_grad_(False)
