@@ -360,7 +360,7 @@ def test_gaussian_replay_is_spread_evenly_over_each_epoch(main_run):
         per_epoch[(task, epoch)].append((mb_size, size, labels))
     assert sorted({e for t, e in per_epoch if t == 0}) == list(range(10))
     assert sorted({e for t, e in per_epoch if t == 2}) == list(range(8))
-    for rows in per_epoch.values():
+    for (task, _epoch), rows in per_epoch.items():
         assert sorted(mb for mb, _, _ in rows) == [12, 16, 16, 16]  # 60 samples, batch 16
         sizes = [size for _, size, _ in rows]
         if task == 0:
