@@ -8,14 +8,21 @@
 
 Prints one JSON line per storage mode and phase: ``gaussian_fit`` (the classes fitted in
 ``--tasks`` experiences, as a run adds them), ``gaussian_sample`` (one replay draw of
-``--samples-per-class`` features of every class, the per-epoch volume) and
+``--samples-per-class`` features of every class, the per-epoch volume; see below) and
 ``gaussian_checkpoint`` (the Gaussians' state saved with ``torch.save``, the model freed,
 the file loaded back with ``load_state_dict(assign=True)`` as ``load_model`` does).
 
 ``peak_mib`` is the phase's peak memory above the process's memory before any Gaussian
 existed (the synthetic features are not counted; the draws and the loaded file are);
 ``stored_factor_mib`` the factors held after the fit (``ClassGaussians.factor_bytes``) and
-``ratio`` their quotient. On the CPU every (storage, phase) runs in a fresh process with
+``ratio`` their quotient.
+
+``gaussian_sample`` draws twice. First into the caller's output (``sample(..., out=buffer)``,
+the buffer allocated and written before the base, like the features): ``peak_mib`` and
+``ratio`` are the memory the call itself takes, besides the features the caller asked for,
+whose size is ``output_mib``. Then a draw that allocates its output (``sample(...)``):
+``peak_with_output_mib`` and ``ratio_with_output`` count the ``output_mib`` of features too
+(from the same base). On the CPU every (storage, phase) runs in a fresh process with
 glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``), so a freed tensor leaves the
 resident set at once, and the peak is the kernel's high-water mark (``VmHWM``), reset at the
 start of the phase (``/proc/self/clear_refs``). On CUDA the peak is torch's allocator's
@@ -37,7 +44,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from avalanche_cliphinge.gaussian import STORAGES, ClassGaussians
+from avalanche_cliphinge.gaussian import DEFAULT_CHUNK_BYTES, STORAGES, ClassGaussians
 
 PHASES = ("gaussian_fit", "gaussian_sample", "gaussian_checkpoint")
 MIB = 1 << 20
@@ -103,6 +110,7 @@ def measure(
     per_class: int = 16,
     samples_per_class: int = 20,
     state: Optional[str] = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Dict[str, object]:
     """Run ``phase`` (one of ``PHASES``) in this process and return its JSON record.
 
@@ -119,7 +127,10 @@ def measure(
     warm.sample([0, 1], 2)
     del warm
     feats, labels = synthetic_features(classes, per_class, dim, dev)
-    gaussians = ClassGaussians(dim, storage, rank)
+    gaussians = ClassGaussians(dim, storage, rank, chunk_bytes)
+    buffer = None
+    if phase == "gaussian_sample":  # the caller's output, resident before the base
+        buffer = torch.empty(classes * samples_per_class, dim, device=dev).zero_()
     base = memory.now()
     if phase != "gaussian_fit" and state is not None:
         gaussians.load_state_dict(
@@ -136,26 +147,39 @@ def measure(
         stored = gaussians.factor_bytes
         extra["tasks"] = tasks
     elif phase == "gaussian_sample":
-        drawn, _ = gaussians.sample(
-            list(range(classes)), samples_per_class, torch.Generator(dev).manual_seed(0)
-        )
-        extra["samples_per_class"] = samples_per_class
+        every = list(range(classes))
+        gaussians.sample(every, samples_per_class, torch.Generator(dev).manual_seed(0), buffer)
+        peak_into_buffer = memory.peak() - base
+        seconds = time.perf_counter() - start  # of the first draw
+        memory.reset()
+        drawn, _ = gaussians.sample(every, samples_per_class, torch.Generator(dev).manual_seed(0))
+        assert torch.equal(drawn, buffer)
+        peak_with_output = memory.peak() - base
         del drawn
+        extra.update(
+            samples_per_class=samples_per_class,
+            output_mib=round(buffer.numel() * buffer.element_size() / MIB, 1),
+            peak_with_output_mib=round(peak_with_output / MIB, 1),
+            ratio_with_output=round(peak_with_output / stored, 3),
+        )
     elif phase == "gaussian_checkpoint":
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "gaussians.pt"
             torch.save({k: v.detach().cpu() for k, v in gaussians.state_dict().items()}, path)
             extra["file_mib"] = round(path.stat().st_size / MIB, 1)
             del gaussians
-            loaded = ClassGaussians(dim, storage, rank).to(dev)
+            loaded = ClassGaussians(dim, storage, rank, chunk_bytes).to(dev)
             loaded.load_state_dict(
                 torch.load(path, map_location=dev, weights_only=True), assign=True
             )
             assert loaded.factor_bytes == stored
     else:
         raise ValueError(f"phase {phase!r} is not one of {', '.join(PHASES)}")
-    seconds = time.perf_counter() - start
-    peak = memory.peak() - base
+    if phase == "gaussian_sample":
+        peak = peak_into_buffer
+    else:
+        seconds = time.perf_counter() - start
+        peak = memory.peak() - base
     if phase == "gaussian_fit" and state is not None:
         torch.save(gaussians.state_dict(), state)
     return {
@@ -182,6 +206,7 @@ def report(
     tasks: int = 10,
     per_class: int = 16,
     samples_per_class: int = 20,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> List[Dict[str, object]]:
     """Measure every phase of every storage in its own process; print and return the
     records (one JSON line each)."""
@@ -213,6 +238,8 @@ def report(
                     str(per_class),
                     "--samples-per-class",
                     str(samples_per_class),
+                    "--chunk-bytes",
+                    str(chunk_bytes),
                     "--state",
                     state,
                 ]
@@ -242,10 +269,16 @@ def main(argv=None) -> None:
         default=20,
         help="gaussian_sample: features drawn per class",
     )
+    parser.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=DEFAULT_CHUNK_BYTES,
+        help="ClassGaussians' chunk_bytes (the most transient memory of fit and sample)",
+    )
     parser.add_argument("--child", choices=PHASES, help=argparse.SUPPRESS)
     parser.add_argument("--state", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("classes", "dim", "rank", "tasks", "samples_per_class"):
+    for name in ("classes", "dim", "rank", "tasks", "samples_per_class", "chunk_bytes"):
         if getattr(args, name) < 1:
             parser.error(
                 f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
@@ -265,6 +298,7 @@ def main(argv=None) -> None:
         tasks=args.tasks,
         per_class=args.per_class,
         samples_per_class=args.samples_per_class,
+        chunk_bytes=args.chunk_bytes,
     )
     if args.child:
         print(

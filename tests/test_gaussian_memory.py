@@ -1,18 +1,25 @@
 """ClassGaussians' storage modes, chunked fitting and sampling, and the state holding the
-factors once. Memory figures are the benchmark's (benchmarks/gaussian_memory.py), not these
-tests'."""
+factors once. Memory figures are the benchmark's (benchmarks/gaussian_memory.py); the slow
+test here runs it at a small size."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from avalanche_cliphinge import CLIPHingeConfig, ClassGaussians, ConfigError
-from avalanche_cliphinge.gaussian import STORAGES, factor_bytes_per_class
+from avalanche_cliphinge.gaussian import STORAGES, factor_bytes_per_class, top_eigenpairs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HUGE = 1 << 40  # every class in one chunk
 TINY = 1  # one class per chunk, one block per fit
@@ -210,6 +217,65 @@ def test_lowrank_is_the_top_eigenspace_plus_the_exact_diagonal():
     n = 40_000
     drawn = draws_covariance(low, ids, n)
     assert (relative_error(drawn, got) <= sampling_tolerance(got, n)).all()
+
+
+def test_lowrank_float32_eigh_refined_matches_the_float64_truncation():
+    # rank + RITZ_EXTRA <= dim / 2: the float32 eigh refined in float64 (the path a rank of
+    # 64 at dim 512 takes), against the exact float64 eigh
+    dim, rank = 64, 8
+    feats, labels = class_data(dim, classes=range(6), n=300)
+    covs = torch.stack([torch.cov(feats[labels == c].double().T) for c in range(6)])
+    pd = covs + 1e-4 * torch.eye(dim, dtype=torch.float64)
+    values, vectors = top_eigenpairs(pd, rank)
+    exact_values, exact_vectors = torch.linalg.eigh(pd)
+    torch.testing.assert_close(values, exact_values[:, -rank:], rtol=1e-10, atol=0)
+    top = exact_vectors[..., -rank:] * exact_values[:, None, -rank:]
+    expected = top @ exact_vectors[..., -rank:].transpose(1, 2)
+    assert (
+        relative_error(vectors * values[:, None, :] @ vectors.transpose(1, 2), expected).max()
+        < 1e-9
+    )
+    # the stored Gaussians: within float32 rounding of the float64 truncation
+    low = ClassGaussians(dim, "lowrank", rank)
+    low.fit(feats, labels)
+    diag = torch.diagonal(pd, dim1=-2, dim2=-1)
+    exact = expected + torch.diag_embed(diag - torch.diagonal(expected, dim1=-2, dim2=-1))
+    assert relative_error(low.covariance_of(range(6)), exact).max() < 2e-7
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_sample_into_a_given_output_draws_the_same_features(storage):
+    gaussians = fitted(storage, rank=6, chunk_bytes=TINY)  # two blocks: rows split
+    ids = [4, 0, 1, 3]
+    expected, labels = gaussians.sample(ids, 5, torch.Generator().manual_seed(2))
+    out = torch.full((20, 16), float("nan"))
+    got, got_labels = gaussians.sample(ids, 5, torch.Generator().manual_seed(2), out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(got, expected) and torch.equal(got_labels, labels)
+    for bad in (torch.empty(19, 16), torch.empty(20, 16, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"out must be a contiguous float32 tensor"):
+            gaussians.sample(ids, 5, out=bad)
+
+
+@pytest.mark.slow
+def test_lowrank_sample_peak_within_the_bound_measured_by_the_benchmark():
+    # the benchmark's gaussian_sample phase in its own process (glibc's mmap threshold fixed,
+    # VmHWM), at 600 classes of 256-d, rank 32 (19 MiB of factors, chunks of 2 MiB)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "gaussian_memory.py"), "--child"]
+    command += ["gaussian_sample", "--classes", "600", "--storage", "lowrank", "--dim", "256"]
+    command += ["--rank", "32", "--tasks", "2", "--per-class", "4", "--chunk-bytes", str(2 << 20)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    stored = 600 * factor_bytes_per_class(256, "lowrank", 32) / (1 << 20)
+    assert record["stored_factor_mib"] == round(stored, 1)
+    # the store, the means (0.6 MiB), the rank noise (1.5 MiB) and a chunk (2 MiB)
+    assert record["ratio"] <= 1.3, record
+    output = 600 * 20 * 256 * 4 / (1 << 20)
+    assert record["output_mib"] == round(output, 1)
+    # a call that allocates its output takes the output on top, nothing more
+    assert record["peak_with_output_mib"] <= record["peak_mib"] + output + 0.5, record
 
 
 # ---- state ------------------------------------------------------------------------------
