@@ -25,6 +25,7 @@ def seed_runs(tmp_path_factory):
     return base
 
 
+@pytest.mark.slow
 def test_seeds_run_one_after_the_other_in_their_own_folders(seed_runs):
     for seed in SEEDS:
         results = json.loads((seed_runs / f"seed_{seed}" / "results.json").read_text())
@@ -67,6 +68,7 @@ def test_aggregate_equals_numpy_on_the_results_files(seed_runs, tmp_path, capsys
         assert pixels.std() > 10  # not blank
 
 
+@pytest.mark.slow
 def test_runs_of_other_protocols_are_refused_naming_the_keys(seed_runs, tmp_path):
     other = tmp_path / "other_lr"
     assert (

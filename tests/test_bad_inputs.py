@@ -416,6 +416,7 @@ def test_empty_experience_is_refused_before_writing(untouched):
         )
 
 
+@pytest.mark.slow
 def test_class_with_a_single_training_sample_completes_with_a_warning(tmp_path):
     named_benchmark = tensor_benchmark([6, 6, 6, 6, 6, 1], init_class=4)
     with pytest.warns(UserWarning, match=r"class 5 has 1 training sample"):
@@ -781,6 +782,7 @@ def test_bad_image_names_the_file(kind, imagenet_r_copy, tmp_path, capsys, monke
     )
 
 
+@pytest.mark.slow
 def test_skip_bad_images_leaves_them_out_with_one_warning(
     imagenet_r_copy, tmp_path, capsys, monkeypatch
 ):
@@ -859,6 +861,7 @@ def test_non_finite_stage_two_is_refused_and_earlier_checkpoints_kept(
 
 
 # ---- issue 14: the disk ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_disk_full_is_one_line_naming_the_file_and_the_run_resumes(tmp_path, capsys, monkeypatch):
     import errno
 

@@ -92,6 +92,7 @@ def config(**changes):
     )
 
 
+@pytest.mark.slow
 def test_cached_run_after_images_replaced_in_place_equals_an_uncached_run(image_tree, tmp_path):
     cache = tmp_path / "cache"
     quiet = {"interactive": False, "log": lambda message: None}

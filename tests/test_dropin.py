@@ -303,6 +303,7 @@ def test_a_user_lr_scheduler_takes_over_the_method_decay(
 
 
 # ---- plugins and metrics alongside --------------------------------------------------------
+@pytest.mark.slow
 def test_replay_plugin_and_every_metric_family_with_loggers(
     clip_strategy, naive_strategy, synthetic_stream, tmp_path
 ):
@@ -653,6 +654,7 @@ def test_task_layout_read_off_the_stream(synthetic_data):
         task_layout(uneven)
 
 
+@pytest.mark.slow
 def test_layout_left_unset_is_taken_from_the_stream(
     clip_strategy, synthetic_data, tiny_config, class_names, tmp_path
 ):

@@ -97,6 +97,7 @@ def outside(legend, axes) -> bool:
 
 
 # ---- files --------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FIGURES))
 def test_each_figure_is_saved_as_a_300_dpi_png_and_a_pdf(name, tmp_path):
     figure = FIGURES[name]()

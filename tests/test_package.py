@@ -22,6 +22,7 @@ def run(args, cwd, env=None, timeout=300):
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_importing_the_method_loads_no_application_module(tmp_path):
     probe = (
         "import sys, avalanche_cliphinge, avalanche_cliphinge.benchmarks; "
@@ -38,6 +39,7 @@ def test_importing_the_method_loads_no_application_module(tmp_path):
         assert not re.search(r"from \.+app\b|avalanche_cliphinge\.app\b", text), path
 
 
+@pytest.mark.slow
 def test_command_usage_and_unknown_command(tmp_path, capsys):
     from avalanche_cliphinge.app.command import main
 

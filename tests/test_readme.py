@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs_and_learns():
     readme = (ROOT / "README.md").read_text()
     example = re.search(r"## Python example.*?```python\n(.*?)```", readme, re.S).group(1)
