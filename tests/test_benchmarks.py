@@ -622,3 +622,52 @@ def test_every_preset_builds_its_stated_task_layout(offline_cifar, full_imagenet
         assert [len(c) for c in experience_classes(named_benchmark)] == sizes, name
         assert config.total_tasks == len(sizes)
         assert config.task_size(0) == sizes[0]
+
+
+# ---- the comparison's streams are the run command's -------------------------------------
+@pytest.mark.filterwarnings("ignore:4 of the 200 class folders")
+@pytest.mark.parametrize("benchmark", ["split_cifar100", "imagenet_r"])
+def test_comparison_streams_are_the_run_commands_without_augmentation(
+    benchmark, offline_cifar, imagenet_r_root
+):
+    import argparse
+    from types import SimpleNamespace
+
+    import torchvision.transforms as T
+
+    from avalanche_cliphinge.app.comparison import stream_factory_for
+    from avalanche_cliphinge.app.datasets import DATASETS
+    from avalanche_cliphinge.config import CLIPHingeConfig
+
+    cifar = benchmark == "split_cifar100"
+    root = offline_cifar if cifar else imagenet_r_root
+    eval_tf = T.Compose([T.Resize((4, 4)), T.PILToTensor()])
+    train_tf = T.Compose([eval_tf, T.Lambda(lambda x: 255 - x)])  # tells the two apart
+    backbone = SimpleNamespace(train_transform=train_tf, eval_transform=eval_tf)
+    args = argparse.Namespace(
+        benchmark=benchmark, data_root=str(root), split_list=None, download=False
+    )
+    config = CLIPHingeConfig(
+        dataset="cifar100" if cifar else "imagenet_r",
+        init_class=50 if cifar else 2,
+        increment=50 if cifar else 2,
+        class_order="natural",
+    )
+    compared = stream_factory_for(args, backbone)(config)
+    build = DATASETS[config.dataset][1]
+    plain = build(argparse.Namespace(**vars(args), augment=False), config, backbone)
+    augmented = build(argparse.Namespace(**vars(args), augment=True), config, backbone)
+
+    def first_items(named, stream):
+        return [getattr(named.benchmark, stream)[k].dataset[0] for k in range(2)]
+
+    assert compared.class_order == plain.class_order and compared.protocol == plain.protocol
+    for stream in ("train_stream", "test_stream"):
+        for (x, y, _), (x_plain, y_plain, _), (x_aug, _, _) in zip(
+            first_items(compared, stream),
+            first_items(plain, stream),
+            first_items(augmented, stream),
+        ):
+            assert y == y_plain and torch.equal(x, x_plain)
+            # the run command's --augment changes training items only; the comparison never
+            assert torch.equal(x, x_aug) == (stream == "test_stream")

@@ -63,6 +63,7 @@ from ..model.backbone import BackboneError, CLIPBackbone, load_clip
 from ..model.cliphinge_model import UNSEEN_SCORE
 from ..model.prompts import raw_text_features
 from ..seeding import seed_everything
+from .datasets import DATASETS
 from .evaluation import make_evaluator
 from .loop import train_and_evaluate
 from .figures import comparison_figure, figure_files, save_figure, stream_title
@@ -1079,44 +1080,17 @@ def resolve_settings(args: argparse.Namespace) -> Tuple[CLIPHingeConfig, Baselin
 def stream_factory_for(
     args: argparse.Namespace, backbone: CLIPBackbone
 ) -> Callable[[CLIPHingeConfig], Any]:
-    """``config -> NamedBenchmark`` for ``--benchmark`` with CLIP's eval transform (no
-    augmentation, as in RAPF)."""
+    """``config -> NamedBenchmark`` for ``--benchmark``: the run command's stream builder of the
+    dataset (``app.datasets``) with CLIP's eval transform for training too (no augmentation, as
+    in RAPF)."""
     if args.benchmark == "smoke":
         from .cli import smoke_stream
 
         return smoke_stream
-    if args.benchmark == "split_cifar100":
-        from ..benchmarks import split_cifar100
-
-        def cifar(config):
-            order = list(range(100)) if config.class_order == "natural" else config.class_order
-            return split_cifar100(
-                args.data_root,
-                init_class=config.init_class,
-                increment=config.increment,
-                class_order=order,
-                train_transform=backbone.eval_transform,
-                eval_transform=backbone.eval_transform,
-                download=args.download,
-            )
-
-        return cifar
-    from ..benchmarks import split_imagenet_r
-
-    def imagenet_r(config):
-        order = None if config.class_order == "natural" else config.class_order
-        return split_imagenet_r(
-            args.data_root,
-            init_class=config.init_class,
-            increment=config.increment,
-            split=args.split_list or "seeded",
-            seed=config.seed,
-            class_order=order,
-            train_transform=backbone.eval_transform,
-            eval_transform=backbone.eval_transform,
-        )
-
-    return imagenet_r
+    dataset = "cifar100" if args.benchmark == "split_cifar100" else "imagenet_r"
+    _, build = DATASETS[dataset]
+    plain = argparse.Namespace(**{**vars(args), "augment": False})
+    return lambda config: build(plain, config, backbone)
 
 
 def load_backbone(
