@@ -32,6 +32,7 @@ def test_seeds_run_one_after_the_other_in_their_own_folders(seed_runs):
         assert results["finished"] and results["protocol"]["seed"] == seed
 
 
+@pytest.mark.slow
 def test_aggregate_equals_numpy_on_the_results_files(seed_runs, tmp_path, capsys):
     runs = [seed_runs / f"seed_{seed}" for seed in SEEDS]
     out = tmp_path / "summary"

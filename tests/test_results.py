@@ -100,6 +100,7 @@ def test_report_lists_every_task_and_the_protocol_but_not_the_config():
     json.dumps(per_task)  # results.json stores these as they are
 
 
+@pytest.mark.slow
 def test_a_runs_plots_are_written_as_png_and_pdf(tmp_path):
     from avalanche_cliphinge.app.experiment import PLOT_FILES, RunState, _write_plots
 
