@@ -98,6 +98,11 @@ class DeviceMean(Metric[float]):
         self._sum = None
         self._weight = 0.0
 
+    @property
+    def empty(self) -> bool:
+        """Whether nothing was added since the last reset."""
+        return self._sum is None
+
     def set(self, total: Optional[Tensor], weight: float) -> None:
         """Take a weighted sum made elsewhere: ``total`` (``None``: nothing was added)."""
         self._sum, self._weight = total, float(weight)
@@ -186,7 +191,7 @@ class DeviceEpochLossTerm(_DeviceEpochMetric):
             self._metric.update(value.reshape(()), len(strategy.mb_y))
 
     def _package_result(self, strategy):
-        if self._metric._sum is None:
+        if self._metric.empty:
             return None
         return super()._package_result(strategy)
 
@@ -272,10 +277,10 @@ class Stage2EpochLoss(PluginMetric[List[float]]):
         self._values = []
 
     def after_training_exp(self, strategy):
+        from .plugins.second_stage import SecondStagePlugin
+
         self.reset()
-        plugin = next(
-            (p for p in strategy.plugins if type(p).__name__ == "SecondStagePlugin"), None
-        )
+        plugin = next((p for p in strategy.plugins if isinstance(p, SecondStagePlugin)), None)
         losses = getattr(plugin, "losses", None)
         # the plugin makes a new list per stage-2 run: a list already emitted is not new
         if not losses or losses is self._emitted:
