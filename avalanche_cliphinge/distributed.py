@@ -1,11 +1,15 @@
 """Several processes launched by ``torchrun``: ranks, gathers, broadcasts; no-ops in one.
 
 The method runs the same way in every process (stage 1, stage 2 without LoRA, evaluation);
-only the frozen-encoder passes are shared out, a whole one-process batch at a time
+the frozen-encoder passes over a dataset are shared out, a whole one-process batch at a time
 (``deal_batches``, ``gather_batches``), so every rank ends up with the features one process
-would have computed, bit for bit. At the end of each experience rank 0's learned tensors are
-copied to every rank (``sync_learned_state``), so no GPU non-determinism can make ranks
-drift apart. Files are the application's business, on rank 0 (``on_main``).
+would have computed, bit for bit. Training on images splits each one-process minibatch by
+rows instead (``shard_rows``): uncached stage 1 gathers its frozen features back in row
+order (``gather_rows``), stage 2 with LoRA sums the ranks' gradients of the head and the
+adapter (``all_reduce_gradients``), equal to one process up to summation order. At the end
+of each experience rank 0's learned tensors are copied to every rank
+(``sync_learned_state``), so no GPU non-determinism can make ranks drift apart. Files are
+the application's business, on rank 0 (``on_main``).
 
 Every helper works, and does nothing, when ``torch.distributed`` is not initialised: a plain
 ``python ...`` is one process. ``init_from_env`` joins torchrun's process group (NCCL on
@@ -19,7 +23,7 @@ import atexit
 import datetime
 import os
 import pickle
-from typing import Any, Callable, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterable, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,10 +33,12 @@ __all__ = [
     "DEFAULT_TIMEOUT_MINUTES",
     "DistributedError",
     "agree",
+    "all_reduce_gradients",
     "all_true",
     "broadcast_object",
     "deal_batches",
     "gather_batches",
+    "gather_rows",
     "init_from_env",
     "is_echo",
     "is_initialized",
@@ -42,6 +48,7 @@ __all__ = [
     "local_world_size",
     "on_main",
     "rank",
+    "shard_rows",
     "shutdown",
     "sync_learned_state",
     "world_size",
@@ -236,6 +243,80 @@ def gather_batches(mine: List[Tensor], sizes: Sequence[int], device: torch.devic
         pieces.append(parts[owner][offsets[owner] : offsets[owner] + size])
         offsets[owner] += size
     return torch.cat(pieces).to(device)
+
+
+def shard_rows(n: int, rank_: Optional[int] = None, world: Optional[int] = None) -> slice:
+    """This rank's rows of a minibatch of ``n`` rows: ``world`` contiguous shards in rank
+    order, the first ``n % world`` one row longer (empty ones when ``n < world``).
+
+    ``rank_`` and ``world`` default to this process's; in one process the slice is every row.
+    """
+    me = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    base, extra = divmod(n, world)
+    start = me * base + min(me, extra)
+    return slice(start, start + base + (me < extra))
+
+
+def gather_rows(mine: Tensor, n: int) -> Tensor:
+    """Every rank's shard (``shard_rows(n)``) of a minibatch's rows, back in row order.
+
+    Args:
+        mine: this rank's ``[rows, ...]`` (no gradient kept), ``rows`` possibly 0; the other
+            dimensions and the dtype are the same on every rank.
+        n: rows of the whole minibatch.
+
+    Returns:
+        ``[n, ...]`` on ``mine``'s device: ``mine`` itself in one process.
+    """
+    if not is_initialized() or world_size() == 1:
+        return mine
+    world, comm = world_size(), _comm_device()
+    padded = torch.zeros(
+        (-(-n // world), *mine.shape[1:]), dtype=mine.dtype, device=comm
+    )  # a shard has at most ceil(n / world) rows
+    padded[: mine.shape[0]] = mine.detach().to(comm)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    pieces = [part[: len(range(n)[shard_rows(n, q, world)])] for q, part in enumerate(parts)]
+    return torch.cat(pieces).to(mine.device)
+
+
+def all_reduce_gradients(params: Iterable[Tensor], *extras: Tensor) -> List[Tensor]:
+    """Sum every rank's ``.grad`` of ``params`` into each rank's, in place; also ``extras``.
+
+    With each rank's gradients those of its rows' summed losses divided by the whole
+    minibatch's size, the result is the gradient of one process's mean loss (up to summation
+    order). A missing gradient counts as zeros (a rank with no rows) and every parameter
+    then holds one. One all-reduce per dtype; nothing in one process.
+
+    Returns:
+        ``extras`` summed over the ranks (detached; the tensors themselves in one process).
+    """
+    params = list(params)
+    if not is_initialized() or world_size() == 1:
+        return list(extras)
+    comm = _comm_device()
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        tensors = [p.grad for p in params] + [e.detach() for e in extras]
+        groups: dict = {}
+        for index, tensor in enumerate(tensors):
+            groups.setdefault(tensor.dtype, []).append(index)
+        summed: List[Optional[Tensor]] = [None] * len(tensors)
+        for indices in groups.values():
+            flat = torch.cat([tensors[i].reshape(-1).to(comm) for i in indices])
+            dist.all_reduce(flat)
+            start = 0
+            for i in indices:
+                size = tensors[i].numel()
+                summed[i] = flat[start : start + size].view_as(tensors[i])
+                start += size
+        for p, total in zip(params, summed):
+            p.grad.copy_(total)
+        return [total.to(e.device) for e, total in zip(extras, summed[len(params) :])]
 
 
 def _learned_tensors(model: torch.nn.Module) -> List[Tensor]:

@@ -179,7 +179,8 @@ class CLIPHingeStrategy(SupervisedTemplate):
     experience: the training loop and evaluation then run on ``[batch, dim]`` features. A
     random training transform turns the cache off for training (a warning names it). With
     LoRA (``use_lora_in_second_stage``) stage 1 stays cached; stage 2 and, once a task has
-    its adapter, evaluation encode the images (see ``features_cacheable``).
+    its adapter, evaluation encode the images (see ``features_cacheable``). Under torchrun
+    each rank encodes its shard of every uncached training minibatch (``_minibatch_features``).
 
     Args:
         config: the method's settings.
@@ -697,13 +698,26 @@ class CLIPHingeStrategy(SupervisedTemplate):
             ``(scores [b, n_outputs], replay scores [k, n_outputs] or None, text features
             [n_seen, dim])``; the text features are the step's, in the graph.
         """
-        feats = self.model.frozen_features(x)
+        feats = self._minibatch_features(x)
         n_real = feats.shape[0]
         if replay is not None:
             feats = torch.cat([feats, replay.to(feats.dtype)])
         text = self.model.text_features()
         scores = self.model(feats, text_features=text)
         return scores[:n_real], None if replay is None else scores[n_real:], text
+
+    def _minibatch_features(self, x: Tensor) -> Tensor:
+        """``model.frozen_features(x)`` of a training minibatch; under torchrun its images are
+        encoded a shard per rank (``distributed.shard_rows``) and gathered back in row order,
+        equal to one process up to the encoder's batch-size-dependent last bits."""
+        if x.ndim == 2 or distributed.world_size() == 1:
+            return self.model.frozen_features(x)
+        mine = x[distributed.shard_rows(len(x))]
+        if len(mine):
+            feats = self.model.frozen_features(mine)
+        else:  # a minibatch with fewer rows than ranks
+            feats = x.new_zeros((0, self.model.backbone.embed_dim), dtype=torch.float32)
+        return distributed.gather_rows(feats, len(x))
 
     def _stage1_logits(
         self,

@@ -12,6 +12,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..loaders import EpochBatchSampler, TensorBatchLoader
 from ..model.heads import TaskHead
 from ..seeding import Draw, generator as seeded
@@ -137,10 +138,16 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
             leave=False,
             disable=not getattr(strategy, "progress", True),
         )
+        # under torchrun LoRA's image passes are split by rows (the ranks' gradients summed)
+        split = use_lora and distributed.world_size() > 1
         with active:
             for epoch in epochs:
                 total, count = torch.zeros((), device=device), 0
                 for batch in loader:
+                    if split:  # this rank's rows, the ranks' gradients summed
+                        total += self._shard_step(strategy, head, params, optimizer, batch, classes)
+                        count += len(batch[1])
+                        continue
                     x, y = batch[0].to(device), batch[1].to(device)
                     with strategy.autocast():
                         logits = head(model.run_image_encoder(x) if use_lora else x)
@@ -167,3 +174,27 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
         for param in params:
             param.requires_grad_(False)
         model.heads[str(task)] = head
+
+    def _shard_step(self, strategy, head, params, optimizer, batch, classes) -> torch.Tensor:
+        """One SGD step of a LoRA minibatch under torchrun, this rank encoding its rows only.
+
+        Each rank's loss is its rows' summed cross-entropy over the whole minibatch's size,
+        so the summed gradients (``distributed.all_reduce_gradients``) are those of one
+        process's mean, up to summation order; a rank without rows adds zeros. Returns the
+        minibatch's summed loss (every rank's), on the device. ``classes``: the task's class
+        ids, in its head's column order.
+        """
+        device, model = strategy.device, strategy.model
+        rows, n = distributed.shard_rows(len(batch[1])), len(batch[1])
+        x, y = batch[0][rows].to(device), batch[1][rows].to(device)
+        optimizer.zero_grad()
+        loss = torch.zeros((), device=device)
+        if len(y):
+            with strategy.autocast():
+                logits = head(model.run_image_encoder(x))
+            target = (y[:, None] == classes[None, :]).float().argmax(1)
+            loss = F.cross_entropy(logits.float(), target, reduction="sum")
+            (loss / n).backward()
+        (total,) = distributed.all_reduce_gradients(params, loss.detach())
+        optimizer.step()
+        return total
