@@ -37,7 +37,11 @@ first epochs took beyond their steps at the steady rate: tracing, compiling, cap
 ``python_calls_per_step`` (Python frames entered in a step outside captured graphs), counted
 in the last epoch of every task with 3 epochs or more (``StepCounter``; that epoch is left out
 of ``ms_per_step`` but not of the phase's seconds). The ``stage2`` line gives the same for
-stage 2, counted over the last task's whole stage-2 run. ``--no-step-counts`` counts nothing.
+stage 2, counted over the last task's whole stage-2 run (set-up and per-epoch checks included;
+with ``compile_step`` a call into its captured graph counts as one call and no op), the time
+over the other tasks' runs; with ``compile_step`` each stage-2 graph's first call (tracing,
+compiling) is left out of its ``ms_per_step`` and given as ``compile_s``. ``--no-step-counts``
+counts nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from PIL import Image
@@ -59,6 +64,7 @@ from torch.utils.data import Dataset, TensorDataset
 from avalanche_cliphinge import CLIPHingeConfig, CLIPHingeStrategy, build_model, load_clip
 from avalanche_cliphinge import distributed
 from avalanche_cliphinge.app.cli import SMOKE
+from avalanche_cliphinge.compiled_step import CompiledStage2
 from avalanche_cliphinge.app.evaluation import make_evaluator
 from avalanche_cliphinge.app.loop import train_and_evaluate
 from avalanche_cliphinge.plugins import HardPairHingePlugin, SecondStagePlugin
@@ -392,41 +398,86 @@ def per_step(ops: int, calls: int, steps: int) -> dict:
 class Stage2Steps:
     """Times every stage-2 run (``SecondStagePlugin.after_training_exp``, one per task) and
     counts the ops and Python calls of the run of ``counted_task`` (whole run: set-up and
-    per-epoch checks included), which is left out of the timing."""
+    per-epoch checks included), which is left out of the timing.
+
+    With ``compile_step`` (``CompiledStage2``) a call into a stage-2 graph counts as one Python
+    call and no op, like ``StepCounter.paused``; each graph's first call (tracing, compiling,
+    one step) is left out of ``ms_per_step`` and given apart as ``compile_s``.
+    """
 
     def __init__(self, plugin, device, counted_task: int):
         self.plugin, self.device, self.counted_task = plugin, device, counted_task
         self.seconds = self.steps = 0.0
+        self.compile_seconds, self.compiled_graphs = 0.0, 0
         self.counted: dict = {}
+        self._counting = None
         inner = plugin.after_training_exp
 
         def run(strategy, **kwargs):
             before = plugin.steps
             if strategy.current_task == counted_task:
-                counting = Counting().start()
-                try:
-                    return inner(strategy, **kwargs)
-                finally:
-                    counting.stop()
-                    self.counted = per_step(
-                        counting.mode.ops, counting.calls, plugin.steps - before
-                    )
+                with self._graphs():  # outside the count
+                    self._counting = Counting().start()
+                    try:
+                        return inner(strategy, **kwargs)
+                    finally:
+                        self._counting.stop()
+                        self.counted = per_step(
+                            self._counting.mode.ops, self._counting.calls, plugin.steps - before
+                        )
+                        self._counting = None
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            began = time.perf_counter()
-            out = inner(strategy, **kwargs)
+            began, first = time.perf_counter(), (self.compile_seconds, self.compiled_graphs)
+            with self._graphs():
+                out = inner(strategy, **kwargs)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            self.seconds += time.perf_counter() - began
-            self.steps += plugin.steps - before
+            self.seconds += time.perf_counter() - began - (self.compile_seconds - first[0])
+            self.steps += plugin.steps - before - (self.compiled_graphs - first[1])
             return out
 
         plugin.after_training_exp = run
 
+    def _graphs(self):
+        """While active, the graphs ``CompiledStage2`` makes go through ``_graph``."""
+        make = CompiledStage2.compile
+        return patch.object(
+            CompiledStage2, "compile", lambda runner, step: self._graph(make(runner, step))
+        )
+
+    def _graph(self, inner):
+        """``inner`` (a stage-2 graph), its first call timed apart, its calls paused in the
+        count."""
+        first = [True]
+
+        def captured(*args, **kwargs):
+            counting = self._counting
+            if counting is not None:
+                counting.pause()
+            began = time.perf_counter() if first[0] else None
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if began is not None:
+                    first[0] = False
+                    if counting is None:
+                        if self.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        self.compile_seconds += time.perf_counter() - began
+                        self.compiled_graphs += 1
+                if counting is not None:
+                    counting.resume()
+
+        return captured
+
     def record(self) -> dict:
-        """``ms_per_step`` of the timed runs and the counts of the counted one."""
+        """``ms_per_step`` of the timed runs (each stage-2 graph's first call left out),
+        ``compile_s`` (those first calls, with ``compile_step``) and the counts of the counted
+        run."""
         ms = 1000 * self.seconds / self.steps if self.steps else None
-        return {"ms_per_step": None if ms is None else round(ms, 3), **self.counted}
+        compiled = {"compile_s": round(self.compile_seconds, 3)} if self.compiled_graphs else {}
+        return {"ms_per_step": None if ms is None else round(ms, 3), **compiled, **self.counted}
 
 
 def stage1_steps(epochs: list) -> dict:

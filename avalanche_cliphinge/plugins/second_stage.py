@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..compiled_step import CompiledStage2
 from ..loaders import EpochBatchSampler, TensorBatchLoader
 from ..model.heads import TaskHead
 from ..seeding import Draw, generator as seeded
@@ -128,6 +129,12 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
         optimizer = torch.optim.SGD(
             params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
+        # compile_step on cached features: each epoch as calls of one captured step
+        compiled = (
+            CompiledStage2(strategy, head, optimizer, loader, classes)
+            if not use_lora and strategy.config.compile_step
+            else None
+        )
         self.losses = []
         head.train()
         # the adapter stays active through backward: peft freezes inactive adapters' weights
@@ -143,7 +150,9 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
         with active:
             for epoch in epochs:
                 total, count = torch.zeros((), device=device), 0
-                for batch in loader:
+                if compiled is not None:
+                    total, count = compiled.run_epoch()
+                for batch in loader if compiled is None else ():
                     if split:  # this rank's rows, the ranks' gradients summed
                         total += self._shard_step(strategy, head, params, optimizer, batch, classes)
                         count += len(batch[1])
