@@ -102,7 +102,12 @@ def test_report_lists_every_task_and_the_protocol_but_not_the_config():
 
 @pytest.mark.slow
 def test_a_runs_plots_are_written_as_png_and_pdf(tmp_path):
-    from avalanche_cliphinge.app.experiment import PLOT_FILES, RunState, _write_plots
+    from avalanche_cliphinge.app.experiment import (
+        PLOT_FILES,
+        PREVIEW_DPI,
+        RunState,
+        _write_plots,
+    )
 
     run = RunState(
         matrix=MATRIX, per_task=[grouped_accuracy(MATRIX[t], SIZES, t) for t in range(3)]
@@ -114,6 +119,13 @@ def test_a_runs_plots_are_written_as_png_and_pdf(tmp_path):
         "stream_classes_per_experience": [2, 2, 2],
         "preset": "demo",
     }
+    # before the last task: PNG previews at PREVIEW_DPI, no PDF
+    figures = _write_plots(tmp_path, run, protocol=protocol, final=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(PLOT_FILES[:4:2])
+    for name, figure in zip(PLOT_FILES[:4:2], figures.values()):
+        with Image.open(tmp_path / name) as image:
+            inches = figure.get_size_inches()
+            assert image.size == tuple(round(v * PREVIEW_DPI) for v in inches)
     figures = _write_plots(tmp_path, run, protocol=protocol)
     assert list(figures) == ["results/accuracy_matrix", "results/accuracy_curve"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(PLOT_FILES[:4])  # no temp

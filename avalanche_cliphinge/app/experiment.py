@@ -78,6 +78,8 @@ PLOT_FILES = (
     *figure_files("accuracy_curve"),
     *figure_files("confusion_matrix"),
 )
+#: Resolution of the PNG previews written after each task before the last.
+PREVIEW_DPI = 100
 #: Files and folders a run writes into its output folder (``--overwrite`` removes these only).
 RUN_FILES = (
     "results.json",
@@ -737,6 +739,7 @@ def _train_and_evaluate(
                 run,
                 protocol=full_protocol,
                 confusion=None if run.confusion is None else np.asarray(run.confusion),
+                final=index == n_exps - 1,
             )
             kill_point("plots", index)
             _log_results(tb_logger, figures, summary["metrics"], run, strategy.clock)
@@ -829,11 +832,20 @@ def _write_results(
 
 
 def _write_plots(
-    output_dir: Path, run: RunState, *, protocol: Optional[Dict[str, Any]] = None, confusion=None
+    output_dir: Path,
+    run: RunState,
+    *,
+    protocol: Optional[Dict[str, Any]] = None,
+    confusion=None,
+    final: bool = True,
 ) -> Dict[str, Any]:
     """The run's figures as PNG (300 dpi) and PDF, each atomic (``figures.save_figure``):
     ``accuracy_matrix``, ``accuracy_curve`` and, when ``confusion`` is given,
     ``confusion_matrix``. Returns ``{TensorBoard tag: figure}``.
+
+    Before the last task (``final`` false) the files are previews: PNG at ``PREVIEW_DPI``,
+    no PDF (rendering a 300-dpi PNG and a PDF of each figure after every task took most of
+    a small run's time); the last task writes the full set.
 
     Args:
         protocol: the run's protocol (results.json's): the title (method, dataset, preset)
@@ -853,7 +865,11 @@ def _write_plots(
             confusion, sizes or [len(confusion)], title
         )
     for tag, figure in figures.items():
-        save_figure(figure, output_dir / tag.split("/")[-1])
+        stem = output_dir / tag.split("/")[-1]
+        if final:
+            save_figure(figure, stem)
+        else:
+            save_figure(figure, stem, dpi=PREVIEW_DPI, formats=("png",))
     return figures
 
 
