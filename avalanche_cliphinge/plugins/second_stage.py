@@ -29,12 +29,16 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
     ``use_lora_in_second_stage``) a new adapter ``task<t>`` on the chosen image blocks trains
     with the head and is used only for that head's features: the training images go through
     it at every epoch, while without LoRA the head trains on the strategy's frozen features
-    (``current_features``, cached). The task's generator (``seed``, ``Draw.STAGE2``, t) draws
-    the adapter's initial ``lora_A``, then the minibatch order. At inference the model scores
-    ``clip + fusion_weight * head``. Runs in ``after_training_exp``, so before Avalanche's
-    end-of-experience evaluation. An experience that creates no task (every class comes back)
-    trains no head; one that mixes new and returning classes trains the new task's head on
-    the new classes' samples only.
+    (``current_features``, cached). The adapter's initial ``lora_A`` comes from the task's
+    generator (``seed``, ``Draw.LORA``, t), the minibatch order from (``seed``,
+    ``Draw.STAGE2``, t). At inference the model scores ``clip + fusion_weight * head``. Runs
+    in ``after_training_exp``, so before Avalanche's end-of-experience evaluation. An
+    experience that creates no task (every class comes back) trains no head; one that mixes
+    new and returning classes trains the new task's head on the new classes' samples only.
+
+    With the config's ``compile_step`` the run on cached features is one captured graph per
+    step (``compiled_step.CompiledStage2``); the LoRA run stays eager. Under torchrun the LoRA
+    run's minibatches are split by rows across the ranks, their gradients summed.
 
     Args:
         start_task: first task that gets a head (earlier tasks' classes get head logit 0).
