@@ -679,7 +679,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
         """
         with self.autocast():
             if not self.is_training:
-                return self.model(self.mb_x)
+                return self._eval_scores(self.mb_x)
             scores, self.step.replay_scores, self.step.text_features = self._stage1_scores(
                 self.mb_x, self.step.replay_features
             )
@@ -705,6 +705,22 @@ class CLIPHingeStrategy(SupervisedTemplate):
         text = self.model.text_features()
         scores = self.model(feats, text_features=text)
         return scores[:n_real], None if replay is None else scores[n_real:], text
+
+    def _eval_scores(self, x: Tensor) -> Tensor:
+        """``model(x)`` of an evaluation minibatch, ``[b, n_outputs]``; under torchrun a
+        minibatch of images (no cached features: LoRA heads, ``cache_features`` false) is
+        scored a shard of rows per rank (``distributed.shard_rows``) and the float32 scores
+        gathered back in row order, so every rank holds every score (the metrics need no
+        reduction), equal to one process up to the encoder's batch-size-dependent last bits.
+        """
+        if x.ndim == 2 or distributed.world_size() == 1:
+            return self.model(x)
+        mine = x[distributed.shard_rows(len(x))]
+        if len(mine):
+            scores = self.model(mine).float()
+        else:  # a minibatch with fewer rows than ranks
+            scores = x.new_zeros((0, self.model.n_outputs), dtype=torch.float32)
+        return distributed.gather_rows(scores, len(x))
 
     def _minibatch_features(self, x: Tensor) -> Tensor:
         """``model.frozen_features(x)`` of a training minibatch; under torchrun its images are

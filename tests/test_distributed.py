@@ -90,6 +90,8 @@ SPLIT = [
     "lora_layers=[1]",
     "--set",
     "batch_size=59",
+    "--set",
+    "eval_batch_size=11",  # test sets of 45 and 30 images: a last evaluation batch of one
 ]
 #: What torchrun tells its workers.
 TORCHRUN_VARIABLES = (
@@ -106,13 +108,14 @@ LAUNCH = ("command", "processes")
 #: Learned tensors of the split config against one process (float32, 1 epoch per stage).
 RTOL, ATOL = 1e-4, 1e-7
 #: Phases of the encoder calls counted (``count_encoded_images``).
-PHASES = ("stage 1", "stage 2", "other")
+PHASES = ("stage 1", "stage 2", "evaluation", "other")
 
 
 # ---- the workers ----------------------------------------------------------------------------
 def count_encoded_images():
     """Patch the classes so every image-encoder call records its images under its phase
-    (inside a stage-1 step, inside stage 2, other: feature passes, evaluation); returns
+    (inside a stage-1 step, inside stage 2, scoring an evaluation minibatch, other: feature
+    passes); returns
     ``{phase: [images per call]}``, filled as the run goes."""
     from avalanche_cliphinge.model.cliphinge_model import CLIPHingeModel
     from avalanche_cliphinge.plugins.second_stage import SecondStagePlugin
@@ -140,6 +143,7 @@ def count_encoded_images():
     CLIPHingeModel.run_image_encoder = counted
     CLIPHingeStrategy._stage1_scores = within("stage 1", CLIPHingeStrategy._stage1_scores)
     SecondStagePlugin.after_training_exp = within("stage 2", SecondStagePlugin.after_training_exp)
+    CLIPHingeStrategy._eval_scores = within("evaluation", CLIPHingeStrategy._eval_scores)
     return calls
 
 
@@ -519,15 +523,16 @@ def test_training_on_images_split_by_rows_equals_one_process_to_float_tolerance(
         assert_close_tensors(a["model"], b["model"], name)
 
 
-def test_each_rank_encodes_its_rows_of_every_training_minibatch(split_runs):
+def test_each_rank_encodes_its_rows_of_every_training_and_evaluation_minibatch(split_runs):
     one, *ranks_ = split_runs["counts"]
-    for phase in ("stage 1", "stage 2"):
-        assert max(one[phase]) == 59 and 1 in one[phase], phase  # a minibatch of one row
+    biggest = {"stage 1": 59, "stage 2": 59, "evaluation": 11}  # batch_size, eval_batch_size
+    for phase in ("stage 1", "stage 2", "evaluation"):
+        assert max(one[phase]) == biggest[phase] and 1 in one[phase], (phase, one[phase])
         for rank, mine in enumerate(ranks_):
             shards = [len(range(n)[distributed.shard_rows(n, rank, 2)]) for n in one[phase]]
             assert mine[phase] == [k for k in shards if k], (phase, rank)  # 1 row: 1/0
         assert sum(ranks_[0][phase]) + sum(ranks_[1][phase]) == sum(one[phase]), phase
-    # dataset passes (split by batch) and evaluation on images (repeated on every rank)
+    # dataset passes: split by batch
     assert (
         sum(ranks_[0]["other"]) < sum(one["other"]) <= sum(map(sum, (r["other"] for r in ranks_)))
     )
