@@ -15,6 +15,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "experiments"
+#: A cheap smoke run: 2 tasks (4 + 2 classes), 1 epoch each.
+FAST = [
+    "--preset",
+    "smoke",
+    "--quiet",
+    "--set",
+    "total_tasks=2",
+    "--set",
+    "init_epochs=1",
+    "--set",
+    "epochs=1",
+    "--set",
+    "second_stage_epochs=1",
+]
 
 
 def smoke_command(output_dir: Path, *extra: str):

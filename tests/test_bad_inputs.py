@@ -25,23 +25,9 @@ from avalanche_cliphinge.config import CLIPHingeConfig, ConfigError
 from avalanche_cliphinge.app.experiment import RunError, run_experiment
 from avalanche_cliphinge.strategy import CLIPHingeStrategy
 
-from cli_helpers import ROOT, SCRIPTS, run_script, snapshot
+from cli_helpers import FAST, ROOT, SCRIPTS, run_script, snapshot
 
 TINY = ["--set", "model_name=cliphinge-tiny", "--set", "pretrained=null"]
-#: A cheap smoke run: 2 tasks (4 + 2 classes), 1 epoch each.
-FAST = [
-    "--preset",
-    "smoke",
-    "--quiet",
-    "--set",
-    "total_tasks=2",
-    "--set",
-    "init_epochs=1",
-    "--set",
-    "epochs=1",
-    "--set",
-    "second_stage_epochs=1",
-]
 TINY_IMAGENET_R = [
     *TINY,
     "--set",

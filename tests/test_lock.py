@@ -19,24 +19,11 @@ import pytest
 
 from avalanche_cliphinge.app import run_lock
 
-from cli_helpers import ROOT, run_script, smoke_command, snapshot
+from cli_helpers import FAST, ROOT, run_script, smoke_command, snapshot
 
 #: subprocess runs of the application: `pytest -m "not slow"` leaves them out
 pytestmark = pytest.mark.slow
 
-FAST = [
-    "--preset",
-    "smoke",
-    "--quiet",
-    "--set",
-    "total_tasks=2",
-    "--set",
-    "init_epochs=1",
-    "--set",
-    "epochs=1",
-    "--set",
-    "second_stage_epochs=1",
-]
 #: Holds the lock through ``run_lock`` loaded from its file, without importing the package
 #: (and torch): the helper process starts in a fraction of a second.
 HOLDER = """

@@ -28,7 +28,7 @@ from avalanche_cliphinge.config import CLIPHingeConfig
 from avalanche_cliphinge.app.experiment import run_experiment
 from avalanche_cliphinge.strategy import build_model
 
-from cli_helpers import ROOT, run_script, smoke_command, snapshot, uninterrupted_smoke_run
+from cli_helpers import FAST, ROOT, run_script, smoke_command, snapshot, uninterrupted_smoke_run
 
 #: subprocess runs of the application: `pytest -m "not slow"` leaves them out
 pytestmark = pytest.mark.slow
@@ -45,20 +45,6 @@ SAME_RESULTS = (
     "test_sizes",
     "hard_pairs",
 )
-#: A cheap smoke run: 2 tasks (4 + 2 classes), 1 epoch each.
-FAST = [
-    "--preset",
-    "smoke",
-    "--quiet",
-    "--set",
-    "total_tasks=2",
-    "--set",
-    "init_epochs=1",
-    "--set",
-    "epochs=1",
-    "--set",
-    "second_stage_epochs=1",
-]
 
 
 def error_lines(stderr: str):
