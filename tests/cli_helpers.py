@@ -30,6 +30,28 @@ FAST = [
     "second_stage_epochs=1",
 ]
 
+#: The tiny random CLIP on a 2-task ImageNet-R tree (2 + 2 classes), 1 epoch each.
+TINY_IMAGENET_R = [
+    "--set",
+    "model_name=cliphinge-tiny",
+    "--set",
+    "pretrained=null",
+    "--set",
+    "init_class=2",
+    "--set",
+    "increment=2",
+    "--set",
+    "total_tasks=2",
+    "--set",
+    "epochs=1",
+    "--set",
+    "init_epochs=1",
+    "--set",
+    "second_stage_epochs=1",
+    "--set",
+    "class_order=natural",
+]
+
 
 def smoke_command(output_dir: Path, *extra: str):
     """The smoke preset as a subprocess command line."""

@@ -26,26 +26,10 @@ from avalanche_cliphinge.app.experiment import RunError, run_experiment
 from avalanche_cliphinge.strategy import CLIPHingeStrategy
 
 from cli_helpers import FAST, ROOT, SCRIPTS, run_script, snapshot
+from cli_helpers import TINY_IMAGENET_R as SHARED_TINY_IMAGENET_R
 
 TINY = ["--set", "model_name=cliphinge-tiny", "--set", "pretrained=null"]
-TINY_IMAGENET_R = [
-    *TINY,
-    "--set",
-    "init_class=2",
-    "--set",
-    "increment=2",
-    "--set",
-    "total_tasks=2",
-    "--set",
-    "epochs=1",
-    "--set",
-    "init_epochs=1",
-    "--set",
-    "second_stage_epochs=1",
-    "--set",
-    "class_order=natural",
-    "--quiet",
-]
+TINY_IMAGENET_R = [*SHARED_TINY_IMAGENET_R, "--quiet"]
 
 
 def the_error(code, stderr) -> str:

@@ -19,6 +19,7 @@ from avalanche_cliphinge.app.checkpoint import list_checkpoints, load_checkpoint
 from avalanche_cliphinge.app.cli import build_parser, resolve_config
 from avalanche_cliphinge.app.results import cil_metrics, grouped_accuracy
 
+from cli_helpers import TINY_IMAGENET_R as SHARED_TINY_IMAGENET_R
 from cli_helpers import run_script, uninterrupted_smoke_run
 
 #: subprocess runs of the application: `pytest -m "not slow"` leaves them out
@@ -353,28 +354,7 @@ def make_imagenet_r_tree(root: Path, n_classes: int = 4, per_class: int = 5) -> 
     return wnids
 
 
-TINY_IMAGENET_R = [
-    "--set",
-    "model_name=cliphinge-tiny",
-    "--set",
-    "pretrained=null",
-    "--set",
-    "init_class=2",
-    "--set",
-    "increment=2",
-    "--set",
-    "total_tasks=2",
-    "--set",
-    "epochs=1",
-    "--set",
-    "init_epochs=1",
-    "--set",
-    "second_stage_epochs=1",
-    "--set",
-    'class_order="natural"',
-    "--set",
-    "num_workers=2",
-]  # the config's 8 workers, scaled to 2 cores
+TINY_IMAGENET_R = [*SHARED_TINY_IMAGENET_R, "--set", "num_workers=2"]  # 8 workers scaled to 2 cores
 
 
 def test_run_imagenet_r_finishes_on_a_tiny_tree(tmp_path, capsys, monkeypatch):
