@@ -1,16 +1,50 @@
 """avalanche-cliphinge: CLIP prompts, Gaussian replay and hard-pair hinge losses for
-class-incremental learning, as an Avalanche strategy with plugins."""
+class-incremental learning, as an Avalanche strategy with plugins.
 
-from .config import CLIPHingeConfig, ConfigError
-from .gaussian import ClassGaussians, class_gaussian_stats, make_positive_definite, rapf_shrink_cov
-from .losses import fuse_logits, hinge_loss, select_hard_pairs
-from .metrics import DeviceEpochAccuracy, DeviceEpochLoss
-from .model import TINY_MODEL, BackboneError, CLIPBackbone, CLIPHingeModel, load_clip
-from .plugins import GaussianReplayPlugin, HardPairHingePlugin, SecondStagePlugin
-from .strategy import CLIPHingeStrategy, StepState, build_model, default_plugins
-from .streams import StreamInputError, class_names_for, stream_transforms, task_layout
+The public names below are imported from their modules on first use (PEP 562), so that
+``import avalanche_cliphinge`` and the ``cliphinge`` command's help, ``presets`` and
+``predict`` do not pay for importing Avalanche (about 15 s of CPU on a small machine)
+until something needs it. ``from avalanche_cliphinge import CLIPHingeStrategy`` works as
+with eager imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, List
 
 __version__ = "0.1.0"
+
+#: public name -> the module (relative to this package) that defines it
+_EXPORTS = {
+    "CLIPHingeConfig": "config",
+    "ConfigError": "config",
+    "ClassGaussians": "gaussian",
+    "class_gaussian_stats": "gaussian",
+    "make_positive_definite": "gaussian",
+    "rapf_shrink_cov": "gaussian",
+    "fuse_logits": "losses",
+    "hinge_loss": "losses",
+    "select_hard_pairs": "losses",
+    "TINY_MODEL": "model",
+    "BackboneError": "model",
+    "CLIPBackbone": "model",
+    "CLIPHingeModel": "model",
+    "load_clip": "model",
+    "GaussianReplayPlugin": "plugins",
+    "HardPairHingePlugin": "plugins",
+    "SecondStagePlugin": "plugins",
+    "CLIPHingeStrategy": "strategy",
+    "build_model": "strategy",
+    "default_plugins": "strategy",
+    "DeviceEpochAccuracy": "metrics",
+    "DeviceEpochLoss": "metrics",
+    "StepState": "strategy",
+    "StreamInputError": "streams",
+    "class_names_for": "streams",
+    "stream_transforms": "streams",
+    "task_layout": "streams",
+}
 
 __all__ = [
     "CLIPHingeConfig",
@@ -42,3 +76,34 @@ __all__ = [
     "task_layout",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module the first time the name is asked for."""
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:
+    from .config import CLIPHingeConfig, ConfigError
+    from .gaussian import (
+        ClassGaussians,
+        class_gaussian_stats,
+        make_positive_definite,
+        rapf_shrink_cov,
+    )
+    from .losses import fuse_logits, hinge_loss, select_hard_pairs
+    from .metrics import DeviceEpochAccuracy, DeviceEpochLoss
+    from .model import TINY_MODEL, BackboneError, CLIPBackbone, CLIPHingeModel, load_clip
+    from .plugins import GaussianReplayPlugin, HardPairHingePlugin, SecondStagePlugin
+    from .strategy import CLIPHingeStrategy, StepState, build_model, default_plugins
+    from .streams import StreamInputError, class_names_for, stream_transforms, task_layout

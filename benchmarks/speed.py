@@ -61,7 +61,13 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import Dataset, TensorDataset
 
-from avalanche_cliphinge import CLIPHingeConfig, CLIPHingeStrategy, build_model, load_clip
+from avalanche_cliphinge import (
+    CLIPHingeConfig,
+    CLIPHingeStrategy,
+    ConfigError,
+    build_model,
+    load_clip,
+)
 from avalanche_cliphinge import distributed
 from avalanche_cliphinge.app.cli import SMOKE
 from avalanche_cliphinge.compiled_step import CompiledStage2
@@ -130,8 +136,9 @@ def loader_rates(args, config):
     """``--loader-only``: images/s of one DataLoader pass over the first training experience.
 
     The synthetic PIL items go through ``nc_benchmark`` (Avalanche's dataset wrappers), for
-    ``PILToTensor`` (what the model gets with ``resize_on_device``) and ``ToTensor``, with 0,
-    2 and 4 workers; worker start and stop are inside the timed pass. Medians of
+    ``PILToTensor`` (what the model gets with ``resize_on_device``) and ``ToTensor``, with each
+    of ``--loader-workers`` (default 0, 2 and 4 workers); worker start and stop are inside the
+    timed pass. Medians of
     ``--repeats`` passes, the combinations alternating; one JSON line per combination.
     """
     from avalanche.benchmarks import nc_benchmark
@@ -151,7 +158,7 @@ def loader_rates(args, config):
             fixed_class_order=list(range(config.n_classes)),
         )
         datasets[name] = benchmark.train_stream[0].dataset.eval()
-    rates = {(name, workers): [] for name in datasets for workers in (0, 2, 4)}
+    rates = {(name, workers): [] for name in datasets for workers in args.loader_workers}
     for _ in range(args.repeats):  # alternating, so a drifting machine hits all alike
         for name, workers in rates:
             began = time.perf_counter()
@@ -698,8 +705,16 @@ def main(argv=None):
         "--loader-only",
         action="store_true",
         help="with --synthetic: time only the data loader (PIL items through "
-        "Avalanche's wrappers, PILToTensor vs ToTensor, 0/2/4 workers) "
+        "Avalanche's wrappers, PILToTensor vs ToTensor, each of --loader-workers) "
         "for one training experience; no model",
+    )
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        nargs="+",
+        default=[0, 2, 4],
+        metavar="N",
+        help="--loader-only: the DataLoader worker counts to time (default: 0 2 4)",
     )
     parser.add_argument(
         "--no-warmup",
@@ -748,11 +763,16 @@ def main(argv=None):
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.loader_only and not args.synthetic:
         parser.error("--loader-only times the synthetic CIFAR items: add --synthetic")
+    if min(args.loader_workers) < 0:
+        parser.error(f"--loader-workers must be 0 or more, got {min(args.loader_workers)}")
     try:  # under torchrun: join the processes, each on cuda:LOCAL_RANK (or the CPU)
         device = torch.device(distributed.init_from_env(args.device))
     except distributed.DistributedError as err:
         parser.error(str(err))
-    config = CLIPHingeConfig.from_json(args.config)
+    try:
+        config = CLIPHingeConfig.from_json(args.config)
+    except ConfigError as err:
+        parser.error(str(err))
     if args.preset == "tiny":
         tiny = {
             **SMOKE,
@@ -764,7 +784,10 @@ def main(argv=None):
         config = config.replace(**tiny)
     else:
         config = config.replace(pretrained=None, resize_on_device=True, class_order="natural")
-    config = config.with_overrides(args.set)
+    try:
+        config = config.with_overrides(args.set)
+    except ConfigError as err:
+        parser.error(str(err))
     if args.loader_only:
         loader_rates(args, config)
         return

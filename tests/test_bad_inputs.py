@@ -866,7 +866,7 @@ def test_disk_full_is_one_line_naming_the_file_and_the_run_resumes(tmp_path, cap
 
 
 @pytest.mark.slow
-def test_file_size_limit_is_one_line_and_resume_finishes(tmp_path):
+def test_file_size_limit_is_one_line_and_resume_finishes(tmp_path, capsys, monkeypatch):
     """A real write failure from the kernel: ``ulimit -f`` (100 kB) stops the first write that
     outgrows it (TensorBoard's event file with its figures, or a checkpoint); one line, nothing
     half-written, and ``--resume`` without the limit finishes the run."""
@@ -894,19 +894,8 @@ def test_file_size_limit_is_one_line_and_resume_finishes(tmp_path):
     assert not [p for p in out.rglob(".*") if p.name != ".lock"]  # no temporary file left
     for checkpoint in (out / "checkpoints").glob("*.pt"):  # whole ones only
         torch.load(checkpoint, weights_only=True)
-    resumed = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPTS / "run_split_cifar.py"),
-            *FAST,
-            "--output-dir",
-            str(out),
-            "--resume",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    code, _, stderr = run_script(
+        "run_split_cifar.py", [*FAST, "--output-dir", out, "--resume"], capsys, monkeypatch
     )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert code == 0, stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["finished"] is True

@@ -278,7 +278,7 @@ import matplotlib
 import numpy as np
 {before}
 chosen = matplotlib.get_backend(auto_select=False)
-import avalanche_cliphinge  # Avalanche imports pyplot itself (selecting no backend)
+import avalanche_cliphinge.strategy  # imports Avalanche, which imports pyplot (no backend chosen)
 
 
 class Trap(types.ModuleType):

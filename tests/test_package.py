@@ -3,6 +3,7 @@ folder, the method importable without the application, a saved model used by ``p
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -25,12 +26,21 @@ def run(args, cwd, env=None, timeout=300):
 @pytest.mark.slow
 def test_importing_the_method_loads_no_application_module(tmp_path):
     probe = (
-        "import sys, avalanche_cliphinge, avalanche_cliphinge.benchmarks; "
-        "print([m for m in sys.modules if m.startswith('avalanche_cliphinge.app')])"
+        "import json, sys, avalanche_cliphinge as package\n"
+        "heavy = lambda: sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'avalanche', "
+        "'open_clip'})\n"
+        "bare = heavy()\n"
+        "package.CLIPHingeStrategy, package.CLIPHingeModel\n"
+        "import avalanche_cliphinge.benchmarks\n"
+        "print(json.dumps([bare, heavy(), "
+        "[m for m in sys.modules if m.startswith('avalanche_cliphinge.app')]]))"
     )
     done = run([sys.executable, "-c", probe], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    bare, used, application = json.loads(done.stdout)
+    assert bare == []  # the public names are imported on first use
+    assert used == ["avalanche", "open_clip", "torch"]
+    assert application == []
     # and no method module names the application, even lazily inside a function
     for path in PACKAGE.rglob("*.py"):
         if "app" in path.relative_to(PACKAGE).parts or path.name == "__main__.py":
@@ -56,6 +66,21 @@ def test_command_usage_and_unknown_command(tmp_path, capsys):
     ]
     assert main(["presets"]) == 0
     assert "rapf_cifar100_b0_inc10\n    CIFAR-100" in capsys.readouterr().out
+
+
+def test_every_public_name_resolves_and_an_unknown_one_is_an_attribute_error():
+    import avalanche_cliphinge as package
+    from avalanche_cliphinge.config import CLIPHingeConfig
+    from avalanche_cliphinge.strategy import CLIPHingeStrategy
+
+    namespace = {}
+    exec("from avalanche_cliphinge import *", namespace)
+    assert set(package.__all__) == {*package._EXPORTS, "__version__"}
+    assert set(package.__all__) <= set(namespace) and set(package.__all__) <= set(dir(package))
+    assert namespace["CLIPHingeStrategy"] is CLIPHingeStrategy
+    assert package.CLIPHingeConfig is CLIPHingeConfig
+    with pytest.raises(AttributeError, match="has no attribute 'CLIPHingeStrateg'"):
+        _ = package.CLIPHingeStrateg
 
 
 def test_default_threads():
