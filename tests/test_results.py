@@ -122,10 +122,13 @@ def test_a_runs_plots_are_written_as_png_and_pdf(tmp_path):
     # before the last task: PNG previews at PREVIEW_DPI, no PDF
     figures = _write_plots(tmp_path, run, protocol=protocol, final=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(PLOT_FILES[:4:2])
-    for name, figure in zip(PLOT_FILES[:4:2], figures.values()):
+    for name, (figure, pixels) in zip(PLOT_FILES[:4:2], figures.values()):
         with Image.open(tmp_path / name) as image:
             inches = figure.get_size_inches()
             assert image.size == tuple(round(v * PREVIEW_DPI) for v in inches)
+            assert image.info["dpi"] == pytest.approx((PREVIEW_DPI, PREVIEW_DPI), abs=0.01)
+            # the preview holds the pixels TensorBoard gets
+            assert np.array_equal(np.asarray(image.convert("RGB")), pixels)
     figures = _write_plots(tmp_path, run, protocol=protocol)
     assert list(figures) == ["results/accuracy_matrix", "results/accuracy_curve"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(PLOT_FILES[:4])  # no temp
@@ -135,6 +138,6 @@ def test_a_runs_plots_are_written_as_png_and_pdf(tmp_path):
     for name in PLOT_FILES[::2]:
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and min(image.size) > 900  # 300 dpi
-    curve = figures["results/accuracy_curve"].axes[0]
+    curve = figures["results/accuracy_curve"].figure.axes[0]
     assert curve.get_title() == "CLIPHinge, CIFAR-100 B0 Inc2 (preset demo)"
     assert [t.get_text() for t in curve.get_xticklabels()] == ["2", "4", "6"]

@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,10 +33,13 @@ from ..seeding import seed_everything
 from .figures import (
     accuracy_matrix_figure,
     confusion_matrix_figure,
+    SCREEN_DPI,
     figure_files,
+    render_pixels,
     run_curve_figure,
     run_title,
     save_figure,
+    write_png,
 )
 from .confusion import ConfusionMatrixPlugin
 from .evaluation import Evaluation, EvaluatorError, make_evaluator
@@ -78,8 +81,9 @@ PLOT_FILES = (
     *figure_files("accuracy_curve"),
     *figure_files("confusion_matrix"),
 )
-#: Resolution of the PNG previews written after each task before the last.
-PREVIEW_DPI = 100
+#: Resolution of the PNG previews written after each task before the last (the pixels
+#: TensorBoard gets).
+PREVIEW_DPI = SCREEN_DPI
 #: Files and folders a run writes into its output folder (``--overwrite`` removes these only).
 RUN_FILES = (
     "results.json",
@@ -841,11 +845,13 @@ def _write_plots(
 ) -> Dict[str, Any]:
     """The run's figures as PNG (300 dpi) and PDF, each atomic (``figures.save_figure``):
     ``accuracy_matrix``, ``accuracy_curve`` and, when ``confusion`` is given,
-    ``confusion_matrix``. Returns ``{TensorBoard tag: figure}``.
+    ``confusion_matrix``. Returns ``{TensorBoard tag: RenderedFigure}``.
 
-    Before the last task (``final`` false) the files are previews: PNG at ``PREVIEW_DPI``,
-    no PDF (rendering a 300-dpi PNG and a PDF of each figure after every task took most of
-    a small run's time); the last task writes the full set.
+    Each figure is drawn once at ``PREVIEW_DPI`` (``figures.render_pixels``: its TensorBoard
+    image), which also fixes its layout for the saves. Before the last task (``final``
+    false) the files are previews, those pixels as PNG, no PDF (rendering a 300-dpi PNG and
+    a PDF of each figure after every task took most of a small run's time); the last task
+    writes the full set.
 
     Args:
         protocol: the run's protocol (results.json's): the title (method, dataset, preset)
@@ -864,16 +870,27 @@ def _write_plots(
         figures["results/confusion_matrix"] = confusion_matrix_figure(
             confusion, sizes or [len(confusion)], title
         )
+    rendered = {}
     for tag, figure in figures.items():
         stem = output_dir / tag.split("/")[-1]
+        rendered[tag] = RenderedFigure(figure, render_pixels(figure))
         if final:
             save_figure(figure, stem)
         else:
-            save_figure(figure, stem, dpi=PREVIEW_DPI, formats=("png",))
-    return figures
+            write_png(rendered[tag].pixels, stem.parent / f"{stem.name}.png", PREVIEW_DPI)
+    return rendered
 
 
-def _log_results(tb_logger, figures, metrics: Dict[str, float], run: RunState, clock) -> None:
+class RenderedFigure(NamedTuple):
+    """A run's figure and its pixels at ``PREVIEW_DPI`` (``[H, W, 3]`` uint8)."""
+
+    figure: Any
+    pixels: np.ndarray
+
+
+def _log_results(
+    tb_logger, figures: Dict[str, RenderedFigure], metrics: Dict[str, float], run: RunState, clock
+) -> None:
     """The results so far as TensorBoard scalars and images (flushed).
 
     Stepped, as every scalar the package adds, by Avalanche's ``clock.train_iterations``
@@ -881,9 +898,9 @@ def _log_results(tb_logger, figures, metrics: Dict[str, float], run: RunState, c
     """
     writer = tb_logger.writer
     step = clock.train_iterations
-    # the figures are not pyplot's: nothing to close, they go with their last reference
-    for tag, figure in figures.items():
-        writer.add_figure(tag, figure, global_step=step, close=False)
+    # the pixels SummaryWriter.add_figure would draw, drawn once by _write_plots
+    for tag, rendered in figures.items():
+        writer.add_image(tag, rendered.pixels, global_step=step, dataformats="HWC")
     for name, value in metrics.items():
         writer.add_scalar(f"results/{name}", value, global_step=step)
     writer.add_scalar("results/accuracy_seen_classes", run.per_task[-1]["all"], step)

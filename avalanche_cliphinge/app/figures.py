@@ -2,7 +2,7 @@
 
 The figures are ``matplotlib.figure.Figure`` objects on an Agg canvas: this module neither
 imports ``matplotlib.pyplot`` nor selects a backend, so it changes nothing for a program that
-plots on its own, and TensorBoard's ``SummaryWriter.add_figure`` takes the figures as they are.
+plots on its own.
 
 - ``accuracy_curve_figure``: accuracy on all seen, old and new classes vs classes seen.
 - ``accuracy_matrix_figure``: ``acc[t][j]`` heatmap, task trained x task evaluated.
@@ -13,7 +13,9 @@ plots on its own, and TensorBoard's ``SummaryWriter.add_figure`` takes the figur
 
 ``save_figure`` writes ``<stem>.png`` (300 dpi) and ``<stem>.pdf`` (fonts embedded as TrueType,
 no creation date: the same figure gives the same bytes), each through a temporary file and a
-rename. Tasks are numbered from 1 on the figures, as in papers.
+rename. ``render_pixels`` draws a figure once at ``SCREEN_DPI`` (TensorBoard's image and a
+run's PNG preview) and fixes its layout, so that later saves skip the constrained-layout pass.
+Tasks are numbered from 1 on the figures, as in papers.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from PIL import Image
 
 from ..atomic import write_bytes_atomic
 
 #: Resolution of the saved PNGs.
 DPI = 300
+#: Resolution of a figure on screen: its TensorBoard image and a run's PNG previews.
+SCREEN_DPI = 100
 #: Formats ``save_figure`` writes, in order.
 FORMATS = ("png", "pdf")
 #: Kinds of entries of ``comparison_figure``: the legend lists them in this order.
@@ -57,9 +62,9 @@ ABLATION_DASHES = ((3.0, 1.5), (1.2, 1.2), (6.0, 2.0), (2.0, 2.5), (9.0, 3.0))
 
 
 def new_figure(width: float, height: float) -> Figure:
-    """An empty figure of ``width`` x ``height`` inches with constrained layout on an Agg
-    canvas (no pyplot, no backend switch)."""
-    figure = Figure(figsize=(width, height), layout="constrained")
+    """An empty figure of ``width`` x ``height`` inches at ``SCREEN_DPI`` with constrained
+    layout on an Agg canvas (no pyplot, no backend switch)."""
+    figure = Figure(figsize=(width, height), dpi=SCREEN_DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
 
@@ -93,6 +98,29 @@ def save_figure(
         write_bytes_atomic(buffer.getvalue(), path)
         paths.append(path)
     return paths
+
+
+def render_pixels(figure: Figure) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB pixels of ``figure`` at its own dpi (``H, W`` = its size in
+    inches times the dpi), drawn once on its Agg canvas.
+
+    The draw runs the figure's layout engine; the engine is then removed with the axes where
+    it put them, so that saving the figure afterwards (``save_figure``: the 300-dpi PNG and
+    the PDF) draws without laying it out again (layout is in inches and points: the same at
+    any dpi). Call it after the last change to the figure.
+    """
+    figure.canvas.draw()
+    figure.set_layout_engine("none")
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+
+
+def write_png(pixels: np.ndarray, path: Path, dpi: int = SCREEN_DPI) -> Path:
+    """``pixels`` (``[H, W, 3]`` uint8) as a PNG stamped with ``dpi``, through a temporary
+    file and a rename (``write_bytes_atomic``); returns ``path``."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="png", dpi=(dpi, dpi))
+    write_bytes_atomic(buffer.getvalue(), path)
+    return path
 
 
 def classes_seen(classes_per_task: Sequence[int]) -> List[int]:
