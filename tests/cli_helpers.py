@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import runpy
 import subprocess
@@ -91,6 +93,23 @@ def run_script(script: str, args, capsys, monkeypatch):
         runpy.run_path(argv[0], run_name="__main__")
     captured = capsys.readouterr()
     return stop.value.code, captured.out, captured.err
+
+
+def run_script_here(script: str, args):
+    """Run an experiment script in this process outside a test (a module-scoped fixture, where
+    ``capsys`` is not available): ``(exit code, stdout, stderr)``."""
+    argv = [str(SCRIPTS / script), *map(str, args)]
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+        pytest.raises(SystemExit) as stop,
+    ):
+        patch.chdir(ROOT)
+        patch.setattr(sys, "argv", argv)
+        runpy.run_path(argv[0], run_name="__main__")
+    return stop.value.code, out.getvalue(), err.getvalue()
 
 
 def snapshot(folder: Path):

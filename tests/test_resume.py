@@ -28,7 +28,15 @@ from avalanche_cliphinge.config import CLIPHingeConfig
 from avalanche_cliphinge.app.experiment import run_experiment
 from avalanche_cliphinge.strategy import build_model
 
-from cli_helpers import FAST, ROOT, run_script, smoke_command, snapshot, uninterrupted_smoke_run
+from cli_helpers import (
+    FAST,
+    ROOT,
+    run_script,
+    run_script_here,
+    smoke_command,
+    snapshot,
+    uninterrupted_smoke_run,
+)
 
 #: subprocess runs of the application: `pytest -m "not slow"` leaves them out
 pytestmark = pytest.mark.slow
@@ -112,11 +120,9 @@ def killed_and_resumed(tmp_path_factory, uninterrupted):
     assert proc.returncode == -signal.SIGKILL, (base / "smoke_killed.log").read_text()[-3000:]
     template = base / "smoke_killed_copy"
     shutil.copytree(out, template)
-    resumed = subprocess.run(
-        smoke_command(out, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return out, template, {"stdout": resumed.stdout, "stderr": resumed.stderr}
+    code, stdout, stderr = run_script_here("run_split_cifar.py", smoke_command(out, "--resume")[2:])
+    assert code == 0, stderr[-3000:]
+    return out, template, {"stdout": stdout, "stderr": stderr}
 
 
 @pytest.fixture
