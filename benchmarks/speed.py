@@ -3,7 +3,7 @@
 
     # one GPU, ViT-B/16 random weights, CIFAR-100-sized synthetic data, B0 Inc10, both stages
     python benchmarks/speed.py --synthetic --device cuda --set precision=bf16 --set eval_batch_size=512
-    # the data loader alone: PILToTensor vs ToTensor, 0/2/4 workers
+    # the data loader alone: PILToTensor vs ToTensor, 0/2/4 workers (--loader-workers)
     python benchmarks/speed.py --synthetic --loader-only --repeats 7
     # 2-core CPU: tiny CLIP on real CIFAR-10 JPEGs (../shared/data), 5 epochs per task,
     # cached vs uncached
@@ -138,8 +138,8 @@ def loader_rates(args, config):
     The synthetic PIL items go through ``nc_benchmark`` (Avalanche's dataset wrappers), for
     ``PILToTensor`` (what the model gets with ``resize_on_device``) and ``ToTensor``, with each
     of ``--loader-workers`` (default 0, 2 and 4 workers); worker start and stop are inside the
-    timed pass. Medians of
-    ``--repeats`` passes, the combinations alternating; one JSON line per combination.
+    timed pass. Medians of ``--repeats`` passes, the combinations alternating; one JSON line
+    per combination.
     """
     from avalanche.benchmarks import nc_benchmark
     from torch.utils.data import DataLoader

@@ -31,9 +31,9 @@ from ..model.backbone import CLIPBackbone
 from ..plugins.hard_pair_hinge import HardPairHingePlugin
 from ..seeding import seed_everything
 from .figures import (
+    SCREEN_DPI,
     accuracy_matrix_figure,
     confusion_matrix_figure,
-    SCREEN_DPI,
     figure_files,
     render_pixels,
     run_curve_figure,
@@ -842,7 +842,7 @@ def _write_plots(
     protocol: Optional[Dict[str, Any]] = None,
     confusion=None,
     final: bool = True,
-) -> Dict[str, Any]:
+) -> Dict[str, RenderedFigure]:
     """The run's figures as PNG (300 dpi) and PDF, each atomic (``figures.save_figure``):
     ``accuracy_matrix``, ``accuracy_curve`` and, when ``confusion`` is given,
     ``confusion_matrix``. Returns ``{TensorBoard tag: RenderedFigure}``.

@@ -106,8 +106,9 @@ def render_pixels(figure: Figure) -> np.ndarray:
 
     The draw runs the figure's layout engine; the engine is then removed with the axes where
     it put them, so that saving the figure afterwards (``save_figure``: the 300-dpi PNG and
-    the PDF) draws without laying it out again (layout is in inches and points: the same at
-    any dpi). Call it after the last change to the figure.
+    the PDF) draws without laying it out again: layout is in inches and points, so the saves
+    keep this drawing's layout (laid out anew at 300 dpi, the axes would move by under 1% of
+    the figure: text extents differ by hinting). Call it after the last change to the figure.
     """
     figure.canvas.draw()
     figure.set_layout_engine("none")
