@@ -296,7 +296,8 @@ import matplotlib
 import numpy as np
 {before}
 chosen = matplotlib.get_backend(auto_select=False)
-import avalanche_cliphinge.strategy  # imports Avalanche, which imports pyplot (no backend chosen)
+import torch  # what a run has loaded before its figures: torch, and pyplot, which
+import matplotlib.pyplot  # importing Avalanche loads without choosing a backend
 
 
 class Trap(types.ModuleType):
