@@ -17,6 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "experiments"
+#: One epoch per task in stage 1 and in stage 2.
+ONE_EPOCH = ["--set", "init_epochs=1", "--set", "epochs=1", "--set", "second_stage_epochs=1"]
 #: A cheap smoke run: 2 tasks (4 + 2 classes), 1 epoch each.
 FAST = [
     "--preset",
@@ -24,12 +26,7 @@ FAST = [
     "--quiet",
     "--set",
     "total_tasks=2",
-    "--set",
-    "init_epochs=1",
-    "--set",
-    "epochs=1",
-    "--set",
-    "second_stage_epochs=1",
+    *ONE_EPOCH,
 ]
 
 #: The tiny random CLIP on a 2-task ImageNet-R tree (2 + 2 classes), 1 epoch each.
@@ -44,12 +41,7 @@ TINY_IMAGENET_R = [
     "increment=2",
     "--set",
     "total_tasks=2",
-    "--set",
-    "epochs=1",
-    "--set",
-    "init_epochs=1",
-    "--set",
-    "second_stage_epochs=1",
+    *ONE_EPOCH,
     "--set",
     "class_order=natural",
 ]

@@ -50,7 +50,7 @@ from avalanche_cliphinge import distributed
 from avalanche_cliphinge.app import checkpoint as ckpt
 from avalanche_cliphinge.atomic import KILL_ENV
 
-from cli_helpers import ROOT
+from cli_helpers import ONE_EPOCH, ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -68,12 +68,7 @@ ARGS = [
     "increment=1",
     "--set",
     "total_tasks=3",
-    "--set",
-    "init_epochs=1",
-    "--set",
-    "epochs=1",
-    "--set",
-    "second_stage_epochs=1",
+    *ONE_EPOCH,
     "--set",
     "eval_batch_size=7",
 ]

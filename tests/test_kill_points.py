@@ -33,7 +33,7 @@ import torch
 from avalanche_cliphinge.app import checkpoint as ckpt
 from avalanche_cliphinge.atomic import KILL_ENV
 
-from cli_helpers import ROOT, SCRIPTS
+from cli_helpers import ONE_EPOCH, ROOT, SCRIPTS
 
 pytestmark = pytest.mark.slow
 
@@ -43,12 +43,7 @@ CHEAP = [
     "--quiet",
     "--set",
     "total_tasks=3",
-    "--set",
-    "init_epochs=1",
-    "--set",
-    "epochs=1",
-    "--set",
-    "second_stage_epochs=1",
+    *ONE_EPOCH,
 ]
 N_TASKS = 3
 #: (point, experience): every write boundary in the middle of the run, and those that come

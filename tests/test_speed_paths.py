@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +15,10 @@ from avalanche_cliphinge.loaders import EpochBatchSampler, TensorBatchLoader
 from avalanche_cliphinge.model.cliphinge_model import DevicePreprocess
 from avalanche_cliphinge.model.prompts import TaskPrompts
 
+from cli_helpers import ONE_EPOCH, ROOT
+
 #: subprocess runs of the application: `pytest -m "not slow"` leaves them out
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -246,12 +245,7 @@ def test_speed_benchmark_tiny_cpu_mode_prints_every_phase():
             "--preset",
             "tiny",
             "--compare-uncached",
-            "--set",
-            "init_epochs=1",
-            "--set",
-            "epochs=1",
-            "--set",
-            "second_stage_epochs=1",
+            *ONE_EPOCH,
             "--bare-batch",
             "32",
         ],
@@ -296,12 +290,7 @@ def test_speed_benchmark_synthetic_mode_runs_the_cifar_path_on_the_cpu():
             "cpu",
             "--set",
             f"model_name={TINY_MODEL}",
-            "--set",
-            "init_epochs=1",
-            "--set",
-            "epochs=1",
-            "--set",
-            "second_stage_epochs=1",
+            *ONE_EPOCH,
             "--set",
             "num_workers=2",
             "--set",
@@ -506,12 +495,7 @@ def test_entry_speed_runs_the_main_entry_on_random_cifar100_files(tmp_path):
             "--quiet",
             "--set",
             f"model_name={TINY_MODEL}",
-            "--set",
-            "init_epochs=1",
-            "--set",
-            "epochs=1",
-            "--set",
-            "second_stage_epochs=1",
+            *ONE_EPOCH,
             "--set",
             "init_class=50",
             "--set",
