@@ -30,8 +30,10 @@ from .streams import (
     STREAM_FIX,
     ClipInput,
     StreamInputError,
+    check_item_labels,
     find_random_transform,
     foreign_normalize,
+    freeze_transforms,
 )
 
 
@@ -428,8 +430,10 @@ class CLIPHingeStrategy(SupervisedTemplate):
     def _to_clip_input(self, dataset):
         """``dataset`` with ``ClipInput`` applied on top of its own transforms.
 
-        Raises ``StreamInputError`` (one line, naming the fix) for a stream normalised with
-        statistics other than CLIP's.
+        The items keep the class ids of ``dataset.targets`` (``streams.freeze_transforms``:
+        a benchmark's id remapping survives the freeze). Raises ``StreamInputError`` (one
+        line, naming the fix) for a stream normalised with statistics other than CLIP's, or
+        whose items carry other ids than its targets.
         """
         foreign = foreign_normalize(
             dataset, self.clip_input.mean.flatten().tolist(), self.clip_input.std.flatten().tolist()
@@ -439,9 +443,16 @@ class CLIPHingeStrategy(SupervisedTemplate):
                 f"the stream normalises its images with {foreign}, not "
                 f"CLIP's statistics; {STREAM_FIX}"
             )
-        if len(dataset) > 0:
-            self.clip_input(dataset[0][0])  # refuse a bad stream before any work
-        return dataset.freeze_transforms().replace_current_transform_group(self.clip_input)
+        adapted = freeze_transforms(dataset).replace_current_transform_group(self.clip_input)
+        exp = self.experience
+        where = (
+            "the dataset"
+            if exp is None
+            else f"{exp.origin_stream.name} experience {exp.current_experience}"
+        )
+        # refuses a bad stream (ClipInput) or labels that disagree with targets before any work
+        check_item_labels(adapted, where)
+        return adapted
 
     def model_adaptation(self, model=None):
         """Avalanche's per-experience model hook, without moving the model again.

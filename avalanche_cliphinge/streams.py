@@ -221,6 +221,76 @@ class ClipInput:
         )
 
 
+def _transform_nodes(node, depth: int = 0, seen: Optional[set] = None) -> Iterator[object]:
+    """``node`` and every dataset under it in Avalanche's dataset tree, each once."""
+    seen = set() if seen is None else seen
+    if node is None or id(node) in seen or depth > 64:
+        return
+    seen.add(id(node))
+    yield node
+    yield from _transform_nodes(getattr(node, "_flat_data", None), depth + 1, seen)
+    for child in getattr(node, "_datasets", None) or []:
+        yield from _transform_nodes(child, depth + 1, seen)
+
+
+def freeze_transforms(dataset):
+    """``dataset.freeze_transforms()`` that keeps every group of every dataset in the tree.
+
+    Avalanche 0.6 keeps a benchmark's class-id remapping (``class_ids_from_zero_from_first_exp``,
+    ``class_ids_from_zero_in_each_exp``) as a frozen target transform in a
+    ``DefaultTransformGroups``, a ``defaultdict`` holding only the groups read so far. Freezing
+    adds the groups with ``{**groups}``, which drops the unread ones: the ``eval`` group of a
+    test experience then serves the original class ids while ``dataset.targets`` says the
+    remapped ones. Every group name of the tree is read first (the dict gains the value it
+    already returned for it), so the frozen dataset serves the ids of ``dataset.targets``.
+    """
+    from avalanche.benchmarks.utils.transform_groups import DefaultTransformGroups
+
+    nodes = list(_transform_nodes(dataset))
+    groups = [
+        g
+        for node in nodes
+        for g in (
+            getattr(node, "_frozen_transform_groups", None),
+            getattr(node, "_transform_groups", None),
+        )
+        if g is not None and hasattr(g, "transform_groups")
+    ]
+    names = {"train", "eval"}
+    for g in groups:
+        names |= set(g.transform_groups) | {g.current_group}
+    for g in groups:
+        if isinstance(g, DefaultTransformGroups):
+            for name in names:
+                g.transform_groups[name]  # a defaultdict: reading stores the default
+    return dataset.freeze_transforms()
+
+
+def check_item_labels(dataset, where: str) -> None:
+    """Refuse a dataset whose items carry other class ids than its ``targets``.
+
+    The strategy reads labels from the items (Avalanche's minibatches) and the metrics
+    compare them with the scores' class ids, so items and ``targets`` must agree; the first,
+    middle and last items are read.
+
+    Raises:
+        StreamInputError: an item's label differs from ``targets`` (one line, naming it).
+    """
+    targets = getattr(dataset, "targets", None)
+    n = len(dataset)
+    if targets is None or n == 0:
+        return
+    for index in sorted({0, n // 2, n - 1}):
+        label = int(torch.as_tensor(dataset[index][1]))
+        target = int(targets[index])
+        if label != target:
+            raise StreamInputError(
+                f"{where}: item {index} carries class id {label} but the dataset's targets "
+                f"say {target}; a transform changes the labels: give the benchmark's own "
+                "datasets, or apply class remapping through the benchmark"
+            )
+
+
 def stream_transforms(
     backbone, *, augment: bool = False, resize_on_device: bool = False
 ) -> Tuple[Callable, Callable]:
