@@ -187,7 +187,10 @@ class CLIPHingeStrategy(SupervisedTemplate):
     Args:
         config: the method's settings.
         class_names: names indexed by the stream's class ids, or a dict ``{class id: name}``
-            (``streams.class_names_for`` reads them off a benchmark).
+            (``streams.class_names_for`` reads them off a benchmark); they must cover at
+            least the stream's ids (more names are fine: CIFAR-100's for a subset stream).
+            A set layout is checked against the classes of the benchmark the first
+            experience comes from, and every experience against its task's size.
         model: a ready ``CLIPHingeModel`` (default: built from ``config``).
         optimizer: a torch optimizer whose type and defaults (lr, weight decay...) stage 1
             uses; its parameter groups are replaced by the trainable prompts at every
@@ -257,7 +260,12 @@ class CLIPHingeStrategy(SupervisedTemplate):
             names = class_name_table(class_names)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        config.check_class_count(len(names), "class_names")
+        if config.layout_is_set and len(names) < config.n_classes:
+            raise ConfigError(
+                f"class_names has {len(names)} names but init_class + increment * "
+                f"(total_tasks - 1) = {config.n_classes} classes; pass a name for every class "
+                "id of the stream (more names than the stream's classes are fine)"
+            )
         device = torch.device(device)
         model = build_model(config, names, device) if model is None else model.to(device)
         plugins = list(plugins or [])
@@ -469,6 +477,10 @@ class CLIPHingeStrategy(SupervisedTemplate):
     # ---- training -------------------------------------------------------------------------
     def _before_training_exp(self, **kwargs):
         self.step = StepState()  # the plugins register this experience's terms
+        if self.model.n_tasks == 0:
+            classes = stream_class_count(self.experience)
+            if classes is not None:
+                self.config.check_class_count(classes, "the stream")
         present = sorted(int(c) for c in classes_of(self.experience))
         seen = set(self.model.seen_classes)
         new = [c for c in present if c not in seen]
@@ -823,3 +835,12 @@ def task_labels_of(dataset) -> Optional[Tensor]:
     """``[n]`` task labels of an Avalanche dataset's items (``None`` without the attribute)."""
     labels = getattr(dataset, "targets_task_labels", None)
     return None if labels is None else torch.as_tensor(list(labels), dtype=torch.long)
+
+
+def stream_class_count(experience) -> Optional[int]:
+    """Number of classes of the benchmark ``experience`` comes from (its ``n_classes``), or
+    ``None`` when the experience names no benchmark (online and hand-made streams)."""
+    stream = getattr(experience, "origin_stream", None)
+    benchmark = getattr(stream, "benchmark", None)
+    n_classes = getattr(benchmark, "n_classes", None)
+    return n_classes if isinstance(n_classes, int) else None

@@ -338,8 +338,8 @@ def test_class_names_of_the_wrong_length_are_refused():
     config = tiny_config()  # 4 + 2 classes
     with pytest.raises(
         ConfigError,
-        match=r"= 6, but class_names has 5 classes; change "
-        r"init_class, increment or total_tasks",
+        match=r"class_names has 5 names but init_class \+ increment \* \(total_tasks - 1\) "
+        r"= 6 classes; pass a name for every class id",
     ):
         CLIPHingeStrategy(config=config, class_names=[f"c{i}" for i in range(5)])
 

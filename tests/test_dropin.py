@@ -397,6 +397,27 @@ def test_class_ids_with_gaps_and_a_name_mapping(tiny_config, synthetic_data):
         assert strategy.model(synthetic_data["test_x"][:2]).shape == (2, 32)
 
 
+def test_more_class_names_than_the_stream_has_and_the_layout_checked_on_the_stream(
+    tiny_config, synthetic_stream
+):
+    names = [f"class {i}" for i in range(10)]  # 10 names for a 6-class stream
+    torch.manual_seed(0)
+    strategy = CLIPHingeStrategy(
+        config=tiny_config(**FAST), class_names=names, evaluator=quiet_evaluator(), progress=False
+    )
+    strategy.train(synthetic_stream.train_stream[0])
+    assert strategy.model.prompts[0].class_names == ["class 0", "class 1"]
+    assert strategy.model.n_outputs == 10
+    short = tiny_config(**{**FAST, "total_tasks": 2})  # 2 + 2 classes for a 6-class stream
+    strategy = CLIPHingeStrategy(
+        config=short, class_names=names, evaluator=quiet_evaluator(), progress=False
+    )
+    with pytest.raises(ConfigError, match=r"= 4, but the stream has 6 classes"):
+        strategy.train(synthetic_stream.train_stream[0])
+    with pytest.raises(ConfigError, match=r"class_names has 3 names but .* = 6 classes"):
+        CLIPHingeStrategy(config=tiny_config(**FAST), class_names=names[:3])
+
+
 def test_class_names_for_follows_the_remapping():
     class Source(torch.utils.data.Dataset):
         classes = ["apple_pie", "bus", "sea_lion"]

@@ -780,7 +780,7 @@ def test_feature_cache_does_not_change_the_results(cache_pair):
 
 # ---- errors -----------------------------------------------------------------------------
 def test_wrong_number_of_class_names_raises_config_error(tiny_config, class_names):
-    with pytest.raises(ConfigError, match="class_names has 5 classes"):
+    with pytest.raises(ConfigError, match="class_names has 5 names but .* = 6 classes"):
         CLIPHingeStrategy(config=tiny_config(), class_names=class_names[:5])
 
 
