@@ -3,20 +3,34 @@
 Runs are grouped by (config, method): the config is the preset name or config file a run was
 started with (``smoke`` for ``--preset smoke``), the method ``cliphinge``. Within a group
 every protocol entry but the seed (and what the seed alone decides: the synthetic stream's
-seed, the command line) must agree; otherwise the group is refused, naming the entries that differ. Each row holds the mean and
-the sample standard deviation (``n - 1``; none with one run) of AIA, Last, AA and Forgetting,
-and the accuracy-on-seen-classes curve with its band.
+seed, the command line) must agree; otherwise the group is refused, naming the entries that
+differ. Each row holds the mean and the sample standard deviation (``n - 1``; none with one
+run) of AIA, Last, AA and Forgetting, and the accuracy-on-seen-classes curve with its band.
 
-Writes ``summary.md``, ``summary.csv``, ``summary.json`` and ``summary_curve.{png,pdf}``.
+Writes ``summary.md``, ``summary.csv``, ``summary.json`` and ``summary_curve.{png,pdf}``
+as one set: all five are written into a temporary folder first and only then swapped in,
+so a full disk (or a kill) leaves the previous summary whole, never half old and half new.
+A folder given twice (also through another path or a symlink), one whose run is live (its
+run lock held: ``--overwrite`` may delete it) and a ``results.json`` that is not a finished
+run's are refused, each with one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
+import errno
+import fcntl
 import io
 import json
+import math
+import os
+import shutil
+import socket
+import stat
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -24,10 +38,19 @@ import numpy as np
 
 from ..atomic import write_text_atomic
 from .figures import aggregate_curve_figure, save_figure
+from .run_lock import LOCK_NAME
 
 METRICS = ("AIA", "Last", "AA", "Forgetting")
 #: Protocol entries allowed to differ within a row: the seed and what it alone decides.
 SEED_KEYS = ("seed", "config.seed", "stream_seed", "command")
+#: The files of one summary, written (and replaced) together.
+SUMMARY_FILES = (
+    "summary.md",
+    "summary.csv",
+    "summary.json",
+    "summary_curve.png",
+    "summary_curve.pdf",
+)
 
 
 class AggregateError(ValueError):
@@ -35,22 +58,151 @@ class AggregateError(ValueError):
 
 
 def read_run(folder: Path) -> Dict[str, Any]:
-    """``results.json`` of a finished run in ``folder``."""
-    path = Path(folder) / "results.json"
+    """``results.json`` of a finished run in ``folder``, checked (``check_results``).
+
+    Raises ``AggregateError`` when the folder is missing, holds no results or an unfinished
+    run, or when a live process holds the folder's run lock (a run that may rewrite it or,
+    with ``--overwrite``, delete it).
+    """
+    folder = Path(folder)
+    path = folder / "results.json"
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise AggregateError(f"{folder} {what}; pass the output folders of finished runs")
+    holder = live_holder(folder)
+    if holder:
+        raise AggregateError(
+            f"{folder} is held by a live run ({holder}) that may rewrite or delete its "
+            "results; wait for it to end, or leave it out"
+        )
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AggregateError(
             f"{folder} holds no results.json; pass the output folders of finished runs"
         ) from None
-    except (ValueError, OSError) as err:
+    except ValueError as err:
         raise AggregateError(f"{path} is not readable JSON ({type(err).__name__})") from None
-    if not results.get("finished"):
+    except OSError as err:
         raise AggregateError(
-            f"{folder} holds an unfinished run ({results.get('completed_tasks')}"
-            " tasks); finish it with --resume or leave it out"
+            f"cannot read {path} ({err.strerror or err}); make it readable or leave it out"
+        ) from None
+    if not isinstance(results, dict):
+        raise AggregateError(
+            f"{path} holds a JSON {_json_kind(results)}, not a run's results (an object with "
+            "finished, protocol, metrics and per_task); pass the output folder of a "
+            "cliphinge run"
+        )
+    if not results.get("finished"):
+        done = results.get("completed_tasks")
+        raise AggregateError(
+            f"{folder} holds an unfinished run"
+            f"{f' ({done} tasks)' if isinstance(done, int) else ''}; finish it with --resume "
+            "or leave it out"
+        )
+    problems = check_results(results)
+    if problems:
+        raise AggregateError(
+            f"{path} {'; '.join(problems)}; pass the output folder of a finished cliphinge run "
+            "(a damaged one: run it again with --overwrite)"
         )
     return results
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_results(results: Dict[str, Any]) -> List[str]:
+    """What a finished run's ``results`` lack for a row: ``[]`` when nothing, else phrases
+    such as ``lacks protocol, metrics`` or ``has metrics.AIA = "x", not a finite number``."""
+    missing = [k for k in ("protocol", "metrics", "per_task") if k not in results]
+    problems = [f"lacks {', '.join(missing)}"] if missing else []
+    protocol = results.get("protocol", {})
+    if not isinstance(protocol, dict):
+        problems.append(f"has protocol = {json.dumps(protocol)[:40]}, not an object")
+    metrics = results.get("metrics", {})
+    if not isinstance(metrics, dict):
+        problems.append(f"has metrics = {json.dumps(metrics)[:40]}, not an object")
+    elif "metrics" in results:
+        absent = [m for m in METRICS if m not in metrics]
+        if absent:
+            problems.append(f"lacks metrics.{', metrics.'.join(absent)}")
+        problems += [
+            f"has metrics.{m} = {json.dumps(metrics[m])[:40]}, not a finite number"
+            for m in METRICS
+            if m in metrics and not _is_number(metrics[m])
+        ]
+    per_task = results.get("per_task", [])
+    if "per_task" in results and not (
+        isinstance(per_task, list)
+        and per_task
+        and all(isinstance(t, dict) and _is_number(t.get("all")) for t in per_task)
+    ):
+        problems.append(
+            "has per_task that is not a list of tasks with a finite accuracy 'all' each"
+        )
+    return problems
+
+
+def live_holder(folder: Path) -> Optional[str]:
+    """Who holds ``folder``'s run lock (``run_lock``: an ``flock`` on the folder and on its
+    ``.lock``) now, as ``PID 123, started ...``; ``None`` when no live process does (no
+    lock, or the lock of a run that ended or was killed).
+
+    Each lock is tried as a shared lock and dropped at once: a run starting in that instant
+    is refused as if another run were starting, and this reader never blocks.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    held = False
+    for path in (Path(folder), Path(folder) / LOCK_NAME):
+        try:
+            fd = os.open(path, flags)
+        except OSError:
+            continue  # no .lock: no run ever held it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            held = True
+        except OSError:
+            pass  # no locks on this file system: no run can hold one here
+        finally:
+            os.close(fd)
+    if not held:
+        return None
+    try:
+        info = json.loads((Path(folder) / LOCK_NAME).read_text(encoding="utf-8"))
+        host = info.get("host")
+        where = f" on {host}" if host and host != socket.gethostname() else ""
+        return f"PID {int(info['pid'])}{where}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"its PID not in {LOCK_NAME}: it is starting"
+
+
+def refuse_repeated_folders(folders: Sequence[Path]) -> None:
+    """``AggregateError`` when one folder is given twice, by whatever path (``runs/a``,
+    ``runs/./a``, a symlink to it): the same device and inode."""
+    seen: Dict[Tuple[int, int], str] = {}
+    for folder in map(str, folders):
+        try:
+            info = os.stat(folder)
+        except OSError:
+            continue  # read_run names what is wrong with it
+        key = (info.st_dev, info.st_ino)
+        if key in seen:
+            first = seen[key]
+            again = "" if first == folder else f" (again as {folder})"
+            raise AggregateError(
+                f"{first} is given twice{again}; pass each run folder once (a run counted "
+                "twice weighs double in mean ± std)"
+            )
+        seen[key] = folder
 
 
 def flatten(record: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -95,11 +247,12 @@ def aggregate(folders: Sequence[Path]) -> List[Dict[str, Any]]:
     task) with the ``mean`` and ``std`` of the accuracy on seen classes.
 
     Raises:
-        AggregateError: a folder without a finished run, or runs of one row whose protocols
-            differ in more than the seed.
+        AggregateError: a folder given twice, a folder without a finished run (or one a live
+            run holds), or runs of one row whose protocols differ in more than the seed.
     """
     if not folders:
         raise AggregateError("pass at least one run folder")
+    refuse_repeated_folders(folders)
     groups: Dict[Tuple[str, str], List[Tuple[Path, Dict[str, Any]]]] = {}
     for folder in folders:
         results = read_run(Path(folder))
@@ -123,6 +276,13 @@ def aggregate(folders: Sequence[Path]) -> List[Dict[str, Any]]:
         for metric in METRICS:
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(
                 [r["metrics"][metric] for _, r in runs]
+            )
+        lengths = {str(f): len(r["per_task"]) for f, r in runs}
+        if len(set(lengths.values())) > 1:
+            raise AggregateError(
+                f"runs of {config} / {method} have different numbers of tasks ("
+                + ", ".join(f"{f}: {n}" for f, n in lengths.items())
+                + "); aggregate runs of one stream"
             )
         curves = np.asarray([[t["all"] for t in r["per_task"]] for _, r in runs])
         sizes = runs[0][1]["protocol"].get("stream_classes_per_experience")
@@ -183,19 +343,178 @@ def summary_csv(rows: Sequence[Dict[str, Any]]) -> str:
 
 def write_summary(rows: Sequence[Dict[str, Any]], output_dir: Path) -> List[Path]:
     """Write ``summary.md``, ``.csv``, ``.json`` and ``summary_curve.png`` / ``.pdf``
-    (``figures.aggregate_curve_figure``), each through a temporary file and a rename."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in (
-        ("summary.md", summary_markdown(rows)),
-        ("summary.csv", summary_csv(rows)),
-        ("summary.json", json.dumps({"rows": list(rows)}, indent=2) + "\n"),
-    ):
-        write_text_atomic(text, output_dir / name)
-        written.append(output_dir / name)
-    written += save_figure(aggregate_curve_figure(rows), output_dir / "summary_curve")
-    return written
+    (``figures.aggregate_curve_figure``) into ``output_dir`` as one set.
+
+    All five go into a temporary folder first (each fsynced), which then takes the place of
+    ``output_dir`` in one rename when the folder is new, or in one atomic exchange
+    (``renameat2(RENAME_EXCHANGE)``) when it holds nothing but an earlier summary. A folder
+    that holds other files too (or where the exchange is not supported) gets the five files
+    renamed in one after the other: the other files stay, and no write is left to fail
+    between the renames. On any failure the earlier summary stays as it was, whole.
+
+    Raises:
+        AggregateError: ``output_dir`` is a file (or below one), or cannot be written
+            (full, read-only, ...); one line with the fix.
+    """
+    shown = Path(output_dir)
+    had_summary = False
+    staging: Optional[Path] = None
+    try:
+        target = _output_folder(shown)
+        had_summary = target.is_dir() and any((target / n).exists() for n in SUMMARY_FILES)
+        staging, exchange = _staging_folder(target)
+        for name, text in (
+            ("summary.md", summary_markdown(rows)),
+            ("summary.csv", summary_csv(rows)),
+            ("summary.json", json.dumps({"rows": list(rows)}, indent=2) + "\n"),
+        ):
+            write_text_atomic(text, staging / name)
+        save_figure(aggregate_curve_figure(rows), staging / "summary_curve")
+        _fsync_folder(staging)
+        _swap_in(staging, target, exchange)
+    except OSError as err:
+        raise AggregateError(_write_error(err, shown, had_summary)) from None
+    finally:
+        # the unused new set, or the replaced old one; never a folder with other files
+        if staging is not None and staging.is_dir() and _summary_files_only(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    return [shown / name for name in SUMMARY_FILES]
+
+
+def _output_folder(output_dir: Path) -> Path:
+    """``output_dir`` with its symlinks resolved; ``AggregateError`` if it is a file or lies
+    below one."""
+    for path in (output_dir, *output_dir.parents):
+        if path.exists():
+            if path.is_dir():
+                break
+            where = "is a file" if path == output_dir else f"lies below the file {path}"
+            raise AggregateError(
+                f"--output-dir {output_dir} {where}, not a folder; choose another --output-dir"
+            )
+    return output_dir.resolve()
+
+
+def _staging_folder(target: Path) -> Tuple[Path, bool]:
+    """A new empty temporary folder for the summary: ``(folder, exchange)``.
+
+    Next to ``target`` (``.<name>.<random>.tmp``) when ``target`` is missing or holds nothing
+    but summary files (``exchange``: the folder itself is swapped); inside ``target``
+    otherwise (the files are swapped), and also when ``target``'s parent is not writable
+    or on another file system (``target`` is a mount point).
+    """
+    mode = 0o777 & ~_umask()
+    if not target.exists():
+        if not target.parent.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    if _summary_only(target) and _same_device(target, target.parent):
+        try:
+            staging = Path(
+                tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            )
+        except OSError as err:
+            if not target.exists() or err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+        else:
+            os.chmod(staging, mode)  # mkdtemp makes it 0700; it becomes the output folder
+            return staging, True
+    return Path(tempfile.mkdtemp(prefix=".summary.", suffix=".tmp", dir=target)), False
+
+
+def _same_device(a: Path, b: Path) -> bool:
+    """``a`` (when it exists) and ``b`` are on one file system (``a`` is no mount point)."""
+    return not a.exists() or a.stat().st_dev == b.stat().st_dev
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _summary_only(target: Path) -> bool:
+    """``target`` is missing, or a folder of summary files only that is not (above) the
+    working directory (swapping that would leave this process in a deleted folder)."""
+    if not target.exists():
+        return True
+    cwd = Path.cwd().resolve()
+    return target != cwd and target not in cwd.parents and _summary_files_only(target)
+
+
+def _summary_files_only(folder: Path) -> bool:
+    return all(entry.name in SUMMARY_FILES for entry in folder.iterdir())
+
+
+def _swap_in(staging: Path, target: Path, exchange: bool) -> None:
+    """Put the complete set in ``staging`` in place of the summary in ``target``."""
+    if exchange and not target.exists():
+        try:
+            os.rename(staging, target)
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            # another process created the folder meanwhile: swap the files in
+        else:
+            _fsync_folder(target.parent, swapped=True)
+            return
+    if exchange and target.exists() and _exchange(staging, target):
+        _fsync_folder(target.parent, swapped=True)
+        if _summary_only(staging):
+            return  # staging now holds the earlier summary, removed by the caller
+        _exchange(staging, target)  # a file appeared meanwhile: put the folder back
+    for name in SUMMARY_FILES:
+        os.replace(staging / name, target / name)
+    _fsync_folder(target, swapped=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``); ``False`` where the system or file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EBUSY):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _fsync_folder(folder: Path, swapped: bool = False) -> None:
+    """fsync ``folder`` (its entries); once the new set is ``swapped`` in, a failure no
+    longer matters to what readers see and is not reported as a failed write."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if not swapped:
+            raise
+
+
+#: What to do about a failed write of the summary, by ``errno``.
+WRITE_FIXES = {
+    errno.ENOSPC: "free some space, then run aggregate again",
+    errno.EDQUOT: "free space within your quota, then run aggregate again",
+    errno.EFBIG: "free space or raise the file size limit (ulimit -f), then run aggregate again",
+    errno.EROFS: "choose a writable folder",
+    errno.EACCES: "choose a writable folder",
+    errno.EPERM: "choose a writable folder",
+}
+
+
+def _write_error(err: OSError, output_dir: Path, had_summary: bool) -> str:
+    """One line: the folder, the system's reason, what is left, what to do."""
+    reason = err.strerror or str(err)
+    left = "the summary already there is unchanged; " if had_summary else ""
+    fix = WRITE_FIXES.get(err.errno, "check the disk, then run aggregate again")
+    return f"cannot write to --output-dir {output_dir} ({reason}); {left}{fix}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
