@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
+from .streams import StreamInputError
 
 
 @torch.no_grad()
@@ -41,6 +42,8 @@ def encode_dataset(
 
     Raises:
         ValueError: ``dataset`` is empty.
+        StreamInputError: an item cannot be brought to CLIP's input (``ClipInput``); the
+            message names ``desc``, the item's index and its class.
     """
     n = len(dataset)
     if n == 0:
@@ -49,27 +52,44 @@ def encode_dataset(
             "data (check the stream's split)"
         )
     batches = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+    mine = distributed.deal_batches(batches)
     loader = DataLoader(
         dataset,
-        batch_sampler=distributed.deal_batches(batches),
+        batch_sampler=mine,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
     feats, labels = [], []
-    for batch in tqdm(
-        loader,
-        desc=desc,
-        leave=False,
-        disable=len(loader) < 2 or not progress or not distributed.is_main(),
-    ):
-        with autocast():
-            feats.append(encode(batch[0].to(device, non_blocking=True)).float())
-        labels.append(torch.as_tensor(batch[1]).long())
+    try:
+        for batch in tqdm(
+            loader,
+            desc=desc,
+            leave=False,
+            disable=len(loader) < 2 or not progress or not distributed.is_main(),
+        ):
+            with autocast():
+                feats.append(encode(batch[0].to(device, non_blocking=True)).float())
+            labels.append(torch.as_tensor(batch[1]).long())
+    except StreamInputError as err:  # name the item: only the failing batch is read again
+        raise _bad_item_error(dataset, mine[len(labels)], desc, err) from None
     sizes = [len(b) for b in batches]
     return (
         distributed.gather_batches(feats, sizes, device),
         distributed.gather_batches(labels, sizes, device),
     )
+
+
+def _bad_item_error(dataset, batch: List[int], desc: str, err: Exception) -> StreamInputError:
+    """``StreamInputError`` naming the first item of ``batch`` that ``ClipInput`` refuses."""
+    targets = getattr(dataset, "targets", None)
+    for index in batch:
+        try:
+            dataset[index]
+        except StreamInputError as item_err:
+            label = "" if targets is None else f" (class {int(targets[index])})"
+            return StreamInputError(f"{desc}: item {index}{label}: {item_err}")
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    return StreamInputError(f"{desc}: items {batch[0]}..{batch[-1]}: {first_line}")
 
 
 class EpochBatchSampler:

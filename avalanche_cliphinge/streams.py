@@ -14,6 +14,7 @@ feature cache (``find_random_transform``).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -144,6 +145,58 @@ def foreign_normalize(dataset, mean: Sequence[float], std: Sequence[float]) -> O
     return None
 
 
+#: PIL modes with more than 8 bits per pixel, which ``convert("RGB")`` clips instead of scaling.
+DEEP_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """A new 8-bit RGB PIL image of ``image``, pixels of deeper modes scaled, not clipped.
+
+    PIL's ``convert("RGB")`` clips 16-bit (``I;16``), 32-bit integer (``I``) and float
+    (``F``) grey levels to 0..255, which turns a 16-bit image white. Here 16-bit values, and
+    ``I`` values within 0..65535 (16-bit files open as ``I`` in older Pillow), are divided by
+    257 and ``F`` values in ``[0, 1]`` multiplied by 255, then rounded: a 16-bit image saved as
+    ``value * 257`` gives exactly its 8-bit twin. Other modes go through ``convert("RGB")``
+    (a copy for an RGB image: the result outlives the file ``image`` was opened from).
+    ``ClipInput``, ``cliphinge predict`` and the package's image-file datasets all read PIL
+    images through this function.
+
+    Raises:
+        StreamInputError: float pixels that are NaN or Inf or outside ``[0, 1]``, or integer
+            pixels outside 0..65535 (their range cannot be told); one line saying what to do.
+    """
+    if image.mode not in DEEP_MODES:
+        return image.convert("RGB")
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    if values.size == 0:
+        return Image.new("RGB", image.size)
+    fix = "save the image with 8 or 16 bits per channel"
+    if image.mode == "F":
+        if not np.isfinite(values).all():
+            raise StreamInputError(
+                f"a float image (PIL mode F) with non-finite pixel values (NaN or Inf); "
+                f"replace them, or {fix}"
+            )
+        low, high = float(values.min()), float(values.max())
+        if low < 0.0 or high > 1.0:
+            raise StreamInputError(
+                f"a float image (PIL mode F) with values in [{low:.3g}, {high:.3g}]; float "
+                f"pixels must lie in [0, 1]: rescale them, or {fix}"
+            )
+        values = values * 255.0
+    else:
+        low, high = int(values.min()), int(values.max())
+        if image.mode == "I" and (low < 0 or high > 65535):
+            raise StreamInputError(
+                f"a 32-bit integer image (PIL mode I) with values in [{low}, {high}], beyond "
+                f"16 bits (0..65535), so its white level is unknown; {fix}"
+            )
+        values = values / 257.0
+    return Image.fromarray(np.round(values).astype(np.uint8)).convert("RGB")
+
+
 class ClipInput:
     """Per-item conversion of what a stream serves into what ``CLIPHingeModel`` reads.
 
@@ -195,8 +248,10 @@ class ClipInput:
 
     def __call__(self, x):
         if isinstance(x, Image.Image):
+            if x.mode != "RGB":
+                x = to_rgb8(x)  # 16-bit, 32-bit and float modes scaled, not clipped
             if self.resize_on_device:
-                return transforms.functional.pil_to_tensor(x.convert("RGB"))
+                return transforms.functional.pil_to_tensor(x)
             return self.eval_transform(x)
         if not isinstance(x, Tensor):
             raise StreamInputError(f"the stream serves {type(x).__name__} items; {STREAM_FIX}")
@@ -208,7 +263,13 @@ class ClipInput:
         if x.dtype == torch.uint8:
             return x if self.resize_on_device else self.eval_transform(to_pil_image(x))
         x = x.float()
-        low, high = float(x.min()), float(x.max())
+        low, high = float(x.min()), float(x.max())  # NaN when any pixel is NaN
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise StreamInputError(
+                "the stream serves a float image with non-finite pixel values (NaN or Inf); "
+                "repair or drop such items (a transform dividing by zero?), then serve [0, 1] "
+                "values"
+            )
         if low >= 0.0 and high <= 1.0:
             if self.resize_on_device:
                 return x
@@ -274,15 +335,20 @@ def check_item_labels(dataset, where: str) -> None:
     middle and last items are read.
 
     Raises:
-        StreamInputError: an item's label differs from ``targets`` (one line, naming it).
+        StreamInputError: an item's label differs from ``targets``, or ``ClipInput``
+            refuses one of the items read (one line, naming the item and its class).
     """
     targets = getattr(dataset, "targets", None)
     n = len(dataset)
     if targets is None or n == 0:
         return
     for index in sorted({0, n // 2, n - 1}):
-        label = int(torch.as_tensor(dataset[index][1]))
         target = int(targets[index])
+        try:
+            item = dataset[index]
+        except StreamInputError as err:  # ClipInput sees one item: say which
+            raise StreamInputError(f"{where}: item {index} (class {target}): {err}") from None
+        label = int(torch.as_tensor(item[1]))
         if label != target:
             raise StreamInputError(
                 f"{where}: item {index} carries class id {label} but the dataset's targets "

@@ -1,5 +1,6 @@
 """Stream builders, offline: a tiny CIFAR-100 in torchvision's on-disk format, a generated
-ImageNet-R tree, the shared real CIFAR-10 JPEG subset, and the synthetic stream."""
+ImageNet-R tree, the shared real CIFAR-10 JPEG subset (a generated tree of its layout where
+the checkout has no ``../shared``), and the synthetic stream."""
 
 import json
 import pickle
@@ -26,6 +27,25 @@ from avalanche_cliphinge.benchmarks import (
 
 SHARED_JPEGS = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg-subset"
 CIFAR10_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
+
+
+@pytest.fixture(scope="module")
+def cifar10_jpegs(tmp_path_factory) -> Path:
+    """The shared real CIFAR-10 JPEG subset (10 classes, 40 training and 10 test 32x32 JPEGs
+    each) where the checkout has ``../shared``; elsewhere (a clone of the repository, which
+    does not ship it) a generated tree of that layout, random pixels saved as JPEG."""
+    if SHARED_JPEGS.is_dir():
+        return SHARED_JPEGS
+    root = tmp_path_factory.mktemp("cifar10-jpeg-subset")
+    rng = np.random.default_rng(0)
+    for side, count in (("train", 40), ("test", 10)):
+        for name in CIFAR10_CLASSES:
+            folder = root / side / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index:04d}.jpg", quality=90)
+    return root
 
 
 def experience_classes(named_benchmark: NamedBenchmark) -> list[list[int]]:
@@ -355,8 +375,8 @@ def test_imagenet_r_missing_data_and_lists(tmp_path, imagenet_r_root):
 
 
 # ---------------------------------------------------------------- image folders (real JPEGs)
-def test_image_folder_on_real_cifar10_jpegs():
-    named_benchmark = split_image_folder(SHARED_JPEGS, init_class=4, increment=2)
+def test_image_folder_on_real_cifar10_jpegs(cifar10_jpegs):
+    named_benchmark = split_image_folder(cifar10_jpegs, init_class=4, increment=2)
     assert named_benchmark.class_names == CIFAR10_CLASSES
     assert named_benchmark.class_order == list(range(10))
     assert experience_classes(named_benchmark) == [[0, 1, 2, 3], [4, 5], [6, 7], [8, 9]]
@@ -365,11 +385,11 @@ def test_image_folder_on_real_cifar10_jpegs():
     image, target, _ = named_benchmark.benchmark.train_stream[1].dataset[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     assert target in (4, 5)
-    raw = Image.open(SHARED_JPEGS / "train/deer/0000.jpg")
+    raw = Image.open(cifar10_jpegs / "train/deer/0000.jpg")
     assert raw.size == (32, 32) and raw.mode == "RGB"
 
 
-def test_image_folder_explicit_order_and_transform():
+def test_image_folder_explicit_order_and_transform(cifar10_jpegs):
     order = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
     seen = []
 
@@ -378,7 +398,7 @@ def test_image_folder_explicit_order_and_transform():
         return torch.zeros(1)
 
     named_benchmark = split_image_folder(
-        SHARED_JPEGS, init_class=2, increment=2, class_order=order, eval_transform=transform
+        cifar10_jpegs, init_class=2, increment=2, class_order=order, eval_transform=transform
     )
     assert experience_classes(named_benchmark)[0] == [9, 8]
     image, target, _ = named_benchmark.benchmark.test_stream[0].dataset[0]
@@ -402,9 +422,9 @@ def test_image_folder_layout_errors(tmp_path):
     assert named_benchmark.class_names == ["a b", "c"]
 
 
-def test_class_count_mismatch_error():
+def test_class_count_mismatch_error(cifar10_jpegs):
     with pytest.raises(ValueError) as error:
-        split_image_folder(SHARED_JPEGS, init_class=4, increment=4)
+        split_image_folder(cifar10_jpegs, init_class=4, increment=4)
     message = str(error.value)
     assert "10 classes" in message and "init_class=4, increment=4" in message
     assert "(one of [1, 2, 3, 6])" in message
@@ -431,12 +451,12 @@ def test_synthetic_is_deterministic_with_shapes_and_counts():
     xb, yb = _stack(b.benchmark.train_stream)
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert not torch.equal(xa, _stack(c.benchmark.train_stream)[0])
-    assert xa.shape == (30, 3, 32, 32) and xa.dtype == torch.float32
+    # plain 8-bit RGB images, not one backbone's normalised input (any CLIP can read them)
+    assert xa.shape == (30, 3, 32, 32) and xa.dtype == torch.uint8
     assert experience_classes(a) == [[0, 1], [2, 3], [4, 5]]
     assert a.protocol["train_sizes"] == [10, 10, 10]
     assert a.protocol["test_sizes"] == [6, 6, 6]
-    # CLIP-normalised [0, 1] images: within [(0 - mean) / std, (1 - mean) / std].
-    assert xa.min() >= -1.80 and xa.max() <= 2.15
+    assert xa.float().std() > 20  # patterns and noise fill the 0..255 range, not a flat grey
     assert a.class_names[:3] == [
         "red horizontal stripes",
         "green vertical stripes",
@@ -455,6 +475,23 @@ def test_synthetic_is_deterministic_with_shapes_and_counts():
     json.dumps(a.protocol)
 
 
+def test_synthetic_pixels_are_the_class_colour_times_the_pattern():
+    """Without noise, a pixel is round(255 * colour * intensity * brightness), clipped: for class
+    0, red (0.90, 0.10, 0.10), green = blue = red / 9 up to rounding wherever red is not
+    clipped at 255; the pattern's intensity times brightness lies in [0.24, 1.2]."""
+    named_benchmark = synthetic(
+        n_classes=2, init_class=2, increment=2, train_per_class=4, test_per_class=1, noise=0.0
+    )
+    x, y = _stack(named_benchmark.benchmark.train_stream)
+    red = x[y == 0].double()
+    r, g, b = red[:, 0], red[:, 1], red[:, 2]
+    unclipped = r < 255
+    assert unclipped.float().mean() > 0.5
+    assert torch.equal(g, b)
+    assert (g[unclipped] - r[unclipped] / 9).abs().max() <= 0.5 + 0.5 / 9
+    assert r.min() >= round(255 * 0.9 * 0.24) and g.max() <= round(255 * 0.1 * 1.2)
+
+
 def test_synthetic_classes_are_learnable_from_pixels():
     """Nearest class mean on raw pixels, default 10-class stream: the bar is 90 % test accuracy
     (measured 97 %); chance is 10 %."""
@@ -462,6 +499,7 @@ def test_synthetic_classes_are_learnable_from_pixels():
     x_train, y_train = _stack(named_benchmark.benchmark.train_stream)
     x_test, y_test = _stack(named_benchmark.benchmark.test_stream)
     assert len(y_train) == 400 and len(y_test) == 200
+    x_train, x_test = x_train.float() / 255, x_test.float() / 255
     means = torch.stack([x_train[y_train == c].flatten(1).mean(0) for c in range(10)])
     predicted = torch.cdist(x_test.flatten(1), means).argmin(1)
     accuracy = (predicted == y_test).float().mean().item()
@@ -543,8 +581,87 @@ def test_imagenet_r_split_list_checks(imagenet_r_root, tmp_path):
         _imagenet_r(imagenet_r_root, split=binary)
     train = [f"{w}/art_{i}.jpg" for w in IMAGENET_R_SUBSET for i in range(IMAGES_PER_WNID)]
     both = _rapf_list(tmp_path, [("train", train), ("test", train[:3])], name="both.txt")
-    with pytest.raises(ValueError, match=r"3 image\(s\) are in both the train and the test"):
+    with pytest.raises(ValueError) as error:
         _imagenet_r(imagenet_r_root, split=both)
+    # line 1 `train`, 40 paths (lines 2-41), line 42 `test`: the first test path is line 43
+    assert str(error.value) == (
+        f"{both}: {train[0]} is in both `train` (line 2) and `test` (line 43): a test image "
+        "must not be trained on; keep it in one section."
+    )
+
+
+def _bom_copy(path, name):
+    """``path``'s text behind a UTF-8 byte-order mark (what Windows Notepad saves)."""
+    copy = path.parent / name
+    copy.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    return copy
+
+
+def test_imagenet_r_split_lists_may_start_with_a_byte_order_mark(imagenet_r_root, tmp_path):
+    # file 0 of every class is its test image, files 1-9 train
+    train = [(c, f"{w}/art_{i}.jpg") for c, w in enumerate(IMAGENET_R_SUBSET) for i in range(1, 10)]
+    test = [(c, f"{w}/art_0.jpg") for c, w in enumerate(IMAGENET_R_SUBSET)]
+    expected = [
+        sorted((c, i) for c in range(4) for i in range(1, 10)),
+        [(c, 0) for c in range(4)],
+    ]
+    # RAPF's single file: the first line `train` behind the mark
+    plain = _rapf_list(tmp_path, [("train", [p for _, p in train]), ("test", [p for _, p in test])])
+    marked = _bom_copy(plain, "marked.txt")
+    assert marked.read_bytes()[:8] == b"\xef\xbb\xbftrain"
+    assert _split_identities(_imagenet_r(imagenet_r_root, split=marked)) == expected
+    # train.txt / test.txt: the first path behind the mark, in both files
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    for name, pairs in (("train.txt", train), ("test.txt", test)):
+        (folder / name).write_bytes(
+            b"\xef\xbb\xbf" + "".join(f"{p} {c}\n" for c, p in pairs).encode()
+        )
+    assert _split_identities(_imagenet_r(imagenet_r_root, split=folder)) == expected
+
+
+@pytest.mark.parametrize(
+    "train_lines, test_lines, message",
+    [
+        (  # the same image twice in train.txt, once spelt with the imagenet-r/ prefix
+            ["{w}/art_1.jpg 0", "{w}/art_2.jpg 0", "imagenet-r/{w}/art_1.jpg 0"],
+            ["{w}/art_0.jpg 0"],
+            "{train}: imagenet-r/{w}/art_1.jpg is listed twice (lines 1 and 3); it would count "
+            "twice: list each image once.",
+        ),
+        (  # a test image trained on
+            ["{w}/art_1.jpg 0", "{w}/art_2.jpg 0"],
+            ["{w}/art_0.jpg 0", "", "{w}/art_2.jpg 0"],
+            "{root}/imagenet-r/{w}/art_2.jpg is in both {train} (line 2) and {test} (line 3): "
+            "a test image must not be trained on; keep it in one of the lists.",
+        ),
+    ],
+)
+def test_imagenet_r_list_folder_refuses_an_image_listed_twice(
+    imagenet_r_root, tmp_path, train_lines, test_lines, message
+):
+    wnid = IMAGENET_R_SUBSET[0]
+    others = [f"{w}/art_1.jpg {c}" for c, w in enumerate(IMAGENET_R_SUBSET) if c]
+    train, test = tmp_path / "train.txt", tmp_path / "test.txt"
+    train.write_text("\n".join([line.format(w=wnid) for line in train_lines] + others) + "\n")
+    test.write_text("\n".join(line.format(w=wnid) for line in test_lines) + "\n")
+    with pytest.raises(ValueError) as error:
+        _imagenet_r(imagenet_r_root, split=tmp_path)
+    assert str(error.value) == message.format(w=wnid, train=train, test=test, root=imagenet_r_root)
+
+
+def test_imagenet_r_rapf_list_refuses_an_image_listed_twice(imagenet_r_root, tmp_path):
+    paths = [f"{w}/art_{i}.jpg" for w in IMAGENET_R_SUBSET for i in range(1, 3)]
+    twice = _rapf_list(
+        tmp_path, [("train", paths + ["./" + paths[3]]), ("test", [paths[0][:-5] + "0.jpg"])]
+    )
+    with pytest.raises(ValueError) as error:
+        _imagenet_r(imagenet_r_root, split=twice)
+    # `train` is line 1, paths[3] line 5, its repeat line 10
+    assert str(error.value) == (
+        f"{twice}: ./{paths[3]} is listed twice in `train` (lines 5 and 10); it would count "
+        "twice: list each image once."
+    )
 
 
 def test_imagenet_r_stray_folders_are_named(imagenet_r_root, tmp_path):

@@ -9,6 +9,7 @@ model), ``aggregate`` (mean ± std over finished runs).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -37,6 +38,24 @@ def presets_main(argv: List[str]) -> int:
     return 0
 
 
+def _bomb_message(path: str) -> str:
+    """One line for an image PIL refuses as a decompression bomb: its size and the limit."""
+    from PIL import Image
+
+    limit = 2 * Image.MAX_IMAGE_PIXELS  # PIL warns above MAX_IMAGE_PIXELS, refuses above twice
+    guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:  # the header only: opening decodes nothing
+        with Image.open(path) as image:
+            width, height = image.size
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
+    return (
+        f"image {path} is {width} x {height} = {width * height} pixels, over the limit of "
+        f"{limit} pixels (PIL's guard against decompression bombs); pass a smaller image "
+        "(scale it down first)"
+    )
+
+
 def predict_main(argv: List[str]) -> int:
     """Print the top classes of each image with a saved model."""
     parser = argparse.ArgumentParser(
@@ -61,6 +80,7 @@ def predict_main(argv: List[str]) -> int:
     from ..model.backbone import BackboneError
     from ..model.cliphinge_model import CLIPHingeModel
     from ..model.saving import SavedModelError
+    from ..streams import StreamInputError, to_rgb8
 
     if args.top < 1:
         parser.error("--top must be >= 1")
@@ -70,7 +90,11 @@ def predict_main(argv: List[str]) -> int:
         for path in args.images:
             try:
                 with Image.open(path) as image:
-                    images.append(image.convert("RGB"))
+                    images.append(to_rgb8(image))  # 16-bit and float images scaled, not clipped
+            except Image.DecompressionBombError:
+                raise SavedModelError(_bomb_message(path)) from None
+            except StreamInputError as err:
+                raise SavedModelError(f"cannot use image {path}: {err}") from None
             except (OSError, UnidentifiedImageError) as err:
                 raise SavedModelError(
                     f"cannot read image {path} ({type(err).__name__}); pass "
@@ -87,8 +111,46 @@ def predict_main(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Dispatch ``cliphinge COMMAND ...``; returns the exit code."""
+    """Dispatch ``cliphinge COMMAND ...``; returns the exit code.
+
+    Standard output closed by its reader (``cliphinge presets | head -1``) ends the command
+    quietly: 0 where it only prints (help, ``presets``); otherwise one ``error:`` line and 2,
+    as the command stopped before its end.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            return _dispatch(argv)
+        finally:
+            sys.stdout.flush()  # what is still buffered fails here, not at exit
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        if not argv:
+            return 2  # the usage, as without the pipe
+        if argv[0] == "presets" or {"-h", "--help"} & set(argv):
+            return 0
+        print(
+            f"error: the output of cliphinge {argv[0]} was closed by the program reading it "
+            "(a pipe); the command stopped: run it again with its output to a file (a run "
+            "continues with --resume)",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _stdout_to_devnull() -> None:
+    """Point standard output at the null device, so that flushing it at exit cannot fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (a test's capture)
+        pass
+
+
+def _dispatch(argv: List[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2

@@ -17,6 +17,8 @@ from torchvision import transforms
 
 from avalanche.benchmarks.scenarios.deprecated.generators import nc_benchmark
 
+from ..streams import to_rgb8
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -161,7 +163,7 @@ class ImageFileDataset(Dataset):
         path = self.paths[index]
         try:
             with Image.open(path) as image:
-                return image.convert("RGB"), self.targets[index]
+                return to_rgb8(image), self.targets[index]  # 16-bit scaled, not clipped
         except _DECODE_ERRORS as err:
             raise BadImageError(
                 f"cannot read image {path} ({_reason(err)}); replace or delete it, or pass "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -282,8 +283,10 @@ def split_imagenet_r(
 
     Raises:
         FileNotFoundError: no wnid folders under `root`, or a split directory without its lists.
-        ValueError: a malformed list line (names file and line), class counts that do not add
-            up, or a bad `class_order` / `train_fraction`.
+        ValueError: a malformed list line (names file and line), an image listed twice
+            (in one list, or in both train and test: names the path and both lines), class
+            counts that do not add up, or a bad `class_order` / `train_fraction`. A list may
+            start with a UTF-8 byte-order mark.
     """
     data_dir = _find_data_dir(Path(root).expanduser())
     wnids = [w for w in IMAGENET_R_WNIDS if (data_dir / w).is_dir()]
@@ -333,8 +336,16 @@ def split_imagenet_r(
                     f"holding train.txt and test.txt (lines `imagenet-r/<wnid>/<file> "
                     f"<label>`), or a file in RAPF's format (`train`, paths, `test`, paths)."
                 )
-            train_files, train_labels = _read_list(lists[0], data_dir, wnids)
-            test_files, test_labels = _read_list(lists[1], data_dir, wnids)
+            train_files, train_labels, train_lines = _read_list(lists[0], data_dir, wnids)
+            test_files, test_labels, test_lines = _read_list(lists[1], data_dir, wnids)
+            first_line = dict(zip(map(_image_key, train_files), train_lines))
+            for path, line in zip(test_files, test_lines):
+                if _image_key(path) in first_line:
+                    raise ValueError(
+                        f"{path} is in both {lists[0]} (line {first_line[_image_key(path)]}) "
+                        f"and {lists[1]} (line {line}): a test image must not be trained on; "
+                        "keep it in one of the lists."
+                    )
             split_format = "train.txt / test.txt lists"
         without_train = sorted(set(range(n_classes)) - set(train_labels))
         if without_train:
@@ -342,12 +353,6 @@ def split_imagenet_r(
                 f"{lists[0]} has no training image of class(es) {without_train[:10]} "
                 f"({', '.join(wnids[c] for c in without_train[:3])}...); every class present "
                 f"in {data_dir} needs training images."
-            )
-        both = sorted(set(train_files) & set(test_files))
-        if both:
-            raise ValueError(
-                f"{len(both)} image(s) are in both the train and the test list, e.g. "
-                f"{both[0]}; a split list must keep them apart."
             )
         split_record = {
             "split": f"{split_format}: {', '.join(str(p) for p in lists)}",
@@ -402,9 +407,10 @@ def _resolve_order(class_order, n_classes: int) -> tuple[list[int], str]:
 
 
 def _read_text_lines(list_file: Path) -> list[str]:
-    """The lines of a split list; a binary or non-UTF-8 file is a one-line error."""
+    """The lines of a split list (a leading UTF-8 byte-order mark is dropped); a binary or
+    non-UTF-8 file is a one-line error."""
     try:
-        return list_file.read_text(encoding="utf-8").splitlines()
+        return list_file.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
         raise ValueError(
             f"{list_file} is not a UTF-8 text file (byte {err.start}); a split list holds one "
@@ -412,13 +418,36 @@ def _read_text_lines(list_file: Path) -> list[str]:
         ) from None
 
 
+def _image_key(path: Path) -> str:
+    """What two list lines naming the same image have in common (`a/./b`, `a/x/../b`)."""
+    return os.path.normpath(str(path))
+
+
+def _repeated_line(list_file: Path, entry: str, first: tuple, again: tuple) -> ValueError:
+    """The error for an image listed twice: `first` and `again` are `(section, line)`."""
+    if first[0] == again[0]:
+        return ValueError(
+            f"{list_file}: {entry} is listed twice in `{again[0]}` (lines {first[1]} and "
+            f"{again[1]}); it would count twice: list each image once."
+        )
+    return ValueError(
+        f"{list_file}: {entry} is in both `train` (line {first[1]}) and `test` (line "
+        f"{again[1]}): a test image must not be trained on; keep it in one section."
+    )
+
+
 def _read_rapf_list(list_file: Path, data_dir: Path, wnids: list[str]):
     """RAPF's format: `train`, then `wnid/file.jpg` lines, then `test`, then paths.
 
     Returns `((train_files, train_labels), (test_files, test_labels))`, labels from the wnid.
+
+    Raises:
+        ValueError: a malformed line, or an image listed twice (in one section, or in both:
+            a test image trained on); the message names the file and the lines.
     """
     class_of = {w: i for i, w in enumerate(wnids)}
     parts = {"train": ([], []), "test": ([], [])}
+    seen: dict[str, tuple] = {}
     section = None
     for line_number, line in enumerate(_read_text_lines(list_file), start=1):
         entry = line.strip()
@@ -452,6 +481,10 @@ def _read_rapf_list(list_file: Path, data_dir: Path, wnids: list[str]):
         path = data_dir / relative
         if not path.is_file():
             raise ValueError(f"{where}: {path} does not exist.")
+        key = _image_key(path)
+        if key in seen:
+            raise _repeated_line(list_file, entry, seen[key], (section, line_number))
+        seen[key] = (section, line_number)
         parts[section][0].append(path)
         parts[section][1].append(class_of[wnid])
     if not parts["test"][0]:
@@ -500,9 +533,15 @@ def _seeded_split(data_dir: Path, wnids: list[str], seed: int, train_fraction: f
 
 
 def _read_list(list_file: Path, data_dir: Path, wnids: list[str]):
+    """`(files, labels, line numbers)` of a `train.txt` / `test.txt` list.
+
+    Raises:
+        ValueError: a malformed line, or an image listed twice (names the file and lines).
+    """
     class_of = {w: i for i, w in enumerate(wnids)}
     n_classes = len(wnids)
-    files, labels = [], []
+    files, labels, line_numbers = [], [], []
+    seen: dict[str, int] = {}
     for line_number, line in enumerate(_read_text_lines(list_file), start=1):
         fields = line.split()
         if not fields:
@@ -530,6 +569,14 @@ def _read_list(list_file: Path, data_dir: Path, wnids: list[str]):
                 f"{where}: label {label} but {folder} is class {class_of[folder]} (wnids "
                 f"sorted); this list numbers classes differently, relabel it."
             )
+        key = _image_key(path)
+        if key in seen:
+            raise ValueError(
+                f"{list_file}: {fields[0]} is listed twice (lines {seen[key]} and "
+                f"{line_number}); it would count twice: list each image once."
+            )
+        seen[key] = line_number
         files.append(path)
         labels.append(label)
-    return files, labels
+        line_numbers.append(line_number)
+    return files, labels, line_numbers

@@ -9,8 +9,10 @@ plain tensors and Python values, so ``torch.load(weights_only=True)`` reads it.
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 import torch
 
@@ -27,6 +29,37 @@ MODEL_FORMAT = "avalanche-cliphinge model 1"
 
 class SavedModelError(ValueError):
     """A saved-model file that cannot be used (another format, other weights, damaged)."""
+
+
+#: open_clip's notice when it builds an architecture without weights (a root-logger warning).
+_RANDOM_INIT_NOTICE = "No pretrained weights loaded for model"
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_RANDOM_INIT_NOTICE)
+
+
+@contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Drop open_clip's "initialized randomly" warning while a saved model's backbone is built.
+
+    Loading a saved model builds the architecture without weights and then fills it (from
+    the file, or from a TorchScript archive), so the notice would be false. Only that message
+    is dropped, and only meanwhile; every other log record passes.
+    """
+    root = logging.getLogger()  # open_clip logs through logging.warning: the root logger
+    quiet = _DropRandomInitNotice()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
+def _ids_without_names(task_classes, names) -> List[int]:
+    """The learned class ids (``task_classes``: ids per task) that ``names`` has no name for."""
+    return sorted({int(c) for classes in task_classes for c in classes} - set(names))
 
 
 def learned_state(model: "CLIPHingeModel") -> Dict[str, Any]:
@@ -95,7 +128,23 @@ def save_model(model: "CLIPHingeModel", path: str | Path, config: "CLIPHingeConf
     """Write ``model`` (built from ``config``) to ``path`` atomically (``atomic.save_atomic``).
 
     Returns the path written.
+
+    Raises:
+        SavedModelError: a learned class id has no name, or the model has fewer class names
+            than ``config``'s layout has classes (the file could not be loaded or used).
     """
+    missing = _ids_without_names(model.task_classes, model.names)
+    if missing:
+        raise SavedModelError(
+            f"cannot save {path}: class ids {missing} were learned but have no name (the "
+            f"model has {len(model.names)} names); give the model a name for every class id"
+        )
+    if config.layout_is_set and len(model.names) < config.n_classes:
+        raise SavedModelError(
+            f"cannot save {path}: the model has {len(model.names)} class names but its config "
+            f"has init_class + increment * (total_tasks - 1) = {config.n_classes} classes; "
+            "build it with a name for every class id of the stream"
+        )
     backbone = model.backbone
     payload = {
         "format": MODEL_FORMAT,
@@ -131,7 +180,8 @@ def load_model(
             SHA-256 recorded at training time.
 
     Raises:
-        SavedModelError: not a saved model, or weights other than those trained with.
+        SavedModelError: not a saved model, weights other than those trained with, or
+            learned class ids without a name (a file from an older version, or edited).
     """
     from ..config import CLIPHingeConfig
     from ..strategy import build_model
@@ -156,17 +206,34 @@ def load_model(
             f"'{MODEL_FORMAT}'); pass final_model.pt of a run"
         )
     config = CLIPHingeConfig.from_dict(payload["config"], source=str(path))
+    names = payload["class_names"]
+    if not isinstance(names, dict) or not all(
+        isinstance(k, int) and isinstance(v, str) for k, v in names.items()
+    ):
+        raise SavedModelError(
+            f"{path} is damaged: its class names are not {{class id: name}}; pass "
+            "final_model.pt of a run"
+        )
+    missing = _ids_without_names(payload["learned"]["task_classes"], names)
+    if missing:
+        raise SavedModelError(
+            f"{path}: class ids {missing} were learned but the file has no name for them "
+            f"({len(names)} names); it was written by an older version or edited: save the "
+            "trained model again with a name for every class"
+        )
     identity = payload["backbone"]
     if payload["frozen_clip"] is not None:
-        backbone = load_clip(identity["model_name"], None, device=device)
+        with _quiet_random_init():  # the weights come from the file, just below
+            backbone = load_clip(identity["model_name"], None, device=device)
         backbone.model.load_state_dict(payload["frozen_clip"])
     else:
-        backbone = load_clip(
-            identity["model_name"],
-            pretrained or identity["pretrained"],
-            device=device,
-            allow_activation_mismatch=config.allow_activation_mismatch,
-        )
+        with _quiet_random_init():  # a TorchScript archive fills a model built without weights
+            backbone = load_clip(
+                identity["model_name"],
+                pretrained or identity["pretrained"],
+                device=device,
+                allow_activation_mismatch=config.allow_activation_mismatch,
+            )
         recorded = identity["weights_sha256"]
         if recorded is not None and backbone.weights_sha256 != recorded:
             raise SavedModelError(
