@@ -49,6 +49,7 @@ from avalanche.training.templates.base_sgd import PeriodicEval
 from torch import Tensor
 from torch.optim.adam import adam
 from torch.optim.sgd import sgd
+from torch.utils.data import DataLoader
 
 from .loaders import TensorBatchLoader
 from .metrics import EpochSums, metric_needs
@@ -187,6 +188,13 @@ class CompiledStep:
         self._task_id: Optional[int] = None
         self._warned: set = set()
 
+    def __getstate__(self):
+        # Pickled (Avalanche's save_checkpoint) without the task: its traced graph belongs to
+        # this process and cannot be pickled; the next experience builds its task anyway.
+        state = self.__dict__.copy()
+        state["_task"] = state["_task_id"] = None
+        return state
+
     # ---- what can run captured --------------------------------------------------------------
     def unsupported(self) -> Optional[str]:
         """Why the current task cannot run the captured step, or ``None`` when it can."""
@@ -194,6 +202,8 @@ class CompiledStep:
 
         s = self.strategy
         if not isinstance(s.dataloader, TensorBatchLoader):
+            if not isinstance(s.dataloader, DataLoader):  # a plugin's (ReplayPlugin's)
+                return f"stage 1 reads a plugin's {type(s.dataloader).__name__}"
             return "stage 1 trains on images (feature cache off, or a random transform)"
         if not isinstance(s._criterion, torch.nn.CrossEntropyLoss):
             return f"the criterion is {type(s._criterion).__name__}, not CrossEntropyLoss"

@@ -171,6 +171,13 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
 
+    def __getstate__(self):
+        # Pickled (Avalanche's save_checkpoint) empty: the entries are a memory cache of this
+        # process, recomputed (or read from ``directory``) on demand, and may be gigabytes.
+        state = self.__dict__.copy()
+        state["_entries"] = OrderedDict()
+        return state
+
     @staticmethod
     def _size(entry: Features) -> int:
         return sum(t.numel() * t.element_size() for t in entry)

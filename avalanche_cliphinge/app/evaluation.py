@@ -52,15 +52,17 @@ class Evaluation:
         plugin: pass it as the strategy's ``evaluator``.
         tensorboard: its ``TensorboardLogger`` (``None`` without a TensorBoard folder).
         files: open log files, closed by ``close``.
+        wandb: its ``wandb_logger.WandBLogger`` (``None`` without W&B).
     """
 
     plugin: EvaluationPlugin
     tensorboard: Optional[TensorboardLogger] = None
     files: List[Any] = field(default_factory=list)
+    wandb: Optional[Any] = None
 
     def close(self) -> None:
-        """Flush TensorBoard and close the CSV and text files (the plugin stays usable for
-        reading its last metrics)."""
+        """Flush TensorBoard, finish the W&B run and close the CSV and text files (the plugin
+        stays usable for reading its last metrics)."""
         if self.tensorboard is not None:
             self.tensorboard.writer.flush()
         for logger in self.plugin.loggers:
@@ -69,6 +71,8 @@ class Evaluation:
         for file in self.files:
             if file not in (sys.stdout, sys.stderr) and not file.closed:
                 file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 class LeanEvaluationPlugin(EvaluationPlugin):
@@ -164,6 +168,7 @@ def make_evaluator(
     interactive: bool = False,
     wandb_run: Optional[str] = None,
     wandb_dir: Optional[Path] = None,
+    wandb_config: Optional[Dict[str, Any]] = None,
     append: bool = False,
 ) -> Evaluation:
     """A ``LeanEvaluationPlugin`` with ``make_metrics()`` and the loggers asked for.
@@ -174,13 +179,17 @@ def make_evaluator(
             keeps every line written).
         csv_dir: ``CSVLogger`` folder.
         interactive: ``InteractiveLogger`` (progress bars).
-        wandb_run: also log to Weights & Biases under this run name (in ``wandb_dir``).
+        wandb_run: also log to Weights & Biases under this run name (in ``wandb_dir``), with
+            ``wandb_config`` as the run's config.
         append: the CSV files are continued, never truncated (a resumed run: the caller has
             already cut them back to its checkpoint).
 
     Raises:
-        EvaluatorError: W&B asked for without the ``wandb`` package.
+        EvaluatorError: W&B asked for without a working ``wandb`` package, or W&B could not
+            start its run (its message in one line).
     """
+    # W&B first: when it cannot start, no file is open yet
+    wandb_logger = None if wandb_run is None else _wandb_logger(wandb_run, wandb_dir, wandb_config)
     loggers: List[Any] = [InteractiveLogger()] if interactive else []
     files: List[Any] = []
     tb_logger = None
@@ -193,19 +202,48 @@ def make_evaluator(
     if tensorboard_dir is not None:
         tb_logger = TensorboardLogger(tb_log_dir=str(tensorboard_dir))
         loggers.append(tb_logger)
-    if wandb_run is not None:
-        try:
-            import wandb as _  # noqa: F401
-        except ImportError:
-            raise EvaluatorError("--wandb needs the wandb package: pip install wandb") from None
-        from avalanche.logging import WandBLogger
+    if wandb_logger is not None:
+        loggers.append(wandb_logger)
+    return Evaluation(
+        LeanEvaluationPlugin(*make_metrics(), loggers=loggers), tb_logger, files, wandb_logger
+    )
 
-        loggers.append(
-            WandBLogger(
-                project_name="avalanche-cliphinge", run_name=wandb_run, dir=str(wandb_dir or ".")
-            )
+
+def require_wandb() -> None:
+    """Refuse (``EvaluatorError``) W&B logging without a ``wandb`` package that imports."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise EvaluatorError("--wandb needs the wandb package: pip install wandb") from None
+    except Exception as err:  # a broken install fails in many ways; say which
+        raise EvaluatorError(
+            f"--wandb: the wandb package fails to import ({_first_line(err)}); reinstall it "
+            "(pip install --force-reinstall wandb) or run without --wandb"
+        ) from None
+
+
+def _wandb_logger(run_name: str, folder: Optional[Path], config: Optional[Dict[str, Any]]):
+    """The package's ``WandBLogger`` (project ``avalanche-cliphinge``) or ``EvaluatorError``."""
+    require_wandb()
+    from ..wandb_logger import WandBLogger
+
+    try:
+        return WandBLogger(
+            project_name="avalanche-cliphinge",
+            run_name=run_name,
+            dir=str(folder or "."),
+            config=config,
         )
-    return Evaluation(LeanEvaluationPlugin(*make_metrics(), loggers=loggers), tb_logger, files)
+    except Exception as err:  # login, network, a wandb without the API this logger uses
+        raise EvaluatorError(
+            f"--wandb: W&B could not start the run ({_first_line(err)}); for a run without "
+            "an account set WANDB_MODE=offline, or run without --wandb"
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
 def _csv_logger(csv_dir: Path, append: bool) -> CSVLogger:

@@ -42,11 +42,12 @@ from .figures import (
     write_png,
 )
 from .confusion import ConfusionMatrixPlugin
-from .evaluation import Evaluation, EvaluatorError, make_evaluator
+from .evaluation import Evaluation, EvaluatorError, make_evaluator, require_wandb
 from .loop import SEEN_ACCURACY, metric_value, train_and_evaluate
 from .results import cil_metrics, format_report, format_results, grouped_accuracy
 from ..strategy import CLIPHingeStrategy, build_model
 from ..streams import task_layout
+from ..wandb_logger import WandBLogger
 
 PACKAGES = (
     "avalanche-cliphinge",
@@ -415,6 +416,8 @@ def run_experiment(
         config = config.replace(**{k: v for k, v in layout.items() if getattr(config, k) is None})
     check_stream(config, named_benchmark)
     check_run_paths(config)
+    if wandb:
+        check_wandb()
     if not distributed.is_main():  # under torchrun rank 0 alone prints and shows bars
         log, interactive = _quiet, False
     with ExitStack() as held:
@@ -508,6 +511,7 @@ def _run_locked(
                     interactive=interactive,
                     wandb_run=output_dir.name if wandb else None,
                     wandb_dir=output_dir,
+                    wandb_config=config.to_dict(),
                     append=state is not None,
                 )
             )
@@ -595,6 +599,14 @@ def check_prompt_length(tokenizer, class_names: Sequence[str], config: CLIPHinge
                     f"encoder's {limit} (n_ctx={config.n_ctx}); lower n_ctx or shorten the "
                     "name or the template"
                 )
+
+
+def check_wandb() -> None:
+    """Refuse (``RunError``) W&B logging without a ``wandb`` package that imports."""
+    try:
+        require_wandb()
+    except EvaluatorError as err:
+        raise RunError(str(err)) from None
 
 
 def check_run_paths(config: CLIPHingeConfig) -> None:
@@ -707,6 +719,7 @@ def _train_and_evaluate(
         "config": config.to_dict(),
     }
     hinge = next((p for p in strategy.plugins if isinstance(p, HardPairHingePlugin)), None)
+    wandb_logger = next((x for x in evaluator.loggers if isinstance(x, WandBLogger)), None)
     confusion = next(p for p in strategy.plugins if isinstance(p, ConfusionMatrixPlugin))
     model = strategy.model
     names = named_benchmark.class_names
@@ -736,6 +749,7 @@ def _train_and_evaluate(
             # results, plots, TensorBoard, checkpoint, and only then "finished": a kill at
             # any point between redoes this experience on --resume, and the redone
             # experience cuts the logs back to the previous checkpoint.
+            run_lock.check(output_dir)  # a .lock deleted by hand is written again
             summary = _write_results(output_dir, run, test_sizes, full_protocol, n_exps, False)
             kill_point("results", index)
             figures = _write_plots(
@@ -746,7 +760,7 @@ def _train_and_evaluate(
                 final=index == n_exps - 1,
             )
             kill_point("plots", index)
-            _log_results(tb_logger, figures, summary["metrics"], run, strategy.clock)
+            _log_results(tb_logger, figures, summary["metrics"], run, strategy.clock, wandb_logger)
             kill_point("tensorboard", index)
             ckpt.save_checkpoint(
                 {
@@ -889,23 +903,35 @@ class RenderedFigure(NamedTuple):
 
 
 def _log_results(
-    tb_logger, figures: Dict[str, RenderedFigure], metrics: Dict[str, float], run: RunState, clock
+    tb_logger,
+    figures: Dict[str, RenderedFigure],
+    metrics: Dict[str, float],
+    run: RunState,
+    clock,
+    wandb_logger: Optional[WandBLogger] = None,
 ) -> None:
-    """The results so far as TensorBoard scalars and images (flushed).
+    """The results so far as TensorBoard scalars and images (flushed), and as W&B values and
+    images under the same names when ``wandb_logger`` is given.
 
     Stepped, as every scalar the package adds, by Avalanche's ``clock.train_iterations``
     (the stage-1 minibatches trained so far): they overlay Avalanche's own curves.
     """
     writer = tb_logger.writer
     step = clock.train_iterations
+    scalars = {
+        **{f"results/{name}": value for name, value in metrics.items()},
+        "results/accuracy_seen_classes": run.per_task[-1]["all"],
+        "results/task": len(run.per_task) - 1,
+    }
     # the pixels SummaryWriter.add_figure would draw, drawn once by _write_plots
     for tag, rendered in figures.items():
         writer.add_image(tag, rendered.pixels, global_step=step, dataformats="HWC")
-    for name, value in metrics.items():
-        writer.add_scalar(f"results/{name}", value, global_step=step)
-    writer.add_scalar("results/accuracy_seen_classes", run.per_task[-1]["all"], step)
-    writer.add_scalar("results/task", len(run.per_task) - 1, step)
+    for name, value in scalars.items():
+        writer.add_scalar(name, value, global_step=step)
     writer.flush()
+    if wandb_logger is not None:
+        pixels = {tag: rendered.pixels for tag, rendered in figures.items()}
+        wandb_logger.log_values(scalars, step, images=pixels)
 
 
 def log_hparams(writer, config: CLIPHingeConfig, metrics: Dict[str, float], step: int) -> None:

@@ -168,6 +168,21 @@ class CLIPHingeModel(nn.Module):
             self.encode_prompts, mode="reduce-overhead", dynamic=False
         )
 
+    def __getstate__(self):
+        # torch.compile's wrapper cannot be pickled (Avalanche's save_checkpoint) and is bound
+        # to this object (a deep copy would run the original's prompts): store whether the
+        # prompt encoder was compiled, compile it again for the new object.
+        state = self.__dict__.copy()
+        state["_encode_trainable"] = self._encode_trainable != self.encode_prompts
+        return state
+
+    def __setstate__(self, state):
+        compiled = state.pop("_encode_trainable", False) is True
+        super().__setstate__(state)
+        self._encode_trainable = self.encode_prompts
+        if compiled:
+            self.compile_prompt_encoder()
+
     def train(self, mode: bool = True) -> "CLIPHingeModel":
         """Switch the trainable parts; the frozen CLIP stays in eval mode."""
         super().train(mode)
@@ -238,10 +253,14 @@ class CLIPHingeModel(nn.Module):
         """Make the prompts of ``tasks`` trainable and freeze every other task's.
 
         Only the text features of ``tasks`` leave the cache: they are about to change, while
-        the other tasks' prompts stay as they were encoded.
+        the other tasks' prompts stay as they were encoded. A frozen prompt keeps no gradient:
+        plugins that read every parameter's ``.grad`` (AGEM, GEM) would take a stale one for
+        the current step's.
         """
         for task, prompts in enumerate(self.prompts):
             prompts.ctx.requires_grad_(task in tasks)
+            if task not in tasks:
+                prompts.ctx.grad = None
         for task in tasks:
             self._text_cache.pop(task, None)
 
