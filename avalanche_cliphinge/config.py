@@ -160,6 +160,12 @@ class CLIPHingeConfig:
             raise ConfigError(
                 f"{path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}"
             ) from None
+        except RecursionError:
+            raise ConfigError(
+                f"{path} is not a config: its JSON is nested too deep to read (a config is one "
+                "object of config keys, a list at most inside it); pass a preset name or a "
+                "JSON config file (cliphinge presets)"
+            ) from None
         if not isinstance(values, dict):
             raise ConfigError(
                 f"{path} must hold one JSON object of config keys, got {type(values).__name__}"
@@ -517,7 +523,7 @@ def config_reproduces(name_or_path: str | Path) -> Optional[str]:
     """The ``"reproduces"`` entry of a config file or preset (``None`` when it has none)."""
     try:
         values = json.loads(resolve_config_path(name_or_path).read_text(encoding="utf-8"))
-    except (ValueError, OSError):  # the config itself reports a bad file
+    except (ValueError, OSError, RecursionError):  # the config itself reports a bad file
         return None
     note = values.get("reproduces") if isinstance(values, dict) else None
     return note if isinstance(note, str) else None

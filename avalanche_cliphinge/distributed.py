@@ -23,6 +23,7 @@ import atexit
 import datetime
 import os
 import pickle
+import re
 from typing import Any, Callable, Iterable, List, Optional, Sequence, TypeVar
 
 import torch
@@ -47,6 +48,7 @@ __all__ = [
     "local_rank",
     "local_world_size",
     "on_main",
+    "peer_lost",
     "rank",
     "shard_rows",
     "shutdown",
@@ -358,6 +360,32 @@ def sync_learned_state(model: torch.nn.Module) -> None:
 
 # ---- errors shared by every rank ----------------------------------------------------------
 _ORIGIN = "_cliphinge_rank"
+#: How gloo reports, in a collective, a process of the group that ended (killed, crashed).
+_PEER_LOST = re.compile(r"Connection (?:closed|reset) by peer|Broken pipe")
+
+
+def peer_lost(err: BaseException) -> Optional[str]:
+    """What happened, in one sentence, when ``err`` is the process group's report that
+    another process of the run ended (gloo: ``Connection closed by peer``); ``None`` for
+    any other error.
+
+    With 2 processes the one that ended is the other rank; with more, torchrun's summary
+    names it.
+    """
+    if not is_initialized() or not isinstance(err, RuntimeError):
+        return None
+    if isinstance(err, DistributedError):
+        return None
+    text = str(err)
+    found = _PEER_LOST.search(text)
+    if found is None or "gloo" not in text:
+        return None
+    me, world = rank(), world_size()
+    who = f"rank {1 - me}" if world == 2 else "another"
+    return (
+        f"{who} of the run's {world} torchrun processes ended ({found.group(0).lower()}, "
+        f"seen by rank {me}); every process stops"
+    )
 
 
 def is_echo(err: BaseException) -> bool:

@@ -429,6 +429,8 @@ def test_torchrun_killed_and_resumed_writes_the_one_process_results_bit_for_bit(
     (killed, _, killed_err), (_, resumed, _) = runs["killed"], runs["resumed"]
     assert killed != 0 and runs["completed"] == 2  # rank 0 died after task 1's results
     assert "Signal 9 (SIGKILL) received by PID" in killed_err, killed_err[-3000:]
+    # rank 1, if it saw rank 0 go before torchrun stopped it, said so in one line
+    assert "Connection closed by peer" not in killed_err, killed_err[-3000:]
     assert resumed.count("resuming from exp_000.pt") == 1  # rank 0 alone says it
     assert_same_run(runs["two"], runs["one"])
     assert json.loads((runs["two"] / "results.json").read_text())["protocol"]["processes"] == 2
@@ -604,6 +606,95 @@ def test_compare_refuses_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["--benchmark", "smoke", "--quiet"]) == 2
     assert "cliphinge compare runs in one process" in capsys.readouterr().err
+
+
+#: Two processes of a gloo group: rank 0 is killed after a first collective, rank 1 then
+#: waits for rank 0's verdict (``on_main``) and prints what ``peer_lost`` makes of its error.
+KILLED_PEER = """
+import os, signal, sys
+from avalanche_cliphinge import distributed
+distributed.init_from_env("cpu", 1.0)
+distributed.broadcast_object("both alive")
+if distributed.rank() == 0:
+    os.kill(os.getpid(), signal.SIGKILL)
+try:
+    distributed.on_main(lambda: "rank 0 is dead: never sent")
+except RuntimeError as err:
+    print(distributed.peer_lost(err))
+    print(str(err).replace(chr(10), " "))
+"""
+
+
+def test_the_error_of_a_killed_peer_names_the_rank_that_ended(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+        env.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", KILLED_PEER],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    (_, _), (out, err) = (proc.communicate(timeout=120) for proc in procs)
+    assert procs[0].returncode == -9 and procs[1].returncode == 0, err
+    translated, raw = out.splitlines()
+    assert "Connection closed by peer" in raw or "Connection reset by peer" in raw, raw
+    assert translated in (
+        f"rank 0 of the run's 2 torchrun processes ended (connection {how} by peer, seen by "
+        "rank 1); every process stops"
+        for how in ("closed", "reset")
+    ), out
+
+
+def test_a_killed_peer_is_one_error_line_with_what_to_do(monkeypatch, capsys, tmp_path):
+    from avalanche_cliphinge.app import cli
+
+    gloo = (
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection "
+        "closed by peer [127.0.0.1]:31936. This is typically caused by a remote worker "
+        "crashing. Check the logs of the remote worker before reporting an error. GLHF!"
+    )
+
+    def collective_after_rank_0_died(*args, **kwargs):
+        raise RuntimeError(gloo)
+
+    def a_bug(*args, **kwargs):
+        raise RuntimeError("x")
+
+    # rank 1 of 2 whose collective finds rank 0 gone (the real error: the test above)
+    monkeypatch.setattr(cli, "_run", collective_after_rank_0_died)
+    monkeypatch.setattr(distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "shutdown", lambda: None)
+    out = tmp_path / "out"
+    assert cli.main([*ARGS, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: rank 0 of the run's 2 torchrun processes ended (connection closed by peer, "
+        "seen by rank 1); every process stops: once its cause is fixed (torchrun's report "
+        "names its exit code or signal), continue with the same command plus --resume "
+        f"(output folder {out})"
+    ]
+    monkeypatch.setattr(cli, "_run", a_bug)
+    with pytest.raises(RuntimeError, match="^x$"):  # any other RuntimeError: a bug, traceback
+        cli.main([*ARGS, "--output-dir", str(out)])
 
 
 if __name__ == "__main__":  # torchrun's script (``worker``), no interpreter teardown

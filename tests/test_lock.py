@@ -127,7 +127,9 @@ def test_lock_is_reentrant_in_one_process_and_exclusive_between_processes(tmp_pa
             assert inner is outer
     proc = start_holder(tmp_path, announce=False)
     try:
-        with pytest.raises(run_lock.RunLockedError, match="PID not written yet"):
+        with pytest.raises(
+            run_lock.RunLockedError, match=f"in use by another run \\(PID {proc.pid}, "
+        ):
             with run_lock.hold(tmp_path):
                 pass
     finally:
@@ -176,3 +178,136 @@ def test_a_real_run_in_progress_refuses_a_second_run(tmp_path, capsys, monkeypat
     assert proc.returncode == 0, output[-3000:]
     results = json.loads((folder / "results.json").read_text())
     assert results["finished"] is True and results["completed_tasks"] == 2
+
+
+def test_a_holder_is_named_from_the_moment_it_takes_the_lock(tmp_path, capsys, monkeypatch):
+    # a run still loading its model has only taken the lock (announce comes later)
+    proc = start_holder(tmp_path, announce=False)
+    try:
+        holder = json.loads((tmp_path / run_lock.LOCK_NAME).read_text())
+        code, _, stderr = run_script(
+            "run_split_cifar.py", [*FAST, "--output-dir", tmp_path], capsys, monkeypatch
+        )
+        match = REFUSAL.match(the_error(code, stderr))
+        assert match and int(match["pid"]) == proc.pid, stderr
+        assert match["started"] == holder["started"] and holder["pid"] == proc.pid
+    finally:
+        stop(proc)
+
+
+def test_a_lock_file_deleted_by_hand_still_refuses_a_second_run(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "results.json").write_text('{"finished": false}')
+    proc = start_holder(folder)
+    try:
+        (folder / run_lock.LOCK_NAME).unlink()
+        before = snapshot(folder)
+        code, _, stderr = run_script(
+            "run_split_cifar.py",
+            [*FAST, "--output-dir", folder, "--overwrite"],
+            capsys,
+            monkeypatch,
+        )
+        assert the_error(code, stderr) == (
+            f"error: {folder} is in use by another run (PID {proc.pid}; its .lock file was "
+            "deleted, the lock holds all the same); wait for it to end or choose another "
+            "--output-dir"
+        )
+        assert snapshot(folder) == before and proc.poll() is None
+    finally:
+        stop(proc)
+
+
+def test_a_deleted_lock_file_is_written_again_at_the_next_write_boundary(tmp_path):
+    path = tmp_path / run_lock.LOCK_NAME
+    with run_lock.hold(tmp_path):
+        first = json.loads(path.read_text())
+        path.unlink()
+        run_lock.check(tmp_path)
+        assert json.loads(path.read_text()) == first and first["pid"] == os.getpid()
+        with pytest.raises(run_lock.RunLockedError, match=f"PID {os.getpid()}, started "):
+            run_lock._lock_folder(tmp_path)  # a second open of the folder is refused
+    assert path.read_text() == ""
+
+
+@pytest.mark.parametrize("owner", ["another user", "this user"])
+def test_a_lock_file_this_user_cannot_open_gets_advice_about_that_file(
+    owner, tmp_path, capsys, monkeypatch
+):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    lock_file = folder / run_lock.LOCK_NAME
+    lock_file.write_text("")
+    if owner == "another user":
+        if os.geteuid() != 0:
+            pytest.skip("giving a file to another user needs root")
+        os.chown(lock_file, 65534, 65534)
+    lock_file.chmod(0)
+    if os.geteuid() == 0:  # root opens any file: the refusal a user gets, simulated
+        real_open = os.open
+
+        def refusing_open(path, flags, *args, **kwargs):
+            if str(path) == str(lock_file) and flags & os.O_RDWR:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", refusing_open)
+    code, _, stderr = run_script(
+        "run_split_cifar.py", [*FAST, "--output-dir", folder], capsys, monkeypatch
+    )
+    if owner == "another user":
+        import pwd
+
+        name = pwd.getpwuid(65534).pw_name
+        want = (
+            f"error: cannot open the lock file {lock_file} (Permission denied): it belongs to "
+            f"user {name}; if no run of theirs uses {folder}, remove it (rm {lock_file}; it "
+            "holds no results), or choose another --output-dir"
+        )
+    else:
+        want = (
+            f"error: cannot open the lock file {lock_file} (Permission denied); make it "
+            f"readable and writable (chmod u+rw {lock_file}) or remove it (it holds no "
+            "results), or choose another --output-dir"
+        )
+    assert the_error(code, stderr) == want
+    assert [p.name for p in folder.iterdir()] == [run_lock.LOCK_NAME]  # nothing written
+    assert lock_file.stat().st_mode & 0o777 == 0 and lock_file.stat().st_size == 0
+
+
+def test_a_run_writes_its_deleted_lock_file_again_before_the_next_experience(
+    tmp_path, capsys, monkeypatch
+):
+    from avalanche_cliphinge.app import experiment
+
+    folder = tmp_path / "run"
+    lock_file = folder / run_lock.LOCK_NAME
+    seen = {}
+
+    def at_boundary(point, index=None):
+        if point == "results" and index == 0:
+            lock_file.unlink()  # by hand, during experience 0's writes
+        if point == "results" and index == 1:
+            seen["lock"] = json.loads(lock_file.read_text())
+
+    monkeypatch.setattr(experiment, "kill_point", at_boundary)
+    code, _, stderr = run_script(
+        "run_split_cifar.py", [*FAST, "--output-dir", folder], capsys, monkeypatch
+    )
+    assert code == 0, stderr
+    assert seen["lock"]["pid"] == os.getpid()  # back before experience 1's results
+    assert lock_file.read_text() == ""  # and emptied at the end, as ever
+
+
+def test_a_lock_file_that_is_a_folder_is_named(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "run"
+    (folder / run_lock.LOCK_NAME).mkdir(parents=True)
+    code, _, stderr = run_script(
+        "run_split_cifar.py", [*FAST, "--output-dir", folder], capsys, monkeypatch
+    )
+    assert the_error(code, stderr) == (
+        f"error: {folder / run_lock.LOCK_NAME} is a folder, not a lock file; remove it (rmdir "
+        f"{folder / run_lock.LOCK_NAME}), or choose another --output-dir"
+    )
+    assert [p.name for p in folder.iterdir()] == [run_lock.LOCK_NAME]

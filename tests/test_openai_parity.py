@@ -11,6 +11,7 @@ transform against OpenAI's ``_transform``) and text features (the package's toke
 from __future__ import annotations
 
 import hashlib
+import io
 import sys
 import types
 from pathlib import Path
@@ -72,13 +73,26 @@ def reference_model(patch: int, seed: int = 0):
     return model.float().eval()
 
 
+def a_jpeg():
+    """A 32x32 CIFAR-10 JPEG from the shared subset where the checkout has ``../shared``;
+    elsewhere (a clone of the repository, which does not ship it) a 32x32 gradient saved as
+    JPEG: what matters here is a small decoded JPEG, upscaled by both transforms."""
+    shared = sorted(SHARED_JPEGS.glob("test/*/*.jpg"))
+    if shared:
+        return Image.open(shared[0])
+    ramp = np.arange(32, dtype=np.uint8) * 8
+    pixels = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], 255 - ramp[:, None]), -1)
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="JPEG", quality=90)
+    return Image.open(io.BytesIO(encoded.getvalue()))
+
+
 def sample_images():
     """PIL images of several sizes and modes: random, a real JPEG, greyscale."""
     rng = np.random.default_rng(0)
-    jpeg = sorted(SHARED_JPEGS.glob("test/*/*.jpg"))[0]
     return [
         Image.fromarray(rng.integers(0, 256, (300, 200, 3), np.uint8)),
-        Image.open(jpeg).convert("RGB"),
+        a_jpeg().convert("RGB"),
         Image.fromarray(rng.integers(0, 256, (61, 97), np.uint8), mode="L"),
     ]
 

@@ -24,14 +24,17 @@ from .experiment import (
     RunError,
     check_output_dir,
     check_run_paths,
+    check_wandb,
     prepare_output_dir,
     print_summary,
     run_experiment,
 )
 from ..model.backbone import TINY_MODEL, BackboneError, load_clip
 from ..seeding import seed_everything
-from .run_lock import RunLockedError, hold
+from .run_lock import LockFileError, RunLockedError, hold
 
+#: The values of ``--preset``.
+RUN_PRESETS = ("smoke",)
 #: Overrides of ``--preset smoke``: tiny random CLIP and the built-in synthetic stream.
 SMOKE = {
     "dataset": "synthetic",
@@ -62,6 +65,7 @@ EXPECTED_ERRORS = (
     RunError,
     CheckpointError,
     RunLockedError,
+    LockFileError,
     FileNotFoundError,
     NotADirectoryError,
     PermissionError,
@@ -135,7 +139,7 @@ def build_parser(
     )
     parser.add_argument(
         "--preset",
-        choices=["smoke"],
+        choices=RUN_PRESETS,
         default=None,
         help="smoke: tiny random CLIP on the built-in synthetic stream, "
         "offline, under a minute on 2 CPU cores",
@@ -212,7 +216,16 @@ def presets_epilog() -> str:
 
 def resolve_config(args: argparse.Namespace) -> CLIPHingeConfig:
     """Config file, then the preset, then ``--set``, ``--pretrained`` and ``--seed``."""
-    config = CLIPHingeConfig.from_json(args.config)
+    try:
+        config = CLIPHingeConfig.from_json(args.config)
+    except ConfigError:
+        if args.config not in RUN_PRESETS or Path(args.config).exists():
+            raise
+        raise ConfigError(  # `--config smoke`: the option meant is --preset
+            f"config '{args.config}' is neither a file nor a shipped preset of --config; "
+            f"'{args.config}' is a --preset: pass --preset {args.config} instead of --config "
+            f"{args.config} (--config presets: {', '.join(list_presets())})"
+        ) from None
     if args.preset == "smoke":
         config = config.replace(**SMOKE)
     config = config.with_overrides(args.set)
@@ -370,6 +383,17 @@ def _run_and_report(
                 file=sys.stderr,
             )
         return 2
+    except RuntimeError as err:
+        lost = distributed.peer_lost(err)  # torchrun: another process was killed or crashed
+        if lost is None or args.debug:
+            raise
+        print(
+            f"error: {lost}: once its cause is fixed (torchrun's report names its exit code "
+            f"or signal), continue with the same command plus --resume (output folder "
+            f"{output_dir})",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         if main:
             print(
@@ -447,6 +471,8 @@ def _checked_request(args: argparse.Namespace, dataset: Optional[str]):
         config.require_layout(f"the {config.dataset} stream builder")
         check_data(args, config)
     check_run_paths(config)
+    if args.wandb:
+        check_wandb()
     return config, stream_factory
 
 
