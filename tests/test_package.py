@@ -12,7 +12,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "avalanche_cliphinge"
@@ -170,6 +172,11 @@ def test_wheel_installs_one_package_whose_command_runs_from_any_folder(tmp_path)
     assert "Last                      94.67" in smoke.stdout  # the smoke numbers
     assert (out / "final_model.pt").is_file()
     images = sorted(SHARED_JPEGS.glob("test/*/*.jpg"))[:2]
+    if not images:  # a clone without ../shared: two JPEGs of its own
+        rng = np.random.default_rng(0)
+        images = [elsewhere / f"photo_{i}.jpg" for i in range(2)]
+        for path in images:
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
     predicted = run(
         [
             str(target / "bin" / "cliphinge"),
