@@ -24,6 +24,7 @@ from avalanche_cliphinge.app.cli import SMOKE, smoke_stream
 from avalanche_cliphinge.app.loop import train_and_evaluate
 from avalanche_cliphinge.seeding import seed_everything
 from avalanche_cliphinge.strategy import build_model
+from avalanche_cliphinge.streams import ClipInput
 
 #: subprocess runs of the application: `pytest -m "not slow"` leaves them out
 pytestmark = pytest.mark.slow
@@ -232,7 +233,8 @@ def test_feature_stream_is_aligned_with_the_image_stream(smoke_setup):
     config, backbone, named_benchmark, features = smoke_setup
     for ours, theirs in zip(features.benchmark.test_stream, named_benchmark.benchmark.test_stream):
         assert list(ours.dataset.targets) == list(theirs.dataset.targets)
-        images = torch.stack([theirs.dataset[i][0] for i in range(3)])
+        to_input = ClipInput.for_backbone(backbone)  # the stream serves uint8 images
+        images = torch.stack([to_input(theirs.dataset[i][0]) for i in range(3)])
         with torch.no_grad():
             expected = backbone.model.encode_image(images)
         got = torch.stack([ours.dataset[i][0] for i in range(3)])
@@ -250,7 +252,8 @@ def test_baseline_model_on_features_equals_it_on_images(smoke_setup):
     )
     on_images.classifier.load_state_dict(on_features.classifier.state_dict())
     test = named_benchmark.benchmark.test_stream[0].dataset
-    images = torch.stack([test[i][0] for i in range(4)])
+    to_input = ClipInput.for_backbone(backbone)  # the stream serves uint8 images
+    images = torch.stack([to_input(test[i][0]) for i in range(4)])
     feats = torch.stack([features.benchmark.test_stream[0].dataset[i][0] for i in range(4)])
     on_images.train()
     assert not on_images.feature_extractor.encoder.training

@@ -199,16 +199,27 @@ def test_matrix_leaves_none_and_untrained_cells_blank():
 
 
 # ---- comparison ---------------------------------------------------------------------------
+def panels(figure):
+    """``[(axes, legend)]`` of each panel of a comparison figure, left to right."""
+    return [(sub.axes[0], sub.legends[0]) for sub in figure.subfigs]
+
+
 def test_comparison_gives_every_entry_its_own_colour_and_line_style():
     figure = comparison()
-    axes = figure.axes[0]
-    lines = axes.get_lines()
+    (base_axes, _), (ablation_axes, _) = panels(figure)
+    groups = comparison_entries()
+    (method,) = [n for n, g in groups.items() if g == "method"]
+    base = {line.get_label(): line for line in base_axes.get_lines()}
+    ablations = {line.get_label(): line for line in ablation_axes.get_lines()}
+    # the method in both panels, drawn alike; the 7 baselines left, the 5 ablations right
+    assert list(base) == [method] + [n for n, g in groups.items() if g == "baseline"]
+    assert list(ablations) == [method] + [n for n, g in groups.items() if g == "ablation"]
+    assert base[method].get_color() == ablations[method].get_color() == "#000000"
+    by_name = {**base, **ablations}
+    lines = list(by_name.values())
     assert len(lines) == 13
     assert len({line.get_color() for line in lines}) == 13
     assert len({(line.get_color(), str(line._unscaled_dash_pattern)) for line in lines}) == 13
-    groups = comparison_entries()
-    by_name = {line.get_label(): line for line in lines}
-    (method,) = [n for n, g in groups.items() if g == "method"]
     assert by_name[method].get_linewidth() > max(
         line.get_linewidth() for n, line in by_name.items() if n != method
     )
@@ -221,15 +232,77 @@ def test_comparison_gives_every_entry_its_own_colour_and_line_style():
             assert pattern is None or len(pattern) > 2, name
 
 
-def test_comparison_legend_sits_outside_grouped_under_headings():
+def test_comparison_panels_share_the_y_axis_with_legends_below_them():
     figure = comparison()
-    (legend,) = figure.legends
-    assert outside(legend, figure.axes[0])
-    texts = [t.get_text() for t in legend.get_texts()]
-    assert texts[:2] == ["method", "cliphinge"]
-    assert texts.index("ablations") < texts.index("baselines")
-    bold = [t.get_text() for t in legend.get_texts() if t.get_fontweight() == "bold"]
-    assert bold == ["method", "ablations", "baselines"]
+    (left, left_legend), (right, right_legend) = panels(figure)
+    assert [left.get_title(), right.get_title()] == ["baselines", "ablations"]
+    assert figure.get_suptitle() == TITLE
+    assert left.get_ylim() == right.get_ylim() and right.get_shared_y_axes().joined(left, right)
+    for axes, legend in ((left, left_legend), (right, right_legend)):
+        assert outside(legend, axes)
+        # below: the legend's top under the axes' bottom (window coordinates grow upwards)
+        renderer = figure.canvas.get_renderer()
+        assert legend.get_window_extent(renderer).y1 < axes.get_window_extent(renderer).y0
+        assert [t.get_text() for t in legend.get_texts()][0] == "cliphinge"
+    # with ablations only: one panel
+    only = figures.comparison_figure(
+        {"cliphinge": [90.0, 80.0], "cliphinge_no_x": [90.0, 70.0]},
+        {"cliphinge": "method", "cliphinge_no_x": "ablation"},
+    )
+    ((axes, legend),) = panels(only)
+    assert axes.get_title() == "ablations"
+    assert [t.get_text() for t in legend.get_texts()] == ["cliphinge", "cliphinge_no_x"]
+
+
+def test_comparison_draws_coinciding_curves_once_named_together():
+    """As on the smoke stream: naive, LwF and EWC give the same curve, and so do the no_stage2
+    and no_fusion ablations; replay differs from them by 0.01 at one task."""
+    flat = [100.0, 33.33, 25.0, 20.0]
+    curves = {
+        "cliphinge": [100.0, 100.0, 93.33, 94.67],
+        "cliphinge_no_stage2": [100.0, 100.0, 94.0, 94.67],
+        "cliphinge_no_replay": [100.0, 41.0, 32.5, 21.33],
+        "cliphinge_no_fusion": [100.0, 100.0, 94.0, 94.67],
+        "naive": flat,
+        "lwf": list(flat),
+        "replay": [100.0, 33.34, 25.0, 20.0],
+        "ewc": list(flat),
+    }
+    groups = {name: "baseline" for name in ("naive", "lwf", "replay", "ewc")}
+    groups.update({name: "ablation" for name in curves if name.startswith("cliphinge_")})
+    groups["cliphinge"] = "method"
+    figure = figures.comparison_figure(curves, groups, [4, 2, 2, 2], TITLE)
+    (base_axes, base_legend), (ablation_axes, ablation_legend) = panels(figure)
+    assert [t.get_text() for t in base_legend.get_texts()] == [
+        "cliphinge",
+        "naive = lwf = ewc",
+        "replay",
+    ]
+    assert [t.get_text() for t in ablation_legend.get_texts()] == [
+        "cliphinge",
+        "cliphinge_no_stage2 = cliphinge_no_fusion",
+        "cliphinge_no_replay",
+    ]
+    (merged,) = [line for line in base_axes.get_lines() if line.get_label().startswith("naive")]
+    assert list(merged.get_xdata()) == [4, 6, 8, 10] and list(merged.get_ydata()) == flat
+    assert len(base_axes.get_lines()) == 3 and len(ablation_axes.get_lines()) == 3
+    # the merged line keeps the first member's style (naive's), as it has in the 13-entry plot
+    styles = dict(zip(curves, figures.entry_styles([groups[n] for n in curves])))
+    assert merged.get_color() == styles["naive"]["color"]
+    assert merged.get_marker() == styles["naive"]["marker"]
+
+
+def test_coinciding_groups_equal_curves_in_order():
+    curves = {
+        "a": [90.0, 50.0],
+        "b": [90.0, 50.0 + 1e-4],
+        "c": [90.0, 50.0 + 1e-9],
+        "d": [90.0],
+        "e": [None, 40.0],
+        "f": [float("nan"), 40.0],
+    }
+    assert figures.coinciding(curves) == [["a", "c"], ["b"], ["d"], ["e", "f"]]
+    assert figures.coinciding(curves, tol=1e-3) == [["a", "b", "c"], ["d"], ["e", "f"]]
 
 
 def test_line_styles_stay_distinct_for_many_entries():
@@ -277,6 +350,38 @@ def test_confusion_figure_labels_forty_tasks():
     axes = figures.confusion_matrix_figure(counts, [5] * 40).axes[0]
     assert [t.get_text() for t in axes.get_yticklabels()] == [str(k) for k in range(1, 41)]
     assert len(axes.get_lines()) == 2 * 39 and not axes.texts
+
+
+def test_confusion_figure_names_the_classes_of_a_ten_class_stream():
+    names = [f"class {c}" for c in "ABCDEFGHIJ"]
+    counts = np.eye(10, dtype=np.int64) * 15
+    figure = figures.confusion_matrix_figure(counts, [4, 2, 2, 2], TITLE, names)
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_xticklabels()] == names
+    assert [t.get_text() for t in axes.get_yticklabels()] == names
+    assert list(axes.get_xticks()) == list(range(10))  # one tick per class
+    # the tasks stay numbered, above their blocks: centres of classes 0-3, 4-5, 6-7, 8-9
+    (top,) = axes.child_axes
+    assert [t.get_text() for t in top.get_xticklabels()] == ["1", "2", "3", "4"]
+    assert list(top.get_xticks()) == [1.5, 4.5, 6.5, 8.5]
+    assert len(axes.get_lines()) == 2 * 3 and len(axes.texts) == 10  # borders, 100 % cells
+    with pytest.raises(ValueError, match="9 class names for a confusion of 10 classes"):
+        figures.confusion_matrix_figure(counts, [4, 2, 2, 2], TITLE, names[:9])
+
+
+def test_confusion_figure_labels_tasks_beyond_fifty_classes():
+    names = [f"class {c}" for c in range(60)]
+    counts = np.eye(60, dtype=np.int64) * 15
+    axes = figures.confusion_matrix_figure(counts, [10] * 6, TITLE, names).axes[0]
+    labels = [str(t) for t in range(1, 7)]
+    assert [t.get_text() for t in axes.get_xticklabels()] == labels
+    assert [t.get_text() for t in axes.get_yticklabels()] == labels
+    assert list(axes.get_xticks()) == [4.5, 14.5, 24.5, 34.5, 44.5, 54.5]
+    assert not axes.child_axes
+    # 50 classes still get their names, and the figure grows to hold them
+    fifty = figures.confusion_matrix_figure(counts[:50, :50], [10] * 5, TITLE, names[:50])
+    assert [t.get_text() for t in fifty.axes[0].get_yticklabels()] == names[:50]
+    assert fifty.get_size_inches()[1] > 5.4
 
 
 # ---- aggregate ----------------------------------------------------------------------------
@@ -397,6 +502,13 @@ def test_plugin_step_never_reads_the_device_back():
     assert counter.events == []
 
 
+class Unit(nn.Module):
+    """uint8 pixels -> float in [0, 1]."""
+
+    def forward(self, x):
+        return x.float() / 255
+
+
 def test_plugin_in_an_avalanche_evaluation_matches_the_model_on_the_test_stream():
     named_benchmark = synthetic(
         n_classes=6,
@@ -407,7 +519,8 @@ def test_plugin_in_an_avalanche_evaluation_matches_the_model_on_the_test_stream(
         class_order=[4, 1, 5, 0, 3, 2],
     )
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 6))
+    # the stream serves uint8 images: the model reads them as [0, 1] floats
+    model = nn.Sequential(Unit(), nn.Flatten(), nn.Linear(3 * 32 * 32, 6))
     plugin = ConfusionMatrixPlugin(n_classes=6)
     strategy = Naive(
         model=model,

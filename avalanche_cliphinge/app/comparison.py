@@ -36,6 +36,7 @@ import dataclasses
 import difflib
 import json
 import resource
+import shlex
 import shutil
 import sys
 import time
@@ -59,11 +60,11 @@ from ..config import CLIPHingeConfig, ConfigError
 from .experiment import package_versions
 from ..feature_cache import FeatureCache
 from ..loaders import encode_dataset
-from ..model.backbone import BackboneError, CLIPBackbone, load_clip
+from ..model.backbone import BackboneError, CLIPBackbone, check_device, load_clip
 from ..model.cliphinge_model import UNSEEN_SCORE
 from ..model.prompts import raw_text_features
 from ..seeding import seed_everything
-from .datasets import DATASETS
+from .datasets import DATASETS, fit_image_folder, given_keys
 from .evaluation import make_evaluator
 from .loop import train_and_evaluate
 from .figures import comparison_figure, figure_files, save_figure, stream_title
@@ -72,11 +73,18 @@ from ..strategy import CLIPHingeStrategy, build_model
 
 ZEROSHOT = "zeroshot"
 CLIPHINGE = "cliphinge"
-BENCHMARKS = ("split_cifar100", "imagenet_r", "smoke")
+BENCHMARKS = ("split_cifar100", "imagenet_r", "image_folder", "smoke")
 DEFAULT_CONFIGS = {
     "split_cifar100": "cifar100_b0_inc10",
     "imagenet_r": "imagenet_r_b0_inc20",
+    "image_folder": "cifar100_b0_inc10",
     "smoke": "cifar100_b0_inc10",
+}
+#: ``--benchmark`` -> the ``dataset`` of its stream builder (``app.datasets``).
+BENCHMARK_DATASETS = {
+    "split_cifar100": "cifar100",
+    "imagenet_r": "imagenet_r",
+    "image_folder": "image_folder",
 }
 
 #: CLIPHinge ablations: config overrides on top of the run's config.
@@ -365,11 +373,17 @@ def extract_feature_stream(
 ) -> FeatureStream:
     """Run the frozen image encoder once over every experience of ``named_benchmark`` (eval transform).
 
-    Returns unnormalised ``float32`` features in a benchmark built the way the image stream
-    was (``benchmarks.common.make_nc_benchmark``, original class ids as targets). ``bf16``
-    autocasts the encoder on CUDA; ``num_workers`` feeds the DataLoader.
+    The items are brought to the encoder's input as the strategy brings them
+    (``streams.ClipInput``: PIL images, uint8 or ``[0, 1]`` tensors are resized and normalised;
+    CLIP's own input passes unchanged). Returns unnormalised ``float32`` features in a
+    benchmark built the way the image stream was (``benchmarks.common.make_nc_benchmark``,
+    original class ids as targets). ``bf16`` autocasts the encoder on CUDA; ``num_workers``
+    feeds the DataLoader.
     """
     from ..benchmarks.common import make_nc_benchmark
+    from ..streams import ClipInput, freeze_transforms
+
+    clip_input = ClipInput.for_backbone(backbone)
 
     began = time.perf_counter()
     device = torch.device(device)
@@ -385,7 +399,9 @@ def extract_feature_stream(
         for experience in stream:
             f, y = encode_dataset(
                 encoder.encode_image,
-                experience.dataset.eval(),
+                freeze_transforms(experience.dataset.eval()).replace_current_transform_group(
+                    clip_input
+                ),
                 batch_size=batch_size,
                 device=device,
                 num_workers=num_workers,
@@ -973,7 +989,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark",
         required=True,
         metavar="|".join(BENCHMARKS),
-        help="smoke: tiny random CLIP on the synthetic stream, offline",
+        help="smoke: tiny random CLIP on the synthetic stream, offline; image_folder: "
+        "your own images, --data-root PATH holding PATH/<class>/*.jpg (or "
+        "PATH/{train,test}/<class>/*.jpg), the task layout and class order read from "
+        "the folder unless --set",
     )
     parser.add_argument(
         "--strategies",
@@ -1068,7 +1087,14 @@ def resolve_settings(args: argparse.Namespace) -> Tuple[CLIPHingeConfig, Baselin
                 baseline_sets[key[len("baseline.") :]] = raw
         else:
             config_sets.append(item)
+    if benchmark == "image_folder":
+        config = config.replace(dataset="image_folder")
     config = config.with_overrides(config_sets)
+    if benchmark == "image_folder":
+        given = given_keys(args.config or DEFAULT_CONFIGS[benchmark], config_sets)
+        config = fit_image_folder(
+            config, args.data_root, given, where="pass your folder with --data-root PATH"
+        )
     if args.pretrained is not None:
         config = config.replace(pretrained=args.pretrained)
     # every entry shares streams built with CLIP's full CPU-side eval transform, so the
@@ -1087,8 +1113,7 @@ def stream_factory_for(
         from .cli import smoke_stream
 
         return smoke_stream
-    dataset = "cifar100" if args.benchmark == "split_cifar100" else "imagenet_r"
-    _, build = DATASETS[dataset]
+    _, build = DATASETS[BENCHMARK_DATASETS[args.benchmark]]
     plain = argparse.Namespace(**{**vars(args), "augment": False})
     return lambda config: build(plain, config, backbone)
 
@@ -1157,6 +1182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if len(set(seeds)) != len(seeds):
             raise CompareError(f"--seeds lists a seed twice: {seeds}")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_device(device)  # before CLIP loads
         threads = args.threads or (1 if args.benchmark == "smoke" else None)
         if threads is not None:
             if threads < 1:
@@ -1177,8 +1203,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             device=device,
             log=log,
         )
-        comparison.protocol["command"] = " ".join(
-            ["experiments/compare.py"] + (argv if argv is not None else sys.argv[1:])
+        # as typed: `cliphinge compare ...` passes argv, the script reads its own
+        comparison.protocol["command"] = shlex.join(
+            ["cliphinge", "compare", *argv]
+            if argv is not None
+            else ["python", sys.argv[0] or "experiments/compare.py", *sys.argv[1:]]
         )
         write_outputs(comparison, output_dir)
     except (

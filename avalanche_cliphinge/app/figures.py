@@ -6,9 +6,11 @@ plots on its own.
 
 - ``accuracy_curve_figure``: accuracy on all seen, old and new classes vs classes seen.
 - ``accuracy_matrix_figure``: ``acc[t][j]`` heatmap, task trained x task evaluated.
-- ``comparison_figure``: one line per entry, the method, its ablations and the baselines each
-  drawn in their own family of colours and line styles.
-- ``confusion_matrix_figure``: true x predicted class, classes in task order, task borders.
+- ``comparison_figure``: the method against the baselines (one panel) and its ablations (the
+  other), each family in its own colours and line styles, coinciding curves drawn once and
+  named together ("naive = lwf = ewc").
+- ``confusion_matrix_figure``: true x predicted class, classes in task order, task borders,
+  class names on the ticks up to 50 classes (task numbers beyond).
 - ``aggregate_curve_figure``: mean accuracy on seen classes with a ± std band per row.
 
 ``save_figure`` writes ``<stem>.png`` (300 dpi) and ``<stem>.pdf`` (fonts embedded as TrueType,
@@ -29,7 +31,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from PIL import Image
 
 from ..atomic import write_bytes_atomic
@@ -59,6 +60,13 @@ Y_LIMITS = (-3.0, 103.0)  # markers at 0 and 100 stay whole inside the axes
 MARKERS = ("s", "^", "v", "D", "P", "X", "<", ">", "p", "h", "*", "d")
 #: (dash, gap) of the ablations' dashed lines, in points times the line width.
 ABLATION_DASHES = ((3.0, 1.5), (1.2, 1.2), (6.0, 2.0), (2.0, 2.5), (9.0, 3.0))
+#: Panels of ``comparison_figure``, left to right: each holds the method and this group.
+PANEL_GROUPS = ("baseline", "ablation")
+PANEL_TITLES = {"baseline": "baselines", "ablation": "ablations", "method": "method"}
+#: Up to this many classes the confusion matrix names each class on its ticks; beyond, tasks.
+CLASS_TICKS_MAX = 50
+#: Curves closer than this everywhere (percentage points) are one line (``coinciding``).
+COINCIDE_TOL = 1e-6
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -347,52 +355,98 @@ def entry_styles(groups: Sequence[str]) -> List[Dict[str, Any]]:
     return styles
 
 
+def coinciding(
+    curves: Mapping[str, Sequence[Optional[float]]], tol: float = COINCIDE_TOL
+) -> List[List[str]]:
+    """Names of ``curves`` grouped by equal curves, each group and its members in the order
+    of ``curves``: two curves are equal when they have the same length and every value
+    differs by at most ``tol`` (``None``/NaN equal only ``None``/NaN).
+
+    >>> coinciding({"a": [90.0, 50.0], "b": [90.0, 60.0], "c": [90.0, 50.0]})
+    [['a', 'c'], ['b']]
+    """
+    values = {
+        name: np.asarray([np.nan if v is None else float(v) for v in curve], dtype=float)
+        for name, curve in curves.items()
+    }
+    found: List[List[str]] = []
+    for name, curve in values.items():
+        for members in found:
+            other = values[members[0]]
+            if other.shape == curve.shape and bool(
+                np.all((np.abs(other - curve) <= tol) | (np.isnan(other) & np.isnan(curve)))
+            ):
+                members.append(name)
+                break
+        else:
+            found.append([name])
+    return found
+
+
 def comparison_figure(
     curves: Mapping[str, Sequence[float]],
     groups: Mapping[str, str],
     classes_per_task: Optional[Sequence[int]] = None,
     title: str = "Accuracy on seen classes",
 ) -> Figure:
-    """Accuracy on seen classes after each task, one line per entry.
+    """Accuracy on seen classes after each task: the method against the baselines in one
+    panel, against its ablations in the other.
 
     Args:
         curves: ``{entry: [n_tasks] accuracies in percent}``, drawn in this order.
-        groups: ``{entry: "method" | "ablation" | "baseline"}``; styles from ``entry_styles``.
+        groups: ``{entry: "method" | "ablation" | "baseline"}``; styles from ``entry_styles``
+            (the same entry looks the same in both panels).
         classes_per_task: the stream's classes per task (x = classes seen), or ``None``
             (x = task number).
-        title: method and dataset.
+        title: method and dataset, above both panels.
 
-    The legend sits right of the axes, entries grouped under "method", "ablations" and
-    "baselines" headings.
+    A panel is left out when its group has no entry (one panel holds the method alone when
+    there is nothing else). Curves of one panel that coincide (``coinciding``: naive, LwF and
+    EWC on a frozen encoder, for instance) are drawn once, in the first one's style, and
+    named together in the legend: ``"naive = lwf = ewc"``. Each panel's legend sits below it.
     """
     names = list(curves)
     styles = dict(zip(names, entry_styles([groups[n] for n in names])))
     n_tasks = max(len(v) for v in curves.values())
     seen, xlabel = _x_axis(n_tasks, classes_per_task)
-    figure = new_figure(7.4, 4.4)
-    axes = figure.add_subplot()
-    lines = {}
-    for name in names:
-        (lines[name],) = axes.plot(
-            seen[: len(curves[name])], curves[name], label=name, clip_on=False, **styles[name]
+    method = [n for n in names if groups[n] == "method"]
+    panels = [
+        (group, method + [n for n in names if groups[n] == group])
+        for group in PANEL_GROUPS
+        if any(groups[n] == group for n in names)
+    ] or [("method", method)]
+    figure = new_figure(4.6 * len(panels) + 0.4, 5.4)
+    figure.suptitle(title)
+    first_axes = None
+    for k, (subfigure, (group, members)) in enumerate(
+        zip(figure.subfigures(1, len(panels), squeeze=False)[0], panels)
+    ):
+        axes = subfigure.add_subplot(sharey=first_axes)
+        first_axes = first_axes or axes
+        entries = coinciding({n: curves[n] for n in members})
+        for same in entries:
+            values = curves[same[0]]
+            axes.plot(
+                seen[: len(values)],
+                values,
+                label=" = ".join(same),
+                clip_on=False,
+                **styles[same[0]],
+            )
+        _set_class_axis(axes, seen, xlabel)
+        if k > 0:
+            axes.set_ylabel("")
+            axes.tick_params(labelleft=False)
+        else:
+            axes.set_ylabel("accuracy on seen classes (%)")
+        axes.set_title(PANEL_TITLES[group], fontsize=10)
+        subfigure.legend(
+            loc="outside lower center",
+            ncols=1 if len(entries) < 5 else 2,
+            fontsize=7.5,
+            frameon=False,
+            handlelength=3.2,
         )
-    _set_class_axis(axes, seen, xlabel)
-    axes.set_ylabel("accuracy on seen classes (%)")
-    axes.set_title(title)
-    handles, labels = [], []
-    for group in GROUPS:
-        members = [n for n in names if groups[n] == group]
-        if members:
-            handles.append(Line2D([], [], linestyle="none"))
-            labels.append(GROUP_TITLES[group])
-            handles += [lines[n] for n in members]
-            labels += members
-    legend = figure.legend(
-        handles, labels, loc="outside right upper", fontsize=8, frameon=False, handlelength=3.2
-    )
-    for text, handle in zip(legend.get_texts(), handles):
-        if handle.get_linestyle() == "None":
-            text.set_fontweight("bold")
     return figure
 
 
@@ -405,7 +459,10 @@ def row_percent(confusion: np.ndarray) -> np.ndarray:
 
 
 def confusion_matrix_figure(
-    confusion: np.ndarray, classes_per_task: Sequence[int], title: Optional[str] = None
+    confusion: np.ndarray,
+    classes_per_task: Sequence[int],
+    title: Optional[str] = None,
+    class_names: Optional[Sequence[str]] = None,
 ) -> Figure:
     """Final confusion matrix over the stream's classes, grouped by task.
 
@@ -414,10 +471,14 @@ def confusion_matrix_figure(
             class order (task by task; ``ConfusionMatrixPlugin.matrix(class_order)``).
         classes_per_task: classes of each task, summing to ``C``.
         title: method and dataset, or none.
+        class_names: the ``C`` class names in the same order as the rows, or none.
 
     Rows are normalised to percent; the colour scale is square-root so that small
-    confusions show. White lines mark the task boundaries and each task is labelled at its
-    block on both axes; up to 20 classes the non-zero cells also hold the percentage.
+    confusions show. White lines mark the task boundaries. Up to ``CLASS_TICKS_MAX`` (50)
+    classes with ``class_names``, every class is named on both axes (the figure grows with
+    the classes and the longest name) and the tasks are numbered above their blocks;
+    otherwise each task is labelled at its block on both axes. Up to 20 classes the non-zero
+    cells also hold the percentage.
     """
     counts = np.asarray(confusion)
     n = counts.shape[0]
@@ -426,8 +487,17 @@ def confusion_matrix_figure(
             f"confusion of shape {counts.shape} does not match "
             f"{sum(classes_per_task)} classes in {len(classes_per_task)} tasks"
         )
+    if class_names is not None and len(class_names) != n:
+        raise ValueError(f"{len(class_names)} class names for a confusion of {n} classes")
+    named = class_names is not None and n <= CLASS_TICKS_MAX
     percent = row_percent(counts)
-    figure = new_figure(6.2, 5.4)
+    name_font = float(np.clip(_cell_font(n), 5.0, 8.0))
+    if named:
+        side = max(4.3, n * name_font * 1.45 / 72.0)  # inches: one tick label per row
+        names_in = max(len(str(name)) for name in class_names) * name_font * 0.6 / 72.0
+        figure = new_figure(side + names_in + 1.9, side + names_in + 1.5)
+    else:
+        figure = new_figure(6.2, 5.4)
     axes = figure.add_subplot()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
     image = axes.imshow(
@@ -455,12 +525,23 @@ def confusion_matrix_figure(
             )
     centres = ends - np.asarray(classes_per_task) / 2.0 - 0.5
     font = _cell_font(len(classes_per_task)) + 0.5
-    labels = [str(t + 1) for t in range(len(classes_per_task))]
-    axes.set_xticks(centres, labels, fontsize=font)
-    axes.set_yticks(centres, labels, fontsize=font)
+    tasks = [str(t + 1) for t in range(len(classes_per_task))]
+    if named:
+        names = [str(name) for name in class_names]
+        axes.set_xticks(range(n), names, fontsize=name_font, rotation=90)
+        axes.set_yticks(range(n), names, fontsize=name_font)
+        top = axes.secondary_xaxis("top")
+        top.set_xticks(centres, tasks, fontsize=font)
+        top.tick_params(length=0)
+        top.set_xlabel("task", fontsize=8)
+        axes.set_xlabel("predicted class")
+        axes.set_ylabel("true class")
+    else:
+        axes.set_xticks(centres, tasks, fontsize=font)
+        axes.set_yticks(centres, tasks, fontsize=font)
+        axes.set_xlabel("predicted class, grouped by task")
+        axes.set_ylabel("true class, grouped by task")
     axes.tick_params(length=0)
-    axes.set_xlabel("predicted class, grouped by task")
-    axes.set_ylabel("true class, grouped by task")
     heading = "confusion after the last task (% of each true class)"
     axes.set_title(f"{title}\n{heading}" if title else heading, fontsize=10)
     bar = figure.colorbar(image, ax=axes, shrink=0.8, label="% of the true class (sqrt scale)")

@@ -3,6 +3,10 @@
 Class c is one (colour, pattern) pair, e.g. "red horizontal stripes". Each image draws its own
 phase, brightness and pixel noise, so a model has to learn the class structure rather than
 memorise images; a tiny random-weight CLIP separates the classes once prompts are learned.
+
+The stream serves plain 8-bit RGB images (uint8 ``[3, h, w]``, what ``PILToTensor`` makes), not
+one backbone's input: the strategy (``streams.ClipInput``) resizes and normalises them for
+whichever CLIP it runs, so the same stream feeds the 32-px tiny model and a 224-px ViT-B/16.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+# CLIP's normalisation, re-exported as ``benchmarks.CLIP_MEAN`` / ``CLIP_STD`` for their importers;
+# the stream serves unnormalised images.
+from ..streams import CLIP_MEAN, CLIP_STD  # noqa: F401
 from .common import (
     NamedBenchmark,
     check_class_order,
@@ -20,10 +27,6 @@ from .common import (
     describe_stream,
     make_nc_benchmark,
 )
-
-# CLIP's image normalisation (open_clip OPENAI_DATASET_MEAN / _STD).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _COLOURS = (
     ("red", (0.90, 0.10, 0.10)),
@@ -103,9 +106,10 @@ def synthetic(
 
     Returns:
         NamedBenchmark whose experiences hold `(image, target, task_label)` items with images
-        float32 `[3, image_size, image_size]`, already normalised with CLIP's mean and std
-        (no further transform is needed); targets are class ids 0..n_classes-1, visited in
-        `class_order`; `class_names` like "red horizontal stripes".
+        uint8 `[3, image_size, image_size]` (RGB, 0..255, unnormalised: `CLIPHingeStrategy`
+        brings them to its backbone's input size and normalisation; for another model divide
+        by 255); targets are class ids 0..n_classes-1, visited in `class_order`;
+        `class_names` like "red horizontal stripes".
 
     Raises:
         ValueError: more than 120 classes, non-positive sizes, class counts that do not
@@ -152,11 +156,9 @@ def synthetic(
 
 
 def _render_split(rng, n_classes, per_class, size, noise):
-    """Images [n_classes * per_class, 3, size, size] (CLIP-normalised) and int64 targets."""
+    """Images [n_classes * per_class, 3, size, size] uint8 and int64 targets."""
     coords = (np.arange(size) + 0.5) / size
     y, x = np.meshgrid(coords, coords, indexing="ij")  # [size, size], in (0, 1)
-    mean = np.asarray(CLIP_MEAN).reshape(1, 3, 1, 1)
-    std = np.asarray(CLIP_STD).reshape(1, 3, 1, 1)
     images, targets = [], []
     for c in range(n_classes):
         colour, pattern = synthetic_class(c)
@@ -169,10 +171,10 @@ def _render_split(rng, n_classes, per_class, size, noise):
         intensity = 0.3 + 0.35 * (1.0 + wave[:, None])  # [per_class, 1, size, size]
         rgb = np.asarray(_COLOURS[colour][1]).reshape(1, 3, 1, 1)
         image = np.clip(rgb * intensity * brightness + pixel_noise, 0.0, 1.0)
-        images.append((image - mean) / std)
+        images.append(np.round(image * 255.0).astype(np.uint8))
         targets.append(np.full(per_class, c))
     return (
-        torch.from_numpy(np.concatenate(images).astype(np.float32)),
+        torch.from_numpy(np.concatenate(images)),
         torch.from_numpy(np.concatenate(targets).astype(np.int64)),
     )
 
