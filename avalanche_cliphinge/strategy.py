@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from avalanche.benchmarks.utils.data_loader import MultiDatasetDataLoader
 from avalanche.models.dynamic_modules import avalanche_model_adaptation
 from avalanche.training.plugins import LRSchedulerPlugin, SupervisedPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
@@ -15,7 +16,9 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from . import compat  # noqa: F401  (Avalanche's save_checkpoint under torch 2.14)
 from . import distributed
+from .avalanche_plugins import FeatureRows, experience_with_dataset, refuse_plugins
 from .compiled_step import CompiledStep, StepTerm
 from .config import CLIPHingeConfig, ConfigError
 from .feature_cache import FeatureCache, dataset_fingerprint
@@ -202,7 +205,10 @@ class CLIPHingeStrategy(SupervisedTemplate):
             config when given.
         plugins: extra Avalanche plugins; a method plugin passed here replaces the default one.
             With an ``LRSchedulerPlugin`` the method's step decay (``lr_decay_epochs``) is off
-            and the scheduler alone sets the learning rate.
+            and the scheduler alone sets the learning rate. Avalanche's plugins read CLIP's
+            input where they read the experience's data (see ``avalanche_plugins``);
+            ``GDumbPlugin``, and EWC/SI/MAS/LwF while nothing learned earlier trains again,
+            raise ``ConfigError`` here or when training starts.
         use_default_plugins: add the replay, hinge and stage-2 plugins the config asks for
             (not those whose type, or a subclass of it, is already in ``plugins``).
             ``False`` runs only the plugins passed by hand.
@@ -256,6 +262,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
             if value is not None
         }
         config = config.replace(**overrides) if overrides else config
+        refuse_plugins(plugins or [], config)
         try:
             names = class_name_table(class_names)
         except ValueError as err:
@@ -313,6 +320,8 @@ class CLIPHingeStrategy(SupervisedTemplate):
         self._frozen_rows: List[Tuple[Tensor, Tensor]] = []
         self._random_train_transform: Optional[str] = None
         self._warned_random: set = set()
+        #: the experience's training data as CLIP's input (what plugins read as its dataset)
+        self._experience_input = None
         self.clip_input = ClipInput.for_backbone(self.model.backbone, config.resize_on_device)
         self.progress = progress
         self.feature_cache = feature_cache or FeatureCache(
@@ -518,6 +527,29 @@ class CLIPHingeStrategy(SupervisedTemplate):
             else (self.config.init_epochs if self.current_task == 0 else self.config.epochs)
         )
         super()._before_training_exp(**kwargs)
+        self._read_plugin_loader()
+
+    def _read_plugin_loader(self) -> None:
+        """A plugin's multi-dataset loader (``ReplayPlugin``'s ``ReplayDataLoader``) reads
+        frozen features when stage 1 may use the cache: its sampling stays, each of its
+        datasets becomes ``FeatureRows`` (the experience's own from ``current_features``, a
+        memory's encoded once per experience). Otherwise it reads images: a memory filled in
+        ``after_training_exp`` holds CLIP's input already (see ``_after_training_exp``)."""
+        loader = self.dataloader
+        if not isinstance(loader, MultiDatasetDataLoader) or not self.features_cacheable:
+            return
+        rows = []
+        for dataset in loader.datasets:
+            if dataset is self.adapted_dataset:
+                feats, labels = self.current_features
+            else:
+                feats, labels = self.extract_features(dataset, "replay memory features")
+            rows.append(FeatureRows(feats, labels, task_labels_of(dataset)))
+        loader.datasets = rows
+
+    def _before_training(self, **kwargs):
+        refuse_plugins(self.plugins, self.config)  # plugins added to strategy.plugins later
+        super()._before_training(**kwargs)
 
     def _set_trainable_prompts(self) -> bool:
         """Prompts of this experience: the new task's, every earlier task's with
@@ -546,6 +578,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
         """CLIP's input; one frozen-encoder pass fits (or merges) the classes' Gaussians."""
         super().train_dataset_adaptation(**kwargs)
         self.adapted_dataset = self._to_clip_input(self.adapted_dataset)
+        self._experience_input = self.adapted_dataset
         self._random_train_transform = None
         if self.config.cache_features:
             self._random_train_transform = find_random_transform(self.adapted_dataset)
@@ -802,9 +835,21 @@ class CLIPHingeStrategy(SupervisedTemplate):
         return loss
 
     def _after_training_exp(self, **kwargs):
-        self.model.set_trainable_prompts([])
+        """The plugins' ``after_training_exp`` (stage 2 among them), then every prompt frozen.
+
+        While they run, the prompts this experience trained are still trainable (EWC and MAS
+        take gradients of them) and ``experience.dataset`` is the experience's training data
+        as CLIP's input (storage policies, EWC/MAS importances, AGEM/GEM memories read it).
+        """
         self._frozen_rows = []
-        super()._after_training_exp(**kwargs)
+        experience = self.experience
+        self.experience = experience_with_dataset(experience, self._experience_input)
+        try:
+            super()._after_training_exp(**kwargs)
+        finally:
+            self.experience = experience
+            self._experience_input = None
+        self.model.set_trainable_prompts([])
         # under torchrun every rank trained alike; rank 0's tensors end any drift (GPUs)
         distributed.sync_learned_state(self.model)
 
