@@ -513,6 +513,68 @@ def test_an_experience_mixing_new_and_returning_classes(tiny_config, class_names
     assert model.heads["1"].linear.weight.shape[0] == 2  # stage 2: the new task's head
 
 
+def test_lora_stage_two_on_pil_images_of_new_and_returning_classes(
+    tiny_config, class_names, synthetic_data
+):
+    from avalanche.benchmarks import ni_benchmark
+
+    x, y = synthetic_data["train_x"], synthetic_data["train_y"]
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    pixels = ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+
+    class Photos(torch.utils.data.Dataset):  # PIL images, as an ImageFolder serves
+        def __init__(self, *ids):
+            keep = torch.nonzero(torch.isin(y, torch.tensor(ids))).flatten().tolist()
+            self.images = [Image.fromarray(pixels[i].permute(1, 2, 0).numpy()) for i in keep]
+            self.targets = [int(y[i]) for i in keep]
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return self.images[i], self.targets[i]
+
+    # a new-instances stream (Avalanche subsets of one dataset, whose own subset() drops a
+    # transform set on top): class 1 in both experiences, 2 and 3 new in the second
+    photos = Photos(0, 1, 2, 3)
+    rows = {c: [i for i, t in enumerate(photos.targets) if t == c] for c in range(4)}
+    stream = ni_benchmark(
+        photos,
+        Photos(0, 1, 2, 3),
+        n_experiences=2,
+        task_labels=False,
+        fixed_exp_assignment=[rows[0] + rows[1][:15], rows[1][15:] + rows[2] + rows[3]],
+    )
+    config = tiny_config(
+        **FAST,
+        use_lora_in_second_stage=True,
+        lora_layers=[1],
+        lora_rank=2,
+        init_class=None,
+        increment=None,
+        total_tasks=None,
+    )
+    torch.manual_seed(0)
+    strategy = CLIPHingeStrategy(
+        config=config, class_names=class_names, evaluator=quiet_evaluator(), progress=False
+    )
+    strategy.train(stream.train_stream[0])
+    encoded = []
+    encode = strategy.model.run_image_encoder
+
+    def counted(images):
+        if strategy.model.lora.active is not None:  # stage 2 of the new task, adapter on
+            encoded.append(images.shape[0])
+        return encode(images)
+
+    strategy.model.run_image_encoder = counted
+    strategy.train(stream.train_stream[1])  # class 1 returns; 2 and 3 are new
+    # stage 2 of task 1 trains its head on the images of the new classes only (2 x 30)
+    assert sum(encoded) == config.second_stage_epochs * 60
+    assert strategy.model.heads["1"].linear.weight.shape[0] == 2
+
+
 def test_an_online_stream_runs(clip_strategy, naive_strategy, synthetic_stream):
     for strategy in both(clip_strategy, naive_strategy).values():
         torch.manual_seed(0)

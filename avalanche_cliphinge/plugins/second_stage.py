@@ -9,7 +9,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 from avalanche.training.plugins import SupervisedPlugin
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .. import distributed
@@ -118,7 +118,9 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
             dataset = strategy.adapted_dataset
             if created and created.returning:
                 own = torch.isin(torch.as_tensor(list(dataset.targets)), classes.cpu())
-                dataset = dataset.subset(torch.nonzero(own).flatten().tolist())
+                # a torch Subset reads items through the dataset's transforms (CLIP's input);
+                # Avalanche's own subset would drop the transform the strategy set
+                dataset = Subset(dataset, torch.nonzero(own).flatten().tolist())
             sampler = EpochBatchSampler(len(dataset), self.batch_size, True, generator)
             loader = DataLoader(
                 dataset, batch_sampler=sampler, num_workers=strategy.config.num_workers
