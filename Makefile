@@ -20,7 +20,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
-	$(PY) experiments/run_split_cifar.py --preset smoke --output-dir runs/demo --overwrite
+	$(PY) experiments/run_split_cifar.py --preset smoke --output-dir runs/demo --overwrite \
+		--progress-only
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .

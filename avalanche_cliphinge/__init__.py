@@ -35,11 +35,11 @@ _EXPORTS = {
     "HardPairHingePlugin": "plugins",
     "SecondStagePlugin": "plugins",
     "CLIPHingeStrategy": "strategy",
-    "build_model": "strategy",
+    "build_model": "model",
     "default_plugins": "strategy",
     "DeviceEpochAccuracy": "metrics",
     "DeviceEpochLoss": "metrics",
-    "StepState": "strategy",
+    "StepState": "step_state",
     "StreamInputError": "streams",
     "class_names_for": "streams",
     "stream_transforms": "streams",
@@ -103,7 +103,15 @@ if TYPE_CHECKING:
     )
     from .losses import fuse_logits, hinge_loss, select_hard_pairs
     from .metrics import DeviceEpochAccuracy, DeviceEpochLoss
-    from .model import TINY_MODEL, BackboneError, CLIPBackbone, CLIPHingeModel, load_clip
+    from .model import (
+        TINY_MODEL,
+        BackboneError,
+        CLIPBackbone,
+        CLIPHingeModel,
+        build_model,
+        load_clip,
+    )
     from .plugins import GaussianReplayPlugin, HardPairHingePlugin, SecondStagePlugin
-    from .strategy import CLIPHingeStrategy, StepState, build_model, default_plugins
+    from .step_state import StepState
+    from .strategy import CLIPHingeStrategy, default_plugins
     from .streams import StreamInputError, class_names_for, stream_transforms, task_layout

@@ -17,6 +17,8 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from .errors import first_line
+
 #: Environment variable of the kill points (tests only): ``<point>:<experience>``.
 KILL_ENV = "CLIPHINGE_KILL_AT"
 
@@ -124,7 +126,7 @@ def save_atomic(obj: Any, path: Path, experience: Optional[int] = None) -> None:
         try:
             torch.save(obj, file)
         except RuntimeError as err:
-            reason = (str(err).strip().splitlines() or [""])[0][:160]
+            reason = first_line(err, 160)
             raise OSError(
                 errno.EIO, f"torch.save failed, disk full? ({reason})", str(path)
             ) from None

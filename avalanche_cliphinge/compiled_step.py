@@ -6,8 +6,8 @@ dispatches every op of the step one by one. ``CompiledStep`` runs a task's stage
 as one ``torch.compile(fullgraph=True)`` function per step shape (``mode="reduce-overhead"``,
 CUDA graphs, on CUDA): the minibatch gather from the cached features, the prompt encoder's
 forward and backward, the logits, the cross-entropy over real and replayed features, the
-plugins' loss terms (``StepTerm``), the non-finite record, the epoch metrics' sums and the
-Adam update (capturable, with a device learning rate) are captured together.
+plugins' loss terms (``step_state.StepTerm``), the non-finite record, the epoch metrics' sums
+and the Adam update (capturable, with a device learning rate) are captured together.
 
 What moves out of the step:
 - the epoch's random inputs are drawn at its start, in the order the eager step draws them
@@ -27,11 +27,13 @@ the captured step cannot reproduce (a plugin that edits the loss or the gradient
 callback, a criterion other than cross-entropy, an optimizer other than Adam, training on
 images) makes the task run Avalanche's eager step, with a warning naming the reason once.
 
-Stage 2 gets the same treatment (``CompiledStage2``): when the head trains on the cached
-features (``SecondStagePlugin`` without LoRA), each of its steps (the minibatch gather, the
-head's forward, the cross-entropy, backward, SGD with momentum and the epoch's loss sum) is one
-call of a captured graph per task. With LoRA the images go through the adapted encoder at
-every step, and stage 2 stays eager.
+Stage 2 gets the same treatment (``CompiledStage2``, in ``plugins.second_stage_compiled``
+beside the plugin that uses it; a name of this module too): when the head trains on the
+cached features (``SecondStagePlugin`` without LoRA), each of its steps (the minibatch
+gather, the head's forward, the cross-entropy, backward, SGD with momentum and the epoch's
+loss sum) is one call of a captured graph per task. With LoRA the images go through the
+adapted encoder at every step, and stage 2 stays eager. Both make their graphs the same way
+(``capture``).
 """
 
 from __future__ import annotations
@@ -43,16 +45,28 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.training.templates.base_sgd import PeriodicEval
 from torch import Tensor
 from torch.optim.adam import adam
-from torch.optim.sgd import sgd
 from torch.utils.data import DataLoader
 
+from .capture import compile_step, fresh, traced
 from .loaders import TensorBatchLoader
 from .metrics import EpochSums, metric_needs
+from .plugins.second_stage_compiled import CompiledStage2
+from .step_state import StepTerm
+
+__all__ = [
+    "INSIDE_STEP",
+    "STEP_METHODS",
+    "CompiledStage2",
+    "CompiledStep",
+    "StepTerm",
+    "overrides",
+    "plugin_needs",
+    "replaced_by_terms",
+]
 
 #: The callbacks inside a step: a plugin implementing one can see or change the step's
 #: loss, gradients or weights, which the captured step does not expose.
@@ -74,31 +88,6 @@ STEP_METHODS = (
     "_stage1_scores",
     "_stage1_logits",
 )
-
-
-@dataclass
-class StepTerm:
-    """Loss terms a plugin adds to every stage-1 step of a task, for the compiled step.
-
-    Registered once per task, in ``before_training_exp``, as ``strategy.step.terms[key]``; the
-    eager step ignores it and keeps calling the plugin's callbacks.
-
-    Attributes:
-        weights: ``{name: weight}`` of the terms ``compute`` returns: the step adds
-            ``weight * value`` to the loss and reports the unweighted value as
-            ``loss_terms[name]`` (epoch metrics, the non-finite report).
-        draw: ``draw(n_steps)`` -> tuple of tensors ``[n_steps, ...]`` on the training
-            device: the random inputs of every step of the epoch, drawn at its start, in the
-            order the eager step draws them. Their shapes stay the same within a task.
-        compute: ``compute(text_features [n_seen, dim], inputs)`` -> ``{name: scalar}``,
-            where ``inputs`` holds this step's row of each tensor of ``draw``; traced into the
-            step's graph, so it reads nothing back to the host and makes no tensor from host
-            data.
-    """
-
-    weights: Dict[str, float]
-    draw: Callable[[int], Tuple[Tensor, ...]]
-    compute: Callable[[Tensor, Tuple[Tensor, ...]], Dict[str, Tensor]]
 
 
 def overrides(obj, name: str) -> bool:
@@ -178,10 +167,14 @@ class CompiledStep:
 
     Args:
         strategy: the ``CLIPHingeStrategy`` whose steps it runs.
+        reference: the strategy class whose step (``STEP_METHODS``) the captured one
+            reproduces (``CLIPHingeStrategy`` passes itself); a strategy whose class
+            overrides one of them runs eagerly. Default: ``strategy``'s class.
     """
 
-    def __init__(self, strategy):
+    def __init__(self, strategy, reference: Optional[type] = None):
         self.strategy = strategy
+        self.reference = type(strategy) if reference is None else reference
         #: graphs traced so far (one per task that ran captured steps)
         self.graphs_traced = 0
         self._task: Optional[_Task] = None
@@ -195,11 +188,14 @@ class CompiledStep:
         state["_task"] = state["_task_id"] = None
         return state
 
+    def __setstate__(self, state):
+        # a pickle from before ``reference``: the strategy's class was the reference
+        state.setdefault("reference", type(state["strategy"]))
+        self.__dict__.update(state)
+
     # ---- what can run captured --------------------------------------------------------------
     def unsupported(self) -> Optional[str]:
         """Why the current task cannot run the captured step, or ``None`` when it can."""
-        from .strategy import CLIPHingeStrategy
-
         s = self.strategy
         if not isinstance(s.dataloader, TensorBatchLoader):
             if not isinstance(s.dataloader, DataLoader):  # a plugin's (ReplayPlugin's)
@@ -212,7 +208,7 @@ class CompiledStep:
         if len(s.optimizer.param_groups) != 1 or s.optimizer.defaults.get("differentiable"):
             return "the optimizer has several parameter groups or is differentiable"
         for name in STEP_METHODS:
-            if getattr(type(s), name) is not getattr(CLIPHingeStrategy, name):
+            if getattr(type(s), name) is not getattr(self.reference, name):
                 return f"{type(s).__name__} overrides {name}"
         for plugin in s.plugins:
             for name in INSIDE_STEP:
@@ -283,15 +279,12 @@ class CompiledStep:
             frozen=list(s._frozen_rows),
             nonfinite_step=torch.full((), -1, dtype=torch.long, device=device),
         )
-        task.graph = self.compile(types.MethodType(_fresh(CompiledStep._step), self))
+        task.graph = self.compile(types.MethodType(fresh(CompiledStep._step), self))
         return task
 
     def compile(self, step: Callable) -> Callable:
-        """``torch.compile(step, fullgraph=True)``: inductor, with CUDA graphs on CUDA."""
-        cuda = self.strategy.device.type == "cuda"
-        return torch.compile(
-            step, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None
-        )
+        """``capture.compile_step``: inductor, with CUDA graphs on CUDA."""
+        return compile_step(step, self.strategy.device)
 
     def _fill(self, task: _Task, first_epoch: bool) -> None:
         """The epoch's inputs into the task's buffers (allocated at its first epoch)."""
@@ -416,10 +409,8 @@ class CompiledStep:
         return True
 
     def _trace(self, graph: Callable):
-        """Call ``graph`` while torch may trace it: ``Tensor.backward`` is traced into the
-        graph only with Dynamo's ``trace_autograd_ops`` (it breaks the graph otherwise)."""
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
-            return graph()
+        """Call ``graph`` while torch may trace it (``capture.traced``)."""
+        return traced(graph)
 
     def _step(self):
         """One step, traced: the minibatch of row ``counter`` of the epoch's order (its
@@ -489,142 +480,3 @@ class CompiledStep:
                 grad.zero_()
             k.add_(1)
         return (x, y, task_labels, scores, detached, *[value.detach() for value in values.values()])
-
-
-class CompiledStage2:
-    """Runs the stage-2 epochs of one task's head on cached features as captured steps.
-
-    Made by ``SecondStagePlugin`` for a task when ``compile_step`` is on and the head trains
-    on the cached features (the LoRA run stays eager). ``run_epoch`` trains one epoch: one
-    call per step of a ``torch.compile(fullgraph=True)`` function made for this task (inductor;
-    ``mode="reduce-overhead"``, CUDA graphs, on CUDA) that gathers the minibatch from the
-    features by a device step counter, runs the head, the cross-entropy and backward, updates
-    the head with SGD (``torch.optim.sgd.sgd``, the functional form of the plugin's
-    optimizer; momentum buffers allocated once per task) and adds the loss to the epoch's
-    device sum. The epoch's minibatch order is drawn at its start from the loader's sampler,
-    as the eager loop draws it, so both learn the same head (to float tolerance). A smaller
-    last minibatch is padded with ignored rows (zero features, target ``-100``): one step
-    shape per task.
-
-    Args:
-        strategy: the strategy (its ``device`` and ``autocast``).
-        head: the ``TaskHead`` being trained.
-        optimizer: the plugin's ``torch.optim.SGD`` over the head's parameters: its
-            hyperparameters are used, its state is not (the buffers are this object's).
-        loader: the ``TensorBatchLoader`` of the task's cached features; its sampler draws
-            every epoch's order.
-        classes: ``[n_classes]`` class ids of the head's columns, on the device.
-    """
-
-    #: cross-entropy target of the padding rows
-    IGNORE = -100
-
-    def __init__(self, strategy, head, optimizer, loader, classes: Tensor):
-        if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
-            raise TypeError("CompiledStage2 runs one parameter group of torch.optim.SGD")
-        device = self.device = strategy.device
-        self.head, self.autocast, self.sampler = head, strategy.autocast, loader.sampler
-        group = optimizer.param_groups[0]
-        self.params = list(group["params"])
-        self.hyper = {
-            name: group[name]
-            for name in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-        }
-        #: samples of an epoch
-        self.n = self.sampler.n
-        batch = max(min(self.sampler.batch_size, self.n), 1)
-        self.n_steps = -(-self.n // batch)
-        self.features = loader.features.to(device)
-        labels = loader.labels.to(device)
-        self.targets = (labels[:, None] == classes[None, :]).float().argmax(1)
-        self.order = torch.zeros((self.n_steps, batch), dtype=torch.long, device=device)
-        self.valid = (torch.arange(self.n_steps * batch).view(self.n_steps, batch) < self.n).to(
-            device
-        )
-        self.counter = torch.zeros((), dtype=torch.long, device=device)
-        self.total = torch.zeros((), device=device)
-        for p in self.params:
-            # gradients live for the whole task and are zeroed in the graph
-            p.grad = torch.zeros_like(p)
-        # the eager SGD's first step sets its buffer to the gradient: 0 * momentum + gradient
-        self.buffers = [
-            torch.zeros_like(p) if self.hyper["momentum"] != 0 else None for p in self.params
-        ]
-        if device.type == "cuda":
-            buffers = [self.features, self.targets, self.order, self.valid, self.counter]
-            buffers += [self.total, *[p.grad for p in self.params]]
-            buffers += [b for b in self.buffers if b is not None]
-            for tensor in buffers:
-                torch._dynamo.mark_static_address(tensor)
-        #: graphs traced so far (one, unless a guard failed)
-        self.graphs_traced = 0
-        self.graph = self.compile(types.MethodType(_fresh(CompiledStage2._step), self))
-
-    def compile(self, step: Callable) -> Callable:
-        """``torch.compile(step, fullgraph=True)``: inductor, with CUDA graphs on CUDA."""
-        cuda = self.device.type == "cuda"
-        return torch.compile(
-            step, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None
-        )
-
-    def run_epoch(self) -> Tuple[Tensor, int]:
-        """Train one epoch; returns the summed loss (a device scalar, this object's buffer,
-        valid until the next epoch) and the number of samples."""
-        order = self.sampler.order()
-        self.order.view(-1)[: order.numel()].copy_(order.to(self.device, non_blocking=True))
-        self.counter.zero_()
-        self.total.zero_()
-        mark = torch.compiler.cudagraph_mark_step_begin if self.device.type == "cuda" else None
-        graph = self.graph
-        for _ in range(self.n_steps):
-            if mark is not None:
-                mark()
-            if self.graphs_traced:
-                try:
-                    graph()
-                except torch._dynamo.exc.Unsupported:
-                    self._trace()  # a guard failed: torch traces it again
-            else:
-                self._trace()
-        return self.total, self.n
-
-    def _trace(self) -> None:
-        """Call the graph while torch may trace it (``Tensor.backward`` needs Dynamo's
-        ``trace_autograd_ops``)."""
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
-            self.graph()
-        self.graphs_traced += 1
-
-    def _step(self) -> None:
-        """One step, traced: the minibatch of row ``counter`` of the epoch's order (its
-        padding rows ignored), the head, the cross-entropy, backward, SGD, the loss sum; the
-        counter moves on."""
-        at = self.counter.reshape(1)
-        rows = self.order.index_select(0, at).reshape(-1)
-        valid = self.valid.index_select(0, at).reshape(-1)
-        # padding rows: zero features (whatever row 0 holds), left out of the loss
-        x = torch.where(valid[:, None], self.features.index_select(0, rows), 0.0)
-        target = self.targets.index_select(0, rows).masked_fill(~valid, self.IGNORE)
-        with self.autocast():
-            logits = self.head(x)
-        loss = F.cross_entropy(logits.float(), target, ignore_index=self.IGNORE)
-        loss.backward()
-        with torch.no_grad():
-            grads = [p.grad for p in self.params]
-            sgd(self.params, grads, self.buffers, foreach=False, fused=False, **self.hyper)
-            for grad in grads:
-                grad.zero_()
-            self.total.add_(loss.detach() * valid.sum())
-            self.counter.add_(1)
-
-
-def _fresh(function: types.FunctionType) -> types.FunctionType:
-    """``function`` with a code object of its own: torch.compile keeps its graphs, and counts
-    recompilations against its limit, per code object."""
-    return types.FunctionType(
-        function.__code__.replace(),
-        function.__globals__,
-        function.__name__,
-        function.__defaults__,
-        function.__closure__,
-    )

@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+#: ``model_name`` of the built-in tiny CLIP (random weights; ``--preset smoke``), registered
+#: with open_clip when ``model.backbone`` is imported.
+TINY_MODEL = "cliphinge-tiny"
+
 
 class ConfigError(ValueError):
     """A configuration value or key that the method cannot use."""
@@ -378,8 +382,9 @@ class CLIPHingeConfig:
         if isinstance(self.class_order, str):
             _require(
                 "class_order",
-                self.class_order in ("icarl", "rapf", "pycil", "natural"),
-                "'icarl', 'rapf', 'pycil', 'natural' or a list of class ids",
+                self.class_order in ("icarl", "rapf", "pycil", "natural")
+                or random_order_seed(self.class_order) is not None,
+                "'icarl', 'rapf', 'pycil', 'natural', 'random:<seed>' or a list of class ids",
                 self.class_order,
             )
         elif not (
@@ -387,8 +392,8 @@ class CLIPHingeConfig:
             and all(isinstance(c, int) and not isinstance(c, bool) for c in self.class_order)
         ):
             raise ConfigError(
-                "class_order must be 'icarl', 'rapf', 'pycil', 'natural' or a list "
-                f"of integer class ids, got {self.class_order!r}"
+                "class_order must be 'icarl', 'rapf', 'pycil', 'natural', 'random:<seed>' or a "
+                f"list of integer class ids, got {self.class_order!r}"
             )
 
     def _check_upper_bounds(self) -> None:
@@ -499,6 +504,16 @@ def list_presets() -> Dict[str, str]:
     return {path.stem: config_reproduces(path) or "" for path in sorted(PRESETS_DIR.glob("*.json"))}
 
 
+def random_order_seed(class_order: Any) -> Optional[int]:
+    """The seed of a ``"random:<seed>"`` class order (0 <= seed < 2**32), else ``None``."""
+    if not isinstance(class_order, str) or not class_order.startswith("random:"):
+        return None
+    digits = class_order[len("random:") :]
+    if not digits.isascii() or not digits.isdigit() or int(digits) >= 2**32:
+        return None
+    return int(digits)
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """The file of a config: an existing path, else the shipped preset of that name.
 
@@ -529,8 +544,19 @@ def config_reproduces(name_or_path: str | Path) -> Optional[str]:
     return note if isinstance(note, str) else None
 
 
+#: Keys a user may try for the data folder (``unknown_key_message`` names the options).
+DATA_FOLDER_KEYS = ("data_root", "dataset_root", "data_dir", "dataset_dir", "image_folder", "root")
+
+
 def unknown_key_message(key: str, source: str) -> str:
-    """One line for an unknown key, naming the closest known key when there is one."""
+    """One line for an unknown key, naming the closest known key when there is one (or the
+    command-line options, for a key that names the data folder)."""
+    if key.lower().replace("-", "_") in DATA_FOLDER_KEYS:
+        return (
+            f"{source}: unknown config key '{key}'; the data folder is an option of the command, "
+            "not a config key: --data-root PATH (your own images: --image-folder PATH, a "
+            "folder of class subfolders)"
+        )
     same_letters = [k for k in CLIPHingeConfig.keys() if k.lower() == key.lower()]
     close = same_letters or difflib.get_close_matches(key, CLIPHingeConfig.keys(), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; see the README's config table"

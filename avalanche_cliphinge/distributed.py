@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .errors import DEFAULT_TIMEOUT_MINUTES, DistributedError
+
 __all__ = [
     "DEFAULT_TIMEOUT_MINUTES",
     "DistributedError",
@@ -56,14 +58,7 @@ __all__ = [
     "world_size",
 ]
 
-#: How long a collective waits for the other ranks before the run stops with an error.
-DEFAULT_TIMEOUT_MINUTES = 30.0
-
 T = TypeVar("T")
-
-
-class DistributedError(RuntimeError):
-    """Several processes cannot run as asked (launch, device), or another rank failed."""
 
 
 # ---- who am I -----------------------------------------------------------------------------

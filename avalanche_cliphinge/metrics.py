@@ -21,6 +21,7 @@ from avalanche.evaluation.metric_utils import get_metric_name
 from avalanche.evaluation.metrics import EpochTime
 from torch import Tensor
 
+from .step_state import Stage2Record
 
 #: The callbacks of a training iteration.
 TRAINING_ITERATION = ("before_training_iteration", "after_training_iteration")
@@ -260,9 +261,10 @@ class EpochLearningRate(GenericPluginMetric[float, _LastValue]):
 class Stage2EpochLoss(PluginMetric[List[float]]):
     """Stage 2's training loss, one value per stage-2 epoch (``Loss_Stage2_Epoch``).
 
-    Read from the ``losses`` list of the strategy's ``SecondStagePlugin`` when the experience
-    ends (that plugin runs before the evaluator); every value of one experience is emitted at
-    the same x position (Avalanche's ``clock.train_iterations``), in epoch order.
+    Read from the first plugin of the strategy that keeps them (``step_state.Stage2Record``:
+    ``SecondStagePlugin``) when the experience ends (that plugin runs before the evaluator);
+    every value of one experience is emitted at the same x position (Avalanche's
+    ``clock.train_iterations``), in epoch order.
     """
 
     def __init__(self):
@@ -277,11 +279,9 @@ class Stage2EpochLoss(PluginMetric[List[float]]):
         self._values = []
 
     def after_training_exp(self, strategy):
-        from .plugins.second_stage import SecondStagePlugin
-
         self.reset()
-        plugin = next((p for p in strategy.plugins if isinstance(p, SecondStagePlugin)), None)
-        losses = getattr(plugin, "losses", None)
+        plugin = next((p for p in strategy.plugins if isinstance(p, Stage2Record)), None)
+        losses = None if plugin is None else plugin.stage2_losses
         # the plugin makes a new list per stage-2 run: a list already emitted is not new
         if not losses or losses is self._emitted:
             return None

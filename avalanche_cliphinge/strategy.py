@@ -1,10 +1,14 @@
-"""``CLIPHingeStrategy``: the method as an Avalanche ``SupervisedTemplate``."""
+"""``CLIPHingeStrategy``: the method as an Avalanche ``SupervisedTemplate``.
+
+The state it shares with its plugins (``StepState``, ``ExperienceClasses``) is declared in
+``step_state``, the model factory (``build_model``) in ``model``; both are names of this
+module too.
+"""
 
 from __future__ import annotations
 
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -19,16 +23,16 @@ from torch.utils.data import DataLoader
 from . import compat  # noqa: F401  (Avalanche's save_checkpoint under torch 2.14)
 from . import distributed
 from .avalanche_plugins import FeatureRows, experience_with_dataset, refuse_plugins
-from .compiled_step import CompiledStep, StepTerm
+from .compiled_step import CompiledStep
 from .config import CLIPHingeConfig, ConfigError
 from .feature_cache import FeatureCache, dataset_fingerprint
 from .loaders import EpochBatchSampler, TensorBatchLoader, encode_dataset
-from .model.backbone import CLIPBackbone, load_clip
-from .model.cliphinge_model import CLIPHingeModel, ClassNames, class_name_table
+from .model.cliphinge_model import CLIPHingeModel, ClassNames, build_model, class_name_table
 from .plugins.gaussian_replay import GaussianReplayPlugin
 from .plugins.hard_pair_hinge import HardPairHingePlugin
 from .plugins.second_stage import SecondStagePlugin
 from .seeding import Draw, generator as seeded
+from .step_state import ExperienceClasses, StepState
 from .streams import (
     STREAM_FIX,
     ClipInput,
@@ -38,44 +42,6 @@ from .streams import (
     foreign_normalize,
     freeze_transforms,
 )
-
-
-def build_model(
-    config: CLIPHingeConfig,
-    class_names: ClassNames,
-    device: str | torch.device = "cpu",
-    backbone: Optional[CLIPBackbone] = None,
-) -> CLIPHingeModel:
-    """Wrap ``backbone`` (default: the one ``config`` names, loaded now) in a ``CLIPHingeModel``."""
-    if backbone is None:
-        backbone = load_clip(
-            config.model_name,
-            config.pretrained,
-            device=device,
-            allow_activation_mismatch=config.allow_activation_mismatch,
-        )
-    lora = (
-        (config.lora_layers, config.lora_rank, config.lora_alpha)
-        if config.use_lora_in_second_stage and config.second_stage_epochs > 0
-        else None
-    )
-    model = CLIPHingeModel(
-        backbone,
-        class_names,
-        n_ctx=config.n_ctx,
-        ctx_init=config.ctx_init,
-        prompt_template=config.prompt_template,
-        use_image_adapter=config.use_image_adapter,
-        fusion_weight=config.second_stage_fusion_weight,
-        head_logit_scale=config.second_stage_logit_scale,
-        lora=lora,
-        seed=config.seed,
-        resize_on_device=config.resize_on_device,
-        gaussian_storage=config.gaussian_storage,
-        gaussian_rank=config.gaussian_rank,
-    ).to(device)
-    model.config = config  # what CLIPHingeModel.save records to rebuild it
-    return model
 
 
 def default_plugins(config: CLIPHingeConfig) -> List[SupervisedPlugin]:
@@ -94,62 +60,6 @@ def default_plugins(config: CLIPHingeConfig) -> List[SupervisedPlugin]:
     if config.second_stage_epochs > 0:
         plugins.append(SecondStagePlugin.from_config(config))
     return plugins
-
-
-@dataclass
-class StepState:
-    """What one stage-1 training iteration shares between the strategy and its plugins.
-
-    Its per-step fields are made empty at the start and at the end of every iteration, so no
-    graph-attached tensor outlives its step and the model can be copied (LwF,
-    ``copy.deepcopy``) between steps. What plugins register for the captured step
-    (``compile_step``: ``terms``, ``replay_epoch``) is made empty when an experience starts,
-    registered in ``before_training_exp`` and kept for the experience (``next``).
-
-    Attributes:
-        replay_features: ``[k, dim]`` replayed old-class features of this minibatch
-            (written by ``GaussianReplayPlugin`` in ``before_forward``).
-        replay_labels: ``[k]`` their class ids.
-        replay_scores: ``[k, n_outputs]`` their scores, computed with the minibatch's.
-        text_features: ``[n_seen, dim]`` prompted text features of this step (in the graph),
-            shared with the loss terms of the plugins (the hinge).
-        loss_terms: scalar loss terms by name, for the non-finite-loss report.
-        terms: the plugins' ``compiled_step.StepTerm`` of the task, by plugin key.
-        replay_epoch: ``replay_epoch(n_steps)`` -> ``(features [n_steps, k, dim], labels
-            [n_steps, k])``: the replayed rows of every step of the epoch, padded with label
-            ``-1`` rows (ignored) to one size ``k``, or ``None`` (no replay this epoch).
-    """
-
-    replay_features: Optional[Tensor] = None
-    replay_labels: Optional[Tensor] = None
-    replay_scores: Optional[Tensor] = None
-    text_features: Optional[Tensor] = None
-    loss_terms: Dict[str, Tensor] = field(default_factory=dict)
-    terms: Dict[str, StepTerm] = field(default_factory=dict)
-    replay_epoch: Optional[Callable[[int], Optional[Tuple[Tensor, Tensor]]]] = None
-
-    def next(self) -> "StepState":
-        """An empty state for the next step, with this experience's registrations."""
-        return StepState(terms=self.terms, replay_epoch=self.replay_epoch)
-
-
-@dataclass
-class ExperienceClasses:
-    """The classes of the experience being trained, as the plugins need them.
-
-    Attributes:
-        present: class ids with samples in the experience, ascending.
-        new: those learned for the first time (the task created for them is ``task``).
-        returning: those learned in an earlier experience.
-        old: classes learned earlier and absent from this experience (replay, hinge pairs).
-        task: index of the task created for ``new``, or ``None`` when every class returns.
-    """
-
-    present: List[int] = field(default_factory=list)
-    new: List[int] = field(default_factory=list)
-    returning: List[int] = field(default_factory=list)
-    old: List[int] = field(default_factory=list)
-    task: Optional[int] = None
 
 
 def _step_field(name: str) -> property:
@@ -311,7 +221,7 @@ class CLIPHingeStrategy(SupervisedTemplate):
         self.step = StepState()
         #: the epoch's ``metrics.EpochSums`` while captured steps run, else ``None``
         self.epoch_sums = None
-        self._compiled_step = CompiledStep(self) if config.compile_step else None
+        self._compiled_step = CompiledStep(self, CLIPHingeStrategy) if config.compile_step else None
         self.experience_classes = ExperienceClasses()
         self.current_features: Optional[Tuple[Tensor, Tensor]] = None
         self._nonfinite_step = torch.full((), -1, dtype=torch.long)

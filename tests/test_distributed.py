@@ -100,7 +100,7 @@ TORCHRUN_VARIABLES = (
 )
 #: results.json keys that measure time or how the run was launched.
 VARYING = ("train_seconds", "wall_seconds")
-LAUNCH = ("command", "processes")
+LAUNCH = ("command", "processes", "created", "git_commit", "git_commit_resumed")
 #: Learned tensors of the split config against one process (float32, 1 epoch per stage).
 RTOL, ATOL = 1e-4, 1e-7
 #: Phases of the encoder calls counted (``count_encoded_images``).

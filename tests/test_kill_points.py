@@ -132,18 +132,19 @@ def tensorboard(folder: Path):
 
 
 def assert_same_outputs(folder: Path, reference: Path) -> None:
-    """Every output of ``folder`` equals the uninterrupted ``reference`` (times and the
-    command line aside)."""
+    """Every output of ``folder`` equals the uninterrupted ``reference`` (times, the command
+    line, when each run began and the git commit of its code aside)."""
     got, want = (json.loads((f / "results.json").read_text()) for f in (folder, reference))
     assert got["finished"] is True
     for key in want:
         if key not in ("protocol", "train_seconds", "wall_seconds"):
             assert got[key] == want[key], key
-    assert {k: v for k, v in got["protocol"].items() if k != "command"} == {
-        k: v for k, v in want["protocol"].items() if k != "command"
+    launch = ("command", "created", "git_commit", "git_commit_resumed")
+    assert {k: v for k, v in got["protocol"].items() if k not in launch} == {
+        k: v for k, v in want["protocol"].items() if k not in launch
     }
     text = [(f / "results.txt").read_text().splitlines() for f in (folder, reference)]
-    varying = ("command:", "Time: training")
+    varying = ("command:", "created:", "git_commit", "Time: training")
     assert [ln for ln in text[0] if not ln.startswith(varying, ln.find(ln.strip()))] == [
         ln for ln in text[1] if not ln.startswith(varying, ln.find(ln.strip()))
     ]

@@ -59,15 +59,18 @@ def test_command_usage_and_unknown_command(tmp_path, capsys):
     assert bare.returncode == 2 and "usage: cliphinge" in bare.stdout
     assert main(["--help"]) == 0
     shown = capsys.readouterr().out
-    for command in ("run", "compare", "presets", "predict", "aggregate"):
+    for command in ("run", "compare", "presets", "evaluate", "predict", "aggregate"):
         assert f"\n  {command}" in shown
     assert main(["train"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: unknown command 'train'; choose run, compare, presets, predict or aggregate "
-        "(cliphinge --help)"
+        "error: unknown command 'train'; choose run, compare, presets, evaluate, predict or "
+        "aggregate (cliphinge --help)"
     ]
     assert main(["presets"]) == 0
-    assert "rapf_cifar100_b0_inc10\n    CIFAR-100" in capsys.readouterr().out
+    assert (
+        "rapf_cifar100_b0_inc10 (--config rapf_cifar100_b0_inc10)\n    CIFAR-100"
+        in capsys.readouterr().out
+    )
 
 
 def test_every_public_name_resolves_and_an_unknown_one_is_an_attribute_error():

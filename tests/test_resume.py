@@ -155,7 +155,11 @@ def test_resumed_run_equals_the_uninterrupted_run(killed_and_resumed, uninterrup
     differing = {
         k for k in reference["protocol"] if resumed["protocol"].get(k) != reference["protocol"][k]
     }
-    assert differing == {"command"}  # "... --resume"
+    # "... --resume"; each run records when it began (the resumed run keeps its first
+    # start, the killed run's) and its code's commit (a commit may land between two runs)
+    assert differing - {"created", "git_commit"} == {"command"}
+    killed = json.loads((killed_and_resumed[1] / "results.json").read_text())
+    assert resumed["protocol"]["created"] == killed["protocol"]["created"] is not None
     assert "resuming from exp_002.pt: after experience 2 (3 of 4 done)" in proc["stdout"]
 
 

@@ -41,8 +41,12 @@ from .figures import aggregate_curve_figure, save_figure
 from .run_lock import LOCK_NAME
 
 METRICS = ("AIA", "Last", "AA", "Forgetting")
-#: Protocol entries allowed to differ within a row: the seed and what it alone decides.
-SEED_KEYS = ("seed", "config.seed", "stream_seed", "command")
+#: Protocol entries allowed to differ within a row: the seed and what it alone decides, and
+#: when each run began.
+SEED_KEYS = ("seed", "config.seed", "stream_seed", "command", "created")
+#: Protocol entries (and their flattened parts) that may differ too: the git commit of the
+#: code (a run records it; the package versions, compared, say what shapes the numbers).
+RECORD_PREFIXES = ("git_commit",)
 #: The files of one summary, written (and replaced) together.
 SUMMARY_FILES = (
     "summary.md",
@@ -205,6 +209,53 @@ def refuse_repeated_folders(folders: Sequence[Path]) -> None:
         seen[key] = folder
 
 
+def expand_run_folders(paths: Sequence[Path]) -> Tuple[List[Path], List[str]]:
+    """The run folders meant by ``paths``, and one line for each parent folder expanded.
+
+    A folder holding ``results.json`` (or not a folder) is taken as it is (``read_run``
+    checks it). A folder without one whose subfolders hold runs (``--seeds``' ``seed_*``
+    folders, a folder of runs) stands for its subfolders, one level down, sorted by name:
+    each finished run among them is taken, and the others (unfinished, live, damaged) are
+    left out and named in its line.
+    """
+    folders: List[Path] = []
+    notes: List[str] = []
+    for path in map(Path, paths):
+        if not path.is_dir() or (path / "results.json").exists():
+            folders.append(path)
+            continue
+        try:
+            children = sorted(c for c in path.iterdir() if (c / "results.json").exists())
+        except OSError:
+            children = []
+        if not children:
+            folders.append(path)  # read_run says it holds no results.json
+            continue
+        found, left_out = [], []
+        for child in children:
+            try:
+                read_run(child)
+            except AggregateError as err:
+                left_out.append(str(err).split("; ")[0])
+            else:
+                found.append(child)
+        if not found:
+            raise AggregateError(
+                f"{path} holds no results.json and none of its subfolders a finished run ("
+                + "; ".join(left_out)
+                + "); pass the output folders of finished runs"
+            )
+        folders += found
+        note = (
+            f"{path}: {len(found)} finished run{'' if len(found) == 1 else 's'} "
+            f"({', '.join(c.name for c in found)})"
+        )
+        if left_out:
+            note += f"; left out: {'; '.join(left_out)}"
+        notes.append(note)
+    return folders, notes
+
+
 def flatten(record: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     """``{"config": {"lr": 1}}`` -> ``{"config.lr": 1}``."""
     flat: Dict[str, Any] = {}
@@ -226,10 +277,15 @@ def run_key(results: Dict[str, Any]) -> Tuple[str, str]:
     return Path(str(config)).stem, protocol.get("method", "cliphinge")
 
 
+def _is_record(key: str) -> bool:
+    """Whether a flattened protocol key is under ``RECORD_PREFIXES``."""
+    return any(key == p or key.startswith((f"{p}.", f"{p}_")) for p in RECORD_PREFIXES)
+
+
 def differing_keys(protocols: Sequence[Dict[str, Any]]) -> List[str]:
     """Protocol entries (flattened) that differ between runs, the seed's excepted."""
     flat = [flatten(p) for p in protocols]
-    keys = sorted(set().union(*flat) - set(SEED_KEYS))
+    keys = sorted(k for k in set().union(*flat) - set(SEED_KEYS) if not _is_record(k))
     return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
 
 
@@ -523,11 +579,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         prog="cliphinge aggregate",
         description="Mean ± std over finished runs, one row per (config, method).",
     )
-    parser.add_argument("runs", nargs="+", help="output folders of finished runs")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        help="output folders of finished runs, or a folder of them (the seed_* folders of "
+        "--seeds): each finished run in its subfolders, one level down",
+    )
     parser.add_argument("--output-dir", required=True, help="where the summary files go")
     args = parser.parse_args(argv)
     try:
-        rows = aggregate([Path(p) for p in args.runs])
+        folders, notes = expand_run_folders([Path(p) for p in args.runs])
+        for note in notes:
+            print(note)
+        rows = aggregate(folders)
         written = write_summary(rows, Path(args.output_dir))
     except (AggregateError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

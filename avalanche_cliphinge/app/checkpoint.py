@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..atomic import kill_point, remove_temp_files, save_atomic
+from ..errors import CheckpointError, load_failure
 from ..metrics import SeenClassesStreamAccuracy
 
 # a checkpoint's "model" entry is the saved-model format's learned state
@@ -29,10 +30,6 @@ from ..model.saving import restore_learned_state as load_model_state  # noqa: F4
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^exp_(\d{3})\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (corrupt, truncated, or from another run)."""
 
 
 # ---- RNG ------------------------------------------------------------------------------------
@@ -180,9 +177,8 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        reason = (str(err).strip().splitlines() or [""])[0][:120]
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {reason})"
+            f"checkpoint {path} is corrupt or truncated ({load_failure(err)})"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(

@@ -8,6 +8,7 @@ import errno
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -15,26 +16,30 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import List, Optional
 
-from .. import distributed
-from ..distributed import DistributedError
-from .checkpoint import CheckpointError
-from .datasets import add_dataset_arguments, dataset_entry
-from ..config import CLIPHingeConfig, ConfigError, config_reproduces, list_presets
-from .experiment import (
+# Only light modules here: --help, a bad request and a missing config file are answered
+# without importing torch, open_clip or Avalanche (seconds); a run imports them as it starts.
+from .datasets import add_dataset_arguments, class_order_ids, dataset_entry, fit_config_to_data
+from ..config import TINY_MODEL, CLIPHingeConfig, ConfigError, list_presets
+from ..errors import (
+    DEFAULT_TIMEOUT_MINUTES,
+    BackboneError,
+    CheckpointError,
+    DistributedError,
     RunError,
-    check_output_dir,
-    check_run_paths,
-    check_wandb,
-    prepare_output_dir,
-    print_summary,
-    run_experiment,
 )
-from ..model.backbone import TINY_MODEL, BackboneError, load_clip
-from ..seeding import seed_everything
 from .run_lock import LockFileError, RunLockedError, hold
+
+#: ``time.perf_counter()`` when this module was imported: ``process_seconds`` counts from it
+#: where the system does not say when the process started.
+_IMPORTED = time.perf_counter()
 
 #: The values of ``--preset``.
 RUN_PRESETS = ("smoke",)
+#: What each ``--preset`` runs (``--help`` and ``cliphinge presets``).
+RUN_PRESET_NOTES = {
+    "smoke": "tiny random CLIP on the built-in synthetic stream, offline, under a minute on "
+    "2 CPU cores (--set changes it further)",
+}
 #: Overrides of ``--preset smoke``: tiny random CLIP and the built-in synthetic stream.
 SMOKE = {
     "dataset": "synthetic",
@@ -135,14 +140,14 @@ def build_parser(
     parser.add_argument(
         "--output-dir",
         default=None,
-        help="where results go (default: runs/<config name>, runs/smoke with --preset smoke)",
+        help="where results go (default: runs/<config name>, runs/smoke with --preset smoke, "
+        "runs/<folder name> with --image-folder)",
     )
     parser.add_argument(
         "--preset",
         choices=RUN_PRESETS,
         default=None,
-        help="smoke: tiny random CLIP on the built-in synthetic stream, "
-        "offline, under a minute on 2 CPU cores",
+        help="; ".join(f"{name}: {note}" for name, note in RUN_PRESET_NOTES.items()),
     )
     parser.add_argument(
         "--download",
@@ -181,7 +186,16 @@ def build_parser(
         help="with --resume: accept a checkpoint made with another config",
     )
     parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bars and no per-epoch metric lines"
+    )
+    parser.add_argument(
+        "--progress-only",
+        action="store_true",
+        help="progress bars (each cleared when done) but no per-epoch or per-evaluation "
+        "metric lines: the console shows one line per task and the summary (log.txt keeps "
+        "every metric)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -193,7 +207,7 @@ def build_parser(
     parser.add_argument(
         "--dist-timeout",
         type=_positive_minutes,
-        default=distributed.DEFAULT_TIMEOUT_MINUTES,
+        default=DEFAULT_TIMEOUT_MINUTES,
         metavar="MINUTES",
         help="under torchrun: how long a process waits for the others before "
         "the run stops with an error (default: %(default)s)",
@@ -240,11 +254,12 @@ def resolve_config(args: argparse.Namespace) -> CLIPHingeConfig:
 
 def smoke_stream(config: CLIPHingeConfig):
     """The synthetic stream of ``--preset smoke``, sized by the config's task layout and in
-    its class order (``natural`` or a list of class ids; the CIFAR-100 orders are refused)."""
+    its class order (``natural``, ``random:<seed>`` or a list of class ids; the CIFAR-100
+    orders are refused)."""
     from ..benchmarks import synthetic
 
-    order = config.class_order
-    if isinstance(order, str) and order != "natural":
+    order = class_order_ids(config.class_order, config.n_classes)
+    if isinstance(order, str):
         raise ConfigError(
             f"class_order '{order}' is a CIFAR-100 order; the smoke stream has "
             f"{config.n_classes} classes: use 'natural' or a list of its class "
@@ -258,8 +273,27 @@ def smoke_stream(config: CLIPHingeConfig):
         test_per_class=15,
         noise=0.25,
         seed=config.seed,
-        class_order=None if order == "natural" else order,
+        class_order=order,
     )
+
+
+def rerun_command(prog: Optional[str], argv: Optional[List[str]]) -> str:
+    """The command line that runs this run again, quoted for a POSIX shell.
+
+    ``cliphinge run ...`` (``python -m avalanche_cliphinge run ...`` when started so), or
+    ``python <script> ...`` for an experiment script (``prog`` ending in ``.py``);
+    ``argv`` ``None``: the process's own arguments.
+    """
+    words = [str(word) for word in (sys.argv[1:] if argv is None else argv)]
+    launched = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    if prog and prog.endswith(".py"):
+        script = str(launched) if launched.name == prog else f"experiments/{prog}"
+        head = ["python", script]
+    elif launched.name == "__main__.py" and launched.parent.name == "avalanche_cliphinge":
+        head = ["python", "-m", "avalanche_cliphinge", "run"]
+    else:
+        head = ["cliphinge", "run"]
+    return shlex.join(head + words)
 
 
 class _RandomWeightsNotice(logging.Filter):
@@ -300,6 +334,8 @@ def default_threads() -> int:
     run's training took 45 s with the default threads on a busy 2-core machine, 2.4 s with
     one, same results). Under torchrun the cores are shared out among the machine's
     processes."""
+    from .. import distributed
+
     cores = (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     )
@@ -315,6 +351,30 @@ def _positive_minutes(text: str) -> float:
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of minutes")
     return value
+
+
+def _under_torchrun() -> bool:
+    """Whether torchrun may have started this process as one of several (``WORLD_SIZE`` set
+    and not 1), read without importing torch (``distributed.launched`` checks it fully)."""
+    return os.environ.get("WORLD_SIZE", "").strip() not in ("", "1")
+
+
+def process_seconds() -> float:
+    """Seconds since this process started: the interpreter's start-up and every import
+    included, as a stopwatch started with the command would show.
+
+    On Linux the kernel's start time of the process (``/proc/self/stat``, in clock ticks of
+    1/100 s since boot) against ``CLOCK_BOOTTIME``; elsewhere, or when that cannot be read,
+    the time since this module was imported (which leaves out the interpreter's start-up).
+    """
+    try:
+        with open("/proc/self/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+        seconds = time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, IndexError, ValueError, AttributeError):
+        seconds = -1.0
+    return seconds if seconds >= 0 else time.perf_counter() - _IMPORTED
 
 
 def main(
@@ -334,13 +394,30 @@ def main(
     """
     parser = build_parser(description, default_config, prog)
     args = parser.parse_args(argv)
+    args.command = rerun_command(prog, argv)  # recorded in results.json
+    if not _under_torchrun():
+        # The config (file, preset, --set) before any slow import: a bad key or value is
+        # answered at once. Under torchrun every rank checks it in _run, together.
+        try:
+            fit_config_to_data(args, resolve_config(args))  # an image folder: read, not opened
+        except ConfigError as err:
+            if args.debug:
+                raise
+            print(f"error: {_one_line(err)}", file=sys.stderr)
+            return 2
     import torch
 
+    from .. import distributed
+
     torch.set_num_threads(args.threads or default_threads())
-    output_dir = Path(
-        args.output_dir
-        or Path("runs") / ("smoke" if args.preset == "smoke" else Path(args.config).stem)
+    default_name = (
+        Path(args.image_folder).expanduser().resolve().name
+        if args.image_folder
+        else "smoke"
+        if args.preset == "smoke"
+        else Path(args.config).stem
     )
+    output_dir = Path(args.output_dir or Path("runs") / default_name)
     try:
         # under torchrun: join the processes, each on cuda:LOCAL_RANK (or the CPU)
         args.device = distributed.init_from_env(args.device, args.dist_timeout)
@@ -364,6 +441,9 @@ def _run_and_report(
     args: argparse.Namespace, argv: Optional[List[str]], output_dir: Path, dataset: Optional[str]
 ) -> int:
     """One run into ``output_dir``: the summary, or one ``error:`` line; the exit code."""
+    from .. import distributed
+    from .experiment import print_summary
+
     notice = _RandomWeightsNotice()
     logging.getLogger().addFilter(notice)
     main = distributed.is_main()  # under torchrun rank 0 reports, the others are quiet
@@ -372,7 +452,7 @@ def _run_and_report(
             warnings.showwarning = _one_line_warning
             if not main:
                 warnings.simplefilter("ignore")
-            results, seconds = _run(args, argv, output_dir, dataset)
+            results = _run(args, argv, output_dir, dataset)
     except (*EXPECTED_ERRORS, OSError) as err:
         disk = isinstance(err, OSError) and err.errno in DISK_ERRNOS
         if args.debug or not (disk or isinstance(err, EXPECTED_ERRORS)):
@@ -409,7 +489,7 @@ def _run_and_report(
     print_summary(results)
     print(
         f"results: {output_dir / 'results.txt'} | TensorBoard: tensorboard --logdir "
-        f"{output_dir / 'tb'} | this process: {seconds:.1f} s"
+        f"{output_dir / 'tb'} | this process: {process_seconds():.1f} s"
     )
     return 0
 
@@ -419,7 +499,9 @@ def _run(
 ):
     import torch
 
-    began = time.perf_counter()
+    from .. import distributed
+    from .experiment import check_output_dir, config_record, prepare_output_dir, run_experiment
+
     # every rank checks the request (torchrun); a failure on any rank stops them all
     config, stream_factory = distributed.agree(lambda: _checked_request(args, dataset))
     with ExitStack() as held:
@@ -435,10 +517,8 @@ def _run(
         backbone, named_benchmark = _load_backbone_and_stream(args, config, device, stream_factory)
         protocol = {
             "stream": named_benchmark.protocol.get("name", config.dataset),
-            "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
-            "config_file": str(args.config),
-            "preset": args.preset,
-            "reproduces": config_reproduces(args.config),
+            "command": args.command,
+            **config_record(args.config, config, args.preset),
         }
         results = run_experiment(
             config,
@@ -450,22 +530,28 @@ def _run(
             overwrite=args.overwrite,
             force=args.force,
             wandb=args.wandb,
-            interactive=not args.quiet,
+            interactive=False if args.quiet else "progress" if args.progress_only else True,
             protocol=protocol,
         )
-    return results, time.perf_counter() - began
+    return results
 
 
 def _checked_request(args: argparse.Namespace, dataset: Optional[str]):
     """The request's config, its dataset and data checked: ``(config, stream factory)``
     (no factory for ``--preset smoke``)."""
-    config = resolve_config(args)
+    from ..model.backbone import check_device
+    from .experiment import check_run_paths, check_wandb
+
+    if args.device is not None:  # before anything slow
+        check_device(args.device)
+    config = fit_config_to_data(args, resolve_config(args))
     stream_factory = None
-    if args.preset != "smoke":
+    if config.dataset != "synthetic":
         if dataset is not None and config.dataset != dataset:
+            options = shlex.join(shlex.split(args.command)[2:])
             raise ConfigError(
-                f"config {args.config} is for dataset '{config.dataset}', not "
-                f"'{dataset}'; run it with: cliphinge run --config {args.config}"
+                f"this script runs dataset '{dataset}', but the request's dataset is "
+                f"'{config.dataset}'; run it with: cliphinge run {options}"
             )
         check_data, stream_factory = dataset_entry(config)
         config.require_layout(f"the {config.dataset} stream builder")
@@ -484,7 +570,10 @@ def _load_backbone_and_stream(
     Under torchrun each machine's first process loads first (it downloads what is missing),
     the others then from its copy; a failure on any rank stops every rank.
     """
+    from .. import distributed
     from ..benchmarks.common import skip_unreadable_images
+    from ..model.backbone import load_clip
+    from ..seeding import seed_everything
 
     def load():
         # Random weights (pretrained=None) come from the global RNG: seed it first, so a
@@ -497,7 +586,7 @@ def _load_backbone_and_stream(
             allow_activation_mismatch=config.allow_activation_mismatch,
         )
         with skip_unreadable_images(args.skip_bad_images):
-            if args.preset == "smoke":
+            if stream_factory is None:
                 return backbone, smoke_stream(config)
             return backbone, stream_factory(args, config, backbone)
 

@@ -2,8 +2,9 @@
 
 Subcommands: ``run`` (a whole run of any preset or config, on the stream its ``dataset``
 names), ``compare`` (beside Avalanche's strategies and zero-shot CLIP), ``presets`` (the
-shipped configs and what they reproduce), ``predict`` (top classes of images with a saved
-model), ``aggregate`` (mean ± std over finished runs).
+shipped configs and what they reproduce), ``evaluate`` (a saved model's accuracy on a
+protocol's test stream), ``predict`` (top classes of images with a saved model),
+``aggregate`` (mean ± std over finished runs).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 USAGE = """usage: cliphinge COMMAND [options]
@@ -20,6 +22,7 @@ commands:
             (cliphinge run --preset smoke runs offline in under a minute)
   compare   CLIPHingeStrategy beside Avalanche's strategies and zero-shot CLIP
   presets   list the shipped presets and what they reproduce
+  evaluate  a saved model's accuracy on a protocol's whole test stream (and per task)
   predict   top classes of images with a saved model (a run's final_model.pt)
   aggregate mean ± std over finished runs (seeds), one row per (config, method)
 
@@ -27,15 +30,25 @@ cliphinge COMMAND --help shows the options of a command."""
 
 
 def presets_main(argv: List[str]) -> int:
-    """Print every shipped preset with what it reproduces."""
+    """Print every shipped preset, marked with the option that takes it, and what it runs or
+    reproduces: ``--preset`` ones first, then the ``--config`` ones."""
     from ..config import list_presets
+    from .cli import RUN_PRESET_NOTES
 
     argparse.ArgumentParser(
-        prog="cliphinge presets", description="The shipped presets (--config NAME)."
+        prog="cliphinge presets",
+        description="The shipped presets: cliphinge run --preset NAME (a setting of the run, "
+        "over any config) and --config NAME (a protocol).",
     ).parse_args(argv)
-    for name, note in list_presets().items():
-        print(f"{name}\n    {note}")
+    for option, presets in (("--preset", RUN_PRESET_NOTES), ("--config", list_presets())):
+        for name, note in presets.items():
+            print(f"{name} ({option} {name})\n    {note}")
     return 0
+
+
+#: The files ``predict`` takes from a folder (by extension, any case); a file named on the
+#: command line may be in any format PIL reads.
+FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def _bomb_message(path: str) -> str:
@@ -56,6 +69,38 @@ def _bomb_message(path: str) -> str:
     )
 
 
+def image_paths(items: List[str]) -> List[str]:
+    """The images ``predict`` reads, in order: a file as given (any format); a folder as
+    every file in it and in its subfolders with an extension of ``FOLDER_IMAGE_SUFFIXES`` (any
+    case), sorted by path, leaving out hidden files and folders (names starting with ``.``).
+
+    Raises:
+        SavedModelError: a folder without any such file.
+    """
+    from ..model.saving import SavedModelError
+
+    paths: List[str] = []
+    for item in items:
+        folder = Path(item)
+        if not folder.is_dir():
+            paths.append(item)
+            continue
+        found = sorted(
+            path
+            for path in folder.rglob("*")
+            if path.suffix.lower() in FOLDER_IMAGE_SUFFIXES
+            and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+            and path.is_file()
+        )
+        if not found:
+            raise SavedModelError(
+                f"folder {item} holds no image file (in it or its subfolders: "
+                f"{' '.join(FOLDER_IMAGE_SUFFIXES)}); pass image files or a folder of them"
+            )
+        paths += [str(path) for path in found]
+    return paths
+
+
 def predict_main(argv: List[str]) -> int:
     """Print the top classes of each image with a saved model."""
     parser = argparse.ArgumentParser(
@@ -64,7 +109,13 @@ def predict_main(argv: List[str]) -> int:
     parser.add_argument(
         "--model", required=True, help="a saved model: final_model.pt in a run's output folder"
     )
-    parser.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    parser.add_argument(
+        "images",
+        nargs="+",
+        help="image files (any format PIL reads) or folders: a folder gives every "
+        f"{'/'.join(s[1:] for s in FOLDER_IMAGE_SUFFIXES)} file in it and in its subfolders "
+        "(hidden ones left out), sorted by path; one line per image",
+    )
     parser.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
     parser.add_argument(
         "--pretrained",
@@ -85,9 +136,10 @@ def predict_main(argv: List[str]) -> int:
     if args.top < 1:
         parser.error("--top must be >= 1")
     try:
+        paths = image_paths(args.images)
         model = CLIPHingeModel.load(args.model, device=args.device, pretrained=args.pretrained)
         images = []
-        for path in args.images:
+        for path in paths:
             try:
                 with Image.open(path) as image:
                     images.append(to_rgb8(image))  # 16-bit and float images scaled, not clipped
@@ -104,7 +156,7 @@ def predict_main(argv: List[str]) -> int:
     except (SavedModelError, BackboneError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for path, names, scores in zip(args.images, prediction.names, prediction.scores.tolist()):
+    for path, names, scores in zip(paths, prediction.names, prediction.scores.tolist()):
         ranked = ", ".join(f"{name} ({score:.2f})" for name, score in zip(names, scores))
         print(f"{path}: {ranked}")
     return 0
@@ -162,18 +214,22 @@ def _dispatch(argv: List[str]) -> int:
     if command == "compare":
         from .comparison import main as compare_main
 
-        return compare_main(rest)
+        return compare_main(rest, prog="cliphinge compare")
     if command == "presets":
         return presets_main(rest)
     if command == "predict":
         return predict_main(rest)
+    if command == "evaluate":
+        from .evaluate import main as evaluate_main
+
+        return evaluate_main(rest)
     if command == "aggregate":
         from .aggregate import main as aggregate_main
 
         return aggregate_main(rest)
     print(
-        f"error: unknown command '{command}'; choose run, compare, presets, predict or "
-        "aggregate (cliphinge --help)",
+        f"error: unknown command '{command}'; choose run, compare, presets, evaluate, predict "
+        "or aggregate (cliphinge --help)",
         file=sys.stderr,
     )
     return 2

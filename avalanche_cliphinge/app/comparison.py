@@ -979,11 +979,13 @@ def format_report(comparison: Comparison, rows: Sequence[Dict[str, Any]]) -> str
 
 
 # ---- command line ---------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    """Options of ``experiments/compare.py``."""
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """Options of ``cliphinge compare`` and ``experiments/compare.py`` (``prog``: the name in
+    the usage line; default the script's)."""
     parser = argparse.ArgumentParser(
+        prog=prog,
         description="CLIPHingeStrategy, its ablations, Avalanche baselines and zero-shot CLIP "
-        "on one stream with one frozen CLIP: one table, one plot, TensorBoard runs."
+        "on one stream with one frozen CLIP: one table, one plot, TensorBoard runs.",
     )
     parser.add_argument(
         "--benchmark",
@@ -1153,13 +1155,14 @@ def prepare_output(output_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
     """Parse, load CLIP once, run every entry on every seed, write and print the table.
 
     Returns the exit code: 0, or 2 with one ``error:`` line for an expected failure.
     """
-    args = build_parser().parse_args(argv)
-    began = time.perf_counter()
+    from .cli import process_seconds
+
+    args = build_parser(prog).parse_args(argv)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     try:
         if distributed.launched():
@@ -1225,6 +1228,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(markdown_table(summarize(comparison)), end="")
     print(
         f"report: {output_dir / 'comparison.md'} | TensorBoard: tensorboard --logdir "
-        f"{output_dir / 'tb'} | this process: {time.perf_counter() - began:.1f} s"
+        f"{output_dir / 'tb'} | this process: {process_seconds():.1f} s"
     )
     return 0

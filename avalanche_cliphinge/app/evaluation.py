@@ -23,8 +23,10 @@ from avalanche.logging import (
     TextLogger,
 )
 from avalanche.training.plugins import EvaluationPlugin
+from tqdm import tqdm
 
 from ..compiled_step import overrides
+from ..errors import first_line
 from ..metrics import (
     DeviceEpochAccuracy,
     DeviceEpochLoss,
@@ -73,6 +75,33 @@ class Evaluation:
                 file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class _Discard:
+    """A text stream that drops what is written to it."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+class ProgressLogger(InteractiveLogger):
+    """Avalanche's ``InteractiveLogger`` without its text: a progress bar for each epoch and
+    each evaluation, cleared when it ends, and none of the metric lines (``Epoch N ended.``
+    and each metric's value; the run's ``log.txt`` keeps them). ``cliphinge run
+    --progress-only``."""
+
+    def __init__(self):
+        super().__init__()
+        self.file = _Discard()  # the TextLogger's output; the bars write to standard output
+
+    @property
+    def _progress(self):
+        if self._pbar is None:
+            self._pbar = tqdm(leave=False, position=0, file=sys.stdout)
+        return self._pbar
 
 
 class LeanEvaluationPlugin(EvaluationPlugin):
@@ -165,7 +194,7 @@ def make_evaluator(
     tensorboard_dir: Optional[Path] = None,
     text_log: Optional[Path] = None,
     csv_dir: Optional[Path] = None,
-    interactive: bool = False,
+    interactive: bool | str = False,
     wandb_run: Optional[str] = None,
     wandb_dir: Optional[Path] = None,
     wandb_config: Optional[Dict[str, Any]] = None,
@@ -178,7 +207,8 @@ def make_evaluator(
         text_log: ``TextLogger`` file, opened for appending and line-buffered (a killed run
             keeps every line written).
         csv_dir: ``CSVLogger`` folder.
-        interactive: ``InteractiveLogger`` (progress bars).
+        interactive: ``InteractiveLogger`` (progress bars and every metric after each epoch
+            and evaluation); ``"progress"``: ``ProgressLogger`` (progress bars only).
         wandb_run: also log to Weights & Biases under this run name (in ``wandb_dir``), with
             ``wandb_config`` as the run's config.
         append: the CSV files are continued, never truncated (a resumed run: the caller has
@@ -190,7 +220,9 @@ def make_evaluator(
     """
     # W&B first: when it cannot start, no file is open yet
     wandb_logger = None if wandb_run is None else _wandb_logger(wandb_run, wandb_dir, wandb_config)
-    loggers: List[Any] = [InteractiveLogger()] if interactive else []
+    loggers: List[Any] = []
+    if interactive:
+        loggers.append(ProgressLogger() if interactive == "progress" else InteractiveLogger())
     files: List[Any] = []
     tb_logger = None
     if text_log is not None:
@@ -242,8 +274,8 @@ def _wandb_logger(run_name: str, folder: Optional[Path], config: Optional[Dict[s
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+    text = first_line(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _csv_logger(csv_dir: Path, append: bool) -> CSVLogger:

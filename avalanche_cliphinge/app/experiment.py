@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
@@ -26,7 +29,8 @@ from . import checkpoint as ckpt
 from . import run_lock
 from .. import distributed
 from ..atomic import kill_point, remove_temp_files, write_bytes_atomic, write_text_atomic
-from ..config import CLIPHingeConfig, ConfigError
+from ..config import CLIPHingeConfig, ConfigError, config_reproduces
+from ..errors import RunError, first_line
 from ..model.backbone import CLIPBackbone
 from ..plugins.hard_pair_hinge import HardPairHingePlugin
 from ..seeding import seed_everything
@@ -60,10 +64,6 @@ PACKAGES = (
 )
 
 
-class RunError(RuntimeError):
-    """The output folder or the checkpoints do not allow the requested run."""
-
-
 def package_versions() -> Dict[str, str]:
     """Installed versions of the packages that shape the numbers."""
     versions = {"python": platform.python_version()}
@@ -73,6 +73,78 @@ def package_versions() -> Dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+#: Config keys that make a run another protocol than its config file's: the data, the task
+#: layout, the class order.
+PROTOCOL_KEYS = ("dataset", "init_class", "increment", "total_tasks", "class_order")
+#: The folder of this package's source checkout (when it is one): ``git_commit`` reads it.
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def config_record(
+    config_file: str | Path, config: CLIPHingeConfig, preset: Optional[str] = None
+) -> Dict[str, Any]:
+    """What results.json says of the config a run started from.
+
+    ``config_file`` (a preset name or a JSON file) and what it ``reproduces`` (its
+    ``"reproduces"`` note) while the run keeps the file's ``PROTOCOL_KEYS``; once the preset
+    or ``--set`` changed one of them (another dataset, layout or class order) both are
+    ``None`` and ``config_modified`` names the file and the keys changed, so neither the
+    record nor the figures' titles claim a protocol the run did not follow.
+    """
+    try:
+        base: Optional[CLIPHingeConfig] = CLIPHingeConfig.from_json(config_file)
+    except ConfigError:
+        base = None
+    changed = [k for k in PROTOCOL_KEYS if base is None or getattr(base, k) != getattr(config, k)]
+    if not changed:
+        return {
+            "config_file": str(config_file),
+            "preset": preset,
+            "reproduces": config_reproduces(config_file),
+            "config_modified": None,
+        }
+    return {
+        "config_file": None,
+        "preset": preset,
+        "reproduces": None,
+        "config_modified": {"config_file": str(config_file), "changed": changed},
+    }
+
+
+def now_iso() -> str:
+    """The local time with its UTC offset, to the second (ISO 8601)."""
+    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def git_commit(folder: str | Path = SOURCE_ROOT) -> Optional[Dict[str, Any]]:
+    """``{"commit": sha, "dirty": bool}`` of the git checkout whose top folder is ``folder``
+    (default: this package's source tree); ``dirty``: tracked files changed or files git
+    does not ignore added. ``None`` when ``folder`` is not the top of a checkout (an
+    installed package) or git is missing or fails; never raises."""
+    folder = Path(folder)
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read only: no index refresh
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(folder), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+            env=env,
+        ).stdout.strip()
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() != folder.resolve():
+            return None  # inside another project's checkout
+        commit = git("rev-parse", "--verify", "HEAD")
+        dirty = bool(git("status", "--porcelain"))
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
 
 
 #: The figures of a run (``_write_plots``), each as PNG and PDF; the confusion matrix once the
@@ -217,6 +289,10 @@ class RunState:
     confusion: Optional[List[List[int]]] = None
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
+    #: when the run began (ISO 8601; a resumed run keeps its first start), ``None`` unknown
+    created: Optional[str] = None
+    #: ``git_commit()`` when the run began
+    git_commit: Optional[Dict[str, Any]] = None
 
 
 def named_pair(pair: Sequence, names: Sequence[str]) -> Dict[str, Any]:
@@ -485,7 +561,7 @@ def _run_locked(
         except (RuntimeError, KeyError, ValueError, IndexError, TypeError) as err:
             raise ckpt.CheckpointError(
                 f"checkpoint {state['path']} does not fit this model "
-                f"({str(err).splitlines()[0][:160]}); resume with the config it was made "
+                f"({first_line(err, 160)}); resume with the config it was made "
                 "with, or start again with --overwrite"
             ) from None
     made: List[Evaluation] = []
@@ -533,7 +609,7 @@ def _run_locked(
             device=device,
             progress=interactive,
         )
-        run = RunState()
+        run = RunState(created=now_iso(), git_commit=git_commit())
         start = 0
         if state is not None:
             ckpt.set_clock_state(strategy.clock, state["clock"])
@@ -711,6 +787,9 @@ def _train_and_evaluate(
         "activation": backbone.activation,
         "class_order": named_benchmark.class_order,
         **(protocol or {}),
+        "created": run.created,
+        "git_commit": run.git_commit,
+        **(resumed_code(run) if start else {}),
         **{f"stream_{k}": v for k, v in named_benchmark.protocol.items()},
         "seed": config.seed,
         "device": _device_name(device),
@@ -757,6 +836,7 @@ def _train_and_evaluate(
                 run,
                 protocol=full_protocol,
                 confusion=None if run.confusion is None else np.asarray(run.confusion),
+                class_names=[names[c] for c in named_benchmark.class_order],
                 final=index == n_exps - 1,
             )
             kill_point("plots", index)
@@ -799,6 +879,15 @@ def _train_and_evaluate(
             _write_results(output_dir, run, test_sizes, full_protocol, n_exps, True)
 
         distributed.on_main(finish)
+
+
+def resumed_code(run: RunState) -> Dict[str, Any]:
+    """``{"git_commit_resumed": git_commit()}`` when this process's code differs from the code
+    that began the run (a resume after a commit or an edit), else ``{}``."""
+    if run.created is None and run.git_commit is None:
+        return {}  # a checkpoint of an older version: its code was not recorded
+    now = git_commit()
+    return {} if now == run.git_commit else {"git_commit_resumed": now}
 
 
 def _quiet(message: str) -> None:
@@ -855,6 +944,7 @@ def _write_plots(
     *,
     protocol: Optional[Dict[str, Any]] = None,
     confusion=None,
+    class_names: Optional[Sequence[str]] = None,
     final: bool = True,
 ) -> Dict[str, RenderedFigure]:
     """The run's figures as PNG (300 dpi) and PDF, each atomic (``figures.save_figure``):
@@ -872,6 +962,7 @@ def _write_plots(
             and the classes per task (x axis: classes seen; without it: the task number).
         confusion: ``[C, C]`` counts of the last evaluation in the stream's class order
             (``ConfusionMatrixPlugin.matrix(named_benchmark.class_order)``), or ``None``.
+        class_names: the class names in that order, for the confusion matrix's ticks.
     """
     protocol = protocol or {}
     title = run_title(protocol)
@@ -882,7 +973,7 @@ def _write_plots(
     }
     if confusion is not None:
         figures["results/confusion_matrix"] = confusion_matrix_figure(
-            confusion, sizes or [len(confusion)], title
+            confusion, sizes or [len(confusion)], title, class_names
         )
     rendered = {}
     for tag, figure in figures.items():

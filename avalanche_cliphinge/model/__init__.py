@@ -1,7 +1,8 @@
-"""The frozen CLIP backbone and the method's modules around it."""
+"""The frozen CLIP backbone, the method's modules around it, the factory (``build_model``)
+and the saved-model file."""
 
 from .backbone import TINY_MODEL, BackboneError, CLIPBackbone, load_clip
-from .cliphinge_model import UNSEEN_SCORE, CLIPHingeModel
+from .cliphinge_model import UNSEEN_SCORE, CLIPHingeModel, build_model
 from .heads import ImageAdapter, TaskHead
 from .lora import VisualLoRA
 from .prompts import TaskPrompts, encode_token_embeddings, raw_text_features
@@ -13,6 +14,7 @@ __all__ = [
     "load_clip",
     "UNSEEN_SCORE",
     "CLIPHingeModel",
+    "build_model",
     "ImageAdapter",
     "TaskHead",
     "VisualLoRA",

@@ -19,14 +19,12 @@ import open_clip
 import torch
 from torch import nn
 
-TINY_MODEL = "cliphinge-tiny"
+from ..config import TINY_MODEL
+from ..errors import BackboneError, first_line
+
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 if TINY_MODEL not in open_clip.list_models():
     open_clip.add_model_config(_CONFIG_DIR)
-
-
-class BackboneError(RuntimeError):
-    """The requested CLIP model or its weights could not be loaded."""
 
 
 @dataclass
@@ -135,7 +133,7 @@ def load_torchscript_weights(model: nn.Module, path: str | Path) -> None:
         raise BackboneError(
             f"could not read the TorchScript archive '{path}' "
             f"({type(err).__name__}: {_first_line(err)})"
-        ) from None
+        ) from err
     state = {k: v for k, v in archive.state_dict().items() if k not in _TORCHSCRIPT_EXTRAS}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -158,7 +156,40 @@ def load_torchscript_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0][:160]
+    return first_line(err, 160)
+
+
+def check_device(device: str | torch.device, option: str = "--device") -> torch.device:
+    """``device`` as a ``torch.device`` once this machine is known to have it.
+
+    Cheap (no CUDA context is made): run it before loading anything. ``option`` names the
+    setting in the message (``--device`` on the command line, ``device=`` in Python).
+
+    Raises:
+        BackboneError: not a device name, CUDA asked on a machine without it, or a CUDA
+            index beyond the machine's devices; one line saying what to pass instead.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise BackboneError(
+            f"{option} {device}: not a torch device; pass cpu, cuda or cuda:<index>"
+        ) from None
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise BackboneError(
+            f"{option} {device}: this machine has no CUDA device (torch.cuda.is_available() "
+            f"is False); use {option} cpu"
+        )
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        have = ", ".join(f"cuda:{i}" for i in range(count))
+        raise BackboneError(
+            f"{option} {device}: this machine has {count} CUDA device"
+            f"{'' if count == 1 else 's'} ({have}); use one of them or {option} cpu"
+        )
+    return dev
 
 
 def load_clip(
@@ -198,6 +229,7 @@ def load_clip(
             f"open_clip.list_models() (e.g. ViT-B-16-quickgelu, or {TINY_MODEL} "
             "offline)"
         )
+    check_device(device, "device")
     tag = None if pretrained in (None, "", "none", "None") else str(pretrained)
     sha = None
     torchscript = False
@@ -244,18 +276,21 @@ def load_clip(
             model_name, pretrained=None if torchscript else tag, device=device
         )
     except Exception as err:  # torch.load raises UnpicklingError, IndexError... on a bad file
+        # ``from err``: the one-line message names the likely fix, a traceback (--debug)
+        # still shows what open_clip or torch actually raised
         if sha is not None:
             raise BackboneError(
                 f"could not load checkpoint '{tag}' into {model_name} "
                 f"({type(err).__name__}: {_first_line(err)})"
-            ) from None
-        if not isinstance(err, RuntimeError):
-            raise
+            ) from err
+        if tag is None or not isinstance(err, RuntimeError):
+            raise  # random weights fetch nothing: not a download problem
         raise BackboneError(
             f"could not fetch the '{tag}' weights of {model_name} (offline?). Download them on a "
             f"machine with internet and pass the file: --pretrained /path/to/{model_name}.pt "
-            f'(or pretrained="/path/..." in the config)'
-        ) from None
+            f'(or pretrained="/path/..." in the config) ({type(err).__name__}: '
+            f"{_first_line(err)})"
+        ) from err
     if torchscript:
         load_torchscript_weights(model, tag)
     if tag is None:

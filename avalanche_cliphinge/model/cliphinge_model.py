@@ -8,14 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import CLIPHingeConfig
 from ..gaussian import ClassGaussians
 from ..losses import fuse_logits
 from ..seeding import Draw, generator as seeded
-from ..streams import clip_mean_std
-from .backbone import CLIPBackbone
+from ..streams import ClipInput, clip_mean_std
+from .backbone import CLIPBackbone, load_clip
 from .heads import ImageAdapter
 from .lora import VisualLoRA
 from .prompts import TaskPrompts, encode_token_embeddings, prompt_length, raw_text_features
+from .saving import read_saved_model, restore_learned_state, save_model
 
 
 class DevicePreprocess(nn.Module):
@@ -424,8 +426,6 @@ class CLIPHingeModel(nn.Module):
         ``config`` defaults to the one the model was built from (``build_model`` records it).
         Returns the path written.
         """
-        from .saving import save_model
-
         config = config if config is not None else getattr(self, "config", None)
         if config is None:
             raise ValueError(
@@ -436,10 +436,16 @@ class CLIPHingeModel(nn.Module):
     @classmethod
     def load(cls, path, device="cpu", pretrained=None) -> "CLIPHingeModel":
         """A model written by ``save``, in eval mode (``pretrained``: where the frozen weights
-        are on this machine, when not where training found them)."""
-        from .saving import load_model
+        are on this machine, when not where training found them).
 
-        return load_model(path, device=device, pretrained=pretrained)
+        Raises:
+            SavedModelError: not a saved model, weights other than those trained with, or
+                learned class ids without a name (a file from an older version, or edited).
+        """
+        saved = read_saved_model(path, device=device, pretrained=pretrained)
+        model = build_model(saved.config, saved.class_names, device, backbone=saved.backbone)
+        restore_learned_state(model, saved.learned)
+        return model.eval()
 
     @torch.no_grad()
     def predict(self, images, k: int = 5, batch_size: int = 64) -> "Prediction":
@@ -456,8 +462,6 @@ class CLIPHingeModel(nn.Module):
             ``Prediction(class_ids [n, k] long, names [n][k], scores [n, k] float)``, best
             first; the scores are those of ``forward`` (fused with the heads).
         """
-        from ..streams import ClipInput
-
         if self.n_tasks == 0:
             raise ValueError("the model has learned no class yet: train it or load a saved one")
         if isinstance(images, Tensor) and images.ndim == 3:
@@ -479,6 +483,45 @@ class CLIPHingeModel(nn.Module):
         ids = seen[top.indices].cpu()
         names = [[self.names[int(c)] for c in row] for row in ids]
         return Prediction(ids, names, top.values.cpu())
+
+
+def build_model(
+    config: CLIPHingeConfig,
+    class_names: ClassNames,
+    device: str | torch.device = "cpu",
+    backbone: Optional[CLIPBackbone] = None,
+) -> CLIPHingeModel:
+    """Wrap ``backbone`` (default: the one ``config`` names, loaded now) in a ``CLIPHingeModel``
+    with the options ``config`` sets; the model records ``config`` (what ``save`` writes)."""
+    if backbone is None:
+        backbone = load_clip(
+            config.model_name,
+            config.pretrained,
+            device=device,
+            allow_activation_mismatch=config.allow_activation_mismatch,
+        )
+    lora = (
+        (config.lora_layers, config.lora_rank, config.lora_alpha)
+        if config.use_lora_in_second_stage and config.second_stage_epochs > 0
+        else None
+    )
+    model = CLIPHingeModel(
+        backbone,
+        class_names,
+        n_ctx=config.n_ctx,
+        ctx_init=config.ctx_init,
+        prompt_template=config.prompt_template,
+        use_image_adapter=config.use_image_adapter,
+        fusion_weight=config.second_stage_fusion_weight,
+        head_logit_scale=config.second_stage_logit_scale,
+        lora=lora,
+        seed=config.seed,
+        resize_on_device=config.resize_on_device,
+        gaussian_storage=config.gaussian_storage,
+        gaussian_rank=config.gaussian_rank,
+    ).to(device)
+    model.config = config  # what CLIPHingeModel.save records to rebuild it
+    return model
 
 
 class Prediction(NamedTuple):

@@ -5,6 +5,9 @@ LoRA adapters), the class names and task order, the config and the backbone's id
 (architecture, weights tag or file and its SHA-256). The frozen CLIP weights are not in it,
 except random ones (``pretrained=None``), which no tag or file could rebuild. Everything is
 plain tensors and Python values, so ``torch.load(weights_only=True)`` reads it.
+
+``CLIPHingeModel.save`` and ``CLIPHingeModel.load`` use it; it knows the model only by the
+attributes it reads and writes, so the model's module imports this one and not the reverse.
 """
 
 from __future__ import annotations
@@ -12,18 +15,18 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional
 
 import torch
+from torch import nn
 
 from ..atomic import save_atomic
+from ..config import CLIPHingeConfig
+from ..errors import load_failure
+from .backbone import CLIPBackbone, load_clip
 from .heads import ImageAdapter, TaskHead
 
-if TYPE_CHECKING:
-    from ..config import CLIPHingeConfig
-    from .cliphinge_model import CLIPHingeModel
-
-#: Written into every saved model; ``load_model`` refuses other values.
+#: Written into every saved model; ``read_saved_model`` refuses other values.
 MODEL_FORMAT = "avalanche-cliphinge model 1"
 
 
@@ -62,8 +65,9 @@ def _ids_without_names(task_classes, names) -> List[int]:
     return sorted({int(c) for classes in task_classes for c in classes} - set(names))
 
 
-def learned_state(model: "CLIPHingeModel") -> Dict[str, Any]:
-    """The learned and fitted parts of ``model`` as CPU tensors (the frozen CLIP is not saved).
+def learned_state(model: nn.Module) -> Dict[str, Any]:
+    """The learned and fitted parts of ``model`` (a ``CLIPHingeModel``) as CPU tensors (the
+    frozen CLIP is not saved).
 
     Keys: ``task_classes`` (class ids per task), ``prompts`` (``[n_classes_of_task, n_ctx,
     width]`` per task), ``gaussians``, ``heads`` and ``head_scales`` (stage 2), ``adapter``,
@@ -93,8 +97,9 @@ def learned_state(model: "CLIPHingeModel") -> Dict[str, Any]:
     }
 
 
-def restore_learned_state(model: "CLIPHingeModel", state: Dict[str, Any]) -> None:
-    """Rebuild the tasks of a fresh ``model`` (no tasks yet) from ``learned_state`` output."""
+def restore_learned_state(model: nn.Module, state: Dict[str, Any]) -> None:
+    """Rebuild the tasks of a fresh ``model`` (a ``CLIPHingeModel`` with no tasks yet) from
+    ``learned_state`` output."""
     if model.n_tasks:
         raise SavedModelError("restoring a trained state needs a fresh model with no tasks")
     device = model.column_of.device
@@ -124,8 +129,9 @@ def restore_learned_state(model: "CLIPHingeModel", state: Dict[str, Any]) -> Non
                 named[key].requires_grad_(False)
 
 
-def save_model(model: "CLIPHingeModel", path: str | Path, config: "CLIPHingeConfig") -> Path:
-    """Write ``model`` (built from ``config``) to ``path`` atomically (``atomic.save_atomic``).
+def save_model(model: nn.Module, path: str | Path, config: CLIPHingeConfig) -> Path:
+    """Write ``model`` (a ``CLIPHingeModel`` built from ``config``) to ``path`` atomically
+    (``atomic.save_atomic``).
 
     Returns the path written.
 
@@ -167,10 +173,21 @@ def save_model(model: "CLIPHingeModel", path: str | Path, config: "CLIPHingeConf
     return path
 
 
-def load_model(
+class SavedModel(NamedTuple):
+    """What ``read_saved_model`` found in a file: the model is ``build_model(config,
+    class_names, backbone=backbone)`` with ``restore_learned_state(model, learned)``."""
+
+    config: CLIPHingeConfig
+    class_names: Dict[int, str]
+    backbone: CLIPBackbone
+    learned: Dict[str, Any]
+
+
+def read_saved_model(
     path: str | Path, device: str | torch.device = "cpu", pretrained: Optional[str] = None
-) -> "CLIPHingeModel":
-    """A model saved by ``save_model``, in eval mode, ready for ``predict``.
+) -> SavedModel:
+    """The parts of a model saved by ``save_model``, checked, its frozen CLIP loaded on
+    ``device`` (``CLIPHingeModel.load`` builds the model from them).
 
     Args:
         path: the saved file (a run writes ``final_model.pt``).
@@ -183,10 +200,6 @@ def load_model(
         SavedModelError: not a saved model, weights other than those trained with, or
             learned class ids without a name (a file from an older version, or edited).
     """
-    from ..config import CLIPHingeConfig
-    from ..strategy import build_model
-    from .backbone import load_clip
-
     path = Path(path)
     if not path.is_file():
         raise SavedModelError(
@@ -197,8 +210,8 @@ def load_model(
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # damaged file, not a torch file...
         raise SavedModelError(
-            f"{path} is not a readable saved model ({type(err).__name__}: "
-            f"{(str(err).splitlines() or [''])[0][:120]})"
+            f"{path} is not a readable saved model ({load_failure(err)}); pass "
+            "final_model.pt of a run"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise SavedModelError(
@@ -240,7 +253,4 @@ def load_model(
                 f"{backbone.pretrained} has SHA-256 {backbone.weights_sha256}, but {path} was "
                 f"trained on weights with {recorded}; pass the same file with pretrained=..."
             )
-    model = build_model(config, payload["class_names"], device, backbone=backbone)
-    restore_learned_state(model, payload["learned"])
-    model.config = config
-    return model.eval()
+    return SavedModel(config, names, backbone, payload["learned"])

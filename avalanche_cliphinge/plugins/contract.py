@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from ..config import CLIPHingeConfig
     from ..model.cliphinge_model import CLIPHingeModel
-    from ..strategy import ExperienceClasses, StepState
+    from ..step_state import ExperienceClasses, StepState
 
 
 @runtime_checkable

@@ -8,9 +8,9 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
-from ..compiled_step import StepTerm
 from ..losses import hinge_loss, select_hard_pairs
 from ..seeding import Draw, generator as seeded
+from ..step_state import StepTerm
 from .contract import check_strategy
 
 Pair = Tuple[int, int, float]

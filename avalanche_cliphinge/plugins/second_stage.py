@@ -13,11 +13,11 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..compiled_step import CompiledStage2
 from ..loaders import EpochBatchSampler, TensorBatchLoader
 from ..model.heads import TaskHead
 from ..seeding import Draw, generator as seeded
 from .contract import check_strategy
+from .second_stage_compiled import CompiledStage2
 
 
 class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
@@ -37,7 +37,7 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
     new and returning classes trains the new task's head on the new classes' samples only.
 
     With the config's ``compile_step`` the run on cached features is one captured graph per
-    step (``compiled_step.CompiledStage2``); the LoRA run stays eager. Under torchrun the LoRA
+    step (``CompiledStage2``); the LoRA run stays eager. Under torchrun the LoRA
     run's minibatches are split by rows across the ranks, their gradients summed.
 
     Args:
@@ -76,9 +76,15 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
         self.start_task, self.epochs, self.lr = start_task, epochs, lr
         self.momentum, self.weight_decay = momentum, weight_decay
         self.logit_scale, self.batch_size, self.seed = logit_scale, batch_size, seed
+        #: the mean training loss of each epoch of the latest run (a new list per run)
         self.losses: List[float] = []
         #: optimizer steps taken so far, every task's run together
         self.steps = 0
+
+    @property
+    def stage2_losses(self) -> List[float]:
+        """``losses``, as ``step_state.Stage2Record`` declares them for the metrics."""
+        return self.losses
 
     @classmethod
     def from_config(cls, config) -> "SecondStagePlugin":
