@@ -49,6 +49,10 @@ class RunLock:
         self._fd: Optional[int] = None  # .lock
         self._dir_fd: Optional[int] = None  # the folder (None where it cannot be locked)
         self._holder: Optional[Dict[str, object]] = None
+        #: what ``.lock`` held before this process wrote its line: put back on release
+        #: unless the run claimed the folder (``announce``), so a refused run leaves it as is
+        self._previous = b""
+        self._claimed = False
         self._depth = 0
 
     def acquire(self) -> None:
@@ -62,6 +66,7 @@ class RunLock:
         self._dir_fd = _lock_folder(self.folder)  # RunLockedError when taken
         try:
             self._fd = self._open_and_lock_file()
+            self._previous = os.pread(self._fd, 1 << 16, 0)
             self._holder = {
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
@@ -101,7 +106,9 @@ class RunLock:
         os.fsync(self._fd)
 
     def announce(self) -> None:
-        """Write the holder's line again (it is written when the lock is taken)."""
+        """The run claims the folder (its checks passed): write the holder's line again (it
+        is written when the lock is taken); ``.lock`` is emptied when the lock is released."""
+        self._claimed = True
         if self._fd is not None:
             self._write_holder()
 
@@ -137,13 +144,18 @@ class RunLock:
             ) from None
         os.close(self._fd)
         self._fd = fd
+        self._previous = b""  # a new .lock: nothing to put back
         self._write_holder()
 
     def release(self) -> None:
-        """Empty ``.lock`` if this process wrote it, then drop the lock."""
+        """Empty ``.lock`` (a run that claimed the folder) or put back what it held before
+        (a run refused before its claim leaves every file as it found it), then drop the
+        lock."""
         try:
             if self._fd is not None and self._holder is not None:
-                os.ftruncate(self._fd, 0)
+                kept = b"" if self._claimed else self._previous
+                os.pwrite(self._fd, kept, 0)
+                os.ftruncate(self._fd, len(kept))
         finally:
             # .lock first: a run that takes the folder next then finds it free as well
             for name in ("_fd", "_dir_fd"):
