@@ -75,12 +75,14 @@ def experience_with_dataset(experience, dataset):
     experience's own. The items are read through ``dataset`` even from Avalanche's subsets and
     concatenations of the copy's dataset (a storage policy's buffer), which otherwise drop a
     transform set with ``replace_current_transform_group``. An experience class that keeps its
-    data elsewhere than Avalanche's ``_dataset`` is returned unchanged.
+    data elsewhere than Avalanche's ``_dataset`` is returned unchanged. The copy's
+    ``source_experience`` is ``experience`` (an evaluator keeps one logging view for both).
     """
     if dataset is None or "_dataset" not in vars(experience):
         return experience
     tasks = getattr(dataset, "targets_task_labels", None)
     view = copy.copy(experience)
+    view.source_experience = experience
     view._dataset = _make_taskaware_classification_dataset(
         _ItemsAsRead(dataset),
         targets=[int(t) for t in dataset.targets],

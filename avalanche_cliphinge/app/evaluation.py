@@ -136,8 +136,10 @@ class LeanEvaluationPlugin(EvaluationPlugin):
             return []
         experience = strategy.experience
         if experience is not None:
-            if self._view[0] is not experience:
-                self._view = (experience, experience.logging())
+            # the strategy's view of an experience as CLIP's input shares its logging view
+            source = getattr(experience, "source_experience", experience)
+            if self._view[0] is not source:
+                self._view = (source, source.logging())
             strategy.experience = self._view[1]
         try:
             for metric in metrics:
