@@ -15,8 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
-import torch
-
 from .errors import first_line
 
 #: Environment variable of the kill points (tests only): ``<point>:<experience>``.
@@ -121,6 +119,8 @@ def save_atomic(obj: Any, path: Path, experience: Optional[int] = None) -> None:
     torch reports a full disk as ``RuntimeError`` (``inline_container.cc ... unexpected
     pos``); it is raised as an ``OSError`` naming ``path``.
     """
+
+    import torch  # here: the module's text writers serve commands that never import torch
 
     def write(file):
         try:

@@ -54,8 +54,14 @@ PROBE = (
             "error: --set: unknown config key 'lrr'; did you mean 'lr'?",
         ),
         (["run", "--config", "missing.json"], 2, "error: config 'missing.json' is neither"),
+        (["predict", "--model", "missing.pt", "x.png"], 2, "error: saved model missing.pt does"),
+        (
+            ["evaluate", "--model", "missing.pt", "--preset", "smoke"],
+            2,
+            "error: saved model missing.pt does not exist; a finished run writes final_model.pt",
+        ),
     ],
-    ids=["presets", "run-help", "bad-value", "bad-key", "missing-config"],
+    ids=["presets", "run-help", "bad-value", "bad-key", "missing-config", "predict", "evaluate"],
 )
 def test_help_and_bad_requests_answer_without_importing_torch_or_avalanche(args, code, said):
     done = subprocess.run(

@@ -126,6 +126,10 @@ def predict_main(argv: List[str]) -> int:
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default: cpu)")
     args = parser.parse_args(argv)
+    from .evaluate import missing_model
+
+    if missing_model(args.model):
+        return 2
     from PIL import Image, UnidentifiedImageError
 
     from ..model.backbone import BackboneError

@@ -87,6 +87,19 @@ def _request(args: argparse.Namespace) -> argparse.Namespace:
     )
 
 
+def missing_model(path: str) -> bool:
+    """Say so (one ``error:`` line) and return ``True`` when ``path`` is not a file: before
+    torch is imported, so that a mistyped path is answered at once."""
+    if Path(path).is_file():
+        return False
+    print(
+        f"error: saved model {path} does not exist; a finished run writes final_model.pt in "
+        "its output folder",
+        file=sys.stderr,
+    )
+    return True
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Evaluate; 0, or 2 with one ``error:`` line for a request that cannot run."""
     args = build_parser().parse_args(argv)
@@ -95,6 +108,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = resolve_config(request)  # before anything slow: a bad --set fails at once
     except ConfigError as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    if missing_model(args.model):
         return 2
     from ..model.saving import SavedModelError
 
