@@ -11,9 +11,14 @@ with eager imports.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any, List
 
 __version__ = "0.1.0"
+
+# Avalanche imports qpsolvers for GEM, which warns at import when none of its optional solvers
+# imports; the method needs none (GEMPlugin fails at its first projection without one)
+warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
 
 #: public name -> the module (relative to this package) that defines it
 _EXPORTS = {

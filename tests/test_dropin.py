@@ -795,6 +795,9 @@ def test_readme_own_script_example_runs(capsys):
     exec(compile(example, "README.md", "exec"), {"__name__": "readme_example"})
     printed = capsys.readouterr().out
     assert printed.count("Top1_Acc_Stream/eval_phase/test_stream/Task000") == 2
+    section = readme[readme.index("## Use it in your own Avalanche script") :]
+    expected = re.search(r"Expected output: `([^`]+)`", section).group(1)
+    assert [line for line in printed.splitlines() if line.startswith("{")] == [expected] * 2
 
 
 def test_stream_transforms_by_architecture_name(tiny_config, class_names):

@@ -284,5 +284,5 @@ def test_run_script_takes_a_preset_name_from_any_folder(tmp_path, monkeypatch, c
     )
     assert code == 2
     err = capsys.readouterr().err
-    assert "for dataset 'imagenet_r'" in err
+    assert "this script runs dataset 'cifar100', but the request's dataset is 'imagenet_r'" in err
     assert "cliphinge run --config imagenet_r_b0_inc20" in err

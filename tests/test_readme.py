@@ -20,3 +20,5 @@ def test_readme_python_example_runs_and_learns():
     assert done.returncode == 0, done.stderr[-2000:]
     accuracy = float(re.search(r"stream accuracy ([0-9.]+)", done.stdout).group(1))
     assert accuracy > 0.5  # 10 classes: chance is 0.1
+    expected = re.search(r"## Python example.*?Expected output: `([^`]+)`", readme, re.S)
+    assert done.stdout.strip().splitlines()[-1] == expected.group(1)
