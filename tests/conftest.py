@@ -7,8 +7,10 @@ avalanche-lib installs its own top-level ``tests`` package, so nothing here is i
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -177,3 +179,29 @@ def run_stream(synthetic_stream, class_names, evaluator_factory):
         return strategy, results
 
     return run
+
+
+SHARED_JPEGS = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg-subset"
+CIFAR10_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpegs(tmp_path_factory) -> Path:
+    """The shared real CIFAR-10 JPEG subset (10 classes, 40 training and 10 test 32x32 JPEGs
+    each, ``root/{train,test}/<class>/*.jpg``) where the checkout has ``../shared``; elsewhere
+    (a clone of the repository, which does not ship it) a generated tree of that layout,
+    random pixels saved as JPEG."""
+    from PIL import Image
+
+    if SHARED_JPEGS.is_dir():
+        return SHARED_JPEGS
+    root = tmp_path_factory.mktemp("cifar10-jpeg-subset")
+    rng = np.random.default_rng(0)
+    for side, count in (("train", 40), ("test", 10)):
+        for name in CIFAR10_CLASSES:
+            folder = root / side / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index:04d}.jpg", quality=90)
+    return root

@@ -4,7 +4,6 @@ the checkout has no ``../shared``), and the synthetic stream."""
 
 import json
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,27 +24,7 @@ from avalanche_cliphinge.benchmarks import (
     synthetic,
 )
 
-SHARED_JPEGS = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg-subset"
 CIFAR10_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
-
-
-@pytest.fixture(scope="module")
-def cifar10_jpegs(tmp_path_factory) -> Path:
-    """The shared real CIFAR-10 JPEG subset (10 classes, 40 training and 10 test 32x32 JPEGs
-    each) where the checkout has ``../shared``; elsewhere (a clone of the repository, which
-    does not ship it) a generated tree of that layout, random pixels saved as JPEG."""
-    if SHARED_JPEGS.is_dir():
-        return SHARED_JPEGS
-    root = tmp_path_factory.mktemp("cifar10-jpeg-subset")
-    rng = np.random.default_rng(0)
-    for side, count in (("train", 40), ("test", 10)):
-        for name in CIFAR10_CLASSES:
-            folder = root / side / name
-            folder.mkdir(parents=True)
-            for index in range(count):
-                pixels = rng.integers(0, 256, (32, 32, 3), np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index:04d}.jpg", quality=90)
-    return root
 
 
 def experience_classes(named_benchmark: NamedBenchmark) -> list[list[int]]:

@@ -236,7 +236,7 @@ def test_seed_changes_the_prompt_initialisation_and_the_shuffling(tiny_config, r
     assert a.generator(0, 1).initial_seed() != b.generator(0, 1).initial_seed()
 
 
-def test_speed_benchmark_tiny_cpu_mode_prints_every_phase():
+def test_speed_benchmark_tiny_cpu_mode_prints_every_phase(cifar10_jpegs):
     """The benchmark script itself (figures are printed, never asserted)."""
     done = subprocess.run(
         [
@@ -244,6 +244,8 @@ def test_speed_benchmark_tiny_cpu_mode_prints_every_phase():
             "benchmarks/speed.py",
             "--preset",
             "tiny",
+            "--data-root",
+            str(cifar10_jpegs),
             "--compare-uncached",
             *ONE_EPOCH,
             "--bare-batch",

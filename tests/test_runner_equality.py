@@ -1,0 +1,163 @@
+"""The eager runners against the captured ones on one short epoch plan, in seconds.
+
+The slow tests of test_compiled_step.py compile the captured steps with inductor (minutes
+cold). Here the same captured steps (``compile_step``: stage 1's ``CompiledStep``, stage 2's
+``CompiledStage2``) are made by ``torch.compile`` with the ``aot_eager`` backend: Dynamo
+traces each step whole (``fullgraph=True``, ``Tensor.backward`` and the optimizer update
+included) and AOT autograd makes its forward and backward graphs, which then run op by op
+without inductor's code generation. What the captured steps compute is the same; what
+inductor adds (fused kernels, their summation order) is left to the slow tests.
+
+The plan: 2 experiences of 60 images, 1 stage-1 epoch each in minibatches of 25 (3 steps,
+the last one padded), Gaussian replay and both hinges (every pair hard) in task 1, the image
+adapter, 1 stage-2 epoch (task 1's head, 3 steps).
+"""
+
+import warnings
+from typing import Callable, List, Tuple
+
+import pytest
+import torch
+from torch._dynamo.backends.registry import lookup_backend
+
+from avalanche_cliphinge import CLIPHingeStrategy
+from avalanche_cliphinge.app.evaluation import make_evaluator
+from avalanche_cliphinge.compiled_step import CompiledStage2, CompiledStep
+from avalanche_cliphinge.plugins import SecondStagePlugin
+
+#: learned tensors and reported losses: both runners do the same float32 arithmetic up to
+#: the order of a few sums (and Adam's capturable form in the graph)
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+#: stage-1 steps per task and stage-2 steps (task 1): 60 images in minibatches of 25
+STEPS = 3
+#: make_evaluator() without loggers: Avalanche warns that nothing is logged
+pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
+
+
+@pytest.fixture(scope="module")
+def plan(tiny_config):
+    """Replay, both hinges with every pair hard, the image adapter; 1 epoch per stage."""
+    return tiny_config(
+        init_epochs=1,
+        epochs=1,
+        batch_size=25,
+        second_stage_epochs=1,
+        text_hard_pair_threshold=-1.0,
+        use_image_hinge_loss=True,
+        image_hard_pair_threshold=-1.0,
+        use_image_adapter=True,
+    )
+
+
+def train(config, synthetic_stream, class_names):
+    """Train the first 2 experiences from the same initial weights; returns the strategy
+    and its evaluator's metrics (the timings left out)."""
+    torch.manual_seed(0)
+    evaluator = make_evaluator().plugin
+    strategy = CLIPHingeStrategy(
+        config=config, class_names=class_names, evaluator=evaluator, progress=False
+    )
+    for experience in synthetic_stream.train_stream[:2]:
+        strategy.train(experience)
+    metrics = evaluator.get_all_metrics()
+    return strategy, {k: v for k, v in metrics.items() if not k.startswith("Time_")}
+
+
+class CheapCompile:
+    """Stands in for ``torch.compile`` while the captured run trains: the same call with
+    the ``aot_eager`` backend. Keeps, per function it compiles (in order): the runner the
+    step belongs to and the keyword arguments (``made``), and how often the compiled
+    function was called (``calls``); and for each graph Dynamo hands the backend, the
+    function and the call that traced it (``graphs``: ``(function, call)``)."""
+
+    def __init__(self, compile: Callable):
+        self.compile = compile
+        self.made: List[Tuple[object, dict]] = []
+        self.calls: List[int] = []
+        self.graphs: List[Tuple[int, int]] = []
+        self._aot_eager = lookup_backend("aot_eager")
+        self._calling: Tuple[int, int] = (-1, 0)
+
+    def backend(self, graph, example_inputs):
+        self.graphs.append(self._calling)
+        return self._aot_eager(graph, example_inputs)
+
+    def __call__(self, step, **kwargs):
+        index = len(self.made)
+        self.made.append((step.__self__, kwargs))
+        self.calls.append(0)
+        compiled = self.compile(step, **{**kwargs, "backend": self.backend})
+
+        def call():
+            self.calls[index] += 1
+            self._calling = (index, self.calls[index])
+            try:
+                return compiled()
+            finally:
+                self._calling = (-1, 0)
+
+        return call
+
+
+@pytest.fixture(scope="module")
+def runs(plan, synthetic_stream, class_names):
+    """The eager run and the captured run of ``plan``, and the captured run's compiles."""
+    eager, eager_metrics = train(plan, synthetic_stream, class_names)
+    cheap = CheapCompile(torch.compile)
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch.setattr(torch, "compile", cheap)
+        captured, captured_metrics = train(
+            plan.replace(compile_step=True), synthetic_stream, class_names
+        )
+    return eager, eager_metrics, captured, captured_metrics, cheap, caught
+
+
+def test_the_captured_runners_learn_what_the_eager_runners_learn(runs):
+    eager, eager_metrics, captured, captured_metrics, cheap, caught = runs
+    # every task ran captured: no fallback, one graph per task for stage 1, one for task 1's
+    # stage 2, each traced whole (fullgraph) once and called at every step
+    assert not [str(w.message) for w in caught if "compile_step" in str(w.message)]
+    runners = [runner for runner, _ in cheap.made]
+    assert [type(r) for r in runners] == [CompiledStep, CompiledStep, CompiledStage2]
+    assert runners[0] is runners[1] is captured._compiled_step
+    assert all(kwargs["fullgraph"] for _, kwargs in cheap.made), cheap.made
+    assert captured._compiled_step.graphs_traced == 2 and runners[2].graphs_traced == 1
+    assert cheap.calls == [STEPS, STEPS, STEPS]
+    # graphs made at each function's first call only (Dynamo may trace a frame twice when it
+    # restarts its analysis): every later step ran the graph, no guard failed
+    assert sorted(set(cheap.graphs)) == [(0, 1), (1, 1), (2, 1)], cheap.graphs
+
+    # stage 1: every prompt's context, the image adapter
+    assert len(captured.model.prompts) == len(eager.model.prompts) == 2
+    for a, b in zip(eager.model.prompts, captured.model.prompts):
+        torch.testing.assert_close(b.ctx, a.ctx, **TOLERANCE)
+    for a, b in zip(eager.model.adapter.parameters(), captured.model.adapter.parameters()):
+        torch.testing.assert_close(b, a, **TOLERANCE)
+    # stage 2: task 1's head
+    assert list(captured.model.heads) == list(eager.model.heads) == ["1"]
+    for a, b in zip(eager.model.heads["1"].parameters(), captured.model.heads["1"].parameters()):
+        torch.testing.assert_close(b, a, **TOLERANCE)
+
+    # the reported epoch metrics of both tasks (losses, terms, accuracy, lr, stage 2's loss)
+    assert sorted(captured_metrics) == sorted(eager_metrics)
+    for name, (steps, values) in eager_metrics.items():
+        assert captured_metrics[name][0] == steps, name
+        assert captured_metrics[name][1] == pytest.approx(
+            values, rel=TOLERANCE["rtol"], abs=TOLERANCE["atol"]
+        ), name
+    stage2 = [
+        next(p for p in run.plugins if isinstance(p, SecondStagePlugin))
+        for run in (eager, captured)
+    ]
+    assert len(stage2[1].losses) == 1 and stage2[1].steps == stage2[0].steps == STEPS
+    assert stage2[1].losses == pytest.approx(
+        stage2[0].losses, rel=TOLERANCE["rtol"], abs=TOLERANCE["atol"]
+    )
+    # the hinge's last step terms (task 1 had pairs on both sides)
+    hinges = [next(p for p in run.plugins if hasattr(p, "text_pairs")) for run in (eager, captured)]
+    assert hinges[1].text_pairs and hinges[1].image_pairs
+    for kind in ("text", "image"):
+        assert float(hinges[1].last_losses[kind]) == pytest.approx(
+            float(hinges[0].last_losses[kind]), rel=TOLERANCE["rtol"], abs=TOLERANCE["atol"]
+        ), kind
