@@ -47,6 +47,20 @@ TINY_IMAGENET_R = [
 ]
 
 
+#: ``python -c PROBE ARGS``: ``python -m avalanche_cliphinge ARGS``, then the exit code and
+#: which heavy packages it imported, on stderr: ``exit 2 imported -`` (``-``: none of them).
+PROBE = (
+    "import runpy, sys\n"
+    "sys.argv = ['cliphinge', *sys.argv[1:]]\n"
+    "try:\n"
+    "    runpy.run_module('avalanche_cliphinge', run_name='__main__')\n"
+    "except SystemExit as stop:\n"
+    "    code = stop.code\n"
+    "heavy = [m for m in ('avalanche', 'torch', 'open_clip') if m in sys.modules]\n"
+    "print('exit', code, 'imported', ','.join(heavy) or '-', file=sys.stderr)\n"
+)
+
+
 def smoke_command(output_dir: Path, *extra: str):
     """The smoke preset as a subprocess command line."""
     return [

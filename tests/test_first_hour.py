@@ -18,24 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_helpers import PROBE
+
 from avalanche_cliphinge.app import cli
 from avalanche_cliphinge.app.command import main
 from avalanche_cliphinge.config import list_presets
 from avalanche_cliphinge.errors import first_line
 
 ROOT = Path(__file__).resolve().parents[1]
-
-#: ``python -m avalanche_cliphinge ARGS``, then which heavy packages it imported (stderr).
-PROBE = (
-    "import runpy, sys\n"
-    "sys.argv = ['cliphinge', *sys.argv[1:]]\n"
-    "try:\n"
-    "    runpy.run_module('avalanche_cliphinge', run_name='__main__')\n"
-    "except SystemExit as stop:\n"
-    "    code = stop.code\n"
-    "heavy = [m for m in ('avalanche', 'torch', 'open_clip') if m in sys.modules]\n"
-    "print('exit', code, 'imported', ','.join(heavy) or '-', file=sys.stderr)\n"
-)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli_helpers import PROBE
+
 from avalanche_cliphinge.app import command
 from avalanche_cliphinge.app.cli import SMOKE, smoke_stream
 from avalanche_cliphinge.app.datasets import (
@@ -194,19 +196,6 @@ def test_a_folder_per_class_splits_each_class_with_the_seed(tmp_path):
         ]
     named = split_image_folder(photos, init_class=3, increment=2, seed=1)
     assert named.protocol["test_sizes"] == [3, 2] and named.protocol["seed"] == 1
-
-
-#: ``cliphinge ARGS`` in a fresh interpreter, then which heavy packages it had imported.
-PROBE = (
-    "import runpy, sys\n"
-    "sys.argv = ['cliphinge', *sys.argv[1:]]\n"
-    "try:\n"
-    "    runpy.run_module('avalanche_cliphinge', run_name='__main__')\n"
-    "except SystemExit as stop:\n"
-    "    code = stop.code\n"
-    "heavy = [m for m in ('avalanche', 'torch', 'open_clip') if m in sys.modules]\n"
-    "print('exit', code, 'imported', ','.join(heavy) or '-', file=sys.stderr)\n"
-)
 
 
 def test_set_values_a_folder_cannot_take_are_one_error(tmp_path):
