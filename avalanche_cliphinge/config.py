@@ -2,7 +2,7 @@
 
 The key names are the seed's (``configs/cifar100_split.json`` of the original code); the
 implementation adds a few (model, prompt and speed keys). Defaults follow the published
-starting points listed in the README's config table (RAPF on CIFAR-100 B0 Inc10 for the
+starting points listed in docs/config.md (RAPF on CIFAR-100 B0 Inc10 for the
 optimiser, hinge margin, threshold and replay budget; CoOp for the prompt length).
 """
 
@@ -34,7 +34,7 @@ class CLIPHingeConfig:
     (epochs, lr, prompts), Gaussian replay (and how the class Gaussians are stored:
     ``gaussian_storage``, ``gaussian_rank``), text/image hinge, image adapter, stage 2
     (per-task heads, LoRA, fusion), and implementation keys (backbone, caching, precision).
-    See the README's config table for what each key does.
+    See docs/config.md for what each key does.
     """
 
     # --- stream layout -------------------------------------------------------------------
@@ -559,7 +559,7 @@ def unknown_key_message(key: str, source: str) -> str:
         )
     same_letters = [k for k in CLIPHingeConfig.keys() if k.lower() == key.lower()]
     close = same_letters or difflib.get_close_matches(key, CLIPHingeConfig.keys(), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else "; see the README's config table"
+    hint = f"; did you mean '{close[0]}'?" if close else "; see docs/config.md"
     return f"{source}: unknown config key '{key}'{hint}"
 
 

@@ -328,7 +328,8 @@ def test_resolve_entries_names_and_order():
 
 
 def test_another_avalanche_strategy_joins_through_baselines(tmp_path, monkeypatch, capsys):
-    """The README's recipe: one factory in ``BASELINES`` makes a new ``--strategies`` name."""
+    """The recipe of docs/comparison.md: one factory in ``BASELINES`` makes a new
+    ``--strategies`` name."""
     from avalanche.training import AGEM
 
     monkeypatch.setitem(

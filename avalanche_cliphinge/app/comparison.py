@@ -956,7 +956,7 @@ def format_report(comparison: Comparison, rows: Sequence[Dict[str, Any]]) -> str
         "- AIA = mean over tasks of the accuracy on all classes seen so far; Last = that "
         "accuracy after the last task; AA = mean of the per-task accuracies after the last "
         "task; Forgetting = mean over old tasks of (best earlier accuracy - last accuracy) "
-        "(as in the README). Avalanche StreamForgetting = accuracy right after learning "
+        "(as in docs/experiments.md). Avalanche StreamForgetting = accuracy right after learning "
         "minus the last accuracy, averaged over experiences: a different quantity.",
         "- train time: wall seconds inside `strategy.train`; `-` = no training (zero-shot). "
         "Zero-shot and the Avalanche baselines train on features extracted once and shared "

@@ -2,9 +2,9 @@
 ``figures``).
 
 ``acc[t][j]`` is the accuracy (percent) on the test classes of task ``j`` after training task
-``t``, as Avalanche's ``Top1_Acc_Exp`` measures it on test experience ``j``. Definitions
-(the README's metrics): ``A_t`` = accuracy over all classes seen after task t (the size-weighted
-mean of ``acc[t][:t+1]``); AIA = mean_t A_t ("Avg" in papers); Last = A_T;
+``t``, as Avalanche's ``Top1_Acc_Exp`` measures it on test experience ``j``. Definitions (as
+in docs/experiments.md): ``A_t`` = accuracy over all classes seen after task t (the
+size-weighted mean of ``acc[t][:t+1]``); AIA = mean_t A_t ("Avg" in papers); Last = A_T;
 AA = mean_j acc[T][j]; Forgetting = mean_{j<T} (max_{j<=t<T} acc[t][j] - acc[T][j]).
 Avalanche's ``StreamForgetting`` (accuracy right after learning minus the last) is different
 and is reported under its own name.
