@@ -80,14 +80,16 @@ def wandb_records(path: Path):
 def read_offline_run(folder: Path):
     """The one offline run under ``folder``: ``(run dir, config, {step: {name: value}})``.
 
-    Rows of the same step are merged; a nested value (an image: ``{"path": ...}``) is a dict.
+    Rows of the same step are merged, and so are the config updates of every run and config
+    record; a nested value (an image: ``{"path": ...}``) is a dict.
     """
     (run_file,) = folder.rglob("offline-run-*/run-*.wandb")
     config, history = {}, {}
     for record in wandb_records(run_file):
         kind = record.WhichOneof("record_type")
-        if kind == "run":
-            config = {i.key: json.loads(i.value_json) for i in record.run.config.update}
+        if kind in ("run", "config"):  # wandb may write the run record again, or config apart
+            updates = record.run.config.update if kind == "run" else record.config.update
+            config.update({i.key: json.loads(i.value_json) for i in updates})
         elif kind == "history":
             row = history.setdefault(record.history.step.num, {})
             for item in record.history.item:
