@@ -239,12 +239,15 @@ def test_a_lock_file_this_user_cannot_open_gets_advice_about_that_file(
     folder.mkdir()
     lock_file = folder / run_lock.LOCK_NAME
     lock_file.write_text("")
+    root = os.geteuid() == 0
+    owner_uid = 65534 if root else os.geteuid()
     if owner == "another user":
-        if os.geteuid() != 0:
-            pytest.skip("giving a file to another user needs root")
-        os.chown(lock_file, 65534, 65534)
+        if root:
+            os.chown(lock_file, owner_uid, owner_uid)
+        else:  # only root gives a file away: this process plays another user instead
+            monkeypatch.setattr(os, "geteuid", lambda: owner_uid + 1)
     lock_file.chmod(0)
-    if os.geteuid() == 0:  # root opens any file: the refusal a user gets, simulated
+    if root:  # root opens any file: the refusal a user gets, simulated
         real_open = os.open
 
         def refusing_open(path, flags, *args, **kwargs):
@@ -259,7 +262,7 @@ def test_a_lock_file_this_user_cannot_open_gets_advice_about_that_file(
     if owner == "another user":
         import pwd
 
-        name = pwd.getpwuid(65534).pw_name
+        name = pwd.getpwuid(owner_uid).pw_name
         want = (
             f"error: cannot open the lock file {lock_file} (Permission denied): it belongs to "
             f"user {name}; if no run of theirs uses {folder}, remove it (rm {lock_file}; it "
