@@ -25,12 +25,12 @@ _EXPORTS = {
     "CLIPHingeConfig": "config",
     "ConfigError": "config",
     "ClassGaussians": "gaussian",
-    "class_gaussian_stats": "gaussian",
-    "make_positive_definite": "gaussian",
-    "rapf_shrink_cov": "gaussian",
-    "fuse_logits": "losses",
+    "class_gaussian_stats": "gaussian_stats",
+    "make_positive_definite": "gaussian_stats",
+    "rapf_shrink_cov": "gaussian_stats",
+    "fuse_logits": "fusion",
     "hinge_loss": "losses",
-    "select_hard_pairs": "losses",
+    "select_hard_pairs": "hard_pairs",
     "TINY_MODEL": "model",
     "BackboneError": "model",
     "CLIPBackbone": "model",
@@ -100,13 +100,11 @@ def __dir__() -> List[str]:
 
 if TYPE_CHECKING:
     from .config import CLIPHingeConfig, ConfigError
-    from .gaussian import (
-        ClassGaussians,
-        class_gaussian_stats,
-        make_positive_definite,
-        rapf_shrink_cov,
-    )
-    from .losses import fuse_logits, hinge_loss, select_hard_pairs
+    from .gaussian import ClassGaussians
+    from .gaussian_stats import class_gaussian_stats, make_positive_definite, rapf_shrink_cov
+    from .fusion import fuse_logits
+    from .hard_pairs import select_hard_pairs
+    from .losses import hinge_loss
     from .metrics import DeviceEpochAccuracy, DeviceEpochLoss
     from .model import (
         TINY_MODEL,

@@ -1,4 +1,4 @@
-"""Atomic file writes for the run folder, and the private kill points its tests use.
+"""Atomic file writes for the run folder.
 
 Every file a run rewrites (results, plots, ``config.json``, checkpoints, the rewritten CSV
 logs and TensorBoard files of a resume) goes through ``write_atomic``: a temporary file
@@ -10,29 +10,12 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 from .errors import first_line
-
-#: Environment variable of the kill points (tests only): ``<point>:<experience>``.
-KILL_ENV = "CLIPHINGE_KILL_AT"
-
-
-def kill_point(point: str, experience: Optional[int] = None) -> None:
-    """SIGKILL this process when ``CLIPHINGE_KILL_AT`` names ``point`` (and ``experience``).
-
-    A test hook, inert unless the variable is set: the kill-point tests stop a run at each
-    write boundary exactly, as a power cut or the OOM killer would (no cleanup, no flush).
-    """
-    wanted = os.environ.get(KILL_ENV)
-    if not wanted:
-        return
-    name, _, index = wanted.partition(":")
-    if name == point and (not index or experience is None or int(index) == experience):
-        os.kill(os.getpid(), signal.SIGKILL)
+from .kill_points import kill_point
 
 
 def _umask_mode() -> int:

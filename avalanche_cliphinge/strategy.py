@@ -27,21 +27,15 @@ from .compiled_step import CompiledStep
 from .config import CLIPHingeConfig, ConfigError
 from .feature_cache import FeatureCache, dataset_fingerprint
 from .loaders import EpochBatchSampler, TensorBatchLoader, encode_dataset
-from .model.cliphinge_model import CLIPHingeModel, ClassNames, build_model, class_name_table
+from .model.class_names import ClassNames, class_name_table
+from .model.cliphinge_model import CLIPHingeModel, build_model
 from .plugins.gaussian_replay import GaussianReplayPlugin
 from .plugins.hard_pair_hinge import HardPairHingePlugin
 from .plugins.second_stage import SecondStagePlugin
 from .seeding import Draw, generator as seeded
 from .step_state import ExperienceClasses, StepState
-from .streams import (
-    STREAM_FIX,
-    ClipInput,
-    StreamInputError,
-    check_item_labels,
-    find_random_transform,
-    foreign_normalize,
-    freeze_transforms,
-)
+from .dataset_transforms import find_random_transform, foreign_normalize, freeze_transforms
+from .streams import STREAM_FIX, ClipInput, StreamInputError, check_item_labels
 
 
 def default_plugins(config: CLIPHingeConfig) -> List[SupervisedPlugin]:

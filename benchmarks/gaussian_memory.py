@@ -44,7 +44,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from avalanche_cliphinge.gaussian import DEFAULT_CHUNK_BYTES, STORAGES, ClassGaussians
+from avalanche_cliphinge.gaussian import ClassGaussians
+from avalanche_cliphinge.gaussian_storage import DEFAULT_CHUNK_BYTES, STORAGES
 
 PHASES = ("gaussian_fit", "gaussian_sample", "gaussian_checkpoint")
 MIB = 1 << 20

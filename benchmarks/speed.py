@@ -69,7 +69,7 @@ from avalanche_cliphinge import (
     load_clip,
 )
 from avalanche_cliphinge import distributed
-from avalanche_cliphinge.app.cli import SMOKE
+from avalanche_cliphinge.app.run_options import SMOKE
 from avalanche_cliphinge.compiled_step import CompiledStage2
 from avalanche_cliphinge.app.evaluation import make_evaluator
 from avalanche_cliphinge.app.loop import train_and_evaluate

@@ -11,7 +11,7 @@ comparison.md / .csv / .json, accuracy_vs_task.png and TensorBoard runs under tb
 
 import sys
 
-from avalanche_cliphinge.app.comparison import main
+from avalanche_cliphinge.app.compare_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avalanche_cliphinge.app.aggregate import AggregateError, aggregate
+from avalanche_cliphinge.app.aggregate import aggregate
+from avalanche_cliphinge.app.aggregate_inputs import AggregateError
 from avalanche_cliphinge.app.cli import main as run_main
 from avalanche_cliphinge.app.command import main as command_main
 

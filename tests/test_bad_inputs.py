@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from avalanche_cliphinge.app.cli import SMOKE
+from avalanche_cliphinge.app.run_options import SMOKE
 from avalanche_cliphinge.config import CLIPHingeConfig, ConfigError
 from avalanche_cliphinge.app.experiment import RunError, run_experiment
 from avalanche_cliphinge.strategy import CLIPHingeStrategy
@@ -654,7 +654,7 @@ def test_feature_cache_dir_that_is_a_file(untouched, tmp_path, capsys, monkeypat
 
 
 def test_smoke_preset_follows_the_class_order():
-    from avalanche_cliphinge.app.cli import smoke_stream
+    from avalanche_cliphinge.app.run_options import smoke_stream
 
     order = [5, 4, 3, 2, 1, 0]
     named_benchmark = smoke_stream(tiny_config(class_order=order))

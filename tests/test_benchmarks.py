@@ -731,7 +731,7 @@ def test_comparison_streams_are_the_run_commands_without_augmentation(
 
     import torchvision.transforms as T
 
-    from avalanche_cliphinge.app.comparison import stream_factory_for
+    from avalanche_cliphinge.app.compare_cli import stream_factory_for
     from avalanche_cliphinge.app.datasets import DATASETS
     from avalanche_cliphinge.config import CLIPHingeConfig
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from avalanche_cliphinge.app.cli import SMOKE
+from avalanche_cliphinge.app.run_options import SMOKE
 from avalanche_cliphinge.config import CLIPHingeConfig
 from avalanche_cliphinge.app.experiment import run_experiment
 from avalanche_cliphinge.feature_cache import dataset_fingerprint

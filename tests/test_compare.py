@@ -20,8 +20,11 @@ from avalanche.training.plugins import EvaluationPlugin
 
 from avalanche_cliphinge import CLIPHingeConfig, CLIPHingeStrategy, SecondStagePlugin
 from avalanche_cliphinge.app import comparison as compare
-from avalanche_cliphinge.app.cli import SMOKE, smoke_stream
+from avalanche_cliphinge.app import compare_cli, compare_features, compare_report, compare_runs
+from avalanche_cliphinge.app.run_options import SMOKE, smoke_stream
 from avalanche_cliphinge.app.loop import train_and_evaluate
+from avalanche_cliphinge.app.results import cil_metrics
+from avalanche_cliphinge.model.cliphinge_model import UNSEEN_SCORE
 from avalanche_cliphinge.seeding import seed_everything
 from avalanche_cliphinge.strategy import build_model
 from avalanche_cliphinge.streams import ClipInput
@@ -37,7 +40,7 @@ DEFAULT_ENTRIES = list(compare.DEFAULT_STRATEGIES) + [f"cliphinge_{a}" for a in 
 
 def smoke_config(**overrides) -> CLIPHingeConfig:
     """The config ``--benchmark smoke`` runs CLIPHinge with."""
-    config = CLIPHingeConfig.from_json(compare.DEFAULT_CONFIGS["smoke"]).replace(**SMOKE)
+    config = CLIPHingeConfig.from_json(compare_cli.DEFAULT_CONFIGS["smoke"]).replace(**SMOKE)
     return config.replace(**overrides)
 
 
@@ -84,13 +87,13 @@ def smoke_run(tmp_path_factory):
 def smoke_setup():
     """Backbone, stream and feature stream of the smoke comparison, built in-process."""
     config = smoke_config()
-    backbone = compare.load_backbone(config, config.seed)
+    backbone = compare_runs.load_backbone(config, config.seed)
     named_benchmark = smoke_stream(config)
     return (
         config,
         backbone,
         named_benchmark,
-        compare.extract_feature_stream(named_benchmark, backbone),
+        compare_features.extract_feature_stream(named_benchmark, backbone),
     )
 
 
@@ -153,7 +156,7 @@ def test_no_replay_no_hinge_equals_strategy_without_those_plugins(smoke_run):
     hand, on the same seed and the same backbone, metric for metric."""
     config = smoke_config()
     assert config.samples_per_old_class > 0 and config.text_use_hinge_loss
-    backbone = compare.load_backbone(config, config.seed)  # the weights the script used
+    backbone = compare_runs.load_backbone(config, config.seed)  # the weights the script used
     named_benchmark = smoke_stream(config)
     seed_everything(config.seed)
     strategy = CLIPHingeStrategy(
@@ -172,7 +175,7 @@ def test_no_replay_no_hinge_equals_strategy_without_those_plugins(smoke_run):
     ]
     run = next(r for r in smoke_run["json"]["runs"] if r["entry"] == "cliphinge_no_replay_no_hinge")
     assert matrix == run["matrix"]
-    assert compare.cil_metrics(matrix, run["test_sizes"]) == run["metrics"]
+    assert cil_metrics(matrix, run["test_sizes"]) == run["metrics"]
 
 
 # ---- command-line errors --------------------------------------------------------------------
@@ -187,19 +190,19 @@ def test_no_replay_no_hinge_equals_strategy_without_those_plugins(smoke_run):
     ],
 )
 def test_unknown_names_exit_2_with_a_suggestion(tmp_path, capsys, argv, expected):
-    code = compare.main(["--benchmark", "smoke", "--output-dir", str(tmp_path / "out"), *argv])
+    code = compare_cli.main(["--benchmark", "smoke", "--output-dir", str(tmp_path / "out"), *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1
 
 
 def test_unknown_benchmark_exit_2(tmp_path, capsys):
-    assert compare.main(["--benchmark", "cifar100", "--output-dir", str(tmp_path)]) == 2
+    assert compare_cli.main(["--benchmark", "cifar100", "--output-dir", str(tmp_path)]) == 2
     assert "did you mean 'split_cifar100'?" in capsys.readouterr().err
 
 
 def test_missing_cifar_is_one_line_exit_2(tmp_path, capsys):
-    code = compare.main(
+    code = compare_cli.main(
         [
             "--benchmark",
             "split_cifar100",
@@ -224,7 +227,7 @@ def test_missing_cifar_is_one_line_exit_2(tmp_path, capsys):
 
 def test_a_finished_comparison_is_not_overwritten_silently(tmp_path, capsys):
     (tmp_path / "comparison.csv").write_text("entry\n")
-    code = compare.main(["--benchmark", "smoke", "--output-dir", str(tmp_path)])
+    code = compare_cli.main(["--benchmark", "smoke", "--output-dir", str(tmp_path)])
     assert code == 2 and "--overwrite" in capsys.readouterr().err
 
 
@@ -246,9 +249,9 @@ def test_baseline_model_on_features_equals_it_on_images(smoke_setup):
     """The identity encoder on extracted features gives the scores the frozen encoder gives."""
     config, backbone, named_benchmark, features = smoke_setup
     torch.manual_seed(0)
-    on_features = compare.FrozenCLIPClassifier(features.dim)
-    on_images = compare.FrozenCLIPClassifier(
-        features.dim, encoder=compare.FrozenImageEncoder(backbone)
+    on_features = compare_features.FrozenCLIPClassifier(features.dim)
+    on_images = compare_features.FrozenCLIPClassifier(
+        features.dim, encoder=compare_features.FrozenImageEncoder(backbone)
     )
     on_images.classifier.load_state_dict(on_features.classifier.state_dict())
     test = named_benchmark.benchmark.test_stream[0].dataset
@@ -266,7 +269,7 @@ def test_baseline_model_on_features_equals_it_on_images(smoke_setup):
 
 def test_zeroshot_scores_only_seen_classes():
     text = torch.eye(4)
-    model = compare.ZeroShotCLIP(text, logit_scale=10.0)
+    model = compare_features.ZeroShotCLIP(text, logit_scale=10.0)
 
     class Exp:
         classes_in_this_experience = [1, 2]
@@ -275,7 +278,7 @@ def test_zeroshot_scores_only_seen_classes():
     model.adaptation(Exp())
     model.eval()
     scores = model(torch.tensor([[0.0, 2.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
-    assert scores[0].tolist() == [compare.UNSEEN_SCORE, 10.0, 0.0, compare.UNSEEN_SCORE]
+    assert scores[0].tolist() == [UNSEEN_SCORE, 10.0, 0.0, UNSEEN_SCORE]
     assert scores[1, [1, 2]].tolist() == [0.0, 0.0]  # class 0 unseen: never predicted
 
 
@@ -283,7 +286,7 @@ def test_two_seeds_give_mean_and_std_and_one_run_per_seed(smoke_setup, tmp_path)
     config, backbone, _, _ = smoke_setup
     entries = compare.resolve_entries(["zeroshot", "naive"], [])
     settings = compare.BaselineSettings(epochs=2)
-    result = compare.run_comparison(
+    result = compare_runs.run_comparison(
         entries,
         config=config,
         stream_factory=smoke_stream,
@@ -293,7 +296,7 @@ def test_two_seeds_give_mean_and_std_and_one_run_per_seed(smoke_setup, tmp_path)
         settings=settings,
         log=lambda m: None,
     )
-    compare.write_outputs(result, tmp_path)
+    compare_report.write_outputs(result, tmp_path)
     assert [(r.entry, r.seed) for r in result.runs] == [
         ("zeroshot", 0),
         ("naive", 0),
@@ -303,7 +306,7 @@ def test_two_seeds_give_mean_and_std_and_one_run_per_seed(smoke_setup, tmp_path)
     for entry in ("zeroshot", "naive"):
         for seed in (0, 1):
             assert list((tmp_path / "tb" / entry / f"seed{seed}").glob("events.out.*"))
-    table = compare.markdown_table(compare.summarize(result))
+    table = compare_report.markdown_table(compare_report.summarize(result))
     naive = next(row for row in table.splitlines() if row.startswith("| naive |"))
     assert naive.count("±") == 7
     rows = {r["entry"]: r for r in csv.DictReader(open(tmp_path / "comparison.csv"))}
@@ -311,10 +314,10 @@ def test_two_seeds_give_mean_and_std_and_one_run_per_seed(smoke_setup, tmp_path)
 
 
 def test_format_cell():
-    assert compare.format_cell([84.4321]) == "84.43"
-    assert compare.format_cell([80.0, 82.0]) == "81.00 ± 1.41"
-    assert compare.format_cell([None]) == "-"
-    assert compare.format_cell([12.34], digits=1) == "12.3"
+    assert compare_report.format_cell([84.4321]) == "84.43"
+    assert compare_report.format_cell([80.0, 82.0]) == "81.00 ± 1.41"
+    assert compare_report.format_cell([None]) == "-"
+    assert compare_report.format_cell([12.34], digits=1) == "12.3"
 
 
 def test_resolve_entries_names_and_order():
@@ -339,7 +342,7 @@ def test_another_avalanche_strategy_joins_through_baselines(tmp_path, monkeypatc
             **ctx.common, patterns_per_exp=ctx.settings.memory_per_class, sample_size=32
         ),
     )
-    code = compare.main(
+    code = compare_cli.main(
         [
             "--benchmark",
             "smoke",

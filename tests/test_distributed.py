@@ -48,7 +48,8 @@ import torch
 
 from avalanche_cliphinge import distributed
 from avalanche_cliphinge.app import checkpoint as ckpt
-from avalanche_cliphinge.atomic import KILL_ENV
+from avalanche_cliphinge.distributed import process_group, shared_errors
+from avalanche_cliphinge.kill_points import KILL_ENV
 
 from cli_helpers import ONE_EPOCH, ROOT
 
@@ -148,7 +149,7 @@ def skip_figure_rendering() -> None:
     the previews): rendering them is most of a smoke run's time, their content is no business
     of the ranks (``test_kill_points.py`` compares them); their names still show that one set
     of files is written."""
-    from avalanche_cliphinge.app import experiment
+    from avalanche_cliphinge.app import run_reports as experiment
     from avalanche_cliphinge.app.figures import FORMATS
     from avalanche_cliphinge.atomic import write_bytes_atomic
 
@@ -601,7 +602,7 @@ def test_dist_timeout_must_be_positive(capsys):
 
 
 def test_compare_refuses_torchrun(monkeypatch, capsys):
-    from avalanche_cliphinge.app.comparison import main
+    from avalanche_cliphinge.app.compare_cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["--benchmark", "smoke", "--quiet"]) == 2
@@ -679,9 +680,10 @@ def test_a_killed_peer_is_one_error_line_with_what_to_do(monkeypatch, capsys, tm
 
     # rank 1 of 2 whose collective finds rank 0 gone (the real error: the test above)
     monkeypatch.setattr(cli, "_run", collective_after_rank_0_died)
-    monkeypatch.setattr(distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(distributed, "rank", lambda: 1)
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    for module in (process_group, shared_errors):  # where is_main and peer_lost look
+        monkeypatch.setattr(module, "is_initialized", lambda: True)
+        monkeypatch.setattr(module, "rank", lambda: 1)
+        monkeypatch.setattr(module, "world_size", lambda: 2)
     monkeypatch.setattr(distributed, "shutdown", lambda: None)
     out = tmp_path / "out"
     assert cli.main([*ARGS, "--output-dir", str(out)]) == 2

@@ -216,7 +216,7 @@ def test_items_whose_ids_disagree_with_targets_are_refused(
 
 
 def test_freezing_keeps_the_remapping_of_every_group(synthetic_data):
-    from avalanche_cliphinge.streams import freeze_transforms
+    from avalanche_cliphinge.dataset_transforms import freeze_transforms
 
     pick = torch.arange(0, 60, 5)  # 2 items of each of the 6 classes
     data = Labelled(synthetic_data["test_x"][pick], synthetic_data["test_y"][pick])

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from avalanche_cliphinge.app.checkpoint import list_checkpoints, load_checkpoint
-from avalanche_cliphinge.app.cli import build_parser, resolve_config
+from avalanche_cliphinge.app.run_options import build_parser, resolve_config
 from avalanche_cliphinge.app.results import cil_metrics, grouped_accuracy
 
 from cli_helpers import TINY_IMAGENET_R as SHARED_TINY_IMAGENET_R
@@ -269,7 +269,7 @@ def test_hparams_hold_the_config_and_the_final_metrics(events, results):
 
 def test_hard_pairs_carry_class_names_and_results_txt_holds_everything(smoke_run, results):
     from avalanche_cliphinge import CLIPHingeConfig
-    from avalanche_cliphinge.app.cli import smoke_stream
+    from avalanche_cliphinge.app.run_options import smoke_stream
 
     names = smoke_stream(CLIPHingeConfig.from_dict(results["protocol"]["config"])).class_names
     pairs = [p for task in results["hard_pairs"] for p in task["text"]]

@@ -272,7 +272,8 @@ def test_unknown_preset_names_the_closest_and_lists_all():
 
 
 def test_run_script_takes_a_preset_name_from_any_folder(tmp_path, monkeypatch, capsys):
-    from avalanche_cliphinge.app.cli import build_parser, main
+    from avalanche_cliphinge.app.cli import main
+    from avalanche_cliphinge.app.run_options import build_parser
 
     monkeypatch.chdir(tmp_path)
     shown = build_parser("run", "cifar100_b0_inc10").format_help()

@@ -22,7 +22,7 @@ from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
 
-from avalanche_cliphinge.app import figures
+from avalanche_cliphinge.app import figure_data, figures
 from avalanche_cliphinge.app.comparison import ABLATIONS, DEFAULT_STRATEGIES, resolve_entries
 from avalanche_cliphinge.app.confusion import ConfusionMatrixPlugin, in_class_order
 from avalanche_cliphinge.benchmarks import synthetic
@@ -156,9 +156,12 @@ def test_run_title_names_method_dataset_layout_and_preset():
         "stream_increment": 10,
         "preset": "cifar100_b0_inc10",
     }
-    assert figures.run_title(protocol) == "CLIPHinge, CIFAR-100 B0 Inc10 (preset cifar100_b0_inc10)"
     assert (
-        figures.run_title(
+        figure_data.run_title(protocol)
+        == "CLIPHinge, CIFAR-100 B0 Inc10 (preset cifar100_b0_inc10)"
+    )
+    assert (
+        figure_data.run_title(
             {"stream_dataset": "imagenet-r", "stream_init_class": 40, "stream_increment": 20}
         )
         == "CLIPHinge, ImageNet-R B40 Inc20"
@@ -301,8 +304,8 @@ def test_coinciding_groups_equal_curves_in_order():
         "e": [None, 40.0],
         "f": [float("nan"), 40.0],
     }
-    assert figures.coinciding(curves) == [["a", "c"], ["b"], ["d"], ["e", "f"]]
-    assert figures.coinciding(curves, tol=1e-3) == [["a", "b", "c"], ["d"], ["e", "f"]]
+    assert figure_data.coinciding(curves) == [["a", "c"], ["b"], ["d"], ["e", "f"]]
+    assert figure_data.coinciding(curves, tol=1e-3) == [["a", "b", "c"], ["d"], ["e", "f"]]
 
 
 def test_line_styles_stay_distinct_for_many_entries():
@@ -326,7 +329,7 @@ def test_confusion_figure_is_row_normalised_with_task_borders_and_labels():
             [0, 1, 0, 0, 3],
         ]
     )
-    percent = figures.row_percent(counts)
+    percent = figure_data.row_percent(counts)
     assert percent[0].tolist() == [80.0, 20.0, 0.0, 0.0, 0.0]
     assert np.isnan(percent[3]).all()
     figure = figures.confusion_matrix_figure(counts, [2, 3], TITLE)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from avalanche_cliphinge import CLIPHingeConfig, ClassGaussians, ConfigError
-from avalanche_cliphinge.gaussian import STORAGES, factor_bytes_per_class, top_eigenpairs
+from avalanche_cliphinge.gaussian_storage import STORAGES, factor_bytes_per_class, top_eigenpairs
 
 ROOT = Path(__file__).resolve().parents[1]
 

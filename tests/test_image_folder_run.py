@@ -23,13 +23,13 @@ from PIL import Image
 from cli_helpers import PROBE
 
 from avalanche_cliphinge.app import command
-from avalanche_cliphinge.app.cli import SMOKE, smoke_stream
+from avalanche_cliphinge.app.run_options import SMOKE, smoke_stream
 from avalanche_cliphinge.app.datasets import (
     class_order_ids,
     fit_image_folder,
     image_folder_layout,
 )
-from avalanche_cliphinge.app.figures import run_title
+from avalanche_cliphinge.app.figure_data import run_title
 from avalanche_cliphinge.benchmarks import split_image_folder
 from avalanche_cliphinge.config import CLIPHingeConfig, ConfigError
 

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from avalanche_cliphinge.app import checkpoint as ckpt
-from avalanche_cliphinge.atomic import KILL_ENV
+from avalanche_cliphinge.kill_points import KILL_ENV
 
 from cli_helpers import ONE_EPOCH, ROOT, SCRIPTS
 
@@ -230,7 +230,7 @@ def test_finished_looking_folder_with_lagging_outputs_is_repaired_by_resume(
 
 
 def test_kill_point_hook_is_inert_without_the_variable(monkeypatch):
-    from avalanche_cliphinge.atomic import kill_point
+    from avalanche_cliphinge.kill_points import kill_point
 
     monkeypatch.delenv(KILL_ENV, raising=False)
     kill_point("results", 0)

@@ -23,11 +23,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "avalanche_cliphinge"
 LAYERS: List[Tuple[str, Sequence[str]]] = [
     # errors, the config and its validation, one seeding rule, atomic writes, torch/Avalanche
     # fixes, torchrun's processes
-    ("infrastructure", ("errors", "config", "seeding", "atomic", "compat", "distributed")),
+    (
+        "infrastructure",
+        ("errors", "config", "config_checks", "seeding", "atomic", "kill_points", "compat")
+        + ("distributed.*",),
+    ),
     # class statistics, hard pairs, the hinge, logit fusion: functions on tensors
-    ("maths", ("gaussian", "losses")),
+    ("maths", ("gaussian_stats", "gaussian_storage", "gaussian", "losses", "hard_pairs", "fusion")),
     # backbone, prompts, heads, LoRA, CLIP's input (streams), the model, its factory and file
-    ("model", ("model.*", "streams")),
+    ("model", ("model.*", "streams", "dataset_transforms")),
     # stream builders and image folders, minibatches, the feature cache
     ("data", ("benchmarks.*", "folders", "loaders", "feature_cache")),
     # what the strategy, plugins, runners and metrics share; how a step is captured

@@ -102,12 +102,9 @@ def test_report_lists_every_task_and_the_protocol_but_not_the_config():
 
 @pytest.mark.slow
 def test_a_runs_plots_are_written_as_png_and_pdf(tmp_path):
-    from avalanche_cliphinge.app.experiment import (
-        PLOT_FILES,
-        PREVIEW_DPI,
-        RunState,
-        _write_plots,
-    )
+    from avalanche_cliphinge.app.run_folder import PLOT_FILES
+    from avalanche_cliphinge.app.run_record import RunState
+    from avalanche_cliphinge.app.run_reports import PREVIEW_DPI, write_plots as _write_plots
 
     run = RunState(
         matrix=MATRIX, per_task=[grouped_accuracy(MATRIX[t], SIZES, t) for t in range(3)]

@@ -23,7 +23,7 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 
 from avalanche_cliphinge.app import checkpoint as ckpt
-from avalanche_cliphinge.app.cli import SMOKE
+from avalanche_cliphinge.app.run_options import SMOKE
 from avalanche_cliphinge.config import CLIPHingeConfig
 from avalanche_cliphinge.app.experiment import run_experiment
 from avalanche_cliphinge.strategy import build_model
@@ -520,7 +520,7 @@ def test_resume_restores_adapter_lora_heads_and_image_pairs(tmp_path):
             "lora_rank": 2,
         }
     )
-    from avalanche_cliphinge.app.cli import smoke_stream
+    from avalanche_cliphinge.app.run_options import smoke_stream
 
     named_benchmark = smoke_stream(config)
     quiet = {"interactive": False, "log": lambda message: None}

@@ -21,8 +21,8 @@ import torch
 
 from avalanche_cliphinge.app import command
 from avalanche_cliphinge.app.cli import rerun_command
-from avalanche_cliphinge.app.experiment import config_record, git_commit
-from avalanche_cliphinge.app.figures import run_title
+from avalanche_cliphinge.app.run_record import config_record, git_commit
+from avalanche_cliphinge.app.figure_data import run_title
 from avalanche_cliphinge.config import CLIPHingeConfig, config_reproduces
 from avalanche_cliphinge.model.backbone import BackboneError, load_clip
 

@@ -20,8 +20,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..atomic import kill_point, remove_temp_files, save_atomic
+from ..atomic import remove_temp_files, save_atomic
 from ..errors import CheckpointError, load_failure
+from ..kill_points import kill_point
 from ..metrics import SeenClassesStreamAccuracy
 
 # a checkpoint's "model" entry is the saved-model format's learned state

@@ -1,12 +1,11 @@
 """``cliphinge run``: the command line of a whole run (also ``experiments/run_split_cifar.py``
-and ``run_imagenet_r.py``)."""
+and ``run_imagenet_r.py``); its options and presets are in ``run_options``."""
 
 from __future__ import annotations
 
 import argparse
 import errno
 import logging
-import math
 import os
 import shlex
 import sys
@@ -18,49 +17,15 @@ from typing import List, Optional
 
 # Only light modules here: --help, a bad request and a missing config file are answered
 # without importing torch, open_clip or Avalanche (seconds); a run imports them as it starts.
-from .datasets import add_dataset_arguments, class_order_ids, dataset_entry, fit_config_to_data
-from ..config import TINY_MODEL, CLIPHingeConfig, ConfigError, list_presets
-from ..errors import (
-    DEFAULT_TIMEOUT_MINUTES,
-    BackboneError,
-    CheckpointError,
-    DistributedError,
-    RunError,
-)
+from .datasets import dataset_entry, fit_config_to_data
+from ..config import CLIPHingeConfig, ConfigError
+from ..errors import BackboneError, CheckpointError, DistributedError, RunError
 from .run_lock import LockFileError, RunLockedError, hold
+from .run_options import build_parser, resolve_config, smoke_stream
 
 #: ``time.perf_counter()`` when this module was imported: ``process_seconds`` counts from it
 #: where the system does not say when the process started.
 _IMPORTED = time.perf_counter()
-
-#: The values of ``--preset``.
-RUN_PRESETS = ("smoke",)
-#: What each ``--preset`` runs (``--help`` and ``cliphinge presets``).
-RUN_PRESET_NOTES = {
-    "smoke": "tiny random CLIP on the built-in synthetic stream, offline, under a minute on "
-    "2 CPU cores (--set changes it further)",
-}
-#: Overrides of ``--preset smoke``: tiny random CLIP and the built-in synthetic stream.
-SMOKE = {
-    "dataset": "synthetic",
-    "model_name": TINY_MODEL,
-    "pretrained": None,
-    "init_class": 4,
-    "increment": 2,
-    "total_tasks": 4,
-    "init_epochs": 8,
-    "epochs": 8,
-    "batch_size": 16,
-    "lr": 0.01,
-    "init_lr": 0.01,
-    "lr_decay_epochs": [6],
-    "text_hard_pair_threshold": 0.5,
-    "second_stage_epochs": 3,
-    "eval_batch_size": 128,
-    "class_order": "natural",
-    "num_workers": 0,
-    "resize_on_device": False,
-}
 
 #: Failures of the request (config, data, folder, checkpoint, numerics): one ``error:`` line
 #: and exit code 2. Anything else is a bug and keeps its traceback.
@@ -89,192 +54,6 @@ DISK_ERRNOS = {
     errno.EPERM: "make the folder writable",
     errno.EIO: "check the disk",
 }
-
-
-def build_parser(
-    description: str, default_config: str, prog: Optional[str] = None
-) -> argparse.ArgumentParser:
-    """The options of ``cliphinge run`` and of the experiment scripts."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=description,
-        epilog=presets_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--config",
-        default=default_config,
-        help="a shipped preset (listed below) or a JSON file of config keys (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, repeatable; the value is read as JSON "
-        '(5, 0.1, true, null, [4, 10], "text") and otherwise taken as '
-        "a string: --set epochs=5 --set pretrained=null",
-    )
-    parser.add_argument("--data-root", default="data", help="dataset folder (default: data)")
-    parser.add_argument(
-        "--pretrained",
-        default=None,
-        help="open_clip tag (openai) or a local checkpoint file; overrides the "
-        "config's 'pretrained'",
-    )
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)"
-    )
-    seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
-    seeds.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=None,
-        metavar="SEED",
-        help="one run per seed, one after the other, each in "
-        "<output-dir>/seed_<SEED> and each resumable; combine them with "
-        "cliphinge aggregate",
-    )
-    parser.add_argument(
-        "--output-dir",
-        default=None,
-        help="where results go (default: runs/<config name>, runs/smoke with --preset smoke, "
-        "runs/<folder name> with --image-folder)",
-    )
-    parser.add_argument(
-        "--preset",
-        choices=RUN_PRESETS,
-        default=None,
-        help="; ".join(f"{name}: {note}" for name, note in RUN_PRESET_NOTES.items()),
-    )
-    parser.add_argument(
-        "--download",
-        action="store_true",
-        help="download the dataset when it is missing (needs internet)",
-    )
-    parser.add_argument(
-        "--skip-bad-images",
-        action="store_true",
-        help="leave out image files that cannot be read (one warning with "
-        "their count and the first paths) instead of stopping at the "
-        "first; reads every image once before the run",
-    )
-    parser.add_argument(
-        "--augment",
-        action="store_true",
-        help="random-resized-crop training augmentation (off by default, as in "
-        "RAPF; turns the feature cache off)",
-    )
-    again = parser.add_mutually_exclusive_group()
-    again.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue after the last complete experience in --output-dir "
-        "(from its newest readable checkpoint)",
-    )
-    again.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start again in an --output-dir that holds a run (deletes its "
-        "results, logs and checkpoints)",
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="with --resume: accept a checkpoint made with another config",
-    )
-    parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
-    parser.add_argument(
-        "--quiet", action="store_true", help="no progress bars and no per-epoch metric lines"
-    )
-    parser.add_argument(
-        "--progress-only",
-        action="store_true",
-        help="progress bars (each cleared when done) but no per-epoch or per-evaluation "
-        "metric lines: the console shows one line per task and the summary (log.txt keeps "
-        "every metric)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: the cores this process may use, at "
-        "most 8, shared out among torchrun's processes on the machine; "
-        "1 on a machine with 2 cores or fewer)",
-    )
-    parser.add_argument(
-        "--dist-timeout",
-        type=_positive_minutes,
-        default=DEFAULT_TIMEOUT_MINUTES,
-        metavar="MINUTES",
-        help="under torchrun: how long a process waits for the others before "
-        "the run stops with an error (default: %(default)s)",
-    )
-    add_dataset_arguments(parser)
-    parser.add_argument(
-        "--debug",
-        action="store_true",
-        help="show the full traceback of an error instead of one line",
-    )
-    return parser
-
-
-def presets_epilog() -> str:
-    """The shipped presets, one line each, for ``--help``."""
-    width = max(map(len, list_presets()))
-    lines = [f"  {name:<{width}}  {note.split(':')[0]}" for name, note in list_presets().items()]
-    return "shipped presets (--config NAME):\n" + "\n".join(lines)
-
-
-def resolve_config(args: argparse.Namespace) -> CLIPHingeConfig:
-    """Config file, then the preset, then ``--set``, ``--pretrained`` and ``--seed``."""
-    try:
-        config = CLIPHingeConfig.from_json(args.config)
-    except ConfigError:
-        if args.config not in RUN_PRESETS or Path(args.config).exists():
-            raise
-        raise ConfigError(  # `--config smoke`: the option meant is --preset
-            f"config '{args.config}' is neither a file nor a shipped preset of --config; "
-            f"'{args.config}' is a --preset: pass --preset {args.config} instead of --config "
-            f"{args.config} (--config presets: {', '.join(list_presets())})"
-        ) from None
-    if args.preset == "smoke":
-        config = config.replace(**SMOKE)
-    config = config.with_overrides(args.set)
-    if args.pretrained is not None:
-        config = config.replace(pretrained=args.pretrained)
-    if args.seed is not None:
-        config = config.replace(seed=args.seed)
-    if args.augment:
-        config = config.replace(cache_features=False)
-    return config
-
-
-def smoke_stream(config: CLIPHingeConfig):
-    """The synthetic stream of ``--preset smoke``, sized by the config's task layout and in
-    its class order (``natural``, ``random:<seed>`` or a list of class ids; the CIFAR-100
-    orders are refused)."""
-    from ..benchmarks import synthetic
-
-    order = class_order_ids(config.class_order, config.n_classes)
-    if isinstance(order, str):
-        raise ConfigError(
-            f"class_order '{order}' is a CIFAR-100 order; the smoke stream has "
-            f"{config.n_classes} classes: use 'natural' or a list of its class "
-            "ids"
-        )
-    return synthetic(
-        n_classes=config.n_classes,
-        init_class=config.init_class,
-        increment=config.increment,
-        train_per_class=30,
-        test_per_class=15,
-        noise=0.25,
-        seed=config.seed,
-        class_order=order,
-    )
 
 
 def rerun_command(prog: Optional[str], argv: Optional[List[str]]) -> str:
@@ -340,17 +119,6 @@ def default_threads() -> int:
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     )
     return 1 if cores <= 2 else max(1, min(cores // distributed.local_world_size(), 8))
-
-
-def _positive_minutes(text: str) -> float:
-    """``--dist-timeout``'s value: a positive number of minutes."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of minutes")
-    return value
 
 
 def _under_torchrun() -> bool:
@@ -442,7 +210,7 @@ def _run_and_report(
 ) -> int:
     """One run into ``output_dir``: the summary, or one ``error:`` line; the exit code."""
     from .. import distributed
-    from .experiment import print_summary
+    from .run_reports import print_summary
 
     notice = _RandomWeightsNotice()
     logging.getLogger().addFilter(notice)
@@ -500,7 +268,9 @@ def _run(
     import torch
 
     from .. import distributed
-    from .experiment import check_output_dir, config_record, prepare_output_dir, run_experiment
+    from .experiment import run_experiment
+    from .run_folder import check_output_dir, prepare_output_dir
+    from .run_record import config_record
 
     # every rank checks the request (torchrun); a failure on any rank stops them all
     config, stream_factory = distributed.agree(lambda: _checked_request(args, dataset))
@@ -540,7 +310,7 @@ def _checked_request(args: argparse.Namespace, dataset: Optional[str]):
     """The request's config, its dataset and data checked: ``(config, stream factory)``
     (no factory for ``--preset smoke``)."""
     from ..model.backbone import check_device
-    from .experiment import check_run_paths, check_wandb
+    from .run_checks import check_run_paths, check_wandb
 
     if args.device is not None:  # before anything slow
         check_device(args.device)

@@ -33,7 +33,7 @@ def presets_main(argv: List[str]) -> int:
     """Print every shipped preset, marked with the option that takes it, and what it runs or
     reproduces: ``--preset`` ones first, then the ``--config`` ones."""
     from ..config import list_presets
-    from .cli import RUN_PRESET_NOTES
+    from .run_options import RUN_PRESET_NOTES
 
     argparse.ArgumentParser(
         prog="cliphinge presets",
@@ -216,7 +216,7 @@ def _dispatch(argv: List[str]) -> int:
 
         return run_main(rest, prog="cliphinge run")
     if command == "compare":
-        from .comparison import main as compare_main
+        from .compare_cli import main as compare_main
 
         return compare_main(rest, prog="cliphinge compare")
     if command == "presets":

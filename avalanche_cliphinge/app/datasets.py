@@ -27,9 +27,9 @@ from typing import (
 from ..config import (
     CLIPHingeConfig,
     ConfigError,
-    random_order_seed,
     resolve_config_path,
 )
+from ..config_checks import random_order_seed
 
 if TYPE_CHECKING:  # imports torch and open_clip: not for the command line's parser
     from ..model.backbone import CLIPBackbone

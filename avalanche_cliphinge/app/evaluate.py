@@ -19,10 +19,11 @@ from typing import Any, Dict, List, Optional
 
 from ..config import ConfigError
 from ..errors import BackboneError
-from .cli import RUN_PRESETS, _one_line, resolve_config
+from .cli import _one_line
 from .datasets import add_dataset_arguments, dataset_entry, fit_config_to_data
 from .loop import EXP_ACCURACY, metric_value
 from .results import grouped_accuracy
+from .run_options import RUN_PRESETS, resolve_config
 
 #: The config a ``--preset`` starts from (as ``cliphinge run --preset``).
 PRESET_BASE = "cifar100_b0_inc10"
@@ -149,7 +150,7 @@ def evaluate(
     from ..benchmarks.common import skip_unreadable_images
     from ..model.cliphinge_model import CLIPHingeModel
     from ..strategy import CLIPHingeStrategy
-    from .cli import smoke_stream
+    from .run_options import smoke_stream
     from .evaluation import make_evaluator
 
     config = fit_config_to_data(request, config)

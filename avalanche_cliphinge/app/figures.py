@@ -17,7 +17,7 @@ plots on its own.
 no creation date: the same figure gives the same bytes), each through a temporary file and a
 rename. ``render_pixels`` draws a figure once at ``SCREEN_DPI`` (TensorBoard's image and a
 run's PNG preview) and fixes its layout, so that later saves skip the constrained-layout pass.
-Tasks are numbered from 1 on the figures, as in papers.
+Tasks are numbered from 1 on the figures, as in papers; ``figure_data`` works out what they show.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ..atomic import write_bytes_atomic
+from .figure_data import as_matrix, coinciding, row_percent, x_axis
 
 #: Resolution of the saved PNGs.
 DPI = 300
@@ -44,12 +45,6 @@ FORMATS = ("png", "pdf")
 #: Kinds of entries of ``comparison_figure``: the legend lists them in this order.
 GROUPS = ("method", "ablation", "baseline")
 GROUP_TITLES = {"method": "method", "ablation": "ablations", "baseline": "baselines"}
-#: Readable names of the stream's ``dataset`` entries.
-DATASET_NAMES = {
-    "cifar100": "CIFAR-100",
-    "imagenet-r": "ImageNet-R",
-    "synthetic coloured patterns": "synthetic patterns",
-}
 #: Lines of ``accuracy_curve_figure``: key of ``curves`` -> (label, colour, style, marker).
 RUN_LINES = {
     "all": ("all seen classes", "#0072B2", "-", "o"),
@@ -65,8 +60,6 @@ PANEL_GROUPS = ("baseline", "ablation")
 PANEL_TITLES = {"baseline": "baselines", "ablation": "ablations", "method": "method"}
 #: Up to this many classes the confusion matrix names each class on its ticks; beyond, tasks.
 CLASS_TICKS_MAX = 50
-#: Curves closer than this everywhere (percentage points) are one line (``coinciding``).
-COINCIDE_TOL = 1e-6
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -132,37 +125,6 @@ def write_png(pixels: np.ndarray, path: Path, dpi: int = SCREEN_DPI) -> Path:
     return path
 
 
-def classes_seen(classes_per_task: Sequence[int]) -> List[int]:
-    """Classes seen after each task, ``[n_tasks]``: the running sum of ``classes_per_task``
-    (``[n_tasks]``)."""
-    return [int(v) for v in np.cumsum(classes_per_task)]
-
-
-def stream_title(stream: Mapping[str, Any], method: str = "CLIPHinge") -> str:
-    """``"CLIPHinge, CIFAR-100 B0 Inc10"`` from a stream's protocol (``dataset``,
-    ``init_class``, ``increment``); what is missing is left out."""
-    dataset = stream.get("dataset")
-    parts = [method] if dataset is None else [f"{method}, {DATASET_NAMES.get(dataset, dataset)}"]
-    init, increment = stream.get("init_class"), stream.get("increment")
-    if init is not None and increment is not None:
-        parts.append(f"B{0 if init == increment else init} Inc{increment}")
-    return " ".join(parts)
-
-
-def run_title(protocol: Mapping[str, Any], method: str = "CLIPHinge") -> str:
-    """Title of a run's figures from its ``results.json`` protocol: method, dataset, task
-    layout and the preset or config file (``"CLIPHinge, CIFAR-100 B0 Inc10 (preset ...)"``)."""
-    stream = {
-        key[len("stream_") :]: value for key, value in protocol.items() if key.startswith("stream_")
-    }
-    title = stream_title(stream, method)
-    if protocol.get("preset"):
-        return f"{title} (preset {protocol['preset']})"
-    if protocol.get("config_file"):
-        return f"{title} ({Path(str(protocol['config_file'])).stem})"
-    return title
-
-
 def _set_class_axis(axes, seen: Sequence[int], xlabel: str = "number of classes seen") -> None:
     """x ticks at the task boundaries (at most about 20 labelled, the last always), y in
     percent with room for markers at 0 and 100, grid."""
@@ -176,13 +138,6 @@ def _set_class_axis(axes, seen: Sequence[int], xlabel: str = "number of classes 
     axes.set_yticks(range(0, 101, 20))
     axes.set_ylabel("accuracy (%)")
     axes.grid(alpha=0.3)
-
-
-def _x_axis(n_tasks: int, classes_per_task: Optional[Sequence[int]]) -> Tuple[List[int], str]:
-    """x values and label: classes seen after each task, else the task number."""
-    if classes_per_task is not None:
-        return classes_seen(classes_per_task)[:n_tasks], "number of classes seen"
-    return list(range(1, n_tasks + 1)), "tasks trained"
 
 
 def accuracy_curve_figure(
@@ -229,19 +184,9 @@ def run_curve_figure(
     """``accuracy_curve_figure`` of a run's ``per_task`` records (``grouped_accuracy``):
     all seen, old and new classes against classes seen (the task number without
     ``classes_per_task``)."""
-    seen, xlabel = _x_axis(len(per_task), classes_per_task)
+    seen, xlabel = x_axis(len(per_task), classes_per_task)
     curves = {key: [g[key] for g in per_task] for key in RUN_LINES}
     return accuracy_curve_figure(seen, curves, title, xlabel)
-
-
-def _as_matrix(rows: Sequence[Sequence[Optional[float]]]) -> np.ndarray:
-    """Rows of possibly different lengths with ``None`` -> float ``[rows, max length]``,
-    NaN where nothing was measured."""
-    width = max((len(r) for r in rows), default=0)
-    out = np.full((len(rows), width), np.nan)
-    for t, row in enumerate(rows):
-        out[t, : len(row)] = [np.nan if v is None else float(v) for v in row]
-    return out
 
 
 def _cell_font(n: int) -> float:
@@ -263,7 +208,7 @@ def accuracy_matrix_figure(
     Every task is labelled on both axes; cell text has one decimal, its size shrinks with the
     number of tasks (and the figure grows), so 40 tasks stay legible.
     """
-    acc = _as_matrix(matrix)
+    acc = as_matrix(matrix)
     rows, cols = acc.shape
     acc[np.triu(np.ones((rows, cols), dtype=bool), k=1)] = np.nan
     font = _cell_font(max(rows, cols))
@@ -355,34 +300,6 @@ def entry_styles(groups: Sequence[str]) -> List[Dict[str, Any]]:
     return styles
 
 
-def coinciding(
-    curves: Mapping[str, Sequence[Optional[float]]], tol: float = COINCIDE_TOL
-) -> List[List[str]]:
-    """Names of ``curves`` grouped by equal curves, each group and its members in the order
-    of ``curves``: two curves are equal when they have the same length and every value
-    differs by at most ``tol`` (``None``/NaN equal only ``None``/NaN).
-
-    >>> coinciding({"a": [90.0, 50.0], "b": [90.0, 60.0], "c": [90.0, 50.0]})
-    [['a', 'c'], ['b']]
-    """
-    values = {
-        name: np.asarray([np.nan if v is None else float(v) for v in curve], dtype=float)
-        for name, curve in curves.items()
-    }
-    found: List[List[str]] = []
-    for name, curve in values.items():
-        for members in found:
-            other = values[members[0]]
-            if other.shape == curve.shape and bool(
-                np.all((np.abs(other - curve) <= tol) | (np.isnan(other) & np.isnan(curve)))
-            ):
-                members.append(name)
-                break
-        else:
-            found.append([name])
-    return found
-
-
 def comparison_figure(
     curves: Mapping[str, Sequence[float]],
     groups: Mapping[str, str],
@@ -408,7 +325,7 @@ def comparison_figure(
     names = list(curves)
     styles = dict(zip(names, entry_styles([groups[n] for n in names])))
     n_tasks = max(len(v) for v in curves.values())
-    seen, xlabel = _x_axis(n_tasks, classes_per_task)
+    seen, xlabel = x_axis(n_tasks, classes_per_task)
     method = [n for n in names if groups[n] == "method"]
     panels = [
         (group, method + [n for n in names if groups[n] == group])
@@ -448,14 +365,6 @@ def comparison_figure(
             handlelength=3.2,
         )
     return figure
-
-
-def row_percent(confusion: np.ndarray) -> np.ndarray:
-    """``[C, C]`` counts -> percent of each row (true class); NaN rows without samples."""
-    counts = np.asarray(confusion, dtype=float)
-    totals = counts.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(totals > 0, 100.0 * counts / totals, np.nan)
 
 
 def confusion_matrix_figure(

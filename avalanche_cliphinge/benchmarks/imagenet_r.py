@@ -7,13 +7,9 @@ this module makes one deterministically from a seed, or reads a published list.
 from __future__ import annotations
 
 import hashlib
-import math
-import os
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
-
-import numpy as np
 
 from .common import (
     ImageFileDataset,
@@ -22,13 +18,10 @@ from .common import (
     check_task_split,
     default_transform,
     describe_stream,
-    list_images,
     make_nc_benchmark,
 )
 from .imagenet_r_classes import IMAGENET_R_CLASS_NAMES, IMAGENET_R_WNIDS
-
-_FOLDER = "imagenet-r"
-_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
+from .imagenet_r_files import find_data_dir, image_key, read_list, read_rapf_list, seeded_split
 
 #: Named class orders: indices into the 200 sorted wnids. "rapf" is RAPF's released
 #: class_orders/imagenet_R_order.yaml (ECCV'24 code).
@@ -288,7 +281,7 @@ def split_imagenet_r(
             counts that do not add up, or a bad `class_order` / `train_fraction`. A list may
             start with a UTF-8 byte-order mark.
     """
-    data_dir = _find_data_dir(Path(root).expanduser())
+    data_dir = find_data_dir(Path(root).expanduser())
     wnids = [w for w in IMAGENET_R_WNIDS if (data_dir / w).is_dir()]
     known = set(IMAGENET_R_WNIDS)
     strays = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and p.name not in known)
@@ -312,7 +305,7 @@ def split_imagenet_r(
     if str(split) == "seeded":
         if not 0.0 < train_fraction < 1.0:
             raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}.")
-        (train_files, train_labels), (test_files, test_labels) = _seeded_split(
+        (train_files, train_labels), (test_files, test_labels) = seeded_split(
             data_dir, wnids, seed, train_fraction
         )
         split_record = {
@@ -323,7 +316,7 @@ def split_imagenet_r(
         split_path = Path(split).expanduser()
         if split_path.is_file():
             lists = [split_path]
-            (train_files, train_labels), (test_files, test_labels) = _read_rapf_list(
+            (train_files, train_labels), (test_files, test_labels) = read_rapf_list(
                 split_path, data_dir, wnids
             )
             split_format = "RAPF's single-file list"
@@ -336,13 +329,13 @@ def split_imagenet_r(
                     f"holding train.txt and test.txt (lines `imagenet-r/<wnid>/<file> "
                     f"<label>`), or a file in RAPF's format (`train`, paths, `test`, paths)."
                 )
-            train_files, train_labels, train_lines = _read_list(lists[0], data_dir, wnids)
-            test_files, test_labels, test_lines = _read_list(lists[1], data_dir, wnids)
-            first_line = dict(zip(map(_image_key, train_files), train_lines))
+            train_files, train_labels, train_lines = read_list(lists[0], data_dir, wnids)
+            test_files, test_labels, test_lines = read_list(lists[1], data_dir, wnids)
+            first_line = dict(zip(map(image_key, train_files), train_lines))
             for path, line in zip(test_files, test_lines):
-                if _image_key(path) in first_line:
+                if image_key(path) in first_line:
                     raise ValueError(
-                        f"{path} is in both {lists[0]} (line {first_line[_image_key(path)]}) "
+                        f"{path} is in both {lists[0]} (line {first_line[image_key(path)]}) "
                         f"and {lists[1]} (line {line}): a test image must not be trained on; "
                         "keep it in one of the lists."
                     )
@@ -404,179 +397,3 @@ def _resolve_order(class_order, n_classes: int) -> tuple[list[int], str]:
             )
         return list(IMAGENET_R_ORDERS[class_order]), class_order
     return check_class_order(class_order, n_classes), "explicit"
-
-
-def _read_text_lines(list_file: Path) -> list[str]:
-    """The lines of a split list (a leading UTF-8 byte-order mark is dropped); a binary or
-    non-UTF-8 file is a one-line error."""
-    try:
-        return list_file.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{list_file} is not a UTF-8 text file (byte {err.start}); a split list holds one "
-            f"image path per line."
-        ) from None
-
-
-def _image_key(path: Path) -> str:
-    """What two list lines naming the same image have in common (`a/./b`, `a/x/../b`)."""
-    return os.path.normpath(str(path))
-
-
-def _repeated_line(list_file: Path, entry: str, first: tuple, again: tuple) -> ValueError:
-    """The error for an image listed twice: `first` and `again` are `(section, line)`."""
-    if first[0] == again[0]:
-        return ValueError(
-            f"{list_file}: {entry} is listed twice in `{again[0]}` (lines {first[1]} and "
-            f"{again[1]}); it would count twice: list each image once."
-        )
-    return ValueError(
-        f"{list_file}: {entry} is in both `train` (line {first[1]}) and `test` (line "
-        f"{again[1]}): a test image must not be trained on; keep it in one section."
-    )
-
-
-def _read_rapf_list(list_file: Path, data_dir: Path, wnids: list[str]):
-    """RAPF's format: `train`, then `wnid/file.jpg` lines, then `test`, then paths.
-
-    Returns `((train_files, train_labels), (test_files, test_labels))`, labels from the wnid.
-
-    Raises:
-        ValueError: a malformed line, or an image listed twice (in one section, or in both:
-            a test image trained on); the message names the file and the lines.
-    """
-    class_of = {w: i for i, w in enumerate(wnids)}
-    parts = {"train": ([], []), "test": ([], [])}
-    seen: dict[str, tuple] = {}
-    section = None
-    for line_number, line in enumerate(_read_text_lines(list_file), start=1):
-        entry = line.strip()
-        if not entry:
-            continue
-        where = f"{list_file}, line {line_number}"
-        if entry in parts:
-            if parts[entry][0] or entry == section:
-                raise ValueError(
-                    f"{where}: a second `{entry}` section; the list holds one "
-                    f"`train` and one `test` section."
-                )
-            section = entry
-            continue
-        if section is None:
-            raise ValueError(
-                f"{where}: expected the line `train` before any path (RAPF's format: `train`, "
-                f"paths, `test`, paths), got {entry!r}."
-            )
-        relative = Path(entry.removeprefix(_FOLDER + "/"))
-        if len(relative.parts) != 2:
-            raise ValueError(f"{where}: expected `<wnid>/<file>`, got {entry!r}.")
-        wnid = relative.parts[0]
-        if wnid not in class_of:
-            known = (
-                "not an ImageNet-R wnid"
-                if wnid not in IMAGENET_R_WNIDS
-                else (f"has no class folder in {data_dir}")
-            )
-            raise ValueError(f"{where}: {wnid} {known}.")
-        path = data_dir / relative
-        if not path.is_file():
-            raise ValueError(f"{where}: {path} does not exist.")
-        key = _image_key(path)
-        if key in seen:
-            raise _repeated_line(list_file, entry, seen[key], (section, line_number))
-        seen[key] = (section, line_number)
-        parts[section][0].append(path)
-        parts[section][1].append(class_of[wnid])
-    if not parts["test"][0]:
-        raise ValueError(
-            f"{list_file} has no `test` section with paths (RAPF's format: "
-            f"`train`, paths, `test`, paths)."
-        )
-    return parts["train"], parts["test"]
-
-
-def _find_data_dir(root: Path) -> Path:
-    for candidate in (root / _FOLDER, root):
-        if candidate.is_dir() and any((candidate / w).is_dir() for w in IMAGENET_R_WNIDS):
-            return candidate
-    raise FileNotFoundError(
-        f"ImageNet-R not found at {root}: expected <root>/{_FOLDER}/<wnid>/*.jpg (folders such "
-        f"as n01443537); download and extract {_URL} into {root}."
-    )
-
-
-def _seeded_split(data_dir: Path, wnids: list[str], seed: int, train_fraction: float):
-    train_files, train_labels, test_files, test_labels = [], [], [], []
-    for label, wnid in enumerate(wnids):
-        files = list_images(data_dir / wnid)
-        if not files:
-            raise ValueError(
-                f"{data_dir / wnid} holds no .jpg/.jpeg/.png image; remove the folder or "
-                f"restore its images."
-            )
-        n = len(files)
-        # Half rounds up (Python's round() would send 2.5 to 2).
-        n_train = math.floor(train_fraction * n + 0.5)
-        if n >= 2:
-            n_train = min(max(n_train, 1), n - 1)
-        # Seeded by the wnid too, so a class's split does not depend on which others exist.
-        permutation = np.random.RandomState([seed, int(wnid[1:])]).permutation(n)
-        chosen = set(permutation[:n_train].tolist())
-        for i, path in enumerate(files):
-            if i in chosen:
-                train_files.append(path)
-                train_labels.append(label)
-            else:
-                test_files.append(path)
-                test_labels.append(label)
-    return (train_files, train_labels), (test_files, test_labels)
-
-
-def _read_list(list_file: Path, data_dir: Path, wnids: list[str]):
-    """`(files, labels, line numbers)` of a `train.txt` / `test.txt` list.
-
-    Raises:
-        ValueError: a malformed line, or an image listed twice (names the file and lines).
-    """
-    class_of = {w: i for i, w in enumerate(wnids)}
-    n_classes = len(wnids)
-    files, labels, line_numbers = [], [], []
-    seen: dict[str, int] = {}
-    for line_number, line in enumerate(_read_text_lines(list_file), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        where = f"{list_file}, line {line_number}"
-        if len(fields) != 2:
-            raise ValueError(f"{where}: expected `relative/path label`, got {line.strip()!r}.")
-        relative, label_text = fields
-        try:
-            label = int(label_text)
-        except ValueError:
-            raise ValueError(f"{where}: label {label_text!r} is not an integer.") from None
-        if not 0 <= label < n_classes:
-            raise ValueError(
-                f"{where}: label {label} outside 0..{n_classes - 1} "
-                f"({n_classes} class folders in {data_dir})."
-            )
-        relative = relative.removeprefix(_FOLDER + "/")
-        path = data_dir / relative
-        if not path.is_file():
-            raise ValueError(f"{where}: {path} does not exist.")
-        folder = Path(relative).parts[0]
-        if folder in class_of and class_of[folder] != label:
-            raise ValueError(
-                f"{where}: label {label} but {folder} is class {class_of[folder]} (wnids "
-                f"sorted); this list numbers classes differently, relabel it."
-            )
-        key = _image_key(path)
-        if key in seen:
-            raise ValueError(
-                f"{list_file}: {fields[0]} is listed twice (lines {seen[key]} and "
-                f"{line_number}); it would count twice: list each image once."
-            )
-        seen[key] = line_number
-        files.append(path)
-        labels.append(label)
-        line_numbers.append(line_number)
-    return files, labels, line_numbers

@@ -8,7 +8,8 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
-from ..losses import hinge_loss, select_hard_pairs
+from ..hard_pairs import select_hard_pairs
+from ..losses import hinge_loss
 from ..seeding import Draw, generator as seeded
 from ..step_state import StepTerm
 from .contract import check_strategy
