@@ -150,7 +150,7 @@ class TensorBatchLoader:
         task_labels: Optional[Tensor] = None,
     ):
         self.features, self.labels, self.sampler = features, labels, sampler
-        self._tasks = (
+        self.task_labels = (
             torch.zeros_like(labels) if task_labels is None else task_labels.to(labels.device)
         )
 
@@ -161,4 +161,4 @@ class TensorBatchLoader:
         order = self.sampler.order().to(self.features.device, non_blocking=True)
         for start in range(0, self.sampler.n, self.sampler.batch_size):
             rows = order[start : start + self.sampler.batch_size]
-            yield self.features[rows], self.labels[rows], self._tasks[rows]
+            yield self.features[rows], self.labels[rows], self.task_labels[rows]

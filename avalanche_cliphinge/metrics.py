@@ -5,14 +5,14 @@ float, which makes the host wait for the GPU at every step and stops it from que
 next step's kernels. ``DeviceEpochAccuracy`` and ``DeviceEpochLoss`` report the same values
 under the same names (``Top1_Acc_Epoch/train_phase/train_stream/Task000``,
 ``Loss_Epoch/...``) but sum on the device and read back once per epoch, when they emit.
-When the strategy's steps are captured (``compile_step``), the graph keeps those sums itself
-(``EpochSums``) and the metrics do nothing per step (``metric_needs``).
+``CLIPHingeStrategy``'s step keeps those sums itself (``step.EpochRecord``, in either runner)
+and the metrics do nothing per step (``metric_needs``); with another strategy (``Naive`` in a
+comparison) they sum each step themselves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 from avalanche.evaluation import GenericPluginMetric, Metric, PluginMetric
@@ -27,28 +27,12 @@ from .step_state import Stage2Record
 TRAINING_ITERATION = ("before_training_iteration", "after_training_iteration")
 
 
-@dataclass
-class EpochSums:
-    """What a captured training step sums on the device over the epoch so far.
-
-    Attributes:
-        sums: float64 scalars by name, each the sum over the epoch's steps of the step's
-            value times its minibatch size: ``accuracy`` (fraction of the minibatch
-            classified right), ``loss``, and each loss term (``cross_entropy``,
-            ``text_hinge``...).
-        samples: the minibatch sizes summed (a Python int, counted by the host).
-    """
-
-    sums: Dict[str, torch.Tensor]
-    samples: int = 0
-
-
 def metric_needs(metric, callback: str, sums_kept: bool) -> bool:
     """Whether ``metric`` does any work in ``callback`` (an Avalanche callback name).
 
     ``False`` when the metric's class keeps Avalanche's empty callback, or for a training
     iteration when the metric says it needs no step (``needs_steps(sums_kept)`` is false,
-    where ``sums_kept``: the strategy keeps ``EpochSums``), or when ``GenericPluginMetric``'s
+    where ``sums_kept``: the strategy keeps an ``epoch_record``), or when ``GenericPluginMetric``'s
     iteration callback would skip it (its mode is the other phase, or it resets elsewhere).
     """
     implementation = getattr(type(metric), callback, None)
@@ -110,8 +94,9 @@ class DeviceMean(Metric[float]):
 
 
 class _DeviceEpochMetric(GenericPluginMetric[float, DeviceMean]):
-    """A training epoch metric over ``DeviceMean``, updated per step by the eager step or
-    taken at the epoch's end from the captured step's ``EpochSums[sum_name]``."""
+    """A training epoch metric over ``DeviceMean``, taken at the epoch's end from the
+    strategy's ``epoch_record.sums[sum_name]``, or updated per step for a strategy without
+    an epoch record."""
 
     sum_name = ""
 
@@ -119,20 +104,20 @@ class _DeviceEpochMetric(GenericPluginMetric[float, DeviceMean]):
         super().__init__(DeviceMean(), reset_at="epoch", emit_at="epoch", mode="train")
 
     def needs_steps(self, sums_kept: bool) -> bool:
-        """Per-step work: none when the strategy keeps ``EpochSums``."""
+        """Per-step work: none when the strategy keeps an epoch record."""
         return not sums_kept
 
     def update(self, strategy) -> None:
-        # a strategy's EpochSums (captured steps) hold what the steps would add here
-        if getattr(strategy, "epoch_sums", None) is None:
+        # a strategy's epoch record holds what the steps would add here
+        if getattr(strategy, "epoch_record", None) is None:
             self.update_step(strategy)
 
     def update_step(self, strategy) -> None:
-        """Add the step that just ran (eager steps only)."""
+        """Add the step that just ran (a strategy without an epoch record)."""
         raise NotImplementedError
 
     def after_training_epoch(self, strategy):
-        kept = getattr(strategy, "epoch_sums", None)
+        kept = getattr(strategy, "epoch_record", None)
         if kept is not None and kept.samples:
             self._metric.set(kept.sums.get(self.sum_name), kept.samples)
         return super().after_training_epoch(strategy)

@@ -1,8 +1,8 @@
 """The declared state of a stage-1 training step: what the strategy, its plugins, the captured
 runner and the metrics share, and nothing else.
 
-``StepState`` is the state of one iteration and the loss terms plugins register for a task
-(``StepTerm``); ``ExperienceClasses`` the classes of the experience being trained;
+``StepState`` is the state of one iteration and what plugins register for a task
+(``PluginLoss``, ``ReplaySource``); ``ExperienceClasses`` the classes of the experience being trained;
 ``Stage2Record`` what a stage-2 plugin keeps for the metrics. The plugins' side of the
 contract (what they read on the strategy) is ``plugins.contract.MethodStrategy``. This
 module imports nothing of the package, so every layer above the model can use it.
@@ -17,28 +17,35 @@ from torch import Tensor
 
 
 @dataclass
-class StepTerm:
-    """Loss terms a plugin adds to every stage-1 step of a task, for the compiled step.
+class PluginLoss:
+    """A loss term a plugin adds to every stage-1 step of a task (the hinge).
 
-    Registered once per task, in ``before_training_exp``, as ``strategy.step.terms[key]``; the
-    eager step ignores it and keeps calling the plugin's callbacks.
+    Registered once per task, in ``before_training_exp``, as
+    ``strategy.step.plugin_losses[key]``; both runners draw its inputs at each epoch's start
+    (``step.draw_epoch_plan``) and add it in ``step.stage1_loss``.
 
     Attributes:
         weights: ``{name: weight}`` of the terms ``compute`` returns: the step adds
             ``weight * value`` to the loss and reports the unweighted value as
             ``loss_terms[name]`` (epoch metrics, the non-finite report).
         draw: ``draw(n_steps)`` -> tuple of tensors ``[n_steps, ...]`` on the training
-            device: the random inputs of every step of the epoch, drawn at its start, in the
-            order the eager step draws them. Their shapes stay the same within a task.
+            device: the random inputs of every step of the epoch, drawn at its start, step
+            by step. Their shapes stay the same within a task.
         compute: ``compute(text_features [n_seen, dim], inputs)`` -> ``{name: scalar}``,
             where ``inputs`` holds this step's row of each tensor of ``draw``; traced into the
-            step's graph, so it reads nothing back to the host and makes no tensor from host
-            data.
+            captured step's graph, so it reads nothing back to the host and makes no tensor
+            from host data.
     """
 
     weights: Dict[str, float]
     draw: Callable[[int], Tuple[Tensor, ...]]
     compute: Callable[[Tensor, Tuple[Tensor, ...]], Dict[str, Tensor]]
+
+
+#: ``replay_source(epoch, n_steps)`` -> ``(features [n_steps, k, dim], labels [n_steps, k],
+#: sizes)``: the replayed rows of every step of an epoch, padded with zero rows labelled ``-1``
+#: to one size ``k`` (``sizes``: the real rows of each step), or ``None`` (no replay).
+ReplaySource = Callable[[int, int], Optional[Tuple[Tensor, Tensor, List[int]]]]
 
 
 @dataclass
@@ -47,22 +54,19 @@ class StepState:
 
     Its per-step fields are made empty at the start and at the end of every iteration, so no
     graph-attached tensor outlives its step and the model can be copied (LwF,
-    ``copy.deepcopy``) between steps. What plugins register for the captured step
-    (``compile_step``: ``terms``, ``replay_epoch``) is made empty when an experience starts,
-    registered in ``before_training_exp`` and kept for the experience (``next``).
+    ``copy.deepcopy``) between steps. What plugins register (``plugin_losses``,
+    ``replay_source``) is made empty when an experience starts, registered in
+    ``before_training_exp`` and kept for the experience (``next``).
 
     Attributes:
-        replay_features: ``[k, dim]`` replayed old-class features of this minibatch
-            (written by ``GaussianReplayPlugin`` in ``before_forward``).
+        replay_features: ``[k, dim]`` replayed old-class features of this minibatch.
         replay_labels: ``[k]`` their class ids.
         replay_scores: ``[k, n_outputs]`` their scores, computed with the minibatch's.
-        text_features: ``[n_seen, dim]`` prompted text features of this step (in the graph),
-            shared with the loss terms of the plugins (the hinge).
-        loss_terms: scalar loss terms by name, for the non-finite-loss report.
-        terms: the plugins' ``StepTerm`` of the task, by plugin key.
-        replay_epoch: ``replay_epoch(n_steps)`` -> ``(features [n_steps, k, dim], labels
-            [n_steps, k])``: the replayed rows of every step of the epoch, padded with label
-            ``-1`` rows (ignored) to one size ``k``, or ``None`` (no replay this epoch).
+        text_features: ``[n_seen, dim]`` prompted text features of this step (in the graph).
+        loss_terms: this step's unweighted loss terms by name (``cross_entropy``,
+            ``text_hinge``...), for the epoch metrics and the non-finite-loss report.
+        plugin_losses: the plugins' ``PluginLoss`` registrations of the task, by plugin key.
+        replay_source: the replay plugin's ``ReplaySource``, or ``None``.
     """
 
     replay_features: Optional[Tensor] = None
@@ -70,12 +74,12 @@ class StepState:
     replay_scores: Optional[Tensor] = None
     text_features: Optional[Tensor] = None
     loss_terms: Dict[str, Tensor] = field(default_factory=dict)
-    terms: Dict[str, StepTerm] = field(default_factory=dict)
-    replay_epoch: Optional[Callable[[int], Optional[Tuple[Tensor, Tensor]]]] = None
+    plugin_losses: Dict[str, PluginLoss] = field(default_factory=dict)
+    replay_source: Optional[ReplaySource] = None
 
     def next(self) -> "StepState":
         """An empty state for the next step, with this experience's registrations."""
-        return StepState(terms=self.terms, replay_epoch=self.replay_epoch)
+        return StepState(plugin_losses=self.plugin_losses, replay_source=self.replay_source)
 
 
 @dataclass

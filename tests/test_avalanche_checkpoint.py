@@ -128,7 +128,8 @@ SCRIPT = textwrap.dedent(
         model.compile_prompt_encoder()
         copy = dill.loads(dill.dumps(model))
         step = CompiledStep(strategy)
-        step._task, step._task_id = SimpleNamespace(graph=torch.compile(lambda: 0)), 0
+        step._task, step._task_id = SimpleNamespace(), 0
+        step._graph = torch.compile(lambda: 0)
         step_copy = dill.loads(dill.dumps(step))
         with open(f"{out}/compiled.json", "w") as f:
             json.dump(
@@ -139,7 +140,11 @@ SCRIPT = textwrap.dedent(
                     "compiled_for_the_copy": (
                         copy._encode_trainable._torchdynamo_orig_callable.__self__ is copy
                     ),
-                    "step_task_dropped": step_copy._task is None and step_copy._task_id is None,
+                    "step_task_dropped": (
+                        step_copy._task is None
+                        and step_copy._task_id is None
+                        and step_copy._graph is None
+                    ),
                     "live_step_kept": step._task is not None,
                 },
                 f,

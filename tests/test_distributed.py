@@ -138,7 +138,7 @@ def count_encoded_images():
         return encode(self, images)
 
     CLIPHingeModel.run_image_encoder = counted
-    CLIPHingeStrategy._stage1_scores = within("stage 1", CLIPHingeStrategy._stage1_scores)
+    CLIPHingeStrategy._minibatch_features = within("stage 1", CLIPHingeStrategy._minibatch_features)
     SecondStagePlugin.after_training_exp = within("stage 2", SecondStagePlugin.after_training_exp)
     CLIPHingeStrategy._eval_scores = within("evaluation", CLIPHingeStrategy._eval_scores)
     return calls

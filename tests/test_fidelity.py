@@ -185,18 +185,20 @@ def test_rapf_shrink_cov_matches_numpy_and_fit_uses_it():
 
 # ---- RAPF's replay volume ----------------------------------------------------------------------
 class ChunkRecorder(SupervisedPlugin):
-    """Reads the replay plugin's chunks at the start of every epoch (runs after it)."""
+    """Reads the replayed labels of every step of each epoch's plan, which the strategy
+    draws from the replay plugin at the epoch's start."""
 
     def __init__(self, replay: GaussianReplayPlugin):
         super().__init__()
         self.replay, self.epochs = replay, []
 
-    def before_training_epoch(self, strategy, **kwargs):
-        if self.replay.chunks is not None:
+    def after_training_epoch(self, strategy, **kwargs):
+        plan = strategy.epoch_plan
+        if plan.replay_features is not None:
             self.epochs.append(
                 (
                     list(strategy.experience_classes.old),
-                    [labels.tolist() for _, labels in self.replay.chunks],
+                    [plan.row(i).replay_labels.tolist() for i in range(plan.n_steps)],
                 )
             )
 

@@ -35,11 +35,11 @@ LAYERS: List[Tuple[str, Sequence[str]]] = [
     # stream builders and image folders, minibatches, the feature cache
     ("data", ("benchmarks.*", "folders", "loaders", "feature_cache")),
     # what the strategy, plugins, runners and metrics share; how a step is captured
-    ("step state", ("step_state", "plugins.contract", "capture")),
+    ("step state", ("step_state", "step.*", "plugins.contract", "capture")),
     # the method's plugins, Avalanche's plugins on the strategy, metrics and loggers
     ("plugins and metrics", ("plugins.*", "avalanche_plugins", "metrics", "wandb_logger")),
     ("runners", ("compiled_step",)),
-    ("strategy", ("strategy",)),
+    ("strategy", ("strategy_inputs", "strategy_tasks", "strategy")),
     # the run command, its output folder and reports; the package's face ("")
     ("application", ("app.*", "", "__main__")),
 ]

@@ -1,8 +1,9 @@
 """The eager runners against the captured ones on one short epoch plan, in seconds.
 
 The slow tests of test_compiled_step.py compile the captured steps with inductor (minutes
-cold). Here the same captured steps (``compile_step``: stage 1's ``CompiledStep``, stage 2's
-``CompiledStage2``, made by ``capture.compile_step``) go through ``torch.compile`` with the
+cold). Here the same captured steps (``compile_step``: ``step.stage1_train_step`` run by
+``CompiledStep``, ``step.stage2_train_step`` run by ``CompiledStage2``, made by
+``capture.compile_step``) go through ``torch.compile`` with the
 ``aot_eager`` backend: Dynamo traces each step whole (``fullgraph=True``, ``Tensor.backward``
 and the optimizer update included) and AOT autograd makes its forward and backward graphs,
 which then run op by op, without inductor's code generation. The captured steps' maths is
@@ -24,8 +25,8 @@ from torch._dynamo.backends.registry import lookup_backend
 
 from avalanche_cliphinge import CLIPHingeStrategy
 from avalanche_cliphinge.app.evaluation import make_evaluator
-from avalanche_cliphinge.compiled_step import CompiledStage2, CompiledStep
 from avalanche_cliphinge.plugins import SecondStagePlugin
+from avalanche_cliphinge.step import Stage1Task, Stage2Task
 
 #: learned tensors and reported losses. Both runners do the same float32 maths but for the
 #: order of some sums (a padded last minibatch, Adam's capturable form in the graph): the
@@ -71,7 +72,7 @@ class CheapCompile:
     """Stands in for ``torch.compile`` while the captured run trains: the same call with
     the ``aot_eager`` backend.
 
-    Keeps, per function it compiles (in order), the runner the step is bound to and the
+    Keeps, per function it compiles (in order), the task state the step is bound to and the
     keyword arguments (``made``) and how often the compiled function was called (``calls``);
     and for each graph Dynamo hands the backend, which function's which call traced it
     (``graphs``: ``(function, call)``, both counted from 0 and 1).
@@ -135,12 +136,12 @@ def test_the_captured_runners_learn_and_report_what_the_eager_runners_do(runs):
     # 1's stage 2, each made whole (fullgraph) at its first call and called at every step
     assert eager._compiled_step is None
     assert not [w for w in runs.warnings if "compile_step" in w]
-    runners = [runner for runner, _ in compiles.made]
-    assert [type(r) for r in runners] == [CompiledStep, CompiledStep, CompiledStage2]
-    assert runners[0] is runners[1] is captured._compiled_step
+    tasks = [task for task, _ in compiles.made]
+    assert [type(t) for t in tasks] == [Stage1Task, Stage1Task, Stage2Task]
+    assert tasks[0].record is not tasks[1].record  # one record per experience
     for _, kwargs in compiles.made:
         assert kwargs["fullgraph"] and "backend" not in kwargs, kwargs
-    assert captured._compiled_step.graphs_traced == 2 and runners[2].graphs_traced == 1
+    assert captured._compiled_step.graphs_traced == 2
     assert compiles.calls == [STEPS, STEPS, STEPS]
     # no graph made after a function's first call (no guard failed; Dynamo may hand the
     # backend a frame's graph twice when it restarts its analysis, as it does on the CPU

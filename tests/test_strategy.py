@@ -99,28 +99,29 @@ def find_plugin(strategy, kind):
 
 
 # ---- recorder plugins -------------------------------------------------------------------
-class LossBeforeHinge(SupervisedPlugin):
-    """Placed just before the hinge plugin: the loss so far and the hinge's RNG state."""
+class HingeNoiseState(SupervisedPlugin):
+    """The hinge's RNG state at each epoch's start, before the strategy draws the epoch's
+    noise from it (step by step, text pairs then image pairs)."""
 
     def __init__(self, hinge):
         super().__init__()
         self.hinge = hinge
-        self.last = None
+        self.epoch_start = None
 
-    def before_backward(self, strategy, **kwargs):
-        self.last = (float(strategy.loss.detach()), self.hinge._generator.get_state())
+    def before_training_epoch(self, strategy, **kwargs):
+        self.epoch_start = self.hinge._generator.get_state()
 
 
 class Recorder(SupervisedPlugin):
     """Placed after the replay and hinge plugins and before stage 2."""
 
-    def __init__(self, config, hinge, loss_probe):
+    def __init__(self, config, hinge, noise_state):
         super().__init__()
-        self.config, self.hinge, self.loss_probe = config, hinge, loss_probe
+        self.config, self.hinge, self.noise_state = config, hinge, noise_state
         self.batches = []  # (task, epoch, minibatch size, replay size, replay labels)
         self.lrs = defaultdict(list)
         self.pairs = {}  # task -> (text pairs, image pairs)
-        self.hinge_checks = []  # (task, loss the hinge plugin added, numpy recomputation)
+        self.hinge_checks = []  # (task, loss the hinge terms added, numpy recomputation)
         self.pre_stage2 = {}  # task -> (prompt ctx, head keys) before stage 2 runs
 
     def before_training_epoch(self, strategy, **kwargs):
@@ -141,27 +142,34 @@ class Recorder(SupervisedPlugin):
         )
 
     def before_backward(self, strategy, **kwargs):
-        loss_so_far, state = self.loss_probe.last
-        added = float(strategy.loss.detach()) - loss_so_far
-        self.hinge_checks.append(
-            (strategy.current_task, added, self.expected_hinge(strategy, state))
-        )
+        # the loss is the cross-entropy plus the hinge terms (no other plugin adds to it)
+        added = float(strategy.loss.detach()) - float(strategy.loss_terms["cross_entropy"])
+        step = strategy.clock.train_epoch_iterations
+        expected = self.expected_hinge(strategy, self.noise_state.epoch_start, step)
+        self.hinge_checks.append((strategy.current_task, added, expected))
 
-    def expected_hinge(self, strategy, state) -> float:
-        """The hinge terms recomputed in numpy from the same Gaussian draws."""
+    def expected_hinge(self, strategy, state, step: int) -> float:
+        """The hinge terms of ``step`` recomputed in numpy from the same Gaussian draws
+        (those of the epoch's earlier steps drawn first, from the epoch's start state)."""
         model, cfg = strategy.model, self.config
         generator = torch.Generator()
         generator.set_state(state)
         text = strategy.step.text_features.detach().double().numpy()
         seen = model.seen_classes
+        sides = [
+            (pairs, margin, weight)
+            for pairs, margin, weight in (
+                (self.hinge.text_pairs, cfg.text_hinge_margin, cfg.text_hinge_weight),
+                (self.hinge.image_pairs, cfg.image_hinge_margin, cfg.image_hinge_weight),
+            )
+            if pairs
+        ]
+        n = cfg.hinge_samples_per_pair
+        for _ in range(step):
+            for pairs, _, _ in sides:
+                model.gaussians.sample([p[0] for p in pairs], n, generator)
         total = 0.0
-        for pairs, margin, weight in (
-            (self.hinge.text_pairs, cfg.text_hinge_margin, cfg.text_hinge_weight),
-            (self.hinge.image_pairs, cfg.image_hinge_margin, cfg.image_hinge_weight),
-        ):
-            if not pairs:
-                continue
-            n = cfg.hinge_samples_per_pair
+        for pairs, margin, weight in sides:
             feats, _ = model.gaussians.sample([p[0] for p in pairs], n, generator)
             feats = feats.double().numpy().reshape(len(pairs), n, -1)
             total += weight * np.mean(
@@ -209,8 +217,8 @@ def main_run(tiny_config, run_stream):
         samples_per_old_class=config.samples_per_old_class, seed=config.seed
     )
     hinge = HardPairHingePlugin.from_config(config)
-    loss_probe = LossBeforeHinge(hinge)
-    recorder = Recorder(config, hinge, loss_probe)
+    noise_state = HingeNoiseState(hinge)
+    recorder = Recorder(config, hinge, noise_state)
     stage2 = SecondStagePlugin.from_config(config)
     snaps = {"ctx": [], "heads": [], "optimizer": []}
 
@@ -227,7 +235,7 @@ def main_run(tiny_config, run_stream):
 
     strategy, results = run_stream(
         config,
-        plugins=[replay, loss_probe, hinge, recorder, stage2],
+        plugins=[replay, noise_state, hinge, recorder, stage2],
         use_default_plugins=False,
         on_start=on_start,
         after_exp=after_exp,

@@ -124,7 +124,7 @@ class LeanEvaluationPlugin(EvaluationPlugin):
     def _update_metrics_and_loggers(self, strategy, callback: str):
         if not self._active:
             return []
-        sums_kept = getattr(strategy, "epoch_sums", None) is not None
+        sums_kept = getattr(strategy, "epoch_record", None) is not None
         table = self._tables.get((callback, sums_kept))
         if table is None:
             table = self._tables[callback, sums_kept] = (

@@ -17,13 +17,13 @@ class GaussianReplayPlugin(SupervisedPlugin, supports_distributed=True):
 
     The class Gaussians (mean and positive-definite covariance of the frozen image features)
     live on the model (``model.gaussians``); the strategy fits the new classes' at the start
-    of each experience. At the start of every epoch this plugin draws
-    ``samples_per_old_class`` features per old class, shuffles them and splits them into as
-    many chunks as the epoch has minibatches (sizes differ by at most one); each minibatch
-    gets its chunk as ``strategy.step.replay_features [k, dim]`` and ``replay_labels [k]``,
-    which the strategy scores without the image encoder and adds to the cross-entropy. The
-    captured step (``compile_step``) takes the same chunks from ``epoch_rows``, registered
-    once per experience as ``strategy.step.replay_epoch``, instead of ``before_forward``.
+    of each experience. The plugin registers its ``epoch_rows`` as the strategy's
+    ``step.replay_source`` once per experience; at the start of every epoch the strategy
+    draws from it ``samples_per_old_class`` features per old class, shuffled and split into
+    as many chunks as the epoch has minibatches (sizes differ by at most one); each minibatch
+    gets its chunk (``strategy.step.replay_features [k, dim]``, ``replay_labels [k]``),
+    which the strategy scores without the image encoder and adds to the cross-entropy, in
+    either runner (``step.draw_epoch_plan``).
 
     With ``classes_per_step = k > 0`` the volume follows RAPF's released code instead: every
     minibatch replays ``k`` old classes with ``samples_per_old_class`` features each, the
@@ -45,35 +45,31 @@ class GaussianReplayPlugin(SupervisedPlugin, supports_distributed=True):
         "current_task",
         "experience_classes",
         "step",
-        "dataloader",
-        "clock",
     )
-    #: The callbacks whose work ``epoch_rows`` does in the captured step.
-    COMPILED_STEP_REPLACES = ("before_forward",)
 
     def __init__(self, samples_per_old_class: int = 20, seed: int = 0, classes_per_step: int = 0):
         super().__init__()
         self.samples_per_old_class = samples_per_old_class
         self.classes_per_step = classes_per_step
         self.seed = seed
-        self.chunks: Optional[List[Tuple[Tensor, Tensor]]] = None
 
     def before_training(self, strategy, **kwargs):
         check_strategy(self, strategy, self.STRATEGY_NEEDS)
 
     def before_training_exp(self, strategy, **kwargs):
-        strategy.step.replay_epoch = self.epoch_rows
+        strategy.step.replay_source = lambda epoch, n_steps: self.epoch_rows(
+            strategy, epoch, n_steps
+        )
 
-    def before_training_epoch(self, strategy, **kwargs):
+    def chunks(self, strategy, epoch: int, n_steps: int) -> Optional[List[Tuple[Tensor, Tensor]]]:
+        """Epoch ``epoch``'s replay split over ``n_steps`` minibatches: ``(features [k_i, dim],
+        labels [k_i])`` per step (sizes differ by one at most), or ``None`` (no old class)."""
         model = strategy.model
         old = strategy.experience_classes.old  # learned before, absent from this experience
-        self.chunks = None
         if not old or self.samples_per_old_class == 0:
-            return
-        generator = seeded(
-            self.seed, Draw.REPLAY, strategy.current_task, strategy.clock.train_exp_epochs
-        )
-        n_chunks = max(len(strategy.dataloader), 1)
+            return None
+        generator = seeded(self.seed, Draw.REPLAY, strategy.current_task, epoch)
+        n_chunks = max(n_steps, 1)
         if self.classes_per_step > 0:
             cycle = torch.randperm(len(old), generator=generator)
             picks = cycle[torch.arange(n_chunks * self.classes_per_step) % len(old)]
@@ -85,39 +81,31 @@ class GaussianReplayPlugin(SupervisedPlugin, supports_distributed=True):
             order = torch.randperm(labels.numel(), generator=generator).to(labels.device)
             feats, labels = feats[order], labels[order]
         feats, labels = feats.to(strategy.device), labels.to(strategy.device)
-        # contiguous views: a step takes its chunk without indexing or copying
-        self.chunks = list(
-            zip(torch.tensor_split(feats, n_chunks), torch.tensor_split(labels, n_chunks))
-        )
+        return list(zip(torch.tensor_split(feats, n_chunks), torch.tensor_split(labels, n_chunks)))
 
-    def before_forward(self, strategy, **kwargs):
-        if self.chunks is None:
-            return
-        chunk = self.chunks[strategy.clock.train_epoch_iterations % len(self.chunks)]
-        strategy.step.replay_features, strategy.step.replay_labels = chunk
+    def epoch_rows(
+        self, strategy, epoch: int, n_steps: int
+    ) -> Optional[Tuple[Tensor, Tensor, List[int]]]:
+        """The strategy's ``ReplaySource``: epoch ``epoch``'s ``chunks`` as one padded block
+        per step.
 
-    def epoch_rows(self, n_steps: int) -> Optional[Tuple[Tensor, Tensor]]:
-        """This epoch's replay as one padded block per step, for the captured step.
-
-        Returns ``(features [n_steps, k, dim], labels [n_steps, k])``: block ``i`` holds the
-        chunk ``before_forward`` hands to minibatch ``i``, then zero features labelled ``-1``
-        up to the largest chunk's size ``k`` (sizes differ by one at most, so the step keeps
-        one shape); ``None`` when nothing is replayed this epoch.
+        Returns ``(features [n_steps, k, dim], labels [n_steps, k], sizes)``: block ``i``
+        holds chunk ``i`` (``sizes[i]`` rows), then zero features labelled ``-1`` up to the
+        largest chunk's size ``k``, so a captured step keeps one shape; ``None`` when nothing
+        is replayed this epoch.
         """
-        if self.chunks is None:
+        chunks = self.chunks(strategy, epoch, n_steps)
+        if chunks is None:
             return None
-        sizes = torch.tensor([len(self.chunks[i % len(self.chunks)][1]) for i in range(n_steps)])
-        starts = torch.tensor([0] + [len(labels) for _, labels in self.chunks]).cumsum(0)
-        starts = starts[torch.arange(n_steps) % len(self.chunks)]
+        sizes = torch.tensor([len(labels) for _, labels in chunks])
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]])
         slots = torch.arange(int(sizes.max()))
         valid = slots[None, :] < sizes[:, None]
         index = torch.where(valid, starts[:, None] + slots[None, :], 0)
-        feats, labels = (torch.cat(part) for part in zip(*self.chunks))
+        feats, labels = (torch.cat(part) for part in zip(*chunks))
         index, valid = index.to(labels.device), valid.to(labels.device)
         return (
             torch.where(valid[..., None], feats[index], 0.0),
             torch.where(valid, labels[index], -1),
+            sizes.tolist(),
         )
-
-    def after_training_epoch(self, strategy, **kwargs):
-        self.chunks = None

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..hard_pairs import select_hard_pairs
 from ..losses import hinge_loss
 from ..seeding import Draw, generator as seeded
-from ..step_state import StepTerm
+from ..step_state import PluginLoss
 from .contract import check_strategy
 
 Pair = Tuple[int, int, float]
@@ -26,9 +26,10 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
     current task's). Each step it draws ``samples_per_pair`` features from ``N(mu_old,
     Sigma_old)`` per pair and adds
     ``weight * mean(max(0, cos(f, text_new) - cos(f, text_old) + margin))`` to the loss, with
-    the current prompted text features. For the captured step (``compile_step``) the same
-    terms are registered once per task as ``strategy.step.terms["hinge"]`` (a ``StepTerm``),
-    whose noise is drawn at each epoch's start, in the eager step's order.
+    the current prompted text features. The terms are registered once per task as
+    ``strategy.step.plugin_losses["hinge"]`` (a ``PluginLoss``); the strategy draws their
+    noise at each epoch's start, step by step, and adds them in ``step.stage1_loss`` (both
+    runners). ``last_losses`` holds the unweighted terms of the latest step of each epoch.
 
     Args:
         text_hinge: enable the text-side pairs and loss.
@@ -46,9 +47,7 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
     """
 
     #: What it reads and writes on its strategy (see ``contract.MethodStrategy``).
-    STRATEGY_NEEDS = ("model", "device", "experience_classes", "step", "loss")
-    #: The callbacks whose work the ``StepTerm`` it registers does in the captured step.
-    COMPILED_STEP_REPLACES = ("before_backward",)
+    STRATEGY_NEEDS = ("model", "device", "experience_classes", "step", "epoch_record")
 
     def __init__(
         self,
@@ -146,7 +145,7 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
             model, device = strategy.model, strategy.device
 
             def draw(n_steps: int) -> Tuple[Tensor, ...]:
-                # step by step and kind by kind, as before_backward draws them
+                # step by step, kind by kind
                 drawn = [
                     [
                         model.gaussians.sample_rows(
@@ -164,7 +163,7 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
                     for (kind, index, margin, _), f in zip(kinds, feats)
                 }
 
-            strategy.step.terms["hinge"] = StepTerm(
+            strategy.step.plugin_losses["hinge"] = PluginLoss(
                 weights={f"{kind}_hinge": weight for kind, _, _, weight in kinds},
                 draw=draw,
                 compute=compute,
@@ -210,21 +209,11 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
                 old_text = old_text.detach()
             return hinge_loss(feats, old_text, text[index.new_cols].float(), margin)
 
-    def before_backward(self, strategy, **kwargs):
-        for kind, pairs, margin, weight in (
-            ("text", self.text_pairs, self.text_margin, self.text_weight),
-            ("image", self.image_pairs, self.image_margin, self.image_weight),
-        ):
-            if pairs:
-                loss = self.pair_loss(strategy, pairs, margin, self._index[kind])
-                self.last_losses[kind] = strategy.step.loss_terms[f"{kind}_hinge"] = loss.detach()
-                strategy.loss = strategy.loss + weight * loss
-
     def after_training_epoch(self, strategy, **kwargs):
-        # captured steps leave their last terms in step.loss_terms (eager ones clear it);
-        # copied: a CUDA graph's outputs are overwritten by its next replay
+        # copied: a captured step's record tensors are overwritten by its next step
+        last = strategy.epoch_record.last_terms
         for kind in ("text", "image"):
-            value = strategy.step.loss_terms.get(f"{kind}_hinge")
+            value = last.get(f"{kind}_hinge")
             if value is not None:
                 self.last_losses[kind] = value.clone()
 

@@ -7,7 +7,6 @@ from contextlib import nullcontext
 from typing import List
 
 import torch
-import torch.nn.functional as F
 from avalanche.training.plugins import SupervisedPlugin
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
@@ -16,6 +15,7 @@ from .. import distributed
 from ..loaders import EpochBatchSampler, TensorBatchLoader
 from ..model.heads import TaskHead
 from ..seeding import Draw, generator as seeded
+from ..step import stage2_loss, stage2_targets
 from .contract import check_strategy
 from .second_stage_compiled import CompiledStage2
 
@@ -170,10 +170,11 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
                         count += len(batch[1])
                         continue
                     x, y = batch[0].to(device), batch[1].to(device)
-                    with strategy.autocast():
-                        logits = head(model.run_image_encoder(x) if use_lora else x)
-                    target = (y[:, None] == classes[None, :]).float().argmax(1)
-                    loss = F.cross_entropy(logits.float(), target)
+                    if use_lora:
+                        with strategy.autocast():
+                            x = model.run_image_encoder(x)
+                    targets = stage2_targets(y, classes)
+                    loss, _ = stage2_loss(head, x, targets, strategy.autocast)
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
@@ -212,9 +213,9 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
         loss = torch.zeros((), device=device)
         if len(y):
             with strategy.autocast():
-                logits = head(model.run_image_encoder(x))
-            target = (y[:, None] == classes[None, :]).float().argmax(1)
-            loss = F.cross_entropy(logits.float(), target, reduction="sum")
+                feats = model.run_image_encoder(x)
+            targets = stage2_targets(y, classes)
+            loss, _ = stage2_loss(head, feats, targets, strategy.autocast, reduction="sum")
             (loss / n).backward()
         (total,) = distributed.all_reduce_gradients(params, loss.detach())
         optimizer.step()
