@@ -143,8 +143,8 @@ class StrategyInputs:
     def _to_clip_input(self, dataset):
         """``dataset`` with ``ClipInput`` applied on top of its own transforms.
 
-        The items keep the class ids of ``dataset.targets`` (``dataset_transforms.freeze_transforms``:
-        a benchmark's id remapping survives the freeze). Raises ``StreamInputError`` (one
+        The items keep the class ids of ``dataset.targets`` (a benchmark's id remapping
+        survives ``dataset_transforms.freeze_transforms``). Raises ``StreamInputError`` (one
         line, naming the fix) for a stream normalised with statistics other than CLIP's, or
         whose items carry other ids than its targets.
         """

@@ -5,7 +5,7 @@ resumes it with ``--resume`` and compares results, plots, CSV logs, TensorBoard 
 tag, scalars and images), config and checkpoints with one uninterrupted run.
 
 The kill points are a private test hook: ``CLIPHINGE_KILL_AT=<point>:<experience>`` makes
-``avalanche_cliphinge.atomic.kill_point`` SIGKILL the process when the run passes that point
+``avalanche_cliphinge.kill_points.kill_point`` SIGKILL the process when the run passes that point
 (``results``, ``plots``, ``tensorboard``: after those writes of an experience;
 ``checkpoint_write``: inside the checkpoint's temporary file, before its flush;
 ``checkpoint_temp``: the temporary file complete, not renamed; ``checkpoint``: renamed, the

@@ -40,6 +40,8 @@ LAYERS: List[Tuple[str, Sequence[str]]] = [
     ("plugins and metrics", ("plugins.*", "avalanche_plugins", "metrics", "wandb_logger")),
     ("runners", ("compiled_step",)),
     ("strategy", ("strategy_inputs", "strategy_tasks", "strategy")),
+    # the CLIP baselines a comparison needs, as Avalanche strategies beside the method
+    ("baselines", ("baselines.*",)),
     # the run command, its output folder and reports; the package's face ("")
     ("application", ("app.*", "", "__main__")),
 ]
@@ -265,3 +267,19 @@ def test_the_check_sees_hidden_imports(tmp_path):
         f"upward import {name}.config (infrastructure) -> {name}.losses (maths) at "
         f"{name}/config.py:2",
     ]
+
+
+#: the most lines a module may have: the library's and the application's (``app/``)
+LIBRARY_LINES, APPLICATION_LINES = 400, 500
+
+
+def test_no_module_is_over_its_size_limit():
+    names = module_names(PACKAGE)
+    assert len(names) > 50
+    over = []
+    for name, path in names.items():
+        limit = APPLICATION_LINES if name.startswith("avalanche_cliphinge.app.") else LIBRARY_LINES
+        lines = len(path.read_text().splitlines())
+        if lines > limit:
+            over.append(f"{name}: {lines} lines (limit {limit}): split it by job")
+    assert not over, "\n".join(over)
