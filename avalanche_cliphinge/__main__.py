@@ -2,6 +2,6 @@
 
 import sys
 
-from .app.command import main
+from .app.command import entry
 
-sys.exit(main())
+sys.exit(entry())

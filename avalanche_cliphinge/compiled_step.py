@@ -1,20 +1,24 @@
 """The captured runner of stage 1 (the ``compile_step`` config key).
 
-Avalanche's loop dispatches every op of a step from the host. ``CompiledStep`` runs a
-task's stage-1 epochs as calls of one ``torch.compile(fullgraph=True)`` graph per step
-(``mode="reduce-overhead"``, CUDA graphs, on CUDA) of ``step.stage1_train_step``: the same
-``stage1_scores``, ``stage1_loss``, ``EpochRecord.add`` and ``keeping_rows`` the eager runner
-calls, with Adam in its capturable functional form, backward traced into the graph.
+Avalanche's loop dispatches every op of a step from the host. ``CompiledStep`` runs the
+stage-1 epochs of a whole run as calls of one ``torch.compile(fullgraph=True)`` graph
+(``mode="reduce-overhead"``, CUDA graphs, on CUDA) of ``step.stage1_train_step``, which
+calls the model's same ``encode_prompts`` and ``clip_logits`` and the same
+``loss_with_terms`` and ``EpochRecord.add`` as the eager runner, with Adam in its capturable
+functional form, backward traced into the graph.
 
-What the runner adds around the step, and nothing else: buffers allocated once per task
-(``step.Stage1Task``: the epoch's minibatch order padded to one shape, the epoch plan's
-replay rows and loss-term inputs copied in at each epoch's start, gradients, Adam's state, a
-device step counter and learning rate), the per-iteration callbacks of the plugins that
-implement them, and the clock. Anything the captured step cannot reproduce (a plugin that
-works inside a step, a criterion other than cross-entropy, an optimizer other than Adam,
-training on images, a subclass that overrides a step method) makes the task run Avalanche's
-eager loop, with a warning naming the reason once. Graphs are per task (the number of
-classes seen changes the logits' shape).
+One shape for the run: the score columns are padded to the run's class count (unseen ones
+masked), the replay rows to the run's largest chunk, the hinge's pairs to their cap (the
+plugin registers them so under ``compile_step``), and every task copies its data, prompts,
+Adam state and plan into the same buffers (``step.Stage1Task``), its learned tensors copied
+back after each epoch. Tasks of another size (B50 Inc10: the first task) get one graph more.
+
+What the runner adds around the step, and nothing else: those buffers, the per-iteration
+callbacks of the plugins that implement them, and the clock. Anything the captured step
+cannot reproduce (a plugin that works inside a step, a criterion other than cross-entropy,
+an optimizer other than Adam, training on images, a subclass that overrides a step method,
+prompts of several tasks or frozen prompt rows training together, hinge pairs without a cap)
+makes the task run Avalanche's eager loop, with a warning naming the reason once.
 
 Stage 2's captured runner is ``plugins.second_stage_compiled.CompiledStage2`` (a name of this
 module too), beside the plugin that uses it.
@@ -24,81 +28,31 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
-from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
-from avalanche.training.templates.base_sgd import PeriodicEval
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .capture import compile_step, fresh, traced
 from .loaders import TensorBatchLoader
-from .metrics import metric_needs
 from .plugins.second_stage_compiled import CompiledStage2
-from .step import Stage1Task, stage1_train_step
+from .runner_checks import INSIDE_STEP, STEP_METHODS, plugin_needs
+from .step import Stage1Task, allocate_stage1_task, stage1_train_step, static_tensors
 
-__all__ = ["INSIDE_STEP", "STEP_METHODS", "CompiledStage2", "CompiledStep", "plugin_needs"]
-
-#: Avalanche's callbacks inside a step (around forward, backward and the update): a plugin
-#: implementing one can see or change the step's loss, gradients or weights, which the
-#: captured step does not expose.
-INSIDE_STEP = tuple(
-    name
-    for name in dir(SupervisedPlugin)
-    if name.startswith(("before_", "after_"))
-    and name.split("_", 1)[1] in ("forward", "backward", "update")
-)
-#: The strategy's methods that make the eager step (Avalanche's loop and its hooks); the
-#: captured step calls the ``step`` functions instead, so a subclass overriding one runs eagerly.
-STEP_METHODS = (
-    "training_epoch",
-    "_before_forward",
-    "forward",
-    "criterion",
-    "backward",
-    "optimizer_step",
-)
-
-
-def overrides(obj, name: str) -> bool:
-    """Whether ``obj``'s class implements callback ``name`` (not Avalanche's empty one)."""
-    implementation = getattr(type(obj), name, None)
-    return implementation is not None and implementation is not getattr(
-        SupervisedPlugin, name, None
-    )
-
-
-def plugin_needs(plugin, name: str, sums_kept: bool) -> bool:
-    """Whether ``plugin`` does any work in callback ``name`` of a training step.
-
-    An ``EvaluationPlugin`` needs it when one of its metrics does (``metrics.metric_needs``)
-    or one of its loggers implements it; ``PeriodicEval`` only when it evaluates every few
-    iterations; any other plugin when its class implements the callback.
-    """
-    if isinstance(plugin, EvaluationPlugin):
-        return plugin.active and (
-            any(metric_needs(m, name, sums_kept) for m in plugin.metrics)
-            or any(overrides(logger, name) for logger in plugin.loggers)
-        )
-    if isinstance(plugin, PeriodicEval):
-        return (
-            name == "after_training_iteration"
-            and plugin.peval_mode == "iteration"
-            and plugin.eval_every > 0
-        )
-    return overrides(plugin, name)
+__all__ = ["CompiledStage2", "CompiledStep"]
 
 
 class CompiledStep:
-    """Runs the stage-1 epochs of a ``CLIPHingeStrategy`` as captured steps.
+    """Runs the stage-1 epochs of a ``CLIPHingeStrategy`` as calls of one captured graph.
 
     ``run_epoch`` trains one epoch and returns ``True``, or returns ``False`` when this task
     must run the eager step (the strategy then runs Avalanche's loop); the reason is warned
-    once. Each task's graph is made (``compile``) from a fresh copy of
-    ``step.stage1_train_step``, so no task counts against torch's recompile limit for another.
-    It reads the strategy's public state only: ``dataloader`` (a ``TensorBatchLoader``),
-    ``optimizer``, ``loss_function``, ``model``, ``frozen_rows``, ``epoch_plan``,
-    ``epoch_record``, ``plugins``, ``clock``, ``autocast``.
+    once. One graph per step shape (``shape_key``), made (``compile``) from a fresh copy of
+    ``step.stage1_train_step``. It reads the strategy's public state only: ``dataloader``
+    (a ``TensorBatchLoader``), ``optimizer``, ``loss_function``, ``model``, ``frozen_rows``,
+    ``step``, ``epoch_plan``, ``epoch_record``, ``config``, ``plugins``, ``clock``,
+    ``autocast``, ``training_stopped``.
 
     Args:
         strategy: the ``CLIPHingeStrategy`` whose steps it runs.
@@ -110,28 +64,34 @@ class CompiledStep:
     def __init__(self, strategy, reference: Optional[type] = None):
         self.strategy = strategy
         self.reference = type(strategy) if reference is None else reference
-        #: graphs traced so far (one per task that ran captured steps)
+        #: graphs traced so far (one per step shape, plus one per guard failure)
         self.graphs_traced = 0
-        self._task: Optional[Stage1Task] = None
-        self._graph: Optional[Callable] = None
-        self._traced = False
+        #: graphs traced again for a shape that had one (a guard failed)
+        self.guard_failures = 0
+        self._shapes: Dict[tuple, list] = {}
+        self._current: Optional[list] = None
         self._task_id: Optional[int] = None
         self._warned: set = set()
 
     def __getstate__(self):
-        # Pickled (Avalanche's save_checkpoint) without the task: its traced graph belongs to
-        # this process and cannot be pickled; the next experience builds its task anyway.
+        # Pickled (Avalanche's save_checkpoint) without its buffers and graphs: they belong
+        # to this process; the next experience builds them again.
         state = self.__dict__.copy()
-        state["_task"] = state["_task_id"] = state["_graph"] = None
-        state["_traced"] = False
+        state["_shapes"], state["_current"], state["_task_id"] = {}, None, None
         return state
 
     def __setstate__(self, state):
-        # a pickle from before ``reference``: the strategy's class was the reference
         state.setdefault("reference", type(state["strategy"]))
-        state.setdefault("_graph", None)
-        state.setdefault("_traced", False)
+        state.setdefault("guard_failures", 0)
+        state.setdefault("_shapes", {})
+        state.setdefault("_current", None)
+        for old in ("_task", "_graph", "_traced"):
+            state.pop(old, None)
         self.__dict__.update(state)
+
+    def release(self) -> None:
+        """Free every graph and buffer (the end of a run); a later task builds them again."""
+        self._shapes, self._current, self._task_id = {}, None, None
 
     # ---- what can run captured --------------------------------------------------------------
     def unsupported(self) -> Optional[str]:
@@ -154,7 +114,20 @@ class CompiledStep:
             for name in INSIDE_STEP:
                 if plugin_needs(plugin, name, True):
                     return f"plugin {type(plugin).__name__} implements {name}"
+        model = s.model
+        if getattr(model, "shared_ctx", None) is not None:
+            return "every class's prompt reads one shared context (CoOp)"
+        adapter = [] if model.adapter is None else list(model.adapter.parameters())
+        expected = [model.prompts[model.n_tasks - 1].ctx, *adapter]
+        if s.frozen_rows or [id(p) for p in self._trained()] != [id(p) for p in expected]:
+            return "prompts of several tasks, or frozen prompt rows, train together"
+        for term in s.step.plugin_losses.values():
+            if any(t is None for t in term.constants):
+                return "a loss term has no fixed shape (hinge pairs without a cap)"
         return None
+
+    def _trained(self) -> List[Tensor]:
+        return list(self.strategy.optimizer.param_groups[0]["params"])
 
     def _fall_back(self, reason: str) -> bool:
         if reason not in self._warned:
@@ -166,127 +139,158 @@ class CompiledStep:
             )
         return False
 
-    # ---- per task ---------------------------------------------------------------------------
-    def _build(self) -> Stage1Task:
-        s, device = self.strategy, self.strategy.device
-        loader = s.dataloader
-        n = loader.sampler.n
-        batch = min(loader.sampler.batch_size, n)
-        group = s.optimizer.param_groups[0]
-        params = list(group["params"])
-        state = {"step": [], "exp_avg": [], "exp_avg_sq": [], "max_exp_avg_sq": []}
-        for p in params:
-            # gradients live for the whole task and are zeroed in the graph
-            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
-            kept = s.optimizer.state[p]
-            if not kept:
-                kept["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                kept["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                kept["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            kept["step"] = kept["step"].to(device=p.device, dtype=torch.float32)
-            if group["amsgrad"] and "max_exp_avg_sq" not in kept:
-                kept["max_exp_avg_sq"] = torch.zeros_like(p)
-            for key in state:
-                if key in kept:
-                    state[key].append(kept[key])
-        hyper = {
-            "amsgrad": group["amsgrad"],
-            "beta1": group["betas"][0],
-            "beta2": group["betas"][1],
-            "weight_decay": group["weight_decay"],
-            "eps": group["eps"],
-            "maximize": group["maximize"],
-            "decoupled_weight_decay": group["decoupled_weight_decay"],
-        }
-        with torch.no_grad():
-            s.model.text_features()  # frozen tasks' features cached before tracing
+    # ---- shapes -----------------------------------------------------------------------------
+    def replay_rows(self, n_steps: int, task_size: int) -> int:
+        """Replayed rows per step for the run: the largest chunk any task can have (the
+        config's volume over every class but one task's), or 0 without replay."""
+        s = self.strategy
+        if s.step.replay_source is None:
+            return 0
+        config = s.config
+        per_class = config.samples_per_old_class
+        if config.replay_classes_per_step > 0:
+            return config.replay_classes_per_step * per_class
+        n_total = config.n_classes if config.layout_is_set else s.model.n_outputs
+        return -(-max(n_total - task_size, 1) * per_class // max(n_steps, 1))
+
+    def shape_key(self) -> tuple:
+        """What fixes the captured step's shapes in this task."""
+        s = self.strategy
+        sampler, model = s.dataloader.sampler, s.model
+        n, batch = sampler.n, min(sampler.batch_size, sampler.n)
         n_steps = -(-n // batch)
-        # the last minibatch, when smaller, is padded with ignored rows: one step shape
-        valid = torch.arange(n_steps * batch).view(n_steps, batch) < n
-        return Stage1Task(
-            model=s.model,
-            criterion=s.loss_function,
-            features=loader.features,
-            labels=loader.labels,
-            task_labels=loader.task_labels,
-            order=torch.zeros_like(valid, dtype=torch.long, device=device),
-            valid=valid.to(device),
-            counter=torch.zeros((), dtype=torch.long, device=device),
-            lr=torch.zeros((), dtype=torch.float32, device=device),
-            params=params,
-            state=state,
-            hyper=hyper,
-            frozen=list(s.frozen_rows),
-            record=s.epoch_record,
+        prompts = model.prompts[model.n_tasks - 1]
+        plan = s.epoch_plan
+        k = self.replay_rows(n_steps, prompts.ctx.shape[0])
+        if plan.replay_features is not None:
+            k = max(k, plan.replay_features.shape[1])
+        terms = tuple(
+            (
+                tuple(term.weights.items()),
+                getattr(term.compute, "__func__", term.compute),
+                tuple(tuple(t.shape) for t in inputs),
+                tuple(tuple(t.shape) for t in term.constants),
+            )
+            for term, inputs in plan.terms
+        )
+        return (n, batch, tuple(prompts.ctx.shape), tuple(prompts.tokens.shape), k, terms)
+
+    def _build(self, key: tuple) -> list:
+        """Buffers (``Stage1Task``) and graph of one step shape."""
+        s, model = self.strategy, self.strategy.model
+        n, batch, ctx_shape, token_shape, k, _ = key
+        adapter = [] if model.adapter is None else list(model.adapter.parameters())
+        task = allocate_stage1_task(
+            model,
+            s.loss_function,
+            s.optimizer.param_groups[0],
+            rows=(n, batch, k),
+            prompts=model.prompts[model.n_tasks - 1],
+            n_columns=s.config.n_classes if s.config.layout_is_set else model.n_outputs,
+            dim=s.dataloader.features.shape[1],
+            terms=s.epoch_plan.terms,
+            adapter=adapter,
             autocast=s.autocast,
         )
+        if s.device.type == "cuda":
+            for tensor in static_tensors(task):
+                torch._dynamo.mark_static_address(tensor)
+        graph = self.compile(types.MethodType(fresh(stage1_train_step), task))
+        return [task, graph, False]
 
     def compile(self, step: Callable) -> Callable:
         """``capture.compile_step``: inductor, with CUDA graphs on CUDA."""
         return compile_step(step, self.strategy.device)
 
-    def _fill(self, task: Stage1Task, first_epoch: bool) -> None:
-        """The epoch's order and plan into the task's buffers (allocated at its first epoch)."""
+    # ---- per task and epoch -----------------------------------------------------------------
+    @torch.no_grad()
+    def _load(self, task: Stage1Task) -> None:
+        """The task's data, prompts, text bank and Adam state into the shape's buffers."""
+        s, model = self.strategy, self.strategy.model
+        loader = s.dataloader
+        task.features.copy_(loader.features)
+        task.labels.copy_(loader.labels)
+        task.task_labels.copy_(loader.task_labels)
+        prompts = model.prompts[model.n_tasks - 1]
+        task.prefix.copy_(prompts.prefix)
+        task.suffix.copy_(prompts.suffix)
+        task.tokens.copy_(prompts.tokens)
+        task.ctx.copy_(prompts.ctx)
+        n_seen, size = len(model.seen_classes), prompts.ctx.shape[0]
+        task.bank.zero_()
+        task.bank[:n_seen] = model.text_features()
+        task.train_rows.copy_(torch.arange(n_seen - size, n_seen, device=task.bank.device))
+        columns = torch.arange(task.bank.shape[0], device=task.bank.device)
+        task.column_mask.copy_(columns < n_seen)
+        task.class_of_column.fill_(model.n_outputs)
+        task.class_of_column[:n_seen] = model.class_of_column
+        for i, p in enumerate(self._trained()):
+            kept = s.optimizer.state[p]
+            for name, buffers in task.state.items():
+                if buffers:
+                    buffers[i].copy_(kept[name] if name in kept else torch.zeros_like(buffers[i]))
+
+    @torch.no_grad()
+    def _fill(self, task: Stage1Task) -> None:
+        """The epoch's order and plan into the buffers; the run's record emptied."""
         s, device = self.strategy, self.strategy.device
         order = s.dataloader.sampler.order()
         task.order.view(-1)[: order.numel()].copy_(order.to(device, non_blocking=True))
         plan = s.epoch_plan
-        replay = None
-        if plan.replay_features is not None:
-            replay = (plan.replay_features, plan.replay_targets)
-        if first_epoch:
-            task.replay = None if replay is None else tuple(t.clone() for t in replay)
-            task.terms = [(term, tuple(t.clone() for t in inputs)) for term, inputs in plan.terms]
-            self._mark_static(task)
-        else:
-            for kept, new in zip(task.replay or (), replay or ()):
-                kept.copy_(new)
-            for (_, kept), (_, new) in zip(task.terms, plan.terms):
-                for buffer, values in zip(kept, new):
-                    buffer.copy_(values)
+        if task.replay is not None:
+            features, targets = task.replay
+            features.zero_()
+            targets.fill_(task.criterion.ignore_index)
+            if plan.replay_features is not None:
+                k = plan.replay_features.shape[1]
+                features[:, :k] = plan.replay_features
+                targets[:, :k] = plan.replay_targets
+        for (_, inputs, constants), (term, new) in zip(task.terms, plan.terms):
+            for buffer, values in zip((*inputs, *constants), (*new, *term.constants)):
+                buffer.copy_(values)
         task.counter.zero_()
+        task.record.reset()
         task.lr.fill_(float(s.optimizer.param_groups[0]["lr"]))
 
-    def _mark_static(self, task: Stage1Task) -> None:
-        """On CUDA, the buffers the graph reads or updates keep their addresses: CUDA graphs
-        use them in place instead of copying them in at every replay."""
-        if self.strategy.device.type != "cuda":
-            return
-        buffers = [
-            task.features,
-            task.labels,
-            task.task_labels,
-            task.order,
-            task.valid,
-            task.counter,
-            task.lr,
-            *task.record.tensors(),
-            *[p.grad for p in task.params],
-            *[t for ts in task.state.values() for t in ts],
-            *(task.replay or ()),
-            *[t for _, inputs in task.terms for t in inputs],
-            *task.model.cached_text_tensors(),
-        ]
-        for tensor in buffers:
-            torch._dynamo.mark_static_address(tensor)
+    @torch.no_grad()
+    def _store(self, task: Stage1Task) -> None:
+        """The epoch's learned tensors and Adam state back to the task's parameters and the
+        optimizer, its record to the strategy's."""
+        s, model = self.strategy, self.strategy.model
+        model.prompts[model.n_tasks - 1].ctx.copy_(task.ctx)
+        for i, p in enumerate(self._trained()):
+            s.optimizer.state[p] = {
+                name: buffers[i].clone() for name, buffers in task.state.items() if buffers
+            }
+        s.epoch_record.copy_from(task.record)
 
     # ---- the epoch --------------------------------------------------------------------------
     def run_epoch(self) -> bool:
         """Train one stage-1 epoch with captured steps; ``False``: run it eagerly instead."""
         s = self.strategy
         task_id = s.clock.train_exp_counter
-        first_epoch = task_id != self._task_id
-        if first_epoch:
-            self._task, self._task_id, self._graph, self._traced = None, task_id, None, False
+        if task_id != self._task_id:
+            self._current, self._task_id = None, task_id
             reason = self.unsupported()
             if reason is not None:
                 return self._fall_back(reason)
-            self._task = self._build()
-            self._graph = self.compile(types.MethodType(fresh(stage1_train_step), self._task))
-        task = self._task
-        if task is None:
+            key = self.shape_key()
+            if key not in self._shapes:
+                self._shapes[key] = self._build(key)
+            self._current = self._shapes[key]
+            self._load(self._current[0])
+        if self._current is None:
             return False
-        self._fill(task, first_epoch)
+        task = self._current[0]
+        self._fill(task)
+        try:
+            self._steps(task)
+        finally:
+            self._store(task)
+        return True
+
+    def _steps(self, task: Stage1Task) -> None:
+        s = self.strategy
         before = [
             p.before_training_iteration
             for p in s.plugins
@@ -299,13 +303,13 @@ class CompiledStep:
         ]
         mark = torch.compiler.cudagraph_mark_step_begin if s.device.type == "cuda" else None
         sync_lr = s.user_scheduler
-        names = ["cross_entropy"] + [n for term, _ in task.terms for n in term.weights]
+        names = list(task.record.sums)[2:]
         clock, record, full = s.clock, task.record, task.order.shape[1]
         n = task.features.shape[0]
-        sizes = [min(full, n - start) for start in range(0, n, full)]
-        for size in sizes:
+        for start in range(0, n, full):
+            size = min(full, n - start)
             if s.training_stopped:
-                return True
+                return
             for callback in before:
                 callback(s)
             if sync_lr:
@@ -313,6 +317,8 @@ class CompiledStep:
             if mark is not None:
                 mark()
             out = self._call()
+            if mark is not None:  # a CUDA graph's outputs are overwritten by its next replay
+                out = [t.clone() for t in out]
             x, y, labels, scores = out[:4] if size == full else [t[:size] for t in out[:4]]
             s.mbatch, s.mb_output, s.loss = [x, y, labels], scores, out[4]
             s.step.loss_terms = dict(zip(names, out[5:]))
@@ -320,17 +326,16 @@ class CompiledStep:
             for callback in after:
                 callback(s)
             clock.after_training_iteration(s)
-        return True
 
     def _call(self):
-        """One call of the task's graph; torch traces it at its first call, or again when a
-        guard fails (``capture.traced``)."""
-        if self._traced:
-            try:
-                return self._graph()
-            except torch._dynamo.exc.Unsupported:
-                return traced(self._graph)
-        out = traced(self._graph)
-        self._traced = True
-        self.graphs_traced += 1
+        """One call of the shape's graph; torch traces it at its first call, or again when a
+        guard fails (counted: ``graphs_traced``, ``guard_failures``)."""
+        entry = self._current
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        out = traced(entry[1])
+        made = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames
+        if made:
+            self.graphs_traced += made
+            self.guard_failures += made if entry[2] else max(made - 1, 0)
+            entry[2] = True
         return out

@@ -11,7 +11,7 @@ module imports nothing of the package, so every layer above the model can use it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
+from typing import Callable, Dict, List, Optional, Protocol, Set, Tuple, runtime_checkable
 
 from torch import Tensor
 
@@ -31,15 +31,26 @@ class PluginLoss:
         draw: ``draw(n_steps)`` -> tuple of tensors ``[n_steps, ...]`` on the training
             device: the random inputs of every step of the epoch, drawn at its start, step
             by step. Their shapes stay the same within a task.
-        compute: ``compute(text_features [n_seen, dim], inputs)`` -> ``{name: scalar}``,
-            where ``inputs`` holds this step's row of each tensor of ``draw``; traced into the
-            captured step's graph, so it reads nothing back to the host and makes no tensor
-            from host data.
+        compute: ``compute(model, text_features [n_seen, dim], inputs, constants)`` ->
+            ``{name: scalar}``, where ``inputs`` holds this step's row of each tensor of
+            ``draw``; traced into the captured step's graph, so it reads nothing back to the
+            host, makes no tensor from host data, and reads the task only from ``constants``
+            (the same function serves every task of a run).
+        constants: the task's tensors ``compute`` reads (indices, masks), or ``None`` items.
+        reported: the names the epoch metrics report this task (default: every name of
+            ``weights``; a term padded to the run's shape without content adds 0 and is not
+            reported).
     """
 
     weights: Dict[str, float]
     draw: Callable[[int], Tuple[Tensor, ...]]
-    compute: Callable[[Tensor, Tuple[Tensor, ...]], Dict[str, Tensor]]
+    compute: Callable[..., Dict[str, Tensor]]
+    constants: Tuple[Optional[Tensor], ...] = ()
+    reported: Optional[Set[str]] = None
+
+    def reported_names(self) -> List[str]:
+        """The names of ``weights`` the metrics report, in order."""
+        return [n for n in self.weights if self.reported is None or n in self.reported]
 
 
 #: ``replay_source(epoch, n_steps)`` -> ``(features [n_steps, k, dim], labels [n_steps, k],

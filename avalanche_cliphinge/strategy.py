@@ -30,7 +30,7 @@ from .step import EpochPlan, EpochRecord, StepRow, Stage1Scores, draw_epoch_plan
 from .step import keeping_rows, stage1_loss, stage1_scores
 from .step_state import ExperienceClasses, StepState
 from .strategy_inputs import StrategyInputs
-from .strategy_tasks import ExperienceTasks
+from .strategy_tasks import ExperienceTasks, avalanche_sizes
 from .streams import ClipInput
 
 
@@ -110,6 +110,9 @@ class CLIPHingeStrategy(StrategyInputs, ExperienceTasks, SupervisedTemplate):
         progress: show tqdm bars for feature extraction and stage 2.
     """
 
+    #: trained on the stream's experiences in turn, not an upper bound (``baselines``)
+    upper_bound = False
+
     replay_features = _step_field("replay_features")
     replay_labels = _step_field("replay_labels")
     replay_scores = _step_field("replay_scores")
@@ -140,17 +143,7 @@ class CLIPHingeStrategy(StrategyInputs, ExperienceTasks, SupervisedTemplate):
                 f"config must be a CLIPHingeConfig, got {type(config).__name__}; "
                 "use CLIPHingeConfig.from_json(path)"
             )
-        overrides = {
-            key: value
-            for key, value in (
-                ("batch_size", train_mb_size),
-                ("init_epochs", train_epochs),
-                ("epochs", train_epochs),
-                ("eval_batch_size", eval_mb_size),
-            )
-            if value is not None
-        }
-        config = config.replace(**overrides) if overrides else config
+        config = avalanche_sizes(config, train_mb_size, train_epochs, eval_mb_size)
         refuse_plugins(plugins or [], config)
         try:
             names = class_name_table(class_names)
@@ -234,6 +227,16 @@ class CLIPHingeStrategy(StrategyInputs, ExperienceTasks, SupervisedTemplate):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
+    def release_graphs(self) -> None:
+        """Free the captured steps' graphs and buffers (``compile_step``), stage 2's too: the
+        end of a run. A later ``train`` builds them again."""
+        if self._compiled_step is not None:
+            self._compiled_step.release()
+        for plugin in self.plugins:
+            captured = getattr(plugin, "captured", None)
+            if isinstance(captured, dict):
+                captured.clear()
+
     @property
     def training_stopped(self) -> bool:
         """Whether a plugin asked the training to stop (``stop_training``, early stopping)."""
@@ -250,7 +253,8 @@ class CLIPHingeStrategy(StrategyInputs, ExperienceTasks, SupervisedTemplate):
         self.step = StepState()  # the plugins register this experience's terms
         self._open_experience()
         super()._before_training_exp(**kwargs)
-        names = ["cross_entropy"] + [n for t in self.step.plugin_losses.values() for n in t.weights]
+        losses = self.step.plugin_losses.values()
+        names = ["cross_entropy"] + [n for term in losses for n in term.reported_names()]
         self.epoch_record = EpochRecord(names, self.device)
         self._read_plugin_loader()
 

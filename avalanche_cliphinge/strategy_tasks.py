@@ -9,6 +9,8 @@ mixins). It reads the strategy's ``config``, ``model``, ``experience``, ``optimi
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from avalanche.training.plugins import LRSchedulerPlugin
 
@@ -113,7 +115,8 @@ class ExperienceTasks:
         The optimizer object stays for the whole stream (a scheduler plugin keeps a reference
         to it); its state is reset when the parameters change. Never the frozen CLIP.
         """
-        params = [p.ctx for p in self.model.prompts if p.ctx.requires_grad]
+        # a context shared by every task's prompts (CoOp) is one parameter
+        params = list(dict.fromkeys(p.ctx for p in self.model.prompts if p.ctx.requires_grad))
         if self.model.adapter is not None:
             params += list(self.model.adapter.parameters())
         groups = self.optimizer.param_groups
@@ -129,3 +132,22 @@ class ExperienceTasks:
         """Stage-1 learning rate at ``epoch`` (0-based) of the current task (step decay)."""
         steps = sum(1 for e in self.config.lr_decay_epochs if epoch >= e)
         return self.base_lr() * self.config.lr_decay_factor**steps
+
+
+def avalanche_sizes(
+    config, train_mb_size: Optional[int], train_epochs: Optional[int], eval_mb_size: Optional[int]
+):
+    """``config`` with Avalanche's constructor sizes where given: ``train_mb_size`` is
+    ``batch_size``, ``train_epochs`` both ``init_epochs`` and ``epochs``, ``eval_mb_size``
+    ``eval_batch_size``."""
+    overrides = {
+        key: value
+        for key, value in (
+            ("batch_size", train_mb_size),
+            ("init_epochs", train_epochs),
+            ("epochs", train_epochs),
+            ("eval_batch_size", eval_mb_size),
+        )
+        if value is not None
+    }
+    return config.replace(**overrides) if overrides else config

@@ -42,6 +42,14 @@ with ``compile_step`` a call into its captured graph counts as one call and no o
 over the other tasks' runs; with ``compile_step`` each stage-2 graph's first call (tracing,
 compiling) is left out of its ``ms_per_step`` and given as ``compile_s``. ``--no-step-counts``
 counts nothing.
+
+Compiles, from torch's side (``CompileWatch``: Dynamo's compile callbacks): the ``stage1`` and
+``stage2`` lines give ``graphs_compiled`` (frames Dynamo made a graph of during the phase) and
+``torch_compile_s`` (seconds inside torch's compiles during the phase: Dynamo, AOT autograd,
+the backend, and CUDA-graph recording); the ``total`` line gives the whole run's, compiles
+outside both phases included, and ``cudagraph_skips`` (inductor's count of graphs it ran
+without CUDA graphs). Its ``seconds`` is the whole run's wall time (model built, stream
+trained and evaluated).
 """
 
 from __future__ import annotations
@@ -132,6 +140,32 @@ def synthetic_cifar(
     return split(train_per_class), split(test_per_class)
 
 
+def synthetic_benchmark(config, train_per_class: int, test_per_class: int, items: str = "pil"):
+    """``synthetic_cifar`` as the ``NamedBenchmark`` of ``config``'s layout (its classes in
+    natural order, ``init_class`` then ``increment`` per experience)."""
+    from avalanche.benchmarks import nc_benchmark
+
+    from avalanche_cliphinge.benchmarks.common import NamedBenchmark
+
+    n = config.n_classes
+    train, test = synthetic_cifar(n, train_per_class, test_per_class, config.seed, items)
+    per_exp = {0: config.init_class} if config.init_class != config.increment else None
+    benchmark = nc_benchmark(
+        train,
+        test,
+        config.total_tasks,
+        task_labels=False,
+        fixed_class_order=list(range(n)),
+        per_exp_classes=per_exp,
+    )
+    return NamedBenchmark(
+        benchmark=benchmark,
+        class_names=[f"class {i}" for i in range(n)],
+        class_order=list(range(n)),
+        protocol={"name": "synthetic-cifar"},
+    )
+
+
 def loader_rates(args, config):
     """``--loader-only``: images/s of one DataLoader pass over the first training experience.
 
@@ -188,10 +222,11 @@ class PhaseTimer(SupervisedPlugin):
     synchronised on CUDA; with an ``extraction`` stopwatch, also the feature extraction done
     inside evaluations."""
 
-    def __init__(self, device, extraction=None):
+    def __init__(self, device, extraction=None, watch=None):
         super().__init__()
         self.device = device
         self.extraction = extraction
+        self.watch = watch
         self.seconds = {"stage1": 0.0, "evaluation": 0.0, "extraction_in_eval": 0.0}
         #: (epoch of its task, counted by ``StepCounter``, seconds, steps) per stage-1 epoch
         self.epochs: list = []
@@ -206,10 +241,14 @@ class PhaseTimer(SupervisedPlugin):
 
     def before_training_epoch(self, strategy, **kwargs):
         self._steps = len(strategy.dataloader)
+        if self.watch is not None:
+            self.watch.phase = "stage1"
         self._start = self._now()
 
     def after_training_epoch(self, strategy, **kwargs):
         seconds = self._now() - self._start
+        if self.watch is not None:
+            self.watch.phase = "other"
         self.seconds["stage1"] += seconds
         self.epochs.append(
             (strategy.clock.train_exp_epochs, counted_epoch(strategy), seconds, self._steps)
@@ -225,6 +264,87 @@ class PhaseTimer(SupervisedPlugin):
             self.seconds["extraction_in_eval"] += self.extraction.seconds - self._extracted
 
 
+class CompileWatch:
+    """Torch's compiles while active (a ``with`` block), counted by phase from torch's side.
+
+    Dynamo's compile callbacks (``torch._dynamo.callback_handler``) open and close around each
+    compile: a frame traced by Dynamo (AOT autograd and the backend included), a backward
+    compiled lazily, a CUDA-graph recording. ``seconds[phase]`` adds up their wall time;
+    ``graphs[phase]`` counts the Dynamo compiles that made a graph (torch's
+    ``counters["stats"]["unique_graphs"]`` grew: one per frame, a restarted analysis counted
+    once). ``phase`` names where the run is: the caller sets it (``PhaseTimer`` and
+    ``Stage2Steps`` do); anything else is ``"other"``. ``cudagraph_skips`` is inductor's count
+    of graphs run without CUDA graphs over the block.
+    """
+
+    def __init__(self):
+        self.phase = "other"
+        self.graphs: dict = {}
+        self.seconds: dict = {}
+        self.cudagraph_skips = 0
+        self._open: list = []
+        self._skips = 0
+
+    @staticmethod
+    def _counters():
+        from torch._dynamo.utils import counters
+
+        return counters
+
+    def during(self, phase: str, function):
+        """``function`` run with ``phase`` as the watch's phase (the one before restored)."""
+
+        def in_phase(*args, **kwargs):
+            before, self.phase = self.phase, phase
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.phase = before
+
+        return in_phase
+
+    def _begin(self, args) -> None:
+        unique = self._counters()["stats"]["unique_graphs"]
+        self._open.append((time.perf_counter(), unique, self.phase))
+
+    def _end(self, args) -> None:
+        from torch._dynamo.callback import CallbackTrigger
+
+        if not self._open:
+            return
+        began, unique, phase = self._open.pop()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - began
+        self.graphs.setdefault(phase, 0)
+        made = self._counters()["stats"]["unique_graphs"] > unique
+        if made and args.callback_trigger == CallbackTrigger.DYNAMO:
+            self.graphs[phase] += 1
+
+    def __enter__(self) -> "CompileWatch":
+        handler = torch._dynamo.callback_handler
+        handler.register_start_callback(self._begin)
+        handler.register_end_callback(self._end)
+        self._skips = self._counters()["inductor"]["cudagraph_skips"]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        handler = torch._dynamo.callback_handler
+        for callbacks, mine in (
+            (handler.start_callbacks, self._begin),
+            (handler.end_callbacks, self._end),
+        ):
+            if mine in callbacks:  # torch._dynamo.reset() clears them
+                callbacks.remove(mine)
+        self.cudagraph_skips = self._counters()["inductor"]["cudagraph_skips"] - self._skips
+
+    def record(self, phase=None) -> dict:
+        """``graphs_compiled`` and ``torch_compile_s`` of ``phase`` (``None``: all phases)."""
+        phases = list(self.seconds) if phase is None else [phase]
+        return {
+            "graphs_compiled": sum(self.graphs.get(name, 0) for name in phases),
+            "torch_compile_s": round(sum((self.seconds.get(name, 0.0) for name in phases), 0.0), 3),
+        }
+
+
 class StepSyncCounter(SupervisedPlugin):
     """CUDA only: counts synchronising CUDA calls made inside stage-1 training steps.
 
@@ -238,6 +358,7 @@ class StepSyncCounter(SupervisedPlugin):
     def __init__(self):
         super().__init__()
         self.steps = 0
+        self.steady_steps = 0
         self.syncs = 0
         self.first_epoch_syncs = 0
         self.where: list = []
@@ -259,6 +380,7 @@ class StepSyncCounter(SupervisedPlugin):
             self.first_epoch_syncs += len(found)
         else:
             self.syncs += len(found)
+            self.steady_steps += 1
         for w in found:
             site = f"{Path(w.filename).name}:{w.lineno}"
             if site not in self.where and len(self.where) < 5:
@@ -271,6 +393,10 @@ class StepSyncCounter(SupervisedPlugin):
             "steps": self.steps,
             "syncs_after_first_epoch": self.syncs,
             "syncs_in_first_epochs": self.first_epoch_syncs,
+            "steps_after_first_epoch": self.steady_steps,
+            "syncs_per_steady_step": (
+                round(self.syncs / self.steady_steps, 3) if self.steady_steps else None
+            ),
             "where": self.where,
         }
 
@@ -409,16 +535,19 @@ class Stage2Steps:
 
     With ``compile_step`` (``CompiledStage2``) a call into a stage-2 graph counts as one Python
     call and no op, like ``StepCounter.paused``; each graph's first call (tracing, compiling,
-    one step) is left out of ``ms_per_step`` and given apart as ``compile_s``.
+    one step) is left out of ``ms_per_step`` and given apart as ``compile_s``. With a
+    ``CompileWatch`` (``watch``), the stage-2 runs are its phase ``"stage2"``.
     """
 
-    def __init__(self, plugin, device, counted_task: int):
+    def __init__(self, plugin, device, counted_task: int, watch=None):
         self.plugin, self.device, self.counted_task = plugin, device, counted_task
         self.seconds = self.steps = 0.0
         self.compile_seconds, self.compiled_graphs = 0.0, 0
         self.counted: dict = {}
         self._counting = None
         inner = plugin.after_training_exp
+        if watch is not None:
+            inner = watch.during("stage2", inner)
 
         def run(strategy, **kwargs):
             before = plugin.steps
@@ -565,7 +694,9 @@ def run_once(config, named_benchmark, backbone, device, experiences=None, count_
 
     ``experiences`` limits the run to the first ones (the warm-up uses one). The per-step
     figures are ``ms_per_step`` of stage 1 and 2 and, with ``count_steps``, their
-    ``ops_per_step`` and ``python_calls_per_step`` (``StepCounter``, ``Stage2Steps``).
+    ``ops_per_step`` and ``python_calls_per_step`` (``StepCounter``, ``Stage2Steps``); with
+    each phase's compiles (``CompileWatch``: ``graphs_compiled``, ``torch_compile_s``), and
+    under ``"total"`` the whole run's and its ``cudagraph_skips``.
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -575,7 +706,8 @@ def run_once(config, named_benchmark, backbone, device, experiences=None, count_
         Stopwatch(device, per_step=True),
         Stopwatch(device),
     )
-    timer = PhaseTimer(device, extraction)
+    watch = CompileWatch()
+    timer = PhaseTimer(device, extraction, watch)
     syncs = StepSyncCounter() if device.type == "cuda" else None
     counter = StepCounter() if count_steps else None
     evaluator = make_evaluator().plugin
@@ -598,17 +730,19 @@ def run_once(config, named_benchmark, backbone, device, experiences=None, count_
         if isinstance(plugin, HardPairHingePlugin):
             hinge.wrap(plugin, "before_backward")
         if isinstance(plugin, SecondStagePlugin):
-            stage2_steps = Stage2Steps(plugin, device, len(train_stream) - 1 if count_steps else -1)
+            counted = len(train_stream) - 1 if count_steps else -1
+            stage2_steps = Stage2Steps(plugin, device, counted, watch)
             stage2.wrap(plugin, "after_training_exp")
     sync()
     began, began_cpu = time.perf_counter(), time.process_time()
-    matrix = [
-        task.row
-        for task in train_and_evaluate(
-            strategy, train_stream, named_benchmark.benchmark.test_stream[:experiences]
-        )
-    ]
-    sync()
+    with watch:
+        matrix = [
+            task.row
+            for task in train_and_evaluate(
+                strategy, train_stream, named_benchmark.benchmark.test_stream[:experiences]
+            )
+        ]
+        sync()
     total, cpu = time.perf_counter() - began, time.process_time() - began_cpu
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     phases = {
@@ -621,8 +755,13 @@ def run_once(config, named_benchmark, backbone, device, experiences=None, count_
         "total_process_cpu": cpu,
     }
     steps = {
-        "stage1": {**stage1_steps(timer.epochs), **(counter.record() if counter else {})},
-        "stage2": stage2_steps.record() if stage2_steps else {},
+        "stage1": {
+            **stage1_steps(timer.epochs),
+            **(counter.record() if counter else {}),
+            **watch.record("stage1"),
+        },
+        "stage2": {**(stage2_steps.record() if stage2_steps else {}), **watch.record("stage2")},
+        "total": {**watch.record(), "cudagraph_skips": watch.cudagraph_skips},
     }
     return phases, extraction.items, matrix, peak, syncs, steps
 
@@ -809,31 +948,8 @@ def main(argv=None):
             eval_transform=backbone.eval_transform,
         )
     else:
-        from avalanche.benchmarks import nc_benchmark
-
-        from avalanche_cliphinge.benchmarks.common import NamedBenchmark
-
-        train, test = synthetic_cifar(
-            config.n_classes,
-            args.train_per_class,
-            args.test_per_class,
-            config.seed,
-            args.synthetic_items,
-        )
-        per_exp = {0: config.init_class} if config.init_class != config.increment else None
-        benchmark = nc_benchmark(
-            train,
-            test,
-            config.total_tasks,
-            task_labels=False,
-            fixed_class_order=list(range(config.n_classes)),
-            per_exp_classes=per_exp,
-        )
-        named_benchmark = NamedBenchmark(
-            benchmark=benchmark,
-            class_names=[f"class {i}" for i in range(config.n_classes)],
-            class_order=list(range(config.n_classes)),
-            protocol={"name": "synthetic-cifar"},
+        named_benchmark = synthetic_benchmark(
+            config, args.train_per_class, args.test_per_class, args.synthetic_items
         )
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     emit(

@@ -11,7 +11,9 @@ Writes summary.md, summary.csv, summary.json and summary_curve.{png,pdf}. The sa
 
 import sys
 
+from avalanche_cliphinge.app import process
 from avalanche_cliphinge.app.aggregate import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    process.claim()  # a process of its own: no interpreter teardown after a success
+    sys.exit(process.finish(main()))

@@ -11,7 +11,9 @@ comparison.md / .csv / .json, accuracy_vs_task.png and TensorBoard runs under tb
 
 import sys
 
+from avalanche_cliphinge.app import process
 from avalanche_cliphinge.app.compare_cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    process.claim()  # a process of its own: no interpreter teardown after a success
+    sys.exit(process.finish(main()))

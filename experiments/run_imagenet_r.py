@@ -14,15 +14,19 @@ The same run: ``cliphinge run --config imagenet_r_b0_inc20 ...``.
 
 import sys
 
+from avalanche_cliphinge.app import process
 from avalanche_cliphinge.app.cli import main
 
 if __name__ == "__main__":
+    process.claim()  # a process of its own: no interpreter teardown after a success
     sys.exit(
-        main(
-            None,
-            __doc__.splitlines()[0],
-            "imagenet_r_b0_inc20",
-            dataset="imagenet_r",
-            prog="run_imagenet_r.py",
+        process.finish(
+            main(
+                None,
+                __doc__.splitlines()[0],
+                "imagenet_r_b0_inc20",
+                dataset="imagenet_r",
+                prog="run_imagenet_r.py",
+            )
         )
     )

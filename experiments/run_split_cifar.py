@@ -12,15 +12,19 @@ The same run: ``cliphinge run --config cifar100_b0_inc10 ...``.
 
 import sys
 
+from avalanche_cliphinge.app import process
 from avalanche_cliphinge.app.cli import main
 
 if __name__ == "__main__":
+    process.claim()  # a process of its own: no interpreter teardown after a success
     sys.exit(
-        main(
-            None,
-            __doc__.splitlines()[0],
-            "cifar100_b0_inc10",
-            dataset="cifar100",
-            prog="run_split_cifar.py",
+        process.finish(
+            main(
+                None,
+                __doc__.splitlines()[0],
+                "cifar100_b0_inc10",
+                dataset="cifar100",
+                prog="run_split_cifar.py",
+            )
         )
     )

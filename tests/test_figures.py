@@ -43,7 +43,7 @@ def square_matrix(n: int, seed: int = 0):
 
 
 def comparison_entries():
-    """The 13 default entries of ``compare.py``: ``{name: group}``."""
+    """The default entries of ``compare.py`` (18 since the CLIP baselines): ``{name: group}``."""
     return {
         e.name: ("ablation" if e.overrides else "method" if e.kind == "cliphinge" else "baseline")
         for e in resolve_entries(DEFAULT_STRATEGIES, tuple(ABLATIONS))
@@ -214,15 +214,16 @@ def test_comparison_gives_every_entry_its_own_colour_and_line_style():
     (method,) = [n for n, g in groups.items() if g == "method"]
     base = {line.get_label(): line for line in base_axes.get_lines()}
     ablations = {line.get_label(): line for line in ablation_axes.get_lines()}
-    # the method in both panels, drawn alike; the 7 baselines left, the 5 ablations right
+    # the method in both panels, drawn alike; the baselines left, the 5 ablations right
     assert list(base) == [method] + [n for n, g in groups.items() if g == "baseline"]
     assert list(ablations) == [method] + [n for n, g in groups.items() if g == "ablation"]
     assert base[method].get_color() == ablations[method].get_color() == "#000000"
     by_name = {**base, **ablations}
     lines = list(by_name.values())
-    assert len(lines) == 13
-    assert len({line.get_color() for line in lines}) == 13
-    assert len({(line.get_color(), str(line._unscaled_dash_pattern)) for line in lines}) == 13
+    n = len(groups)
+    assert len(lines) == n
+    assert len({line.get_color() for line in lines}) == n
+    assert len({(line.get_color(), str(line._unscaled_dash_pattern)) for line in lines}) == n
     assert by_name[method].get_linewidth() > max(
         line.get_linewidth() for n, line in by_name.items() if n != method
     )

@@ -17,6 +17,7 @@ from typing import List, Optional
 
 # Only light modules here: --help, a bad request and a missing config file are answered
 # without importing torch, open_clip or Avalanche (seconds); a run imports them as it starts.
+from . import process
 from .datasets import dataset_entry, fit_config_to_data
 from ..config import CLIPHingeConfig, ConfigError
 from ..errors import BackboneError, CheckpointError, DistributedError, RunError
@@ -173,9 +174,12 @@ def main(
                 raise
             print(f"error: {_one_line(err)}", file=sys.stderr)
             return 2
-    import torch
+    with process.heavy_imports():  # what a run imports (torch, Avalanche, open_clip), at once
+        import torch
 
-    from .. import distributed
+        from .. import distributed
+        from ..benchmarks import common  # noqa: F401
+        from . import experiment  # noqa: F401
 
     torch.set_num_threads(args.threads or default_threads())
     default_name = (

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from . import process
+
 USAGE = """usage: cliphinge COMMAND [options]
 
 commands:
@@ -192,6 +194,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
+
+
+def entry() -> int:
+    """The ``cliphinge`` console script and ``python -m avalanche_cliphinge``: ``main`` in a
+    process of its own, which a successful command ends without the interpreter's teardown
+    (``process``)."""
+    process.claim()
+    return process.finish(main())
 
 
 def _stdout_to_devnull() -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from ..config import CLIPHingeConfig, ConfigError
 from ..errors import BackboneError
+from . import process
 from .comparison import (
     ABLATIONS,
     DEFAULT_STRATEGIES,
@@ -52,8 +53,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     the usage line; default the script's)."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="CLIPHingeStrategy, its ablations, Avalanche baselines and zero-shot CLIP "
-        "on one stream with one frozen CLIP: one table, one plot, TensorBoard runs.",
+        description="CLIPHingeStrategy, its ablations, Avalanche baselines, the CLIP "
+        "baselines (SimpleCIL, CoOp, RAPF, joint upper bounds) and zero-shot CLIP on one "
+        "stream with one frozen CLIP: one table, one plot, TensorBoard runs.",
     )
     parser.add_argument(
         "--benchmark",
@@ -228,9 +230,12 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
         if len(set(seeds)) != len(seeds):
             raise CompareError(f"--seeds lists a seed twice: {seeds}")
         # a request that stands: torch, open_clip and Avalanche from here on
-        import torch
+        with process.heavy_imports():
+            import torch
 
-        from ..model.backbone import check_device
+            from ..model.backbone import check_device
+            from .compare_report import markdown_table, prepare_output, summarize, write_outputs
+            from .compare_runs import load_backbone, run_comparison
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         check_device(device)  # before CLIP loads
@@ -239,9 +244,6 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
             if threads < 1:
                 raise CompareError(f"--threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
-        from .compare_report import markdown_table, prepare_output, summarize, write_outputs
-        from .compare_runs import load_backbone, run_comparison
-
         output_dir = Path(args.output_dir or Path("runs") / f"compare_{args.benchmark}")
         prepare_output(output_dir, args.overwrite)
         output_dir.mkdir(parents=True, exist_ok=True)

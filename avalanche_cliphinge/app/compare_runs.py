@@ -5,8 +5,11 @@ and the same evaluation setup: Avalanche's accuracy and forgetting metrics (expe
 stream), a ``TensorboardLogger`` under ``tb/<entry>`` and a ``TextLogger`` per entry, and an
 evaluation of the whole, index-aligned test stream after every experience. From the accuracy
 matrix each run gets AIA, Last, AA and Forgetting (``results.cil_metrics``) next to Avalanche's
-``StreamForgetting``. Zero-shot CLIP and the baselines run on features extracted once per seed
-(``compare_features``).
+``StreamForgetting``, and the number of parameters it learned. Zero-shot CLIP and the Avalanche
+baselines run on features extracted once per seed (``compare_features``); the CLIP baselines
+(``compare_clip``) and the CLIPHinge entries run on the image stream with the shared
+backbone and one ``FeatureCache`` per seed. An upper bound (``loop.is_upper_bound``) trains once
+on the whole stream: one row, ``results.upper_bound_metrics``, no forgetting.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ from .compare_features import (
     ZeroShotCLIPStrategy,
     extract_feature_stream,
 )
+from .compare_clip import build_clip_baseline, clip_baselines_protocol, count_trainable
 from .comparison import BASELINES, BaselineContext, BaselineSettings, CompareError, Entry
 from .evaluation import make_evaluator
-from .loop import train_and_evaluate
-from .results import cil_metrics, grouped_accuracy
+from .loop import is_upper_bound, train_and_evaluate
+from .results import cil_metrics, grouped_accuracy, upper_bound_metrics
 from .run_record import package_versions
 
 
@@ -50,14 +54,20 @@ class RunResult:
 
     Attributes:
         entry, seed: what ran.
-        matrix: ``[task trained][test experience]`` accuracy (percent).
+        matrix: ``[task trained][test experience]`` accuracy (percent); one row (every
+            experience) for an upper bound.
         test_sizes: test samples per experience.
-        curve: accuracy over all seen classes after each task (percent).
-        metrics: ``cil_metrics`` (AIA, AA, Last, Forgetting).
-        stream_forgetting: Avalanche ``StreamForgetting`` after the last task (percent).
+        curve: accuracy over all seen classes after each task (percent); one value for an
+            upper bound.
+        metrics: ``cil_metrics`` (AIA, AA, Last, Forgetting), or ``upper_bound_metrics``
+            (AIA and Forgetting ``None``).
+        stream_forgetting: Avalanche ``StreamForgetting`` after the last task (percent;
+            ``None`` for an upper bound).
         train_seconds: wall time inside ``strategy.train`` (``None``: no training).
         peak_memory_mib: CUDA ``max_memory_allocated`` during the run, else the process's
             peak resident set size so far (MiB).
+        trainable_parameters: scalars the entry learned (``count_trainable``), after training.
+        upper_bound: trained once on every class (its own row, left out of forgetting).
     """
 
     entry: str
@@ -69,6 +79,8 @@ class RunResult:
     stream_forgetting: Optional[float]
     train_seconds: Optional[float]
     peak_memory_mib: float
+    trainable_parameters: Optional[int] = None
+    upper_bound: bool = False
 
 
 def build_strategy(
@@ -85,8 +97,19 @@ def build_strategy(
 ):
     """The Avalanche strategy of ``entry``; the caller seeds the RNGs first.
 
-    ``feature_cache`` is shared by the CLIPHinge entries of one stream (a new one when None).
+    ``feature_cache`` is shared by the CLIPHinge entries and the CLIP baselines of one stream
+    (a new one when None).
     """
+    if entry.kind == "clip":
+        return build_clip_baseline(
+            entry.name,
+            config=config,
+            class_names=named_benchmark.class_names,
+            backbone=backbone,
+            evaluator=evaluator,
+            device=device,
+            feature_cache=feature_cache,
+        )
     if entry.kind == "cliphinge":
         cfg = config.replace(**dict(entry.overrides))
         if cfg.use_lora_in_second_stage and cfg.second_stage_epochs > 0:
@@ -139,7 +162,8 @@ def run_entry(
     feature_cache: Optional[FeatureCache] = None,
     log: Callable[[str], None] = print,
 ) -> RunResult:
-    """Train ``entry`` on every experience, evaluating the whole test stream after each.
+    """Train ``entry`` on every experience, evaluating the whole test stream after each (an
+    upper bound: once on the whole stream, then one evaluation).
 
     Args:
         entry: what to run (see ``resolve_entries``).
@@ -148,12 +172,13 @@ def run_entry(
         named_benchmark: the image ``NamedBenchmark``.
         backbone: the frozen CLIP shared by every entry.
         features: ``extract_feature_stream(named_benchmark, backbone)`` (needed by zero-shot and the
-            baselines).
+            Avalanche baselines).
         output_dir: where ``tb/<run_name>`` and ``logs/<run_name>.txt`` go.
         settings: baseline settings (default ``BaselineSettings()``).
         device: torch device.
         run_name: folder name of the loggers (default: the entry name).
-        feature_cache: CLIPHinge's frozen-feature cache, shared by the entries of one stream.
+        feature_cache: the frozen-feature cache shared by the CLIPHinge entries and the CLIP
+            baselines of one stream.
         log: one line per task.
     """
     settings = settings or BaselineSettings()
@@ -180,8 +205,10 @@ def run_entry(
             device=device,
             feature_cache=feature_cache,
         )
-        benchmark = named_benchmark.benchmark if entry.kind == "cliphinge" else features.benchmark
+        on_features = entry.kind in ("zeroshot", "baseline")
+        benchmark = features.benchmark if on_features else named_benchmark.benchmark
         test_sizes = [len(exp.dataset) for exp in benchmark.test_stream]
+        upper_bound = is_upper_bound(strategy)
         matrix, curve, train_seconds, forgetting = [], [], 0.0, None
         for task in train_and_evaluate(strategy, benchmark.train_stream, benchmark.test_stream):
             matrix.append(task.trained_row)
@@ -190,10 +217,21 @@ def run_entry(
             forgetting = task.stream_forgetting
             step = strategy.clock.train_iterations
             writer.add_scalar("results/accuracy_seen_classes", curve[-1], step)
-            log(f"[{run_name}] task {task.index}: accuracy on seen classes {curve[-1]:.2f}%")
-        metrics = cil_metrics(matrix, test_sizes)
+            if task.upper_bound:
+                log(
+                    f"[{run_name}] trained once on all {len(test_sizes)} experiences: "
+                    f"accuracy on every class {curve[-1]:.2f}%"
+                )
+            else:
+                log(f"[{run_name}] task {task.index}: accuracy on seen classes {curve[-1]:.2f}%")
+        if upper_bound:
+            metrics = upper_bound_metrics(matrix[0], test_sizes)
+        else:
+            metrics = cil_metrics(matrix, test_sizes)
         for name, value in metrics.items():
-            writer.add_scalar(f"results/{name}", value, strategy.clock.train_iterations)
+            if value is not None:
+                writer.add_scalar(f"results/{name}", value, strategy.clock.train_iterations)
+        parameters = count_trainable(strategy)
     finally:
         evaluation.close()
         writer.close()
@@ -207,6 +245,8 @@ def run_entry(
         stream_forgetting=forgetting,
         train_seconds=None if entry.kind == "zeroshot" else train_seconds,
         peak_memory_mib=peak_memory_mib(device),
+        trainable_parameters=parameters,
+        upper_bound=upper_bound,
     )
 
 
@@ -262,7 +302,7 @@ def run_comparison(
                 f"total_tasks={cfg.total_tasks}; make them agree"
             )
         features = None
-        if any(e.kind != "cliphinge" for e in entries):
+        if any(e.kind in ("zeroshot", "baseline") for e in entries):
             features = extract_feature_stream(
                 named_benchmark,
                 backbone,
@@ -356,6 +396,9 @@ def describe_protocol(
                 * len(named_benchmark.class_names),
             },
         }
+    clip = [e.name for e in entries if e.kind == "clip"]
+    if clip:
+        protocol["clip_baselines"] = clip_baselines_protocol(clip, config)
     if any(e.kind == "zeroshot" for e in entries):
         protocol["zeroshot"] = (
             f"template {config.prompt_template!r}, scores over the classes seen so far, no training"

@@ -1,6 +1,7 @@
 """What ``cliphinge compare`` puts side by side: the strategies, their registry and settings.
 
-CLIPHingeStrategy beside Avalanche's own strategies and zero-shot CLIP, on one stream.
+CLIPHingeStrategy beside Avalanche's own strategies, the CLIP baselines a paper is compared
+against (SimpleCIL, CoOp, RAPF, joint upper bounds) and zero-shot CLIP, on one stream.
 
 Entries:
 
@@ -10,6 +11,10 @@ Entries:
   ``icarl``), imported from ``avalanche.training`` and built with their keyword-only
   constructors, on ``FrozenCLIPClassifier`` = frozen image encoder + Avalanche's
   ``IncrementalClassifier`` on the L2-normalised image features; the optimizer sees the head only.
+- CLIP baselines (``CLIP_BASELINES``: ``simplecil``, ``coop``, ``rapf`` and the upper bounds
+  ``joint``, ``joint_probe``), the strategies of ``avalanche_cliphinge.baselines`` on the image
+  stream, sharing the loaded CLIP and the CLIPHinge entries' feature cache; the upper bounds
+  train once on the whole stream and are reported in their own rows, without forgetting.
 - ``cliphinge`` and its ablations (``ABLATIONS``): ``CLIPHingeStrategy`` with config overrides.
 
 Adding a strategy that trains on the frozen features: one factory in ``BASELINES``
@@ -20,6 +25,7 @@ a refused request read this module without them.
 The comparison's modules, one job each: this one (names, entries, baseline settings);
 ``compare_features`` (the models on frozen CLIP features and the feature stream they train on);
 ``compare_runs`` (one entry on one seed, every entry on every seed, the protocol);
+``compare_clip`` (the CLIP baselines: building them, counting learned parameters);
 ``compare_report`` (table, CSV, JSON, Markdown, the figure, the output folder); ``compare_cli``
 (the command: ``cliphinge compare`` and ``experiments/compare.py``).
 """
@@ -207,7 +213,36 @@ BASELINES: Dict[str, Callable[[BaselineContext], SupervisedTemplate]] = {
     "icarl": _icarl,
 }
 
-DEFAULT_STRATEGIES = (ZEROSHOT, "naive", "lwf", "ewc", "replay", "gdumb", "icarl", CLIPHINGE)
+#: The CLIP baselines of ``avalanche_cliphinge.baselines`` (issue 28) by entry name, with what
+#: each is; they run on the image stream (``compare_clip.build_clip_baseline`` builds them).
+CLIP_BASELINES: Dict[str, str] = {
+    "simplecil": "SimpleCIL: a prototype (mean frozen image feature) per class, cosine "
+    "classifier, no training",
+    "coop": "CoOp: one learnable context shared by every class, trained task after task, "
+    "no replay, no hinge",
+    "rapf": "RAPF (ECCV'24): linear adapter on frozen image features, Gaussian replay, hinge "
+    "on hard text pairs, decomposed fusion; RAPF's released values on CIFAR-100 and "
+    "ImageNet-R",
+    "joint": "upper bound: CLIPHingeStrategy trained once on every class as one task",
+    "joint_probe": "upper bound: a linear probe on frozen image features of every class, "
+    "trained once",
+}
+
+DEFAULT_STRATEGIES = (
+    ZEROSHOT,
+    "naive",
+    "lwf",
+    "ewc",
+    "replay",
+    "gdumb",
+    "icarl",
+    "simplecil",
+    "coop",
+    "rapf",
+    CLIPHINGE,
+    "joint",
+    "joint_probe",
+)
 
 
 # ---- entries --------------------------------------------------------------------------------
@@ -217,7 +252,8 @@ class Entry:
 
     Attributes:
         name: the row label and folder name (``naive``, ``cliphinge_no_replay``).
-        kind: ``"zeroshot"``, ``"baseline"`` or ``"cliphinge"``.
+        kind: ``"zeroshot"``, ``"baseline"`` (Avalanche's, on extracted features), ``"clip"``
+            (``CLIP_BASELINES``, on the image stream) or ``"cliphinge"``.
         overrides: CLIPHinge config overrides (ablations).
     """
 
@@ -227,8 +263,9 @@ class Entry:
 
 
 def strategy_names() -> Tuple[str, ...]:
-    """Every ``--strategies`` name: zero-shot, the registered baselines, CLIPHinge."""
-    return (ZEROSHOT, *BASELINES, CLIPHINGE)
+    """Every ``--strategies`` name: zero-shot, the registered Avalanche baselines, the CLIP
+    baselines, CLIPHinge."""
+    return (ZEROSHOT, *BASELINES, *CLIP_BASELINES, CLIPHINGE)
 
 
 def resolve_entries(
@@ -246,7 +283,15 @@ def resolve_entries(
                 + did_you_mean(name, strategy_names())
                 + f" (choose from {', '.join(strategy_names())})"
             )
-        kind = "zeroshot" if name == ZEROSHOT else "cliphinge" if name == CLIPHINGE else "baseline"
+        kind = (
+            "zeroshot"
+            if name == ZEROSHOT
+            else "cliphinge"
+            if name == CLIPHINGE
+            else "clip"
+            if name in CLIP_BASELINES
+            else "baseline"
+        )
         entries.append(Entry(name, kind))
     for raw in ablations:
         name = raw.strip().lower()

@@ -15,17 +15,10 @@ from avalanche.evaluation.metrics import (
     loss_metrics,
     timing_metrics,
 )
-from avalanche.logging import (
-    BaseLogger,
-    CSVLogger,
-    InteractiveLogger,
-    TensorboardLogger,
-    TextLogger,
-)
+from avalanche.logging import BaseLogger, CSVLogger, TensorboardLogger, TextLogger
 from avalanche.training.plugins import EvaluationPlugin
-from tqdm import tqdm
 
-from ..compiled_step import overrides
+from ..runner_checks import overrides
 from ..errors import first_line
 from ..metrics import (
     DeviceEpochAccuracy,
@@ -37,6 +30,7 @@ from ..metrics import (
     StepFreeEpochTime,
     metric_needs,
 )
+from .progress import EpochProgress
 
 #: The loss terms of a stage-1 step logged per epoch (``Loss_Epoch_<term>``).
 LOSS_TERMS = ("cross_entropy", "text_hinge", "image_hinge")
@@ -63,10 +57,11 @@ class Evaluation:
     wandb: Optional[Any] = None
 
     def close(self) -> None:
-        """Flush TensorBoard, finish the W&B run and close the CSV and text files (the plugin
+        """Close TensorBoard's writer (every event written), finish the W&B run and close the
+        CSV and text files: nothing is left for the interpreter's exit to write (the plugin
         stays usable for reading its last metrics)."""
         if self.tensorboard is not None:
-            self.tensorboard.writer.flush()
+            self.tensorboard.writer.close()
         for logger in self.plugin.loggers:
             if isinstance(logger, CSVLogger):
                 logger.close()
@@ -75,33 +70,6 @@ class Evaluation:
                 file.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-class _Discard:
-    """A text stream that drops what is written to it."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-
-class ProgressLogger(InteractiveLogger):
-    """Avalanche's ``InteractiveLogger`` without its text: a progress bar for each epoch and
-    each evaluation, cleared when it ends, and none of the metric lines (``Epoch N ended.``
-    and each metric's value; the run's ``log.txt`` keeps them). ``cliphinge run
-    --progress-only``."""
-
-    def __init__(self):
-        super().__init__()
-        self.file = _Discard()  # the TextLogger's output; the bars write to standard output
-
-    @property
-    def _progress(self):
-        if self._pbar is None:
-            self._pbar = tqdm(leave=False, position=0, file=sys.stdout)
-        return self._pbar
 
 
 class LeanEvaluationPlugin(EvaluationPlugin):
@@ -209,8 +177,9 @@ def make_evaluator(
         text_log: ``TextLogger`` file, opened for appending and line-buffered (a killed run
             keeps every line written).
         csv_dir: ``CSVLogger`` folder.
-        interactive: ``InteractiveLogger`` (progress bars and every metric after each epoch
-            and evaluation); ``"progress"``: ``ProgressLogger`` (progress bars only).
+        interactive: ``progress.EpochProgress`` (progress bars fed per epoch and per
+            evaluated experience, and every metric after each epoch and evaluation);
+            ``"progress"``: its bars only. Neither has a callback per step.
         wandb_run: also log to Weights & Biases under this run name (in ``wandb_dir``), with
             ``wandb_config`` as the run's config.
         append: the CSV files are continued, never truncated (a resumed run: the caller has
@@ -224,7 +193,7 @@ def make_evaluator(
     wandb_logger = None if wandb_run is None else _wandb_logger(wandb_run, wandb_dir, wandb_config)
     loggers: List[Any] = []
     if interactive:
-        loggers.append(ProgressLogger() if interactive == "progress" else InteractiveLogger())
+        loggers.append(EpochProgress(metric_lines=interactive != "progress"))
     files: List[Any] = []
     tb_logger = None
     if text_log is not None:

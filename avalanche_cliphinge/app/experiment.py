@@ -77,7 +77,7 @@ def run_experiment(
     overwrite: bool = False,
     force: bool = False,
     wandb: bool = False,
-    interactive: bool = True,
+    interactive: bool | str = True,
     protocol: Optional[Dict[str, Any]] = None,
     plugins: Sequence[Any] = (),
     log: Callable[[str], None] = print,
@@ -102,7 +102,9 @@ def run_experiment(
         overwrite: start again in a folder that holds a run.
         force: resume even when the checkpoint's config or stream differs.
         wandb: also log to Weights & Biases.
-        interactive: show Avalanche's progress bars.
+        interactive: progress bars and metric lines on standard output, drawn per epoch and
+            per evaluated experience (``progress.EpochProgress``); ``"progress"``: the bars
+            only.
         protocol: extra protocol fields (stream, class order, data source...).
         plugins: extra Avalanche plugins for the strategy.
         log: where one-line status messages go.
@@ -391,6 +393,7 @@ def _train_and_record(
 
         # files on rank 0 (torchrun); a failure there stops every rank alike
         distributed.on_main(write_experience)
+    strategy.release_graphs()  # the captured steps' graphs and buffers (compile_step)
     if len(run.matrix) == n_exps:
 
         def finish() -> None:

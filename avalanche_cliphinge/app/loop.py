@@ -1,5 +1,9 @@
 """The one run loop: train on an experience, evaluate the whole test stream, read the
-accuracy row. The runner, the comparison and the speed benchmark all go through it."""
+accuracy row. The runner, the comparison and the speed benchmark all go through it.
+
+An upper bound (a strategy whose class has ``upper_bound = True``, such as
+``baselines.JointTraining``) is trained once, on the whole training stream, and evaluated once:
+one ``TaskResult``."""
 
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ class TaskResult:
         train_seconds: wall time inside ``strategy.train``.
         seconds: wall time of training and evaluation.
         metrics: every value the evaluator reported last (``strategy.eval``'s result).
+        upper_bound: trained once on every experience (``index`` is then the last one).
     """
 
     index: int
@@ -38,6 +43,7 @@ class TaskResult:
     train_seconds: float
     seconds: float
     metrics: Dict[str, float]
+    upper_bound: bool = False
 
     @property
     def trained_row(self) -> List[Optional[float]]:
@@ -77,13 +83,46 @@ def accuracy_row(results: Dict[str, float], n_exps: int) -> List[float]:
     return row
 
 
+def is_upper_bound(strategy) -> bool:
+    """Whether ``strategy`` trains once on the whole stream (its class's ``upper_bound``)."""
+    return bool(getattr(type(strategy), "upper_bound", False))
+
+
 def train_and_evaluate(
     strategy, train_stream: Sequence, test_stream: Sequence, start: int = 0
 ) -> Iterator[TaskResult]:
     """Train ``strategy`` on ``train_stream[start:]`` one experience at a time and evaluate
     ``test_stream`` after each; yields one ``TaskResult`` per experience, after its
-    evaluation (the caller writes results and checkpoints before the next one starts)."""
+    evaluation (the caller writes results and checkpoints before the next one starts).
+
+    An upper bound (``is_upper_bound``) gets the whole ``train_stream`` in one ``train`` call
+    and yields one ``TaskResult`` (``index`` = the last experience, ``upper_bound`` true,
+    ``stream_forgetting`` ``None``: one evaluation has nothing to forget).
+
+    Raises:
+        ValueError: ``start > 0`` for an upper bound (it cannot resume part way).
+    """
     n_exps = len(test_stream)
+    if is_upper_bound(strategy):
+        if start:
+            raise ValueError(
+                f"{type(strategy).__name__} trains once on the whole stream; "
+                f"it cannot start at experience {start}"
+            )
+        began = time.perf_counter()
+        strategy.train(train_stream, eval_streams=[])
+        trained = time.perf_counter()
+        results = strategy.eval(test_stream)
+        yield TaskResult(
+            index=len(train_stream) - 1,
+            row=accuracy_row(results, n_exps),
+            stream_forgetting=None,
+            train_seconds=trained - began,
+            seconds=time.perf_counter() - began,
+            metrics=dict(results),
+            upper_bound=True,
+        )
+        return
     for index in range(start, len(train_stream)):
         began = time.perf_counter()
         strategy.train(train_stream[index], eval_streams=[])

@@ -7,7 +7,8 @@ in docs/experiments.md): ``A_t`` = accuracy over all classes seen after task t (
 size-weighted mean of ``acc[t][:t+1]``); AIA = mean_t A_t ("Avg" in papers); Last = A_T;
 AA = mean_j acc[T][j]; Forgetting = mean_{j<T} (max_{j<=t<T} acc[t][j] - acc[T][j]).
 Avalanche's ``StreamForgetting`` (accuracy right after learning minus the last) is different
-and is reported under its own name.
+and is reported under its own name. An upper bound, trained once on every class, has one row:
+``upper_bound_metrics`` (Last and AA; no AIA, no forgetting).
 """
 
 from __future__ import annotations
@@ -63,6 +64,30 @@ def cil_metrics(matrix: Sequence[Sequence[float]], sizes: Sequence[int]) -> Dict
         "AA": float(np.mean(acc[last, : last + 1])),
         "Last": curve[-1],
         "Forgetting": forgetting,
+    }
+
+
+def upper_bound_metrics(row: Sequence[float], sizes: Sequence[int]) -> Dict[str, Optional[float]]:
+    """The metrics of an upper bound: one evaluation after training on every class at once.
+
+    Args:
+        row: ``[test_experiences]`` accuracies in percent of that one evaluation.
+        sizes: test samples per experience.
+
+    Returns:
+        ``Last`` = size-weighted accuracy over every test experience, ``AA`` = their mean;
+        ``AIA`` and ``Forgetting`` ``None``: there is no sequence of tasks to average over
+        and nothing learned earlier to forget.
+    """
+    acc = np.asarray(row, dtype=float)
+    n = np.asarray(sizes, dtype=float)
+    if acc.shape != n.shape or not len(acc):
+        raise ValueError(f"expected one accuracy per test experience, got {len(acc)} for {len(n)}")
+    return {
+        "AIA": None,
+        "AA": float(acc.mean()),
+        "Last": float((acc * n).sum() / n.sum()),
+        "Forgetting": None,
     }
 
 

@@ -83,6 +83,8 @@ class CLIPHingeModel(TasksAndText, nn.Module):
             (``DevicePreprocess``), instead of per image on the CPU.
         gaussian_storage, gaussian_rank: how the class Gaussians keep their sampling
             factors (``ClassGaussians``'s ``storage`` and ``rank``).
+        shared_context: one context ``[n_ctx, width]`` (``shared_ctx``) read by every class
+            of every task, CoOp's unified context, instead of one per class.
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class CLIPHingeModel(TasksAndText, nn.Module):
         resize_on_device: bool = False,
         gaussian_storage: str = "full",
         gaussian_rank: int = 64,
+        shared_context: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -116,6 +119,7 @@ class CLIPHingeModel(TasksAndText, nn.Module):
         self.fusion_weight = fusion_weight
         self.head_logit_scale = head_logit_scale
         self.seed = seed
+        self._register_unified_context(shared_context)
         dim = backbone.embed_dim
         self.prompts = nn.ModuleList()
         # one prompt length for the whole stream: every task's prompts get the same shape
@@ -346,9 +350,11 @@ def build_model(
     class_names: ClassNames,
     device: str | torch.device = "cpu",
     backbone: Optional[CLIPBackbone] = None,
+    shared_context: bool = False,
 ) -> CLIPHingeModel:
     """Wrap ``backbone`` (default: the one ``config`` names, loaded now) in a ``CLIPHingeModel``
-    with the options ``config`` sets; the model records ``config`` (what ``save`` writes)."""
+    with the options ``config`` sets (and ``shared_context``: CoOp's unified context); the
+    model records ``config`` (what ``save`` writes)."""
     if backbone is None:
         backbone = load_clip(
             config.model_name,
@@ -375,6 +381,7 @@ def build_model(
         resize_on_device=config.resize_on_device,
         gaussian_storage=config.gaussian_storage,
         gaussian_rank=config.gaussian_rank,
+        shared_context=shared_context,
     ).to(device)
     model.config = config  # what CLIPHingeModel.save records to rebuild it
     return model

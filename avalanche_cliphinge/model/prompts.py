@@ -1,4 +1,5 @@
-"""Class-specific learnable text prompts (CoOp-style context vectors, one set per class)."""
+"""Learnable text prompts: CoOp-style context vectors, one set per class, or one set shared
+by every class (CoOp's unified context, ``unified_context``)."""
 
 from __future__ import annotations
 
@@ -69,11 +70,14 @@ class TaskPrompts(nn.Module):
         length: tokens kept per prompt, at least ``prompt_length`` of ``class_names``
             (default: exactly that). The model passes the whole stream's length so that
             every task's prompts have the same shape.
+        ctx: a context ``[n_ctx, width]`` shared with other prompts (``unified_context``),
+            held as this module's ``ctx`` and read by every class; default: the task's own
+            ``[n_classes, n_ctx, width]``, initialised as above.
 
-    Parameters: ``ctx [n_classes, n_ctx, width]``. Buffers: ``prefix [n, 1, width]``,
-    ``suffix [n, L - 1 - n_ctx, width]``, ``tokens [n, L]``, where ``L`` is ``length``
-    (the causal text tower ignores the padding after the end-of-text token, so the
-    rest of the context is never stored or computed).
+    Parameters: ``ctx [n_classes, n_ctx, width]`` (or the shared ``[n_ctx, width]``).
+    Buffers: ``prefix [n, 1, width]``, ``suffix [n, L - 1 - n_ctx, width]``, ``tokens [n, L]``,
+    where ``L`` is ``length`` (the causal text tower ignores the padding after the
+    end-of-text token, so the rest of the context is never stored or computed).
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class TaskPrompts(nn.Module):
         ctx_init: str = "",
         generator: Optional[torch.Generator] = None,
         length: Optional[int] = None,
+        ctx: Optional[nn.Parameter] = None,
     ):
         super().__init__()
         embedding = clip.token_embedding
@@ -100,15 +105,16 @@ class TaskPrompts(nn.Module):
         tokens = tokens[:, : needed if length is None else length]
         with torch.no_grad():
             embedded = embedding(tokens)
-        ctx = torch.randn(len(class_names), n_ctx, width, generator=generator) * 0.02
-        ctx = ctx.to(device=device, dtype=embedded.dtype)
-        if ctx_init.strip():
-            init_tokens = tokenizer([ctx_init.strip()]).to(device)
-            n_words = int(init_tokens.argmax(dim=-1)) - 1
-            with torch.no_grad():
-                phrase = embedding(init_tokens)[0, 1 : 1 + min(n_words, n_ctx)]
-            ctx[:, : phrase.shape[0]] = phrase
-        self.ctx = nn.Parameter(ctx)
+        if ctx is None:
+            ctx = nn.Parameter(
+                initial_context(clip, tokenizer, len(class_names), n_ctx, ctx_init, generator)
+            )
+        elif tuple(ctx.shape) != (n_ctx, width):
+            raise ValueError(
+                f"a shared context must be [n_ctx, width] = [{n_ctx}, {width}], got "
+                f"{list(ctx.shape)}"
+            )
+        self.ctx = ctx
         self.register_buffer("prefix", embedded[:, :1].clone())
         self.register_buffer("suffix", embedded[:, 1 + n_ctx :].clone())
         self.register_buffer("tokens", tokens)
@@ -116,11 +122,52 @@ class TaskPrompts(nn.Module):
 
     def embeddings(self) -> Tensor:
         """``[n_classes, context_length, width]`` token embeddings with the learned context."""
-        return torch.cat([self.prefix, self.ctx.to(self.prefix.dtype), self.suffix], dim=1)
+        ctx = self.ctx.to(self.prefix.dtype)
+        if ctx.ndim == 2:  # the shared context: the same rows for every class
+            ctx = ctx.expand(self.prefix.shape[0], -1, -1)
+        return torch.cat([self.prefix, ctx, self.suffix], dim=1)
 
     def forward(self, clip: nn.Module) -> Tensor:
         """``[n_classes, embed_dim]`` L2-normalised prompted text features."""
         return F.normalize(encode_token_embeddings(clip, self.embeddings(), self.tokens), dim=-1)
+
+
+@torch.no_grad()
+def initial_context(
+    clip: nn.Module,
+    tokenizer: Callable,
+    n_rows: int,
+    n_ctx: int,
+    ctx_init: str = "",
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """``[n_rows, n_ctx, width]`` initial context vectors in the token embedding's dtype and
+    device: every row the token embeddings of the first ``n_ctx`` words of ``ctx_init``,
+    positions it does not fill (all when empty) drawn from N(0, 0.02^2) by ``generator``."""
+    embedding = clip.token_embedding
+    width = embedding.weight.shape[1]
+    ctx = torch.randn(n_rows, n_ctx, width, generator=generator) * 0.02
+    ctx = ctx.to(device=embedding.weight.device, dtype=embedding.weight.dtype)
+    if ctx_init.strip():
+        init_tokens = tokenizer([ctx_init.strip()]).to(embedding.weight.device)
+        n_words = int(init_tokens.argmax(dim=-1)) - 1
+        phrase = embedding(init_tokens)[0, 1 : 1 + min(n_words, n_ctx)]
+        ctx[:, : phrase.shape[0]] = phrase
+    return ctx
+
+
+def unified_context(
+    clip: nn.Module,
+    tokenizer: Callable,
+    n_ctx: int,
+    ctx_init: str = "",
+    generator: Optional[torch.Generator] = None,
+) -> nn.Parameter:
+    """CoOp's unified context: one ``[n_ctx, width]`` parameter for every class of every task
+    (pass it as ``TaskPrompts``'s ``ctx``), initialised as one row of ``initial_context``;
+    frozen (``requires_grad=False``) until a task trains it."""
+    ctx = initial_context(clip, tokenizer, 1, n_ctx, ctx_init, generator)[0]
+    return nn.Parameter(ctx, requires_grad=False)
 
 
 @torch.no_grad()

@@ -4,6 +4,10 @@
 prompts train, and encodes the prompted and the raw (template) text features, keeping those of
 frozen tasks in a cache. It is a mixin of ``CLIPHingeModel``, whose ``__init__`` sets the
 state it reads (declared below) and whose ``encode_prompts`` it calls.
+
+With a unified context (``CLIPHingeModel(shared_context=True)``, CoOp's) every task's prompts
+read the one ``shared_ctx`` parameter: it trains whenever any task does, and then every task's
+text features leave the cache.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..seeding import Draw, generator as seeded
-from .prompts import TaskPrompts, raw_text_features
+from .prompts import TaskPrompts, raw_text_features, unified_context
 
 
 class TasksAndText:
@@ -36,6 +40,18 @@ class TasksAndText:
     _text_cache: Dict[int, Tensor]
     _raw_text: Optional[Tensor]
     _encode_trainable: Callable[[Tensor, Tensor], Tensor]
+    # shared_ctx: Optional[nn.Parameter], the unified context (read with getattr: a model
+    # pickled before it existed has none)
+
+    def _register_unified_context(self, shared: bool) -> None:
+        """Register ``shared_ctx``: with ``shared``, CoOp's unified context ``[n_ctx, width]``
+        (``prompts.unified_context``, its random part drawn by ``seeding.generator(seed,
+        Draw.PROMPTS, 0)``), which every task's prompts will read; else ``None``."""
+        ctx = None
+        if shared:
+            generator = seeded(self.seed, Draw.PROMPTS, 0)
+            ctx = unified_context(self.clip, self.tokenizer, self.n_ctx, self.ctx_init, generator)
+        self.register_parameter("shared_ctx", ctx)
 
     # ---- tasks and classes ------------------------------------------------------------------
     @property
@@ -86,6 +102,7 @@ class TasksAndText:
                 self.ctx_init,
                 generator,
                 length=self.prompt_length,
+                ctx=getattr(self, "shared_ctx", None),
             )
         )
         self.task_classes.append(class_ids)
@@ -103,8 +120,17 @@ class TasksAndText:
         Only the text features of ``tasks`` leave the cache: they are about to change, while
         the other tasks' prompts stay as they were encoded. A frozen prompt keeps no gradient:
         plugins that read every parameter's ``.grad`` (AGEM, GEM) would take a stale one for
-        the current step's.
+        the current step's. A unified context trains when ``tasks`` is not empty, and every
+        task's text features then leave the cache (they all read it).
         """
+        shared = getattr(self, "shared_ctx", None)
+        if shared is not None:
+            shared.requires_grad_(bool(tasks))
+            if tasks:
+                self._text_cache.clear()
+            else:
+                shared.grad = None
+            return
         for task, prompts in enumerate(self.prompts):
             prompts.ctx.requires_grad_(task in tasks)
             if task not in tasks:

@@ -81,7 +81,8 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
         self.image_pairs: List[Pair] = []
         self.last_losses = {"text": 0.0, "image": 0.0}
         self._generator = torch.Generator()
-        self._index: Dict[str, Optional[PairIndex]] = {"text": None, "image": None}
+        #: the sides whose terms the registered ``PluginLoss`` computes, in its order
+        self._kinds: List[str] = []
 
     @classmethod
     def from_config(cls, config) -> "HardPairHingePlugin":
@@ -107,18 +108,15 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
         check_strategy(self, strategy, self.STRATEGY_NEEDS)
 
     def before_training_exp(self, strategy, **kwargs):
-        model = strategy.model
+        model, device = strategy.model, strategy.device
         task = model.n_tasks - 1
         self.text_pairs, self.image_pairs = [], []
-        self._index = {"text": None, "image": None}
         # noise is drawn on the training device, so a step never copies it from the host
-        self._generator = seeded(self.seed, Draw.HINGE, task, device=strategy.device)
+        self._generator = seeded(self.seed, Draw.HINGE, task, device=device)
         # pairs of an old class (absent from this experience) and a class being trained
         new = strategy.experience_classes.present
         old = strategy.experience_classes.old
-        if not new or not old:
-            return
-        if self.text_hinge:
+        if new and old and self.text_hinge:
             self.text_pairs = select_hard_pairs(
                 model.raw_text_features(new),
                 model.raw_text_features(old),
@@ -128,7 +126,7 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
                 self.text_top_k,
                 self.text_metric,
             )
-        if self.image_hinge:
+        if new and old and self.image_hinge:
             self.image_pairs = select_hard_pairs(
                 model.gaussians.mean_of(new),
                 model.gaussians.mean_of(old),
@@ -137,77 +135,111 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
                 self.image_threshold,
                 self.image_top_k,
             )
-        for kind, pairs in (("text", self.text_pairs), ("image", self.image_pairs)):
-            if pairs:
-                self._index[kind] = pair_index(model, pairs, strategy.device)
-        kinds = self._kinds()
-        if kinds:
-            model, device = strategy.model, strategy.device
+        sides = self.sides(model, device, padded=self.run_shaped(strategy.config))
+        if not sides:
+            return
+        self._kinds = [kind for kind, _, _ in sides]
+        strategy.step.plugin_losses["hinge"] = PluginLoss(
+            weights={f"{kind}_hinge": weight for kind, _, weight in sides},
+            draw=lambda n_steps: self.draw_noise(model, device, [i for _, i, _ in sides], n_steps),
+            compute=self.hinge_terms,
+            constants=tuple(t for _, i, _ in sides for t in (i.old_cols, i.new_cols, i.valid)),
+            reported={f"{kind}_hinge" for kind, index, _ in sides if index.n_pairs},
+        )
 
-            def draw(n_steps: int) -> Tuple[Tensor, ...]:
-                # step by step, kind by kind
-                drawn = [
-                    [
-                        model.gaussians.sample_rows(
-                            index.rows, self.samples_per_pair, self._generator
-                        )[0].to(device)
-                        for _, index, _, _ in kinds
-                    ]
-                    for _ in range(n_steps)
-                ]
-                return tuple(torch.stack(per_kind) for per_kind in zip(*drawn))
-
-            def compute(text: Tensor, feats: Tuple[Tensor, ...]) -> Dict[str, Tensor]:
-                return {
-                    f"{kind}_hinge": self._hinge(model, f, text, index, margin)
-                    for (kind, index, margin, _), f in zip(kinds, feats)
-                }
-
-            strategy.step.plugin_losses["hinge"] = PluginLoss(
-                weights={f"{kind}_hinge": weight for kind, _, _, weight in kinds},
-                draw=draw,
-                compute=compute,
+    def run_shaped(self, config) -> bool:
+        """Whether the terms keep one shape for the whole run: the captured step
+        (``compile_step``) with a cap on the pairs of every enabled side; each side is then
+        registered in every task, padded to its cap (a side without pairs adds 0)."""
+        caps = [
+            top_k
+            for enabled, top_k in (
+                (self.text_hinge, self.text_top_k),
+                (self.image_hinge, self.image_top_k),
             )
-
-    def _kinds(self) -> List[Tuple[str, PairIndex, float, float]]:
-        """``(kind, pair index, margin, weight)`` of the sides with hard pairs this task."""
-        return [
-            (kind, self._index[kind], margin, weight)
-            for kind, pairs, margin, weight in (
-                ("text", self.text_pairs, self.text_margin, self.text_weight),
-                ("image", self.image_pairs, self.image_margin, self.image_weight),
-            )
-            if pairs
+            if enabled
         ]
+        return bool(getattr(config, "compile_step", False)) and None not in caps
 
-    def pair_loss(
-        self, strategy, pairs: List[Pair], margin: float, index: Optional[PairIndex] = None
-    ) -> torch.Tensor:
-        """Hinge loss of ``pairs`` with freshly drawn old-class features (scalar tensor).
+    def sides(self, model, device, padded: bool) -> List[Tuple[str, PairIndex, float]]:
+        """``(kind, pair index, weight)`` of the sides this task: those with hard pairs, or
+        with ``padded`` every enabled side, its index padded to its cap."""
+        found = []
+        for kind, enabled, pairs, top_k, weight in (
+            ("text", self.text_hinge, self.text_pairs, self.text_top_k, self.text_weight),
+            ("image", self.image_hinge, self.image_pairs, self.image_top_k, self.image_weight),
+        ):
+            if pairs or (padded and enabled):
+                found.append(
+                    (kind, pair_index(model, pairs, device, top_k if padded else None), weight)
+                )
+        return found
 
-        ``index`` is ``pair_index(model, pairs, device)``, looked up once per task so the
-        step reads nothing back from the GPU (default: looked up now).
-        """
+    def draw_noise(
+        self, model, device, indices: List[PairIndex], n_steps: int
+    ) -> Tuple[Tensor, ...]:
+        """The old-class features of every step of an epoch, step by step and side by side:
+        per side ``[n_steps, pairs * samples_per_pair, dim]`` (zero rows for padding pairs,
+        whose draws are not made: the real pairs get the same noise padded or not)."""
+        n = self.samples_per_pair
+        drawn = []
+        for _ in range(n_steps):
+            row = []
+            for index in indices:
+                real = index.rows[: index.n_pairs]
+                feats = model.gaussians.sample_rows(real, n, self._generator)[0].to(device)
+                padding = (index.rows.numel() - index.n_pairs) * n
+                row.append(torch.cat([feats, feats.new_zeros(padding, feats.shape[1])]))
+            drawn.append(row)
+        return tuple(torch.stack(per_side) for per_side in zip(*drawn))
+
+    def hinge_terms(
+        self, model, text: Tensor, feats: Tuple[Tensor, ...], constants: Tuple[Tensor, ...]
+    ) -> Dict[str, Tensor]:
+        """The registered ``PluginLoss.compute``: ``{kind_hinge: loss}`` of this step's drawn
+        features ``feats`` (one per side) against ``text [n_seen, dim]``; ``constants`` holds
+        each side's old columns, new columns and pair mask."""
+        terms = {}
+        for i, kind in enumerate(self._kinds):
+            old_cols, new_cols, valid = constants[3 * i : 3 * i + 3]
+            margin = self.text_margin if kind == "text" else self.image_margin
+            terms[f"{kind}_hinge"] = self._hinge(
+                model, feats[i], text, old_cols, new_cols, margin, valid
+            )
+        return terms
+
+    def pair_loss(self, strategy, pairs: List[Pair], margin: float) -> torch.Tensor:
+        """Hinge loss of ``pairs`` with freshly drawn old-class features and the model's
+        current text features (scalar tensor), outside a training step."""
         model = strategy.model
-        text = strategy.step.text_features
-        if text is None or not model.training:
-            text = model.text_features()
-        if index is None:
-            index = pair_index(model, pairs, strategy.device)
+        index = pair_index(model, pairs, strategy.device)
         feats, _ = model.gaussians.sample_rows(index.rows, self.samples_per_pair, self._generator)
-        return self._hinge(model, feats.to(strategy.device), text, index, margin)
+        feats = feats.to(strategy.device)
+        return self._hinge(
+            model, feats, model.text_features(), index.old_cols, index.new_cols, margin
+        )
 
-    def _hinge(self, model, feats: Tensor, text: Tensor, index: PairIndex, margin: float) -> Tensor:
+    def _hinge(
+        self,
+        model,
+        feats: Tensor,
+        text: Tensor,
+        old_cols: Tensor,
+        new_cols: Tensor,
+        margin: float,
+        valid: Optional[Tensor] = None,
+    ) -> Tensor:
         """The hinge loss of drawn old-class features ``feats [pairs * samples_per_pair,
-        dim]`` (grouped by pair) against the text features ``text [n_seen, dim]``."""
+        dim]`` (grouped by pair) against the text features ``text [n_seen, dim]`` of the
+        pairs' old and new columns ``[pairs]``; ``valid [pairs]`` leaves padding pairs out."""
         # cosines in fp32 even under bf16 autocast: a margin of 0.1 is a few bf16 steps
         with torch.autocast(feats.device.type, enabled=False):
             feats = model.adapted_embedding(feats.float())
-            feats = feats.reshape(index.rows.numel(), self.samples_per_pair, -1)
-            old_text = text[index.old_cols].float()
+            feats = feats.reshape(old_cols.numel(), self.samples_per_pair, -1)
+            old_text = text[old_cols].float()
             if not self.grad_to_old_text:
                 old_text = old_text.detach()
-            return hinge_loss(feats, old_text, text[index.new_cols].float(), margin)
+            return hinge_loss(feats, old_text, text[new_cols].float(), margin, valid)
 
     def after_training_epoch(self, strategy, **kwargs):
         # copied: a captured step's record tensors are overwritten by its next step
@@ -219,20 +251,28 @@ class HardPairHingePlugin(SupervisedPlugin, supports_distributed=True):
 
 
 class PairIndex(NamedTuple):
-    """Device tensors of a pair list: Gaussian rows of the old classes ``[p]`` and the
-    score columns of the old and new classes ``[p]``."""
+    """Device tensors of a pair list: Gaussian rows of the old classes ``[p]``, the score
+    columns of the old and new classes ``[p]``, and for a list padded to a cap which pairs
+    are real (``valid [p]``; padding pairs: row 0, column 0), else ``None``."""
 
     rows: Tensor
     old_cols: Tensor
     new_cols: Tensor
+    valid: Optional[Tensor]
+    n_pairs: int
 
 
-def pair_index(model, pairs: List[Pair], device) -> PairIndex:
-    """Look ``pairs`` up in ``model``'s Gaussians and score columns (one host sync)."""
+def pair_index(model, pairs: List[Pair], device, pad_to: Optional[int] = None) -> PairIndex:
+    """Look ``pairs`` up in ``model``'s Gaussians and score columns (one host sync), padded
+    to ``pad_to`` pairs when given."""
+    n = len(pairs)
+    size = n if pad_to is None else max(pad_to, n)
     old_ids = [p[0] for p in pairs]
-    new_ids = torch.tensor([p[1] for p in pairs], device=device)
-    return PairIndex(
-        rows=model.gaussians.index_of(old_ids).to(device),
-        old_cols=model.column_of[torch.tensor(old_ids, device=device)],
-        new_cols=model.column_of[new_ids],
-    )
+    rows = torch.zeros(size, dtype=torch.long, device=device)
+    old_cols, new_cols = torch.zeros_like(rows), torch.zeros_like(rows)
+    if n:
+        rows[:n] = model.gaussians.index_of(old_ids).to(device)
+        old_cols[:n] = model.column_of[torch.tensor(old_ids, device=device)]
+        new_cols[:n] = model.column_of[torch.tensor([p[1] for p in pairs], device=device)]
+    valid = None if pad_to is None else torch.arange(size, device=device) < n
+    return PairIndex(rows, old_cols, new_cols, valid, n)

@@ -80,6 +80,19 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
         self.losses: List[float] = []
         #: optimizer steps taken so far, every task's run together
         self.steps = 0
+        #: the captured runners of this run, by step shape (``compile_step``)
+        self.captured = {}
+
+    def __getstate__(self):
+        # pickled (Avalanche's save_checkpoint) without the captured runners: their graphs
+        # belong to this process; the next task builds them again
+        state = self.__dict__.copy()
+        state["captured"] = {}
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("captured", {})
+        self.__dict__.update(state)
 
     @property
     def stage2_losses(self) -> List[float]:
@@ -141,12 +154,15 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
         optimizer = torch.optim.SGD(
             params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
-        # compile_step on cached features: each epoch as calls of one captured step
-        compiled = (
-            CompiledStage2(strategy, head, optimizer, loader, classes)
-            if not use_lora and strategy.config.compile_step
-            else None
-        )
+        # compile_step on cached features: each epoch as calls of one captured step, the
+        # graph made once per run (per shape)
+        compiled = None
+        if not use_lora and strategy.config.compile_step:
+            key = CompiledStage2.shape_key(head, optimizer, loader)
+            if key not in self.captured:
+                self.captured[key] = CompiledStage2(strategy, head, optimizer, loader)
+            compiled = self.captured[key]
+            compiled.load(head, loader, classes)
         self.losses = []
         head.train()
         # the adapter stays active through backward: peft freezes inactive adapters' weights
@@ -164,6 +180,7 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
                 total, count = torch.zeros((), device=device), 0
                 if compiled is not None:
                     total, count = compiled.run_epoch()
+                    compiled.store(head)
                 for batch in loader if compiled is None else ():
                     if split:  # this rank's rows, the ranks' gradients summed
                         total += self._shard_step(strategy, head, params, optimizer, batch, classes)

@@ -8,6 +8,7 @@ adapted encoder at every step, and stage 2 stays eager (the plugin's own loop). 
 
 from __future__ import annotations
 
+import copy
 import types
 from typing import Callable, Tuple
 
@@ -19,56 +20,57 @@ from ..step import Stage2Task, stage2_targets, stage2_train_step
 
 
 class CompiledStage2:
-    """Runs the stage-2 epochs of one task's head on cached features as captured steps.
+    """Runs the stage-2 epochs of the task heads of a run on cached features, as calls of
+    one captured graph per step shape.
 
-    Made by ``SecondStagePlugin`` for a task when ``compile_step`` is on and the head trains
-    on the cached features (the LoRA run stays eager). ``run_epoch`` trains one epoch: one
-    call per step of a ``torch.compile(fullgraph=True)`` graph of ``step.stage2_train_step``
-    made for this task (inductor; ``mode="reduce-overhead"``, CUDA graphs, on CUDA), with SGD
-    in its functional form (momentum buffers allocated once per task). The epoch's minibatch
-    order is drawn at its start from the loader's sampler, as the eager loop draws it, so
-    both learn the same head (to float tolerance). A smaller last minibatch is padded with
-    ignored rows: one step shape per task.
+    Made by ``SecondStagePlugin`` at the first task that trains a head on cached features
+    when ``compile_step`` is on (the LoRA run stays eager), and kept for the later tasks of
+    the same shape (``shape_key``): each task copies its features, targets and head into this
+    object's buffers (``load``), trains its epochs (``run_epoch``: one call per step of a
+    ``torch.compile(fullgraph=True)`` graph of ``step.stage2_train_step``, made once; inductor;
+    ``mode="reduce-overhead"``, CUDA graphs, on CUDA), and gets its trained head back
+    (``store``). SGD runs in its functional form, its momentum buffers zeroed per task as a
+    new eager optimizer's are. The epoch's minibatch order is drawn at its start from the
+    loader's sampler, as the eager loop draws it, so both learn the same head (to float
+    tolerance). A smaller last minibatch is padded with ignored rows.
 
     Args:
         strategy: the strategy (its ``device`` and ``autocast``).
-        head: the ``TaskHead`` being trained.
+        head: the first task's ``TaskHead`` (the graph trains a copy of it).
         optimizer: the plugin's ``torch.optim.SGD`` over the head's parameters: its
             hyperparameters are used, its state is not (the buffers are this object's).
-        loader: the ``TensorBatchLoader`` of the task's cached features; its sampler draws
-            every epoch's order.
-        classes: ``[n_classes]`` class ids of the head's columns, on the device.
+        loader: the ``TensorBatchLoader`` of the task's cached features.
     """
 
-    def __init__(self, strategy, head, optimizer, loader, classes: Tensor):
+    def __init__(self, strategy, head, optimizer, loader):
         if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
             raise TypeError("CompiledStage2 runs one parameter group of torch.optim.SGD")
         device = self.device = strategy.device
-        self.sampler = loader.sampler
         group = optimizer.param_groups[0]
-        params = list(group["params"])
         hyper = {
             name: group[name]
             for name in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
         }
+        self.key = self.shape_key(head, optimizer, loader)
+        n, batch = loader.sampler.n, max(min(loader.sampler.batch_size, loader.sampler.n), 1)
         #: samples of an epoch
-        self.n = self.sampler.n
-        batch = max(min(self.sampler.batch_size, self.n), 1)
-        self.n_steps = -(-self.n // batch)
-        valid = torch.arange(self.n_steps * batch).view(self.n_steps, batch) < self.n
+        self.n = n
+        self.n_steps = -(-n // batch)
+        valid = torch.arange(self.n_steps * batch).view(self.n_steps, batch) < n
+        own = copy.deepcopy(head).requires_grad_(True)
+        params = list(own.parameters())
         for p in params:
-            # gradients live for the whole task and are zeroed in the graph
+            # gradients live for the run and are zeroed in the graph
             p.grad = torch.zeros_like(p)
         self.task = Stage2Task(
-            head=head,
-            features=loader.features.to(device),
-            targets=stage2_targets(loader.labels.to(device), classes),
+            head=own,
+            features=torch.zeros_like(loader.features, device=device),
+            targets=torch.zeros(n, dtype=torch.long, device=device),
             order=torch.zeros((self.n_steps, batch), dtype=torch.long, device=device),
             valid=valid.to(device),
             counter=torch.zeros((), dtype=torch.long, device=device),
             total=torch.zeros((), device=device),
             params=params,
-            # the eager SGD's first step sets its buffer to the gradient: 0 * momentum + it
             buffers=[torch.zeros_like(p) if hyper["momentum"] != 0 else None for p in params],
             hyper=hyper,
             autocast=strategy.autocast,
@@ -76,16 +78,50 @@ class CompiledStage2:
         if device.type == "cuda":
             t = self.task
             buffers = [t.features, t.targets, t.order, t.valid, t.counter, t.total]
-            buffers += [p.grad for p in params] + [b for b in t.buffers if b is not None]
+            buffers += params + [p.grad for p in params]
+            buffers += [b for b in t.buffers if b is not None]
             for tensor in buffers:
                 torch._dynamo.mark_static_address(tensor)
+        self.sampler = loader.sampler
         #: graphs traced so far (one, unless a guard failed)
         self.graphs_traced = 0
         self.graph = self.compile(types.MethodType(fresh(stage2_train_step), self.task))
 
+    @staticmethod
+    def shape_key(head, optimizer, loader) -> tuple:
+        """What fixes the captured step's shapes and settings for a task."""
+        group = optimizer.param_groups[0]
+        settings = tuple(
+            group[name]
+            for name in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+        )
+        shapes = tuple(tuple(p.shape) for p in head.parameters())
+        return (loader.sampler.n, loader.sampler.batch_size, shapes, settings)
+
     def compile(self, step: Callable) -> Callable:
         """``capture.compile_step``: inductor, with CUDA graphs on CUDA."""
         return compile_step(step, self.device)
+
+    @torch.no_grad()
+    def load(self, head, loader, classes: Tensor) -> None:
+        """A task's head, features and head columns (``classes [c]``: class ids of its
+        columns) into the buffers; momentum and gradients zeroed."""
+        task = self.task
+        task.features.copy_(loader.features)
+        task.targets.copy_(stage2_targets(loader.labels.to(self.device), classes))
+        for mine, theirs in zip(task.params, head.parameters()):
+            mine.copy_(theirs)
+            mine.grad.zero_()
+        for buffer in task.buffers:
+            if buffer is not None:
+                buffer.zero_()
+        self.sampler = loader.sampler
+
+    @torch.no_grad()
+    def store(self, head) -> None:
+        """The trained head back into the task's ``head``."""
+        for theirs, mine in zip(head.parameters(), self.task.params):
+            theirs.copy_(mine)
 
     def run_epoch(self) -> Tuple[Tensor, int]:
         """Train one epoch; returns the summed loss (a device scalar, this object's buffer,
@@ -96,20 +132,11 @@ class CompiledStage2:
         task.counter.zero_()
         task.total.zero_()
         mark = torch.compiler.cudagraph_mark_step_begin if self.device.type == "cuda" else None
-        graph = self.graph
+        counters = torch._dynamo.utils.counters["stats"]
         for _ in range(self.n_steps):
             if mark is not None:
                 mark()
-            if self.graphs_traced:
-                try:
-                    graph()
-                except torch._dynamo.exc.Unsupported:
-                    self._trace()  # a guard failed: torch traces it again
-            else:
-                self._trace()
+            graphs = counters["unique_graphs"]
+            traced(self.graph)
+            self.graphs_traced += counters["unique_graphs"] - graphs
         return task.total, self.n
-
-    def _trace(self) -> None:
-        """Call the graph while torch may trace it (``capture.traced``)."""
-        traced(self.graph)
-        self.graphs_traced += 1

@@ -11,17 +11,21 @@ graph per step.
   rows and the plugins' loss-term inputs of every step; ``draw_epoch_plan``).
 - ``record``: what an epoch sums on the device (``EpochRecord``: accuracy, loss, each loss
   term, the first non-finite step and its terms).
-- ``stage1``: ``stage1_scores``, ``stage1_loss``, ``keeping_rows`` (an optimizer update that
-  leaves frozen prompt rows as they were) and the captured step ``stage1_train_step``.
+- ``stage1``: ``stage1_scores``, ``stage1_loss`` and ``loss_with_terms`` (the cross-entropy
+  and the plugins' terms), ``keeping_rows`` (an optimizer update that leaves frozen prompt
+  rows as they were) and the captured step ``stage1_train_step`` (one shape for a run).
 - ``stage2``: ``stage2_targets``, ``stage2_loss`` and the captured step ``stage2_train_step``.
+- ``run_shape``: the captured stage-1 step's buffers, one shape for a run.
 """
 
 from .plan import EpochPlan, StepRow, draw_epoch_plan
 from .record import EpochRecord
+from .run_shape import allocate_stage1_task, static_tensors
 from .stage1 import (
     Stage1Scores,
     Stage1Task,
     keeping_rows,
+    loss_with_terms,
     stage1_loss,
     stage1_scores,
     stage1_train_step,
@@ -35,12 +39,15 @@ __all__ = [
     "Stage1Task",
     "Stage2Task",
     "StepRow",
+    "allocate_stage1_task",
     "draw_epoch_plan",
     "keeping_rows",
+    "loss_with_terms",
     "stage1_loss",
     "stage1_scores",
     "stage1_train_step",
     "stage2_loss",
     "stage2_targets",
     "stage2_train_step",
+    "static_tensors",
 ]

@@ -24,13 +24,14 @@ class StepRow(NamedTuple):
         replay_features: ``[k, dim]`` replayed old-class features, or ``None``.
         replay_targets: ``[k]`` their score columns (``ignore_index`` on padding rows).
         replay_labels: ``[k]`` their class ids (``-1`` on padding rows).
-        terms: ``(loss term, its inputs of this step)`` per registered ``PluginLoss``.
+        terms: ``(loss term, its inputs of this step, its constants)`` per registered
+            ``PluginLoss``.
     """
 
     replay_features: Optional[Tensor]
     replay_targets: Optional[Tensor]
     replay_labels: Optional[Tensor]
-    terms: Tuple[Tuple[PluginLoss, Tuple[Tensor, ...]], ...]
+    terms: Tuple[Tuple[PluginLoss, Tuple[Tensor, ...], Tuple[Optional[Tensor], ...]], ...]
 
 
 @dataclass
@@ -57,7 +58,9 @@ class EpochPlan:
     def row(self, step: int) -> StepRow:
         """Step ``step``'s row (modulo ``n_steps``), the replay without its padding rows."""
         i = step % max(self.n_steps, 1)
-        terms = tuple((term, tuple(t[i] for t in inputs)) for term, inputs in self.terms)
+        terms = tuple(
+            (term, tuple(t[i] for t in inputs), term.constants) for term, inputs in self.terms
+        )
         if self.replay_features is None:
             return StepRow(None, None, None, terms)
         size = self.replay_sizes[i]
@@ -105,14 +108,16 @@ def draw_epoch_plan(
 def row_at(
     at: Tensor,
     replay: Optional[Tuple[Tensor, Tensor]],
-    terms: List[Tuple[PluginLoss, Tuple[Tensor, ...]]],
+    terms: List[Tuple[PluginLoss, Tuple[Tensor, ...], Tuple[Optional[Tensor], ...]]],
 ) -> StepRow:
     """The row ``at`` (a ``[1]`` device index) of a plan's padded tensors, as the captured
-    step reads it: ``replay`` is ``(features [n_steps, k, dim], targets [n_steps, k])``."""
+    step reads it: ``replay`` is ``(features [n_steps, k, dim], targets [n_steps, k])``,
+    ``terms`` each term with its inputs ``[n_steps, ...]`` and its constants."""
     features = targets = None
     if replay is not None:
         features, targets = (t.index_select(0, at)[0] for t in replay)
     picked = tuple(
-        (term, tuple(t.index_select(0, at)[0] for t in inputs)) for term, inputs in terms
+        (term, tuple(t.index_select(0, at)[0] for t in inputs), constants)
+        for term, inputs, constants in terms
     )
     return StepRow(features, targets, None, picked)

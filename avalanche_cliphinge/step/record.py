@@ -112,3 +112,20 @@ class EpochRecord:
                 f"non-finite loss at {where}, iteration {step} ({terms}); lower lr or check "
                 "the data. Earlier checkpoints are intact"
             )
+
+    @torch.no_grad()
+    def copy_from(self, other: "EpochRecord") -> None:
+        """Take ``other``'s epoch (a captured run's record, which holds every term the run
+        may compute) for the names this record has; its sample count too."""
+        for name, total in self.sums.items():
+            if name in other.sums:
+                total.copy_(other.sums[name])
+        for mine, theirs in (
+            (self.nonfinite_terms, other.nonfinite_terms),
+            (self.last_terms, other.last_terms),
+        ):
+            for name, value in mine.items():
+                if name in theirs:
+                    value.copy_(theirs[name])
+        self.nonfinite_step.copy_(other.nonfinite_step)
+        self.samples = other.samples

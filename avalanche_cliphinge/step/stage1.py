@@ -3,7 +3,9 @@
 The eager runner (``CLIPHingeStrategy``'s ``forward``, ``criterion``, ``backward`` and
 ``optimizer_step``) calls ``stage1_scores``, ``stage1_loss``, ``EpochRecord.add`` and
 ``keeping_rows`` one by one; the captured runner (``compiled_step.CompiledStep``) compiles
-``stage1_train_step``, which calls the same functions, then Adam, into one graph per step.
+``stage1_train_step``, which scores through the model's same ``encode_prompts`` and
+``clip_logits`` over the run's padded columns and calls the same ``loss_with_terms`` and
+``EpochRecord.add``, then Adam, into one graph for the whole run.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
+from ..model.cliphinge_model import UNSEEN_SCORE
 from ..step_state import PluginLoss
 from .plan import StepRow, row_at
 from .record import EpochRecord
+
 
 #: ``(prompt context [n_classes, n_ctx, width], keep [n_classes] bool)``: rows kept as they
 #: were by every update (classes of a returning task absent from the experience)
@@ -58,30 +62,40 @@ def stage1_loss(
     labels: Tensor,
     row: StepRow,
     criterion: Callable[[Tensor, Tensor], Tensor],
-    valid: Optional[Tensor] = None,
-    ignore_index: int = -100,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """The stage-1 loss of a step and its terms.
+    """The stage-1 loss of an eager step and its terms (``loss_with_terms``).
 
-    ``criterion`` (cross-entropy) over the seen classes' columns of the minibatch's scores
-    (class ids ``labels [b]``; ``valid [b]``, default every row, sets padding rows to
-    ``ignore_index``) followed by the replayed rows (``row.replay_targets``), plus each
-    registered term's ``weight * value`` (``row.terms``, computed on ``scored.text``).
+    The logits are the seen classes' columns of the minibatch's scores (class ids
+    ``labels [b]``) followed by the replayed rows' (``row.replay_targets``).
 
     Returns ``(loss, {name: unweighted value})``: ``cross_entropy`` and the terms' names.
     """
     seen = model.class_of_column
     logits = scored.scores[:, seen].float()
     targets = model.column_of[labels]
-    if valid is not None:
-        targets = targets.masked_fill(~valid, ignore_index)
     if scored.replay_scores is not None:
         logits = torch.cat([logits, scored.replay_scores[:, seen].float()])
         targets = torch.cat([targets, row.replay_targets])
+    return loss_with_terms(model, logits, targets, scored.text, row, criterion)
+
+
+def loss_with_terms(
+    model,
+    logits: Tensor,
+    targets: Tensor,
+    text: Tensor,
+    row: StepRow,
+    criterion: Callable[[Tensor, Tensor], Tensor],
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """``criterion(logits [r, C], targets [r])`` (cross-entropy over score columns) plus each
+    registered term's ``weight * value`` (``row.terms``, computed on ``text [C, dim]``).
+
+    Returns ``(loss, {name: unweighted value})``: ``cross_entropy`` and the terms' names.
+    """
     values = {"cross_entropy": criterion(logits, targets)}
     loss = values["cross_entropy"]
-    for term, inputs in row.terms:
-        parts = term.compute(scored.text, inputs)
+    for term, inputs, constants in row.terms:
+        parts = term.compute(model, text, inputs, constants)
         for name, weight in term.weights.items():
             values[name] = parts[name]
             loss = loss + weight * parts[name]
@@ -99,23 +113,33 @@ def keeping_rows(update: Callable[[], object], frozen: Sequence[FrozenRows]) -> 
 
 @dataclass
 class Stage1Task:
-    """What a captured stage-1 step reads and updates, allocated once per task.
+    """What the captured stage-1 step reads and updates: one shape for a whole run.
+
+    Allocated once per run and step shape (``compiled_step.CompiledStep``); each task copies
+    its data, prompts and plan into these buffers, so every task of a run calls one graph.
+    The score columns are padded to ``N``, the number of classes of the run: columns
+    ``[0, n_seen)`` are the seen classes' (as ``model.column_of`` numbers them), the rest
+    masked out of the cross-entropy and the scores.
 
     Attributes:
-        model: the ``CLIPHingeModel``.
+        model: the ``CLIPHingeModel`` (its encoder, adapter and logit scale).
         criterion: ``torch.nn.CrossEntropyLoss`` (its ``ignore_index`` marks padding rows).
         features, labels, task_labels: ``[n, dim]``, ``[n]``, ``[n]``: the cached training
-            data of the experience.
+            data of the task.
         order, valid: ``[n_steps, B]`` rows of each step and whether each is real (a smaller
             last minibatch is padded).
-        counter: the step within the epoch (a device scalar).
-        lr: Adam's learning rate (a device scalar).
-        params, state, hyper: Adam's parameters, its state lists (``exp_avg``...) and its
+        counter, lr: the step within the epoch and Adam's learning rate (device scalars).
+        prefix, ctx, suffix, tokens: the task's prompts (``TaskPrompts``), ``ctx [T, n_ctx,
+            width]`` trained here and copied back to the task's parameter.
+        bank: ``[N, dim]`` text features of the frozen classes in their columns.
+        train_rows: ``[T]`` the columns of the task's classes.
+        column_mask: ``[N]`` the seen columns.
+        class_of_column: ``[N]`` class id of each column (``n_outputs`` for unseen columns).
+        params, state, hyper: Adam's parameters (``ctx``, the adapter's), state lists and
             fixed settings.
-        frozen: rows every update keeps.
-        replay: ``(features [n_steps, k, dim], targets [n_steps, k])`` or ``None``.
-        terms: ``(loss term, inputs [n_steps, ...])`` per registered ``PluginLoss``.
-        record: the epoch's ``EpochRecord``.
+        record: the run's ``EpochRecord`` (every term's name).
+        replay: ``(features [n_steps, K, dim], targets [n_steps, K])`` or ``None``.
+        terms: ``(loss term, inputs [n_steps, ...], constants)`` per registered term.
         autocast: the strategy's autocast context factory.
     """
 
@@ -128,26 +152,36 @@ class Stage1Task:
     valid: Tensor
     counter: Tensor
     lr: Tensor
+    prefix: Tensor
+    ctx: Tensor
+    suffix: Tensor
+    tokens: Tensor
+    bank: Tensor
+    train_rows: Tensor
+    column_mask: Tensor
+    class_of_column: Tensor
     params: List[Tensor]
     state: Dict[str, List[Tensor]]
     hyper: Dict[str, object]
-    frozen: List[FrozenRows]
     record: EpochRecord
     replay: Optional[Tuple[Tensor, Tensor]] = None
-    terms: List[Tuple[PluginLoss, Tuple[Tensor, ...]]] = field(default_factory=list)
+    terms: List[Tuple[PluginLoss, Tuple[Tensor, ...], Tuple[Optional[Tensor], ...]]] = field(
+        default_factory=list
+    )
     autocast: Callable[[], ContextManager] = nullcontext
 
 
 def stage1_train_step(task: Stage1Task) -> Tuple[Tensor, ...]:
     """One captured stage-1 step: row ``counter`` of the epoch's order and plan (padding
-    rows ignored), ``stage1_scores``, ``stage1_loss``, ``EpochRecord.add``, backward, Adam
-    through ``keeping_rows``; the counter moves on.
+    rows ignored), the task's prompts through the text encoder into the padded text bank,
+    the logits of the minibatch and its replayed rows over the run's columns (unseen ones
+    masked), ``loss_with_terms``, ``EpochRecord.add``, backward, Adam; the counter moves on.
 
     Returns ``(x [B, dim], y [B], task labels [B], scores [B, n_outputs], loss, *terms)``,
     ``B`` the batch size (a padded last minibatch included), the terms in the order
-    ``stage1_loss`` returns them.
+    ``loss_with_terms`` returns them.
     """
-    k = task.counter
+    model, k = task.model, task.counter
     at = k.reshape(1)
     rows = task.order.index_select(0, at).reshape(-1)
     valid = task.valid.index_select(0, at).reshape(-1)
@@ -155,20 +189,30 @@ def stage1_train_step(task: Stage1Task) -> Tuple[Tensor, ...]:
     x = torch.where(valid[:, None], task.features.index_select(0, rows), 0.0)
     y, task_labels = task.labels.index_select(0, rows), task.task_labels.index_select(0, rows)
     row = row_at(at, task.replay, task.terms)
+    feats = x if row.replay_features is None else torch.cat([x, row.replay_features])
     with task.autocast():
-        scored = stage1_scores(task.model, x, row.replay_features)
-    loss, values = stage1_loss(
-        task.model, scored, y, row, task.criterion, valid, task.criterion.ignore_index
-    )
-    task.record.add(k, loss, values, scored.scores, y, valid)
+        embeddings = torch.cat([task.prefix, task.ctx.to(task.prefix.dtype), task.suffix], 1)
+        text = task.bank.index_copy(
+            0, task.train_rows, model.encode_prompts(embeddings, task.tokens)
+        )
+        logits = model.clip_logits(feats, text)
+    logits = logits.float().masked_fill(~task.column_mask, float("-inf"))
+    targets = model.column_of[y].masked_fill(~valid, task.criterion.ignore_index)
+    if row.replay_targets is not None:
+        targets = torch.cat([targets, row.replay_targets])
+    loss, values = loss_with_terms(model, logits, targets, text, row, task.criterion)
+    b, n_outputs = x.shape[0], model.n_outputs
+    seen = logits[:b].detach().masked_fill(~task.column_mask, UNSEEN_SCORE)
+    scores = torch.full((b, n_outputs + 1), UNSEEN_SCORE, device=x.device)
+    scores = scores.scatter(1, task.class_of_column.expand(b, -1), seen)[:, :n_outputs]
+    task.record.add(k, loss, values, scores, y, valid)
     loss.backward()
     with torch.no_grad():
         grads = [p.grad for p in task.params]
-        keeping_rows(lambda: adam_update(task, grads), task.frozen)
+        adam_update(task, grads)
         for grad in grads:
             grad.zero_()
         k.add_(1)
-    scores = scored.scores.detach()
     return (x, y, task_labels, scores, loss.detach(), *[v.detach() for v in values.values()])
 
 
