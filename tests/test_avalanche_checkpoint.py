@@ -128,8 +128,8 @@ SCRIPT = textwrap.dedent(
         model.compile_prompt_encoder()
         copy = dill.loads(dill.dumps(model))
         step = CompiledStep(strategy)
-        step._task, step._task_id = SimpleNamespace(), 0
-        step._graph = torch.compile(lambda: 0)
+        entry = [SimpleNamespace(), torch.compile(lambda: 0), True]
+        step._shapes, step._current, step._task_id = {("shape",): entry}, entry, 0
         step_copy = dill.loads(dill.dumps(step))
         with open(f"{out}/compiled.json", "w") as f:
             json.dump(
@@ -141,11 +141,11 @@ SCRIPT = textwrap.dedent(
                         copy._encode_trainable._torchdynamo_orig_callable.__self__ is copy
                     ),
                     "step_task_dropped": (
-                        step_copy._task is None
+                        step_copy._shapes == {}
+                        and step_copy._current is None
                         and step_copy._task_id is None
-                        and step_copy._graph is None
                     ),
-                    "live_step_kept": step._task is not None,
+                    "live_step_kept": step._current is not None and len(step._shapes) == 1,
                 },
                 f,
             )

@@ -30,11 +30,12 @@ from avalanche_cliphinge.plugins import SecondStagePlugin
 from avalanche_cliphinge.step import Stage1Task, Stage2Task
 
 #: learned tensors and reported losses. Both runners do the same float32 maths but for the
-#: order of some sums (a padded last minibatch, Adam's capturable form in the graph): the
-#: largest differences seen are 2.4e-6 (prompts), 3.3e-6 (head) and 5.5e-6 (epoch loss 1.5);
+#: order of some sums (a padded last minibatch, the run's padded score columns, Adam's
+#: capturable form in the graph): the largest differences seen are 2.4e-6 (prompts), 3.3e-6
+#: (head), 5.5e-6 (epoch loss 1.5) and 1.1e-5 (the image adapter, trained in all 3 tasks);
 #: 0.1% more Adam learning rate in the graph moves the prompts by 9e-5
-TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
-#: stage-1 steps per task and stage-2 steps (task 1): 60 images in minibatches of 25
+TOLERANCE = {"rtol": 1e-5, "atol": 3e-5}
+#: stage-1 steps per task and stage-2 steps per head: 60 images in minibatches of 25
 STEPS = 3
 #: make_evaluator() without loggers: Avalanche warns that nothing is logged
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
