@@ -328,12 +328,21 @@ class CompiledStep:
             clock.after_training_iteration(s)
 
     def _call(self):
-        """One call of the shape's graph; torch traces it at its first call, or again when a
-        guard fails (counted: ``graphs_traced``, ``guard_failures``)."""
-        entry = self._current
-        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        out = traced(entry[1])
-        made = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames
+        """One call of the shape's graph; torch traces it at its first call (``capture.traced``:
+        backward traced into the graph), or again when a guard fails (counted:
+        ``graphs_traced``, ``guard_failures``). A traced graph is called as it is: a guard
+        failure then raises ``Unsupported`` (backward cannot be traced without the patch) and
+        the call is made again while torch may trace it."""
+        entry, stats = self._current, torch._dynamo.utils.counters["stats"]
+        graphs = stats["unique_graphs"]
+        if entry[2]:
+            try:
+                out = entry[1]()
+            except torch._dynamo.exc.Unsupported:
+                out = traced(entry[1])
+        else:
+            out = traced(entry[1])
+        made = stats["unique_graphs"] - graphs
         if made:
             self.graphs_traced += made
             self.guard_failures += made if entry[2] else max(made - 1, 0)
