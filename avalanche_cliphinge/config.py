@@ -156,10 +156,11 @@ class CLIPHingeConfig:
     feature_cache_max_gb: float = checked(8.0, positive=True)
     resize_on_device: bool = False
     compile: bool = True
-    # One captured graph per stage-1 step (compiled_step.CompiledStep): torch.compile with
-    # fullgraph=True of the whole step (forward, losses, backward, Adam), CUDA graphs on
-    # CUDA. Off by default: the eager step's numbers are the reference, and the CUDA path
-    # has not been measured yet. A task the captured step cannot run trains eagerly (warned).
+    # One captured graph per stage-1 step shape (compiled_step.CompiledStep): torch.compile
+    # with fullgraph=True of the whole step (forward, losses, backward, Adam), one shape for
+    # the run, CUDA graphs on CUDA. Off by default: the eager step's numbers are the
+    # reference, and the CUDA path has not been measured yet. A task the captured step
+    # cannot run trains eagerly (warned).
     compile_step: bool = False
     num_workers: int = checked(0, minimum=0, maximum=512)
     eval_batch_size: int = checked(256, minimum=1, maximum=1 << 20)
