@@ -343,8 +343,7 @@ class CompiledStep:
         else:
             out = traced(entry[1])
         made = stats["unique_graphs"] - graphs
-        if made:
-            self.graphs_traced += made
-            self.guard_failures += made if entry[2] else max(made - 1, 0)
-            entry[2] = True
+        self.graphs_traced += made
+        self.guard_failures += made if entry[2] else max(made - 1, 0)
+        entry[2] = True
         return out

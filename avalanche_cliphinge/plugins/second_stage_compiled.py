@@ -85,6 +85,7 @@ class CompiledStage2:
         self.sampler = loader.sampler
         #: graphs traced so far (one, unless a guard failed)
         self.graphs_traced = 0
+        self._called = False
         self.graph = self.compile(types.MethodType(fresh(stage2_train_step), self.task))
 
     @staticmethod
@@ -137,6 +138,13 @@ class CompiledStage2:
             if mark is not None:
                 mark()
             graphs = counters["unique_graphs"]
-            traced(self.graph)
+            if self._called:
+                try:
+                    self.graph()
+                except torch._dynamo.exc.Unsupported:  # a guard failed: traced again
+                    traced(self.graph)
+            else:
+                traced(self.graph)
+                self._called = True
             self.graphs_traced += counters["unique_graphs"] - graphs
         return task.total, self.n
