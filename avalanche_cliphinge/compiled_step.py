@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -41,6 +41,10 @@ from .runner_checks import INSIDE_STEP, STEP_METHODS, plugin_needs
 from .step import Stage1Task, allocate_stage1_task, stage1_train_step, static_tensors
 
 __all__ = ["CompiledStage2", "CompiledStep"]
+
+#: a shape made for a task has room for tasks this much larger (steps; replayed rows per step
+#: of the per-epoch volume for tasks this much smaller): tasks of unequal sizes share a graph
+STEP_HEADROOM = 1.25
 
 
 class CompiledStep:
@@ -68,7 +72,7 @@ class CompiledStep:
         self.graphs_traced = 0
         #: graphs traced again for a shape that had one (a guard failed)
         self.guard_failures = 0
-        self._shapes: Dict[tuple, list] = {}
+        self._shapes: Dict[tuple, List[list]] = {}
         self._current: Optional[list] = None
         self._task_id: Optional[int] = None
         self._warned: set = set()
@@ -153,12 +157,16 @@ class CompiledStep:
         n_total = config.n_classes if config.layout_is_set else s.model.n_outputs
         return -(-max(n_total - task_size, 1) * per_class // max(n_steps, 1))
 
-    def shape_key(self) -> tuple:
-        """What fixes the captured step's shapes in this task."""
+    def shape_key(self) -> Tuple[tuple, Tuple[int, int]]:
+        """What fixes the captured step's shapes in this task: ``(key, (steps, replay rows))``.
+
+        ``key`` holds what must match exactly (batch, prompt shapes, each term's per-step
+        shape); a task's number of steps and replayed rows per step only need to fit a built
+        shape's capacity (a task with fewer samples reuses a graph made for more)."""
         s = self.strategy
         sampler, model = s.dataloader.sampler, s.model
-        n, batch = sampler.n, min(sampler.batch_size, sampler.n)
-        n_steps = -(-n // batch)
+        batch = min(sampler.batch_size, sampler.n)
+        n_steps = -(-sampler.n // batch)
         prompts = model.prompts[model.n_tasks - 1]
         plan = s.epoch_plan
         k = self.replay_rows(n_steps, prompts.ctx.shape[0])
@@ -168,23 +176,43 @@ class CompiledStep:
             (
                 tuple(term.weights.items()),
                 getattr(term.compute, "__func__", term.compute),
-                tuple(tuple(t.shape) for t in inputs),
+                tuple(tuple(t.shape[1:]) for t in inputs),
                 tuple(tuple(t.shape) for t in term.constants),
             )
             for term, inputs in plan.terms
         )
-        return (n, batch, tuple(prompts.ctx.shape), tuple(prompts.tokens.shape), k, terms)
+        key = (batch, tuple(prompts.ctx.shape), tuple(prompts.tokens.shape), k > 0, terms)
+        return key, (n_steps, k)
 
-    def _build(self, key: tuple) -> list:
-        """Buffers (``Stage1Task``) and graph of one step shape."""
+    def _entry(self) -> list:
+        """A built shape this task fits, or a new one with room for larger tasks: a quarter
+        more steps and, for the per-epoch replay volume, the rows of a task a quarter
+        smaller (``STEP_HEADROOM``)."""
+        key, (n_steps, k) = self.shape_key()
+        for entry in self._shapes.setdefault(key, []):
+            task = entry[0]
+            if task.order.shape[0] >= n_steps and (
+                task.replay is None or task.replay[0].shape[1] >= k
+            ):
+                return entry
+        steps = int(n_steps * STEP_HEADROOM) + 1
+        if k and self.strategy.config.replay_classes_per_step == 0:
+            k = -(-k * n_steps // max(int(n_steps / STEP_HEADROOM), 1))
+        entry = self._build(key, steps, k)
+        self._shapes[key].append(entry)
+        return entry
+
+    def _build(self, key: tuple, steps: int, k: int) -> list:
+        """Buffers (``Stage1Task``) for ``steps`` steps of ``k`` replayed rows, and graph, of
+        one step shape."""
         s, model = self.strategy, self.strategy.model
-        n, batch, ctx_shape, token_shape, k, _ = key
+        batch = key[0]
         adapter = [] if model.adapter is None else list(model.adapter.parameters())
         task = allocate_stage1_task(
             model,
             s.loss_function,
             s.optimizer.param_groups[0],
-            rows=(n, batch, k),
+            rows=(steps * batch, batch, k),
             prompts=model.prompts[model.n_tasks - 1],
             n_columns=s.config.n_classes if s.config.layout_is_set else model.n_outputs,
             dim=s.dataloader.features.shape[1],
@@ -208,9 +236,12 @@ class CompiledStep:
         """The task's data, prompts, text bank and Adam state into the shape's buffers."""
         s, model = self.strategy, self.strategy.model
         loader = s.dataloader
-        task.features.copy_(loader.features)
-        task.labels.copy_(loader.labels)
-        task.task_labels.copy_(loader.task_labels)
+        n, batch = loader.sampler.n, task.order.shape[1]
+        task.features[:n] = loader.features
+        task.labels[:n] = loader.labels
+        task.task_labels[:n] = loader.task_labels
+        rows = torch.arange(task.order.numel(), device=task.valid.device)
+        task.valid.copy_((rows < n).view(-1, batch))
         prompts = model.prompts[model.n_tasks - 1]
         task.prefix.copy_(prompts.prefix)
         task.suffix.copy_(prompts.suffix)
@@ -242,11 +273,13 @@ class CompiledStep:
             features.zero_()
             targets.fill_(task.criterion.ignore_index)
             if plan.replay_features is not None:
-                k = plan.replay_features.shape[1]
-                features[:, :k] = plan.replay_features
-                targets[:, :k] = plan.replay_targets
+                steps, k = plan.replay_features.shape[:2]
+                features[:steps, :k] = plan.replay_features
+                targets[:steps, :k] = plan.replay_targets
         for (_, inputs, constants), (term, new) in zip(task.terms, plan.terms):
-            for buffer, values in zip((*inputs, *constants), (*new, *term.constants)):
+            for buffer, values in zip(inputs, new):
+                buffer[: values.shape[0]] = values
+            for buffer, values in zip(constants, term.constants):
                 buffer.copy_(values)
         task.counter.zero_()
         task.record.reset()
@@ -274,10 +307,7 @@ class CompiledStep:
             reason = self.unsupported()
             if reason is not None:
                 return self._fall_back(reason)
-            key = self.shape_key()
-            if key not in self._shapes:
-                self._shapes[key] = self._build(key)
-            self._current = self._shapes[key]
+            self._current = self._entry()
             self._load(self._current[0])
         if self._current is None:
             return False
@@ -305,7 +335,7 @@ class CompiledStep:
         sync_lr = s.user_scheduler
         names = list(task.record.sums)[2:]
         clock, record, full = s.clock, task.record, task.order.shape[1]
-        n = task.features.shape[0]
+        n = s.dataloader.sampler.n
         for start in range(0, n, full):
             size = min(full, n - start)
             if s.training_stopped:

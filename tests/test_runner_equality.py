@@ -56,7 +56,7 @@ def plan(tiny_config):
     )
 
 
-def train(config, synthetic_stream, class_names):
+def train_run(config, synthetic_stream, class_names):
     """Train the 3 experiences from the same initial weights; returns the strategy and its
     evaluator's metrics (the timings left out)."""
     torch.manual_seed(0)
@@ -114,12 +114,12 @@ def runs(plan, synthetic_stream, class_names):
     """The eager run and the captured run of ``plan``, the captured run's compiles and
     warnings. ``torch.compile`` is replaced for the captured run only (on the CPU nothing
     else calls it: the model compiles its prompt encoder on CUDA only)."""
-    eager, eager_metrics = train(plan, synthetic_stream, class_names)
+    eager, eager_metrics = train_run(plan, synthetic_stream, class_names)
     cheap = CheapCompile(torch.compile)
     with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         patch.setattr(torch, "compile", cheap)
-        captured, captured_metrics = train(
+        captured, captured_metrics = train_run(
             plan.replace(compile_step=True), synthetic_stream, class_names
         )
     return SimpleNamespace(
@@ -190,3 +190,49 @@ def test_the_captured_runners_learn_and_report_what_the_eager_runners_do(runs):
         assert float(hinges[1].last_losses[kind]) == pytest.approx(
             float(hinges[0].last_losses[kind]), rel=TOLERANCE["rtol"], abs=TOLERANCE["atol"]
         ), kind
+
+
+def test_tasks_of_unequal_sizes_share_one_graph_and_learn_what_the_eager_runner_learns(
+    plan, synthetic_data, class_names
+):
+    """ImageNet-R's tasks differ in size: a task with fewer samples (fewer steps, more replayed
+    rows per step) reuses the graph made for the first task, whose buffers have room for it."""
+    from avalanche.benchmarks import nc_benchmark
+    from conftest import LabelledTensorDataset
+
+    # tasks of 60, 50 and 44 training images (classes 2-5 lose some), minibatches of 25
+    y = synthetic_data["train_y"]
+    keep = torch.ones_like(y, dtype=torch.bool)
+    for cls, drop in ((2, 5), (3, 5), (4, 8), (5, 8)):
+        keep[torch.nonzero(y == cls).flatten()[:drop]] = False
+    train = LabelledTensorDataset(synthetic_data["train_x"][keep], y[keep])
+    test = LabelledTensorDataset(synthetic_data["test_x"], synthetic_data["test_y"])
+    stream = nc_benchmark(
+        train, test, n_experiences=3, task_labels=False, seed=0, fixed_class_order=list(range(6))
+    )
+    assert [len(e.dataset) for e in stream.train_stream] == [60, 50, 44]
+    eager, eager_metrics = train_run(plan, stream, class_names)
+    cheap = CheapCompile(torch.compile)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "compile", cheap)
+        captured, captured_metrics = train_run(plan.replace(compile_step=True), stream, class_names)
+    # one stage-1 graph for the 3 sizes (3 + 2 + 2 steps), one stage-2 graph for the heads
+    # of tasks 1 and 2 (50 and 44 images: 2 + 2 steps)
+    assert [type(task) for task, _ in cheap.made] == [Stage1Task, Stage2Task]
+    assert captured._compiled_step.graphs_traced == 1
+    assert cheap.calls == [3 + 2 + 2, 2 + 2]
+    for key in ("1", "2"):
+        for a, b in zip(
+            eager.model.heads[key].parameters(), captured.model.heads[key].parameters()
+        ):
+            torch.testing.assert_close(b, a, **TOLERANCE)
+    for a, b in zip(eager.model.prompts, captured.model.prompts):
+        torch.testing.assert_close(b.ctx, a.ctx, **TOLERANCE)
+    for a, b in zip(eager.model.adapter.parameters(), captured.model.adapter.parameters()):
+        torch.testing.assert_close(b, a, **TOLERANCE)
+    assert sorted(captured_metrics) == sorted(eager_metrics)
+    for name, (steps, values) in eager_metrics.items():
+        assert captured_metrics[name][0] == steps, name
+        assert captured_metrics[name][1] == pytest.approx(
+            values, rel=TOLERANCE["rtol"], abs=TOLERANCE["atol"]
+        ), name

@@ -159,9 +159,11 @@ class SecondStagePlugin(SupervisedPlugin, supports_distributed=True):
         compiled = None
         if not use_lora and strategy.config.compile_step:
             key = CompiledStage2.shape_key(head, optimizer, loader)
-            if key not in self.captured:
-                self.captured[key] = CompiledStage2(strategy, head, optimizer, loader)
-            compiled = self.captured[key]
+            fitting = [c for c in self.captured.get(key, []) if c.capacity >= len(labels)]
+            if not fitting:
+                fitting = [CompiledStage2(strategy, head, optimizer, loader)]
+                self.captured.setdefault(key, []).append(fitting[0])
+            compiled = fitting[0]
             compiled.load(head, loader, classes)
         self.losses = []
         head.train()

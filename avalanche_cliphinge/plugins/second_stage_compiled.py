@@ -18,6 +18,9 @@ from torch import Tensor
 from ..capture import compile_step, fresh, traced
 from ..step import Stage2Task, stage2_targets, stage2_train_step
 
+#: a graph made for a task has room for tasks this much larger (steps)
+STEP_HEADROOM = 1.25
+
 
 class CompiledStage2:
     """Runs the stage-2 epochs of the task heads of a run on cached features, as calls of
@@ -52,11 +55,11 @@ class CompiledStage2:
             for name in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
         }
         self.key = self.shape_key(head, optimizer, loader)
-        n, batch = loader.sampler.n, max(min(loader.sampler.batch_size, loader.sampler.n), 1)
-        #: samples of an epoch
-        self.n = n
-        self.n_steps = -(-n // batch)
-        valid = torch.arange(self.n_steps * batch).view(self.n_steps, batch) < n
+        batch = max(min(loader.sampler.batch_size, loader.sampler.n), 1)
+        # room for tasks a quarter larger: tasks of unequal sizes share the graph
+        steps = int(-(-loader.sampler.n // batch) * STEP_HEADROOM) + 1
+        #: the most samples a task may have here
+        self.capacity = steps * batch
         own = copy.deepcopy(head).requires_grad_(True)
         params = list(own.parameters())
         for p in params:
@@ -64,10 +67,10 @@ class CompiledStage2:
             p.grad = torch.zeros_like(p)
         self.task = Stage2Task(
             head=own,
-            features=torch.zeros_like(loader.features, device=device),
-            targets=torch.zeros(n, dtype=torch.long, device=device),
-            order=torch.zeros((self.n_steps, batch), dtype=torch.long, device=device),
-            valid=valid.to(device),
+            features=loader.features.new_zeros((self.capacity, loader.features.shape[1])),
+            targets=torch.zeros(self.capacity, dtype=torch.long, device=device),
+            order=torch.zeros((steps, batch), dtype=torch.long, device=device),
+            valid=torch.zeros((steps, batch), dtype=torch.bool, device=device),
             counter=torch.zeros((), dtype=torch.long, device=device),
             total=torch.zeros((), device=device),
             params=params,
@@ -90,14 +93,16 @@ class CompiledStage2:
 
     @staticmethod
     def shape_key(head, optimizer, loader) -> tuple:
-        """What fixes the captured step's shapes and settings for a task."""
+        """What fixes the captured step's shapes and settings for a task (its number of
+        samples need only fit ``capacity``)."""
         group = optimizer.param_groups[0]
         settings = tuple(
             group[name]
             for name in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
         )
         shapes = tuple(tuple(p.shape) for p in head.parameters())
-        return (loader.sampler.n, loader.sampler.batch_size, shapes, settings)
+        batch = max(min(loader.sampler.batch_size, loader.sampler.n), 1)
+        return (batch, loader.features.shape[1], shapes, settings)
 
     def compile(self, step: Callable) -> Callable:
         """``capture.compile_step``: inductor, with CUDA graphs on CUDA."""
@@ -108,8 +113,13 @@ class CompiledStage2:
         """A task's head, features and head columns (``classes [c]``: class ids of its
         columns) into the buffers; momentum and gradients zeroed."""
         task = self.task
-        task.features.copy_(loader.features)
-        task.targets.copy_(stage2_targets(loader.labels.to(self.device), classes))
+        n = loader.sampler.n
+        task.features[:n] = loader.features
+        task.targets[:n] = stage2_targets(loader.labels.to(self.device), classes)
+        rows = torch.arange(task.order.numel(), device=self.device)
+        task.valid.copy_((rows < n).view_as(task.valid))
+        #: samples of an epoch, and its steps
+        self.n, self.n_steps = n, -(-n // task.order.shape[1])
         for mine, theirs in zip(task.params, head.parameters()):
             mine.copy_(theirs)
             mine.grad.zero_()

@@ -53,7 +53,8 @@ def allocate_stage1_task(
         model: the ``CLIPHingeModel``.
         criterion: the cross-entropy.
         group: the Adam parameter group (its settings).
-        rows: ``(n, B, K)``: samples of a task, the batch size, replayed rows per step.
+        rows: ``(n, B, K)``: samples a task may have (a multiple of ``B``), the batch size,
+            replayed rows per step.
         prompts: a task's ``TaskPrompts`` (the shapes of every task's of this size).
         n_columns: ``N``, the run's classes.
         dim: the feature dimension.
@@ -116,7 +117,7 @@ def allocate_stage1_task(
         terms=[
             (
                 term,
-                tuple(torch.zeros_like(t) for t in inputs),
+                tuple(t.new_zeros((n_steps, *t.shape[1:])) for t in inputs),
                 tuple(torch.zeros_like(t) for t in term.constants),
             )
             for term, inputs in terms
