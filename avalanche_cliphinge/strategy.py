@@ -7,7 +7,6 @@ Names of this module too: the state it shares with its plugins (``StepState``,
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,7 +24,6 @@ from .feature_cache import FeatureCache
 from .model.class_names import ClassNames, class_name_table
 from .model.cliphinge_model import CLIPHingeModel, build_model
 from .plugins import default_plugins
-from .seeding import generator as seeded
 from .step import EpochPlan, EpochRecord, StepRow, Stage1Scores, draw_epoch_plan
 from .step import keeping_rows, stage1_loss, stage1_scores
 from .step_state import ExperienceClasses, StepState
@@ -212,21 +210,6 @@ class CLIPHingeStrategy(StrategyInputs, ExperienceTasks, SupervisedTemplate):
             self.model.compile_prompt_encoder()
 
     # ---- helpers used by plugins ----------------------------------------------------------
-    def generator(self, *parts: int) -> torch.Generator:
-        """``seeding.generator(config.seed, *parts)``: a CPU generator for one purpose
-        (``parts[0]``, a ``seeding.Draw``) and its task, epoch, ...
-
-        Every random draw of the method comes from such a generator, so an experience replays
-        identically whether the run is fresh or resumed.
-        """
-        return seeded(self.config.seed, *parts)
-
-    def autocast(self):
-        """bf16 autocast on CUDA when ``precision == 'bf16'``; a no-op context otherwise."""
-        if self.config.precision == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
     def release_graphs(self) -> None:
         """Free the captured steps' graphs and buffers (``compile_step``), stage 2's too: the
         end of a run. A later ``train`` builds them again."""

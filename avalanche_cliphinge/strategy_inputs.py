@@ -27,7 +27,7 @@ from . import distributed
 from .avalanche_plugins import FeatureRows
 from .feature_cache import dataset_fingerprint
 from .loaders import EpochBatchSampler, TensorBatchLoader, encode_dataset
-from .seeding import Draw
+from .seeding import Draw, generator as seeded
 from .dataset_transforms import find_random_transform, foreign_normalize, freeze_transforms
 from .streams import STREAM_FIX, StreamInputError, check_item_labels
 
@@ -41,6 +41,21 @@ class StrategyInputs:
     _dataset_keys: Dict[Tuple[int, bool], Tuple[object, str]]
     #: name of the random training transform that turns the cache off, or ``None``
     _random_train_transform: Optional[str] = None
+
+    def generator(self, *parts: int) -> torch.Generator:
+        """``seeding.generator(config.seed, *parts)``: a CPU generator for one purpose
+        (``parts[0]``, a ``seeding.Draw``) and its task, epoch, ...
+
+        Every random draw of the method comes from such a generator, so an experience replays
+        identically whether the run is fresh or resumed.
+        """
+        return seeded(self.config.seed, *parts)
+
+    def autocast(self):
+        """bf16 autocast on CUDA when ``precision == 'bf16'``; a no-op context otherwise."""
+        if self.config.precision == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
 
     @property
     def features_cacheable(self) -> bool:

@@ -9,7 +9,7 @@ mixins). It reads the strategy's ``config``, ``model``, ``experience``, ``optimi
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, List, Optional
 
 import torch
 from avalanche.training.plugins import LRSchedulerPlugin
@@ -29,37 +29,8 @@ class ExperienceTasks:
         """The experience's classes (present, new, returning, old; ``experience_classes``),
         the task its new classes make (checked against the layout), the prompts it trains
         and its number of epochs (0 when nothing trains)."""
-        if self.model.n_tasks == 0:
-            classes = stream_class_count(self.experience)
-            if classes is not None:
-                self.config.check_class_count(classes, "the stream")
-        present = sorted(int(c) for c in classes_of(self.experience))
-        seen = set(self.model.seen_classes)
-        new = [c for c in present if c not in seen]
-        returning = [c for c in present if c in seen]
-        task = None
-        if new:
-            task = self.model.n_tasks
-            # a layout key left unset (None) takes the stream's experiences as they come
-            expected = self.config.task_size(task)
-            if not returning and expected is not None and len(new) != expected:
-                raise ConfigError(
-                    f"experience {task} has {len(new)} classes but the config "
-                    f"expects {expected} (init_class={self.config.init_class}, "
-                    f"increment={self.config.increment}); make them agree"
-                )
-            if self.config.total_tasks is not None and task >= self.config.total_tasks:
-                raise ConfigError(
-                    f"experience {task} is beyond total_tasks="
-                    f"{self.config.total_tasks}; raise total_tasks"
-                )
-            self.model.add_task(new)
-        self.experience_classes = ExperienceClasses(
-            present=present,
-            new=new,
-            returning=returning,
-            task=task,
-            old=[c for c in self.model.seen_classes if c not in set(present)],
+        self.experience_classes = read_experience(
+            self.model, self.config, self.experience, self.model.add_task
         )
         self.current_task = self.model.n_tasks - 1
         trainable = self._set_trainable_prompts()
@@ -151,3 +122,43 @@ def avalanche_sizes(
         if value is not None
     }
     return config.replace(**overrides) if overrides else config
+
+
+def read_experience(
+    model, config, experience, register: Callable[[List[int]], int]
+) -> ExperienceClasses:
+    """The classes of ``experience`` against what ``model`` has seen: present, new,
+    returning and old ones; the new ones, checked against the config's layout (and, for the
+    first experience, the stream's class count), become a task through ``register(new) ->
+    task index``. Raises ``ConfigError`` in one line for a layout the stream breaks."""
+    if model.n_tasks == 0:
+        classes = stream_class_count(experience)
+        if classes is not None:
+            config.check_class_count(classes, "the stream")
+    present = sorted(int(c) for c in classes_of(experience))
+    seen = set(model.seen_classes)
+    new = [c for c in present if c not in seen]
+    returning = [c for c in present if c in seen]
+    task = None
+    if new:
+        task = model.n_tasks
+        # a layout key left unset (None) takes the stream's experiences as they come
+        expected = config.task_size(task)
+        if not returning and expected is not None and len(new) != expected:
+            raise ConfigError(
+                f"experience {task} has {len(new)} classes but the config "
+                f"expects {expected} (init_class={config.init_class}, "
+                f"increment={config.increment}); make them agree"
+            )
+        if config.total_tasks is not None and task >= config.total_tasks:
+            raise ConfigError(
+                f"experience {task} is beyond total_tasks={config.total_tasks}; raise total_tasks"
+            )
+        task = register(new)
+    return ExperienceClasses(
+        present=present,
+        new=new,
+        returning=returning,
+        task=task,
+        old=[c for c in model.seen_classes if c not in set(present)],
+    )

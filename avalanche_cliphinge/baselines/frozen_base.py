@@ -10,7 +10,6 @@ trains the model's trainable parameters with Avalanche's loop. A subclass gives 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Optional, Sequence
 
 import torch
@@ -25,10 +24,9 @@ from ..config import CLIPHingeConfig, ConfigError
 from ..feature_cache import FeatureCache
 from ..model.backbone import CLIPBackbone, load_clip
 from ..model.class_names import ClassNames, class_name_table
-from ..seeding import generator as seeded
 from ..step_state import ExperienceClasses
-from ..strategy_inputs import StrategyInputs, classes_of, stream_class_count
-from ..strategy_tasks import avalanche_sizes
+from ..strategy_inputs import StrategyInputs
+from ..strategy_tasks import avalanche_sizes, read_experience
 from ..streams import ClipInput
 from .frozen_model import ClassMeans, FrozenCLIPModel
 
@@ -158,51 +156,18 @@ class FrozenFeatureStrategy(StrategyInputs, SupervisedTemplate):
         """Number of trainable scalars (the frozen CLIP's are not)."""
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
-    def generator(self, *parts: int) -> torch.Generator:
-        """``seeding.generator(config.seed, *parts)``: a CPU generator for one purpose."""
-        return seeded(self.config.seed, *parts)
-
-    def autocast(self):
-        """bf16 autocast on CUDA with ``precision == 'bf16'`` (the encoder pass)."""
-        if self.config.precision == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
     # ---- experiences ------------------------------------------------------------------------
     def _open_experience(self) -> None:
         """Register the experience's classes (``experience_classes``), its task and epochs."""
         model, config = self.model, self.config
-        if model.n_tasks == 0:
-            n_classes = stream_class_count(self.experience)
-            if n_classes is not None:
-                config.check_class_count(n_classes, "the stream")
-        present = sorted(int(c) for c in classes_of(self.experience))
-        seen = set(model.seen_classes)
-        new = [c for c in present if c not in seen]
-        task = None
-        if new:
-            expected = config.task_size(model.n_tasks)
-            if len(new) == len(present) and expected is not None and len(new) != expected:
-                raise ConfigError(
-                    f"experience {model.n_tasks} has {len(new)} classes but the config "
-                    f"expects {expected} (init_class={config.init_class}, "
-                    f"increment={config.increment}); make them agree"
-                )
-            if config.total_tasks is not None and model.n_tasks >= config.total_tasks:
-                raise ConfigError(
-                    f"experience {model.n_tasks} is beyond total_tasks={config.total_tasks}"
-                )
+
+        def register(new):
             try:
-                task = model.add_classes(new)
+                return model.add_classes(new)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
-        self.experience_classes = ExperienceClasses(
-            present=present,
-            new=new,
-            returning=[c for c in present if c in seen],
-            old=[c for c in model.seen_classes if c not in set(present)],
-            task=task,
-        )
+
+        self.experience_classes = read_experience(model, config, self.experience, register)
         self.current_task = model.n_tasks - 1
         first = self.current_task == 0
         self.train_epochs = (config.init_epochs if first else config.epochs) if self.TRAINS else 0

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..model.backbone import CLIPBackbone
 from ..model.class_names import ClassNames, class_name_table
 from ..model.cliphinge_model import UNSEEN_SCORE, DevicePreprocess
+from ..model.image_encoding import FrozenImageEncoding
 from ..model.prompts import raw_text_features
 
 
@@ -76,7 +77,7 @@ class ClassMeans(nn.Module):
         return self.means[pos]
 
 
-class FrozenCLIPModel(nn.Module):
+class FrozenCLIPModel(FrozenImageEncoding, nn.Module):
     """A frozen CLIP and a classifier over the classes learned so far.
 
     ``forward(x)``: images ``[b, 3, H, W]`` or frozen features ``[b, dim]`` -> scores
@@ -128,19 +129,6 @@ class FrozenCLIPModel(nn.Module):
     def logit_scale(self) -> Tensor:
         """CLIP's temperature ``exp(logit_scale)`` (100 for OpenAI's weights)."""
         return self.clip.logit_scale.exp().float().detach()
-
-    def run_image_encoder(self, images: Tensor) -> Tensor:
-        """``[b, 3, H, W]`` -> ``[b, dim]`` unnormalised frozen image features (float32)."""
-        if self.preprocess is not None:
-            images = self.preprocess(images)
-        return self.clip.encode_image(images).float()
-
-    def frozen_features(self, x: Tensor) -> Tensor:
-        """Frozen features of images ``[b, 3, H, W]``; features ``[b, dim]`` pass through."""
-        if x.ndim == 2:
-            return x.float()
-        with torch.no_grad():
-            return self.run_image_encoder(x)
 
     def raw_text_features(self, class_ids: Sequence[int]) -> Tensor:
         """``[len(class_ids), dim]`` normalised text features of ``prompt_template`` with each

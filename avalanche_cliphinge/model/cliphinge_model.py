@@ -23,6 +23,7 @@ from .heads import ImageAdapter
 from .lora import VisualLoRA
 from .prompts import encode_token_embeddings, prompt_length
 from .saving import read_saved_model, restore_learned_state, save_model
+from .image_encoding import FrozenImageEncoding
 from .tasks_and_text import TasksAndText
 
 
@@ -56,7 +57,7 @@ class DevicePreprocess(nn.Module):
 UNSEEN_SCORE = -1e4
 
 
-class CLIPHingeModel(TasksAndText, nn.Module):
+class CLIPHingeModel(TasksAndText, FrozenImageEncoding, nn.Module):
     """Scores over every class of the stream, from a frozen CLIP and the method's parts.
 
     The output of ``forward`` is ``[batch, n_classes]`` indexed by the stream's original class
@@ -177,23 +178,6 @@ class CLIPHingeModel(TasksAndText, nn.Module):
     def logit_scale(self) -> Tensor:
         """CLIP's learned temperature, ``exp(logit_scale)`` (100 for OpenAI weights)."""
         return self.clip.logit_scale.exp().float()
-
-    def run_image_encoder(self, images: Tensor) -> Tensor:
-        """``[batch, 3, H, W]`` -> ``[batch, dim]`` unnormalised frozen image features (float32).
-
-        Gradients flow only when a LoRA adapter is active and grad mode is on (stage 2).
-        With ``resize_on_device`` the images are first resized and normalised here.
-        """
-        if self.preprocess is not None:
-            images = self.preprocess(images)
-        return self.clip.encode_image(images).float()
-
-    def frozen_features(self, x: Tensor) -> Tensor:
-        """Frozen features of images ``[b, 3, H, W]``; features ``[b, dim]`` pass through."""
-        if x.ndim == 2:
-            return x.float()
-        with torch.no_grad():
-            return self.run_image_encoder(x)
 
     def adapted_embedding(self, features: Tensor) -> Tensor:
         """``[batch, dim]`` frozen features -> normalised embedding (after the adapter, if any)."""
