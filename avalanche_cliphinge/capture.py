@@ -9,8 +9,10 @@ on CUDA), one per task from a fresh copy of the function, and call it while Dyna
 
 from __future__ import annotations
 
+import platform
+import sys
 import types
-from typing import Callable
+from typing import Callable, Dict
 
 import torch
 
@@ -25,9 +27,29 @@ def compile_step(step: Callable, device: torch.device) -> Callable:
 
 def traced(graph: Callable):
     """Call ``graph`` while torch may trace it: ``Tensor.backward`` is traced into the graph
-    only with Dynamo's ``trace_autograd_ops`` (it breaks the graph otherwise)."""
+    only with Dynamo's ``trace_autograd_ops`` (it breaks the graph otherwise); on an x86 CPU
+    with ``known_vector_isa``'s settings."""
     with torch._dynamo.config.patch(trace_autograd_ops=True):
-        return graph()
+        with torch._inductor.config.patch(known_vector_isa()):
+            return graph()
+
+
+def known_vector_isa() -> Dict[str, bool]:
+    """Inductor settings that take the CPU's vector instructions (AVX2, AVX-512) from ATen's
+    own dispatch (``torch.backends.cpu.get_cpu_capability()``) instead of test-compiling a
+    program for each: with an empty compile cache those test builds took 9.5 s on a 2-core
+    CPU, 3.5 s with these settings (inductor still tests AVX-512 bf16). Empty (inductor
+    tests them) off Linux x86-64, when ATen dispatches no vector code (``ATEN_CPU_CAPABILITY``
+    lowered it), or when ``torch._inductor.config.cpp.vec_isa_ok`` is set already."""
+    import torch._inductor.config as inductor
+
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return {}
+    if inductor.cpp.vec_isa_ok is not None:
+        return {}
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return {}
+    return {"cpp.vec_isa_ok": True}
 
 
 def fresh(function: types.FunctionType) -> types.FunctionType:

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .capture import compile_step, fresh, traced
+from .captured_shapes import adam_rows, capacity, fits, stage1_shape
 from .loaders import TensorBatchLoader
 from .plugins.second_stage_compiled import CompiledStage2
 from .runner_checks import INSIDE_STEP, STEP_METHODS, plugin_needs
@@ -42,18 +43,14 @@ from .step import Stage1Task, allocate_stage1_task, stage1_train_step, static_te
 
 __all__ = ["CompiledStage2", "CompiledStep"]
 
-#: a shape made for a task has room for tasks this much larger (steps; replayed rows per step
-#: of the per-epoch volume for tasks this much smaller): tasks of unequal sizes share a graph
-STEP_HEADROOM = 1.25
-
 
 class CompiledStep:
     """Runs the stage-1 epochs of a ``CLIPHingeStrategy`` as calls of one captured graph.
 
     ``run_epoch`` trains one epoch and returns ``True``, or returns ``False`` when this task
     must run the eager step (the strategy then runs Avalanche's loop); the reason is warned
-    once. One graph per step shape (``shape_key``), made (``compile``) from a fresh copy of
-    ``step.stage1_train_step``. It reads the strategy's public state only: ``dataloader``
+    once. One graph per step shape (``captured_shapes.stage1_shape``), made (``compile``)
+    from a fresh copy of ``step.stage1_train_step``. It reads the strategy's public state only: ``dataloader``
     (a ``TensorBatchLoader``), ``optimizer``, ``loss_function``, ``model``, ``frozen_rows``,
     ``step``, ``epoch_plan``, ``epoch_record``, ``config``, ``plugins``, ``clock``,
     ``autocast``, ``training_stopped``.
@@ -144,61 +141,14 @@ class CompiledStep:
         return False
 
     # ---- shapes -----------------------------------------------------------------------------
-    def replay_rows(self, n_steps: int, task_size: int) -> int:
-        """Replayed rows per step for the run: the largest chunk any task can have (the
-        config's volume over every class but one task's), or 0 without replay."""
-        s = self.strategy
-        if s.step.replay_source is None:
-            return 0
-        config = s.config
-        per_class = config.samples_per_old_class
-        if config.replay_classes_per_step > 0:
-            return config.replay_classes_per_step * per_class
-        n_total = config.n_classes if config.layout_is_set else s.model.n_outputs
-        return -(-max(n_total - task_size, 1) * per_class // max(n_steps, 1))
-
-    def shape_key(self) -> Tuple[tuple, Tuple[int, int]]:
-        """What fixes the captured step's shapes in this task: ``(key, (steps, replay rows))``.
-
-        ``key`` holds what must match exactly (batch, prompt shapes, each term's per-step
-        shape); a task's number of steps and replayed rows per step only need to fit a built
-        shape's capacity (a task with fewer samples reuses a graph made for more)."""
-        s = self.strategy
-        sampler, model = s.dataloader.sampler, s.model
-        batch = min(sampler.batch_size, sampler.n)
-        n_steps = -(-sampler.n // batch)
-        prompts = model.prompts[model.n_tasks - 1]
-        plan = s.epoch_plan
-        k = self.replay_rows(n_steps, prompts.ctx.shape[0])
-        if plan.replay_features is not None:
-            k = max(k, plan.replay_features.shape[1])
-        terms = tuple(
-            (
-                tuple(term.weights.items()),
-                getattr(term.compute, "__func__", term.compute),
-                tuple(tuple(t.shape[1:]) for t in inputs),
-                tuple(tuple(t.shape) for t in term.constants),
-            )
-            for term, inputs in plan.terms
-        )
-        key = (batch, tuple(prompts.ctx.shape), tuple(prompts.tokens.shape), k > 0, terms)
-        return key, (n_steps, k)
-
     def _entry(self) -> list:
-        """A built shape this task fits, or a new one with room for larger tasks: a quarter
-        more steps and, for the per-epoch replay volume, the rows of a task a quarter
-        smaller (``STEP_HEADROOM``)."""
-        key, (n_steps, k) = self.shape_key()
+        """A built shape this task fits (``captured_shapes.fits``), or a new one with room
+        for larger tasks (``captured_shapes.capacity``)."""
+        key, needs = stage1_shape(self.strategy)
         for entry in self._shapes.setdefault(key, []):
-            task = entry[0]
-            if task.order.shape[0] >= n_steps and (
-                task.replay is None or task.replay[0].shape[1] >= k
-            ):
+            if fits(entry[0], needs):
                 return entry
-        steps = int(n_steps * STEP_HEADROOM) + 1
-        if k and self.strategy.config.replay_classes_per_step == 0:
-            k = -(-k * n_steps // max(int(n_steps / STEP_HEADROOM), 1))
-        entry = self._build(key, steps, k)
+        entry = self._build(key, *capacity(self.strategy, needs))
         self._shapes[key].append(entry)
         return entry
 
@@ -243,14 +193,20 @@ class CompiledStep:
         rows = torch.arange(task.order.numel(), device=task.valid.device)
         task.valid.copy_((rows < n).view(-1, batch))
         prompts = model.prompts[model.n_tasks - 1]
-        task.prefix.copy_(prompts.prefix)
-        task.suffix.copy_(prompts.suffix)
-        task.tokens.copy_(prompts.tokens)
-        task.ctx.copy_(prompts.ctx)
-        n_seen, size = len(model.seen_classes), prompts.ctx.shape[0]
+        size = prompts.ctx.shape[0]
+        for buffer, values in (
+            (task.prefix, prompts.prefix),
+            (task.suffix, prompts.suffix),
+            (task.tokens, prompts.tokens),
+            (task.ctx, prompts.ctx),
+        ):  # padding prompts: zeros, their text written to the last (never seen) column
+            buffer.zero_()
+            buffer[:size] = values
+        n_seen, dump = len(model.seen_classes), task.bank.shape[0] - 1
         task.bank.zero_()
         task.bank[:n_seen] = model.text_features()
-        task.train_rows.copy_(torch.arange(n_seen - size, n_seen, device=task.bank.device))
+        task.train_rows.fill_(dump)
+        task.train_rows[:size] = torch.arange(n_seen - size, n_seen, device=task.bank.device)
         columns = torch.arange(task.bank.shape[0], device=task.bank.device)
         task.column_mask.copy_(columns < n_seen)
         task.class_of_column.fill_(model.n_outputs)
@@ -259,7 +215,9 @@ class CompiledStep:
             kept = s.optimizer.state[p]
             for name, buffers in task.state.items():
                 if buffers:
-                    buffers[i].copy_(kept[name] if name in kept else torch.zeros_like(buffers[i]))
+                    buffers[i].zero_()
+                    if name in kept:
+                        adam_rows(buffers[i], p).copy_(kept[name])
 
     @torch.no_grad()
     def _fill(self, task: Stage1Task) -> None:
@@ -290,10 +248,13 @@ class CompiledStep:
         """The epoch's learned tensors and Adam state back to the task's parameters and the
         optimizer, its record to the strategy's."""
         s, model = self.strategy, self.strategy.model
-        model.prompts[model.n_tasks - 1].ctx.copy_(task.ctx)
+        ctx = model.prompts[model.n_tasks - 1].ctx
+        ctx.copy_(task.ctx[: ctx.shape[0]])
         for i, p in enumerate(self._trained()):
             s.optimizer.state[p] = {
-                name: buffers[i].clone() for name, buffers in task.state.items() if buffers
+                name: adam_rows(buffers[i], p).clone()
+                for name, buffers in task.state.items()
+                if buffers
             }
         s.epoch_record.copy_from(task.record)
 

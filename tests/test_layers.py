@@ -38,7 +38,7 @@ LAYERS: List[Tuple[str, Sequence[str]]] = [
     ("step state", ("step_state", "step.*", "plugins.contract", "capture")),
     # the method's plugins, Avalanche's plugins on the strategy, metrics and loggers
     ("plugins and metrics", ("plugins.*", "avalanche_plugins", "metrics", "wandb_logger")),
-    ("runners", ("runner_checks", "compiled_step")),
+    ("runners", ("runner_checks", "captured_shapes", "compiled_step")),
     ("strategy", ("strategy_inputs", "strategy_tasks", "strategy")),
     # the CLIP baselines a comparison needs, as Avalanche strategies beside the method
     ("baselines", ("baselines.*",)),

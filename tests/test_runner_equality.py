@@ -70,6 +70,17 @@ def train_run(config, synthetic_stream, class_names):
     return strategy, {k: v for k, v in metrics.items() if not k.startswith("Time_")}
 
 
+def assert_same_metrics(eager: dict, captured: dict) -> None:
+    """Both runs reported the same metrics at the same steps, their values within
+    ``TOLERANCE``."""
+    assert sorted(captured) == sorted(eager)
+    for name, (steps, values) in eager.items():
+        assert captured[name][0] == steps, name
+        assert captured[name][1] == pytest.approx(
+            values, rel=TOLERANCE["rtol"], abs=TOLERANCE["atol"]
+        ), name
+
+
 class CheapCompile:
     """Stands in for ``torch.compile`` while the captured run trains: the same call with
     the ``aot_eager`` backend.
@@ -146,10 +157,10 @@ def test_the_captured_runners_learn_and_report_what_the_eager_runners_do(runs):
     runner = captured._compiled_step
     assert runner.graphs_traced == 1 and runner.guard_failures == 0
     assert compiles.calls == [3 * STEPS, 2 * STEPS]
-    # no graph made after a function's first call (no guard failed, task 1 included; Dynamo
-    # may hand the backend a frame's graph twice when it restarts its analysis, as it does
-    # on the CPU for stage 1's float64 epoch sums)
-    assert sorted(set(compiles.graphs)) == [(0, 1), (1, 1)], compiles.graphs
+    # one graph per function, made at its first call: no guard failed (task 1 included), and
+    # Dynamo traced each step once (it traced stage 1 twice, a restart of its analysis, while
+    # the epoch sums were 0-d float64 CPU tensors)
+    assert compiles.graphs == [(0, 1), (1, 1)], compiles.graphs
 
     # stage 1: every prompt's context, the image adapter
     assert len(captured.model.prompts) == len(eager.model.prompts) == 3
@@ -167,14 +178,9 @@ def test_the_captured_runners_learn_and_report_what_the_eager_runners_do(runs):
 
     # every metric both tasks reported (stage-1 epoch loss, its terms, accuracy, lr; stage
     # 2's epoch loss) at the same steps
-    assert sorted(runs.captured_metrics) == sorted(runs.eager_metrics)
     assert "Loss_Epoch_image_hinge/train_phase/train_stream/Task000" in runs.eager_metrics
     assert "Loss_Stage2_Epoch/train_phase/train_stream/Task000" in runs.eager_metrics
-    for name, (steps, values) in runs.eager_metrics.items():
-        assert runs.captured_metrics[name][0] == steps, name
-        assert runs.captured_metrics[name][1] == pytest.approx(
-            values, rel=TOLERANCE["rtol"], abs=TOLERANCE["atol"]
-        ), name
+    assert_same_metrics(runs.eager_metrics, runs.captured_metrics)
     stage2 = [
         next(p for p in run.plugins if isinstance(p, SecondStagePlugin))
         for run in (eager, captured)
@@ -230,9 +236,49 @@ def test_tasks_of_unequal_sizes_share_one_graph_and_learn_what_the_eager_runner_
         torch.testing.assert_close(b.ctx, a.ctx, **TOLERANCE)
     for a, b in zip(eager.model.adapter.parameters(), captured.model.adapter.parameters()):
         torch.testing.assert_close(b, a, **TOLERANCE)
-    assert sorted(captured_metrics) == sorted(eager_metrics)
-    for name, (steps, values) in eager_metrics.items():
-        assert captured_metrics[name][0] == steps, name
-        assert captured_metrics[name][1] == pytest.approx(
-            values, rel=TOLERANCE["rtol"], abs=TOLERANCE["atol"]
-        ), name
+    assert_same_metrics(eager_metrics, captured_metrics)
+
+
+def test_a_task_with_half_the_classes_reuses_the_graph_its_prompts_padded(
+    plan, synthetic_stream, class_names
+):
+    """B4 Inc2 (the smoke preset's layout): task 1's 2 prompts and 60 images fit the shape
+    made for task 0's 4 prompts and 120 images: its prompt buffers' last 2 rows are zero
+    padding whose text goes to a column no class has, so they learn nothing and change no
+    score; the minibatch keeps the config's size (task 1's last one padded)."""
+    from avalanche.benchmarks import nc_benchmark
+
+    stream = nc_benchmark(
+        synthetic_stream.original_train_dataset,
+        synthetic_stream.original_test_dataset,
+        n_experiences=2,
+        task_labels=False,
+        seed=0,
+        fixed_class_order=list(range(6)),
+        per_exp_classes={0: 4},
+    )
+    assert [len(e.dataset) for e in stream.train_stream] == [120, 60]
+    config = plan.replace(init_class=4, increment=2, total_tasks=2)
+    eager, eager_metrics = train_run(config, stream, class_names)
+    cheap = CheapCompile(torch.compile)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "compile", cheap)
+        captured, captured_metrics = train_run(
+            config.replace(compile_step=True), stream, class_names
+        )
+    assert [type(task) for task, _ in cheap.made] == [Stage1Task, Stage2Task]
+    assert captured._compiled_step.graphs_traced == 1
+    assert cheap.calls[0] == 5 + 3
+    task = cheap.made[0][0]
+    assert task.ctx.shape[0] == 4 and task.bank.shape[0] == 6 + 1
+    # after task 1: its 2 classes' columns (4, 5) and the padding column (6)
+    assert task.train_rows.tolist() == [4, 5, 6, 6]
+    assert not task.column_mask[6] and torch.count_nonzero(task.ctx[2:]) == 0
+    for a, b in zip(eager.model.prompts, captured.model.prompts):
+        assert a.ctx.shape == b.ctx.shape
+        torch.testing.assert_close(b.ctx, a.ctx, **TOLERANCE)
+    kept = captured.optimizer.state[captured.model.prompts[1].ctx]
+    assert kept["exp_avg"].shape == captured.model.prompts[1].ctx.shape
+    for a, b in zip(eager.model.heads["1"].parameters(), captured.model.heads["1"].parameters()):
+        torch.testing.assert_close(b, a, **TOLERANCE)
+    assert_same_metrics(eager_metrics, captured_metrics)

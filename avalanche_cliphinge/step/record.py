@@ -19,10 +19,12 @@ class EpochRecord:
     entries then.
 
     Attributes:
-        sums: float64 scalars by name, each the sum over the epoch's steps of the step's
-            value times its number of real rows: ``accuracy`` (fraction of the minibatch
+        sums: one-element float64 tensors (``[1]``) by name, each the sum over the epoch's
+            steps of the step's value times its number of real rows: ``accuracy`` (fraction of the minibatch
             classified right), ``loss``, and each loss term (``cross_entropy``,
-            ``text_hinge``...).
+            ``text_hinge``...). One element, not a 0-d tensor: Dynamo turns the value of a
+            0-d CPU tensor that a graph adds to into a symbolic float, which inductor cannot
+            keep, and traces the whole step twice (3 s of a cold compile on a 2-core CPU).
         samples: real rows summed (a Python int, counted by the host: ``count``).
         nonfinite_step: ``-1``, or the first step of the epoch whose loss was not finite.
         nonfinite_terms: the loss terms of that step (NaN before one).
@@ -37,12 +39,12 @@ class EpochRecord:
         self.nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.samples = 0
         for name in ("accuracy", "loss"):
-            self.sums[name] = torch.zeros((), dtype=torch.float64, device=self.device)
+            self.sums[name] = torch.zeros(1, dtype=torch.float64, device=self.device)
         for name in names:
             self._add_name(name)
 
     def _add_name(self, name: str) -> None:
-        self.sums[name] = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.sums[name] = torch.zeros(1, dtype=torch.float64, device=self.device)
         self.nonfinite_terms[name] = torch.full((), math.nan, device=self.device)
         self.last_terms[name] = torch.zeros((), device=self.device)
 
@@ -94,7 +96,7 @@ class EpochRecord:
         bad = ~torch.isfinite(loss).all() & (self.nonfinite_step < 0)
         self.nonfinite_step.copy_(torch.where(bad, step, self.nonfinite_step))
         self.sums["accuracy"].add_(correct.sum().double() / n * n)
-        self.sums["loss"].add_(loss.double().reshape(()) * n)
+        self.sums["loss"].add_(loss.double().reshape(1) * n)
         for name, value in terms.items():
             value = value.detach().float().reshape(())
             kept = self.nonfinite_terms[name]

@@ -55,8 +55,10 @@ def allocate_stage1_task(
         group: the Adam parameter group (its settings).
         rows: ``(n, B, K)``: samples a task may have (a multiple of ``B``), the batch size,
             replayed rows per step.
-        prompts: a task's ``TaskPrompts`` (the shapes of every task's of this size).
-        n_columns: ``N``, the run's classes.
+        prompts: a task's ``TaskPrompts``: its shapes, of the largest task the buffers
+            hold (a smaller task's prompts fill the first rows).
+        n_columns: ``N``, the run's classes (one column more is made: where padding prompt
+            rows write their text, never seen).
         dim: the feature dimension.
         terms: the plan's ``(loss term, inputs [n_steps, ...])`` (their shapes).
         adapter: the image adapter's parameters (trained in place), or none.
@@ -95,10 +97,10 @@ def allocate_stage1_task(
         ctx=ctx,
         suffix=torch.zeros_like(prompts.suffix),
         tokens=torch.zeros_like(prompts.tokens),
-        bank=torch.zeros(n_columns, dim, device=device),
+        bank=torch.zeros(n_columns + 1, dim, device=device),
         train_rows=torch.zeros(prompts.ctx.shape[0], **long),
-        column_mask=torch.zeros(n_columns, dtype=torch.bool, device=device),
-        class_of_column=torch.zeros(n_columns, **long),
+        column_mask=torch.zeros(n_columns + 1, dtype=torch.bool, device=device),
+        class_of_column=torch.zeros(n_columns + 1, **long),
         params=params,
         state=state,
         hyper={

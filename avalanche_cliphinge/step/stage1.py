@@ -129,12 +129,15 @@ class Stage1Task:
         order, valid: ``[n_steps, B]`` rows of each step and whether each is real (a smaller
             last minibatch is padded).
         counter, lr: the step within the epoch and Adam's learning rate (device scalars).
-        prefix, ctx, suffix, tokens: the task's prompts (``TaskPrompts``), ``ctx [T, n_ctx,
+        prefix, ctx, suffix, tokens: the task's prompts (``TaskPrompts``; rows past the
+            task's classes are zero padding), ``ctx [T, n_ctx,
             width]`` trained here and copied back to the task's parameter.
-        bank: ``[N, dim]`` text features of the frozen classes in their columns.
-        train_rows: ``[T]`` the columns of the task's classes.
-        column_mask: ``[N]`` the seen columns.
-        class_of_column: ``[N]`` class id of each column (``n_outputs`` for unseen columns).
+        bank: ``[N + 1, dim]`` text features of the frozen classes in their columns; column
+            ``N`` takes the padding prompts' text and is never seen.
+        train_rows: ``[T]`` the columns of the task's classes (``N`` for padding rows).
+        column_mask: ``[N + 1]`` the seen columns.
+        class_of_column: ``[N + 1]`` class id of each column (``n_outputs`` for unseen
+            columns).
         params, state, hyper: Adam's parameters (``ctx``, the adapter's), state lists and
             fixed settings.
         record: the run's ``EpochRecord`` (every term's name).
