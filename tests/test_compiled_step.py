@@ -326,3 +326,32 @@ def test_the_lean_evaluator_logs_what_avalanches_logs_with_one_logging_view_per_
     # Avalanche: one copy per callback; here one per experience seen (2 train, 3 test, twice)
     assert logged["lean views"] == 2 + 2 * 3
     assert logged["avalanche views"] > 20 * logged["lean views"]
+
+
+def test_the_vector_instructions_come_from_atens_dispatch_on_x86_linux(monkeypatch):
+    """``capture.known_vector_isa``: inductor told that the vector instructions ATen itself
+    dispatches to work (no test builds); left to inductor where ATen runs no vector code or
+    the user set ``cpp.vec_isa_ok``."""
+    import platform
+    import sys
+
+    import torch._inductor.config as inductor
+
+    from avalanche_cliphinge.capture import known_vector_isa
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for capability, expected in (
+        ("AVX512", {"cpp.vec_isa_ok": True}),
+        ("AVX2", {"cpp.vec_isa_ok": True}),
+        ("DEFAULT", {}),
+    ):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert known_vector_isa() == expected, capability
+        with inductor.patch(known_vector_isa()):
+            assert inductor.cpp.vec_isa_ok is (True if expected else None)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with inductor.patch({"cpp.vec_isa_ok": False}):
+        assert known_vector_isa() == {}
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert known_vector_isa() == {}
