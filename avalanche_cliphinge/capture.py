@@ -12,6 +12,7 @@ from __future__ import annotations
 import platform
 import sys
 import types
+import warnings
 from typing import Callable, Dict
 
 import torch
@@ -32,6 +33,17 @@ def traced(graph: Callable):
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         with torch._inductor.config.patch(known_vector_isa()):
             return graph()
+
+
+def warn_guard_failure(stage: str, failures: int) -> None:
+    """Warn that a captured graph was traced again for a shape that had one (counted by the
+    runner, reported by ``CLIPHingeStrategy.compile_report``)."""
+    warnings.warn(
+        f"compile_step: a guard of the captured {stage} graph failed (something the graph "
+        f"reads changed between its calls), so torch traced and compiled it again "
+        f"({failures} so far in this run); the run goes on, at that compile's cost",
+        stacklevel=3,
+    )
 
 
 def known_vector_isa() -> Dict[str, bool]:

@@ -28,20 +28,20 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .capture import compile_step, fresh, traced
+from .capture import compile_step, fresh, traced, warn_guard_failure
 from .captured_shapes import adam_rows, capacity, fits, stage1_shape
 from .loaders import TensorBatchLoader
 from .plugins.second_stage_compiled import CompiledStage2
 from .runner_checks import INSIDE_STEP, STEP_METHODS, plugin_needs
 from .step import Stage1Task, allocate_stage1_task, stage1_train_step, static_tensors
 
-__all__ = ["CompiledStage2", "CompiledStep"]
+__all__ = ["CompiledStage2", "CompiledStep", "graphs_report"]
 
 
 class CompiledStep:
@@ -335,6 +335,35 @@ class CompiledStep:
             out = traced(entry[1])
         made = stats["unique_graphs"] - graphs
         self.graphs_traced += made
-        self.guard_failures += made if entry[2] else max(made - 1, 0)
+        failed = made if entry[2] else max(made - 1, 0)
+        if failed:
+            self.guard_failures += failed
+            warn_guard_failure("stage-1", self.guard_failures)
         entry[2] = True
         return out
+
+
+def graphs_report(
+    stage1: Optional[CompiledStep], plugins: Sequence, freed: Tuple[int, int] = (0, 0)
+) -> Dict[str, int]:
+    """What a run's captured runners traced: ``stage1_graphs``, ``stage2_graphs`` (one per
+    step shape, plus one per guard failure), ``stage2_guard_failures`` and ``guard_failures``
+    (both stages: graphs traced again for a shape that had one, because something a graph
+    reads changed between its calls; each is warned). ``stage1`` is the stage-1 runner
+    (``None`` without ``compile_step``), ``plugins`` the strategy's (stage 2's runners are
+    ``SecondStagePlugin.captured``), ``freed`` stage 2's graphs and guard failures of runners
+    already freed."""
+    runners = [
+        runner
+        for plugin in plugins
+        if isinstance(getattr(plugin, "captured", None), dict)
+        for runners in plugin.captured.values()
+        for runner in runners
+    ]
+    stage2_failures = freed[1] + sum(r.guard_failures for r in runners)
+    return {
+        "stage1_graphs": 0 if stage1 is None else stage1.graphs_traced,
+        "stage2_graphs": freed[0] + sum(r.graphs_traced for r in runners),
+        "stage2_guard_failures": stage2_failures,
+        "guard_failures": stage2_failures + (0 if stage1 is None else stage1.guard_failures),
+    }

@@ -7,7 +7,7 @@ Names of this module too: the state it shares with its plugins (``StepState``,
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
@@ -18,7 +18,7 @@ from torch import Tensor
 from . import compat  # noqa: F401  (Avalanche's save_checkpoint under torch 2.14)
 from . import distributed
 from .avalanche_plugins import experience_with_dataset, refuse_plugins
-from .compiled_step import CompiledStep
+from .compiled_step import CompiledStep, graphs_report
 from .config import CLIPHingeConfig, ConfigError
 from .feature_cache import FeatureCache
 from .model.class_names import ClassNames, class_name_table
@@ -215,10 +215,17 @@ class CLIPHingeStrategy(StrategyInputs, ExperienceTasks, SupervisedTemplate):
         end of a run. A later ``train`` builds them again."""
         if self._compiled_step is not None:
             self._compiled_step.release()
+        freed = self.compile_report()
         for plugin in self.plugins:
-            captured = getattr(plugin, "captured", None)
-            if isinstance(captured, dict):
-                captured.clear()
+            if isinstance(getattr(plugin, "captured", None), dict):
+                plugin.captured.clear()
+        self._freed_stage2 = (freed["stage2_graphs"], freed["stage2_guard_failures"])
+
+    def compile_report(self) -> Dict[str, int]:
+        """What the captured runners (``compile_step``) traced so far, freed ones included
+        (``compiled_step.graphs_report``): graphs of each stage and guard failures."""
+        freed = getattr(self, "_freed_stage2", (0, 0))
+        return graphs_report(self._compiled_step, self.plugins, freed)
 
     @property
     def training_stopped(self) -> bool:

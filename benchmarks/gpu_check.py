@@ -27,7 +27,7 @@ gives ms per steady step (stage 1 and 2), torch's compile seconds and graphs by 
 process's start), inductor's ``cudagraph_skips``, synchronising CUDA calls per steady stage-1
 step (``speed.StepSyncCounter``: torch's sync debug mode) and the peak memory
 (``torch.cuda.max_memory_allocated``). The captured runs must compile graphs, fall back
-nowhere and, on CUDA, skip no CUDA graph.
+nowhere, trace no graph again (``guard_failures``) and, on CUDA, skip no CUDA graph.
 
 ``--device cpu`` runs both parts with the tiny CLIP in fp32, 2 tasks of 2 classes, and the
 ``eager`` backend: Dynamo captures each step whole (``fullgraph``, backward and optimizer
@@ -207,8 +207,8 @@ def run_worker(args, kind: str, scratch: Path, seconds_left: float, cache=None) 
 
 
 def vit_failures(run: dict, name: str, device: str) -> list:
-    """What a ViT run failed: its process, and for a captured run the graphs, fallbacks and,
-    on CUDA, CUDA-graph skips."""
+    """What a ViT run failed: its process, and for a captured run the graphs, fallbacks,
+    guard failures and, on CUDA, CUDA-graph skips."""
     failures = list(run.get("failures", []))
     if failures or name == "eager":
         return failures
@@ -218,6 +218,8 @@ def vit_failures(run: dict, name: str, device: str) -> list:
         failures.append(f"fell back to the eager step: {run['fell_back']}")
     if device == "cuda" and run["cudagraph_skips"] != 0:
         failures.append(f"cudagraph_skips is {run['cudagraph_skips']}, not 0")
+    if run.get("guard_failures"):
+        failures.append(f"{run['guard_failures']} guard failures: a graph was traced again")
     return failures
 
 
@@ -394,6 +396,9 @@ def equality(device, args) -> dict:
             failures.append(f"no {stage} graph compiled: the captured {stage} did not run")
     if fell_back:
         failures.append(f"fell back to the eager step: {fell_back}")
+    guard_failures = captured.compile_report()["guard_failures"]
+    if guard_failures:
+        failures.append(f"{guard_failures} guard failures: a graph was traced again")
     return {
         "ok": not failures,
         "model": config.model_name,
@@ -405,6 +410,7 @@ def equality(device, args) -> dict:
         "metrics_compared": len(eager_metrics),
         "adam_steps": {"eager": steps[0], "captured": steps[1]},
         "graphs_compiled": graphs,
+        "guard_failures": guard_failures,
         "compile_s": round(sum(watch.seconds.values(), 0.0), 3),
         "fell_back": fell_back,
         "failures": failures,
@@ -499,6 +505,7 @@ def vit_run(device, args) -> dict:
             "total": total["graphs_compiled"],
         },
         "cudagraph_skips": total["cudagraph_skips"],
+        "guard_failures": total["guard_failures"],
         "host_syncs_per_steady_step": synced.get("syncs_per_steady_step"),
         "host_sync_sites": synced.get("where"),
         "peak_mem_gib": None if peak is None else round(peak, 3),

@@ -47,8 +47,9 @@ Compiles, from torch's side (``CompileWatch``: Dynamo's compile callbacks): the 
 ``stage2`` lines give ``graphs_compiled`` (frames Dynamo made a graph of during the phase) and
 ``torch_compile_s`` (seconds inside torch's compiles during the phase: Dynamo, AOT autograd,
 the backend, and CUDA-graph recording); the ``total`` line gives the whole run's, compiles
-outside both phases included, and ``cudagraph_skips`` (inductor's count of graphs it ran
-without CUDA graphs). Its ``seconds`` is the whole run's wall time (model built, stream
+outside both phases included, ``cudagraph_skips`` (inductor's count of graphs it ran
+without CUDA graphs) and ``guard_failures`` (captured graphs traced again for a shape that
+had one: ``CLIPHingeStrategy.compile_report``). Its ``seconds`` is the whole run's wall time (model built, stream
 trained and evaluated).
 """
 
@@ -761,7 +762,11 @@ def run_once(config, named_benchmark, backbone, device, experiences=None, count_
             **watch.record("stage1"),
         },
         "stage2": {**(stage2_steps.record() if stage2_steps else {}), **watch.record("stage2")},
-        "total": {**watch.record(), "cudagraph_skips": watch.cudagraph_skips},
+        "total": {
+            **watch.record(),
+            "cudagraph_skips": watch.cudagraph_skips,
+            "guard_failures": strategy.compile_report()["guard_failures"],
+        },
     }
     return phases, extraction.items, matrix, peak, syncs, steps
 

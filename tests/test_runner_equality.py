@@ -282,3 +282,36 @@ def test_a_task_with_half_the_classes_reuses_the_graph_its_prompts_padded(
     for a, b in zip(eager.model.heads["1"].parameters(), captured.model.heads["1"].parameters()):
         torch.testing.assert_close(b, a, **TOLERANCE)
     assert_same_metrics(eager_metrics, captured_metrics)
+
+
+def test_a_guard_failure_is_counted_warned_and_reported(plan, synthetic_stream, class_names):
+    """Something the captured graph reads changes between tasks (here Adam's ``maximize``,
+    which the graph holds as a constant): torch traces the graph again at task 1's first
+    step, and the run counts it, warns it and reports it (``compile_report``)."""
+    cheap = CheapCompile(torch.compile)
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch.setattr(torch, "compile", cheap)
+        torch.manual_seed(0)
+        strategy = CLIPHingeStrategy(
+            config=plan.replace(compile_step=True),
+            class_names=class_names,
+            evaluator=make_evaluator().plugin,
+            progress=False,
+        )
+        assert set(strategy.compile_report().values()) == {0}
+        strategy.train(synthetic_stream.train_stream[0])
+        cheap.made[0][0].hyper["maximize"] = True
+        strategy.train(synthetic_stream.train_stream[1])
+    # task 1's first step traced stage 1 again; stage 2 (task 1's head) traced once
+    assert strategy.compile_report() == {
+        "stage1_graphs": 2,
+        "stage2_graphs": 1,
+        "stage2_guard_failures": 0,
+        "guard_failures": 1,
+    }
+    warned = [str(w.message) for w in caught if "guard of the captured" in str(w.message)]
+    assert len(warned) == 1 and "stage-1 graph failed" in warned[0] and "(1 so far" in warned[0]
+    strategy.release_graphs()  # what the run freed is still reported
+    assert strategy.compile_report()["stage2_graphs"] == 1
+    assert strategy.compile_report()["guard_failures"] == 1

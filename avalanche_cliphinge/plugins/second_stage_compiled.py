@@ -15,7 +15,7 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
-from ..capture import compile_step, fresh, traced
+from ..capture import compile_step, fresh, traced, warn_guard_failure
 from ..step import Stage2Task, stage2_targets, stage2_train_step
 
 #: a graph made for a task has room for tasks this much larger (steps)
@@ -88,6 +88,8 @@ class CompiledStage2:
         self.sampler = loader.sampler
         #: graphs traced so far (one, unless a guard failed)
         self.graphs_traced = 0
+        #: graphs traced again after the first (a guard failed; each is warned)
+        self.guard_failures = 0
         self._called = False
         self.graph = self.compile(types.MethodType(fresh(stage2_train_step), self.task))
 
@@ -147,14 +149,19 @@ class CompiledStage2:
         for _ in range(self.n_steps):
             if mark is not None:
                 mark()
-            graphs = counters["unique_graphs"]
-            if self._called:
+            graphs, first = counters["unique_graphs"], not self._called
+            if first:
+                traced(self.graph)
+                self._called = True
+            else:
                 try:
                     self.graph()
                 except torch._dynamo.exc.Unsupported:  # a guard failed: traced again
                     traced(self.graph)
-            else:
-                traced(self.graph)
-                self._called = True
-            self.graphs_traced += counters["unique_graphs"] - graphs
+            made = counters["unique_graphs"] - graphs
+            self.graphs_traced += made
+            failed = max(made - 1, 0) if first else made
+            if failed:
+                self.guard_failures += failed
+                warn_guard_failure("stage-2", self.guard_failures)
         return task.total, self.n
