@@ -17,6 +17,11 @@ from typing import Callable, Dict
 
 import torch
 
+#: a shape made for a task has room for tasks this much larger (steps; in stage 1, replayed
+#: rows per step of the per-epoch volume for tasks this much smaller): tasks of unequal sizes
+#: share a graph (both runners)
+STEP_HEADROOM = 1.25
+
 
 def compile_step(step: Callable, device: torch.device) -> Callable:
     """``torch.compile(step, fullgraph=True)``: inductor, with CUDA graphs on CUDA."""

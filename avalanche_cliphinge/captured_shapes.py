@@ -13,13 +13,11 @@ from typing import Tuple
 
 from torch import Tensor
 
+from .capture import STEP_HEADROOM
 from .step import Stage1Task
 
 __all__ = ["PROMPT_FILL", "STEP_HEADROOM", "adam_rows", "capacity", "fits", "stage1_shape"]
 
-#: a shape made for a task has room for tasks this much larger (steps; replayed rows per step
-#: of the per-epoch volume for tasks this much smaller): tasks of unequal sizes share a graph
-STEP_HEADROOM = 1.25
 #: a shape made for a task of T classes also runs tasks of T / PROMPT_FILL to T classes, their
 #: prompts padded with rows that train nothing (the smoke layout's tasks of 4, 2, 2 and 2
 #: classes share a graph; B50 Inc10's first task of 50 classes gets a shape of its own)

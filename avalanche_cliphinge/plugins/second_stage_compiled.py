@@ -15,11 +15,8 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
-from ..capture import compile_step, fresh, traced, warn_guard_failure
+from ..capture import STEP_HEADROOM, compile_step, fresh, traced, warn_guard_failure
 from ..step import Stage2Task, stage2_targets, stage2_train_step
-
-#: a graph made for a task has room for tasks this much larger (steps)
-STEP_HEADROOM = 1.25
 
 
 class CompiledStage2:
