@@ -54,8 +54,8 @@ def warn_guard_failure(stage: str, failures: int) -> None:
 def known_vector_isa() -> Dict[str, bool]:
     """Inductor settings that take the CPU's vector instructions (AVX2, AVX-512) from ATen's
     own dispatch (``torch.backends.cpu.get_cpu_capability()``) instead of test-compiling a
-    program for each: with an empty compile cache those test builds took 9.5 s on a 2-core
-    CPU, 3.5 s with these settings (inductor still tests AVX-512 bf16). Empty (inductor
+    program for each: with an empty compile cache those test builds took 7.4 s on a 2-core
+    CPU, 1.3 s with these settings (inductor still tests AVX-512 bf16). Empty (inductor
     tests them) off Linux x86-64, when ATen dispatches no vector code (``ATEN_CPU_CAPABILITY``
     lowered it), or when ``torch._inductor.config.cpp.vec_isa_ok`` is set already."""
     import torch._inductor.config as inductor
