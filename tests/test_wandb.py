@@ -12,6 +12,7 @@ import io
 import json
 import struct
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -77,6 +78,26 @@ def wandb_records(path: Path):
             yield record
 
 
+def finished_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a ``.wandb`` file once wandb has written its ``exit`` record.
+
+    ``finish()`` can return before wandb's service process has written the file (seen under
+    a loaded machine: the file read back empty, its records all there a moment later), so
+    this reads it again until the run's last record is in, for ``timeout`` seconds at most.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(wandb_records(path))
+        except Exception:  # noqa: BLE001 - a record cut short: the file is being written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            return list(wandb_records(path))
+        time.sleep(0.1)
+
+
 def read_offline_run(folder: Path):
     """The one offline run under ``folder``: ``(run dir, config, {step: {name: value}})``.
 
@@ -85,7 +106,7 @@ def read_offline_run(folder: Path):
     """
     (run_file,) = folder.rglob("offline-run-*/run-*.wandb")
     config, history = {}, {}
-    for record in wandb_records(run_file):
+    for record in finished_records(run_file):
         kind = record.WhichOneof("record_type")
         if kind in ("run", "config"):  # wandb may write the run record again, or config apart
             updates = record.run.config.update if kind == "run" else record.config.update
