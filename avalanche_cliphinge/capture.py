@@ -40,15 +40,35 @@ def traced(graph: Callable):
             return graph()
 
 
-def warn_guard_failure(stage: str, failures: int) -> None:
-    """Warn that a captured graph was traced again for a shape that had one (counted by the
-    runner, reported by ``CLIPHingeStrategy.compile_report``)."""
-    warnings.warn(
-        f"compile_step: a guard of the captured {stage} graph failed (something the graph "
-        f"reads changed between its calls), so torch traced and compiled it again "
-        f"({failures} so far in this run); the run goes on, at that compile's cost",
-        stacklevel=3,
-    )
+def call_graph(graph: Callable, called: bool, runner, stage: str):
+    """One call of a captured graph, counted on ``runner`` (its ``graphs_traced`` and
+    ``guard_failures``). At its first call (``called`` false) torch traces it (``traced``);
+    after that it is called as it is: a guard failure then raises ``Unsupported`` (backward
+    cannot be traced without the patch) and the call is made again while torch may trace it.
+    A graph traced after the first call is a guard failure, warned naming ``stage`` (a first
+    call's restarted analysis is not one). Returns the graph's outputs."""
+    stats = torch._dynamo.utils.counters["stats"]
+    before = stats["unique_graphs"]
+    if called:
+        try:
+            out = graph()
+        except torch._dynamo.exc.Unsupported:
+            out = traced(graph)
+    else:
+        out = traced(graph)
+    made = stats["unique_graphs"] - before
+    runner.graphs_traced += made
+    failed = made if called else max(made - 1, 0)
+    if failed:
+        runner.guard_failures += failed
+        warnings.warn(
+            f"compile_step: a guard of the captured {stage} graph failed (something the "
+            f"graph reads changed between its calls), so torch traced and compiled it again "
+            f"({runner.guard_failures} so far in this run); the run goes on, at that "
+            "compile's cost",
+            stacklevel=3,
+        )
+    return out
 
 
 def known_vector_isa() -> Dict[str, bool]:

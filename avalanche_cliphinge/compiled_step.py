@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .capture import compile_step, fresh, traced, warn_guard_failure
+from .capture import call_graph, compile_step, fresh
 from .captured_shapes import adam_rows, capacity, fits, stage1_shape
 from .loaders import TensorBatchLoader
 from .plugins.second_stage_compiled import CompiledStage2
@@ -319,26 +319,10 @@ class CompiledStep:
             clock.after_training_iteration(s)
 
     def _call(self):
-        """One call of the shape's graph; torch traces it at its first call (``capture.traced``:
-        backward traced into the graph), or again when a guard fails (counted:
-        ``graphs_traced``, ``guard_failures``). A traced graph is called as it is: a guard
-        failure then raises ``Unsupported`` (backward cannot be traced without the patch) and
-        the call is made again while torch may trace it."""
-        entry, stats = self._current, torch._dynamo.utils.counters["stats"]
-        graphs = stats["unique_graphs"]
-        if entry[2]:
-            try:
-                out = entry[1]()
-            except torch._dynamo.exc.Unsupported:
-                out = traced(entry[1])
-        else:
-            out = traced(entry[1])
-        made = stats["unique_graphs"] - graphs
-        self.graphs_traced += made
-        failed = made if entry[2] else max(made - 1, 0)
-        if failed:
-            self.guard_failures += failed
-            warn_guard_failure("stage-1", self.guard_failures)
+        """One call of the shape's graph (``capture.call_graph``: traced at its first call,
+        backward into the graph; counted in ``graphs_traced`` and ``guard_failures``)."""
+        entry = self._current
+        out = call_graph(entry[1], entry[2], self, "stage-1")
         entry[2] = True
         return out
 

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from avalanche.benchmarks.utils.data_loader import MultiDatasetDataLoader
 from avalanche.models.dynamic_modules import avalanche_model_adaptation
+from avalanche.training.plugins import LRSchedulerPlugin
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -33,7 +34,9 @@ from .streams import STREAM_FIX, StreamInputError, check_item_labels
 
 
 class StrategyInputs:
-    """The data side of ``CLIPHingeStrategy`` (a mixin before ``SupervisedTemplate``)."""
+    """The data side of ``CLIPHingeStrategy`` and of the frozen-feature baselines (a mixin
+    before ``SupervisedTemplate``), and the model and optimizer set-up of every experience
+    they share."""
 
     #: the experience's training data as CLIP's input (what plugins read as its dataset)
     _experience_input = None
@@ -193,6 +196,16 @@ class StrategyInputs:
         model = self.model if model is None else model
         avalanche_model_adaptation(model, self.experience)
         return model
+
+    def check_model_and_optimizer(self, reset_optimizer_state=False, **kwargs):
+        """Model adaptation and ``make_optimizer`` at every experience (online ones too)."""
+        self.model = self.model_adaptation()
+        self.make_optimizer(reset_optimizer_state=reset_optimizer_state, **kwargs)
+
+    @property
+    def user_scheduler(self) -> bool:
+        """Whether an ``LRSchedulerPlugin`` is among the plugins (it then owns the lr)."""
+        return any(isinstance(p, LRSchedulerPlugin) for p in self.plugins)
 
     def _read_plugin_loader(self) -> None:
         """A plugin's multi-dataset loader (``ReplayPlugin``'s ``ReplayDataLoader``) reads

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Callable, List, Optional
 
 import torch
-from avalanche.training.plugins import LRSchedulerPlugin
 
 from .config import ConfigError
 from .step_state import ExperienceClasses
@@ -63,16 +62,6 @@ class ExperienceTasks:
                 trainable.add(task)
         model.set_trainable_prompts(sorted(trainable))
         return bool(trainable) or model.adapter is not None
-
-    def check_model_and_optimizer(self, reset_optimizer_state=False, **kwargs):
-        """Model adaptation and ``make_optimizer`` at every experience (online ones too)."""
-        self.model = self.model_adaptation()
-        self.make_optimizer(reset_optimizer_state=reset_optimizer_state, **kwargs)
-
-    @property
-    def user_scheduler(self) -> bool:
-        """Whether an ``LRSchedulerPlugin`` is among the plugins (it then owns the lr)."""
-        return any(isinstance(p, LRSchedulerPlugin) for p in self.plugins)
 
     def base_lr(self) -> float:
         """Stage-1 learning rate before decay: the user optimizer's, else the config's."""

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from avalanche.training.plugins import GDumbPlugin, LRSchedulerPlugin, SupervisedPlugin
+from avalanche.training.plugins import GDumbPlugin, SupervisedPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
@@ -176,16 +176,6 @@ class FrozenFeatureStrategy(StrategyInputs, SupervisedTemplate):
         self._open_experience()
         super()._before_training_exp(**kwargs)
         self._read_plugin_loader()
-
-    def check_model_and_optimizer(self, reset_optimizer_state=False, **kwargs):
-        """Model adaptation and ``make_optimizer`` at every experience."""
-        self.model = self.model_adaptation()
-        self.make_optimizer(reset_optimizer_state=reset_optimizer_state, **kwargs)
-
-    @property
-    def user_scheduler(self) -> bool:
-        """Whether an ``LRSchedulerPlugin`` is among the plugins (it then owns the lr)."""
-        return any(isinstance(p, LRSchedulerPlugin) for p in self.plugins)
 
     def base_lr(self) -> float:
         """``init_lr`` on the first task, ``lr`` after."""

@@ -15,7 +15,7 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
-from ..capture import STEP_HEADROOM, compile_step, fresh, traced, warn_guard_failure
+from ..capture import STEP_HEADROOM, call_graph, compile_step, fresh
 from ..step import Stage2Task, stage2_targets, stage2_train_step
 
 
@@ -142,23 +142,9 @@ class CompiledStage2:
         task.counter.zero_()
         task.total.zero_()
         mark = torch.compiler.cudagraph_mark_step_begin if self.device.type == "cuda" else None
-        counters = torch._dynamo.utils.counters["stats"]
         for _ in range(self.n_steps):
             if mark is not None:
                 mark()
-            graphs, first = counters["unique_graphs"], not self._called
-            if first:
-                traced(self.graph)
-                self._called = True
-            else:
-                try:
-                    self.graph()
-                except torch._dynamo.exc.Unsupported:  # a guard failed: traced again
-                    traced(self.graph)
-            made = counters["unique_graphs"] - graphs
-            self.graphs_traced += made
-            failed = max(made - 1, 0) if first else made
-            if failed:
-                self.guard_failures += failed
-                warn_guard_failure("stage-2", self.guard_failures)
+            call_graph(self.graph, self._called, self, "stage-2")
+            self._called = True
         return task.total, self.n
