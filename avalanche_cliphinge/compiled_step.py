@@ -50,10 +50,10 @@ class CompiledStep:
     ``run_epoch`` trains one epoch and returns ``True``, or returns ``False`` when this task
     must run the eager step (the strategy then runs Avalanche's loop); the reason is warned
     once. One graph per step shape (``captured_shapes.stage1_shape``), made (``compile``)
-    from a fresh copy of ``step.stage1_train_step``. It reads the strategy's public state only: ``dataloader``
-    (a ``TensorBatchLoader``), ``optimizer``, ``loss_function``, ``model``, ``frozen_rows``,
-    ``step``, ``epoch_plan``, ``epoch_record``, ``config``, ``plugins``, ``clock``,
-    ``autocast``, ``training_stopped``.
+    from a fresh copy of ``step.stage1_train_step``. It reads the strategy's public state
+    only: ``dataloader`` (a ``TensorBatchLoader``), ``optimizer``, ``loss_function``,
+    ``model``, ``frozen_rows``, ``step``, ``epoch_plan``, ``epoch_record``, ``config``,
+    ``plugins``, ``clock``, ``autocast``, ``training_stopped``.
 
     Args:
         strategy: the ``CLIPHingeStrategy`` whose steps it runs.
