@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import platform
 import sys
+import threading
 import types
 import warnings
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import torch
+
+from avalanche_cliphinge.kernel_batches import batched_cpu_kernels
 
 #: a shape made for a task has room for tasks this much larger (steps; in stage 1, replayed
 #: rows per step of the per-epoch volume for tasks this much smaller): tasks of unequal sizes
@@ -36,7 +39,8 @@ def traced(graph: Callable):
     only with Dynamo's ``trace_autograd_ops`` (it breaks the graph otherwise); on an x86 CPU
     with ``known_vector_isa``'s settings."""
     with torch._dynamo.config.patch(trace_autograd_ops=True):
-        with torch._inductor.config.patch(known_vector_isa()):
+        with torch._inductor.config.patch(known_vector_isa()), batched_cpu_kernels():
+            vector_isa_on_a_thread()
             return graph()
 
 
@@ -87,6 +91,24 @@ def known_vector_isa() -> Dict[str, bool]:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return {}
     return {"cpp.vec_isa_ok": True}
+
+
+_VECTOR_ISA_THREAD: List[threading.Thread] = []
+
+
+def vector_isa_on_a_thread() -> None:
+    """Start inductor's choice of the CPU's vector instructions on a thread, once a process:
+    its test builds (AVX-512 bf16 and VNNI, about 1.2 s of g++ with an empty compile cache)
+    then run while Dynamo and AOT autograd trace the first graph, which needs the choice only
+    when it generates its kernels (the choice is cached; a call that finds it half made makes
+    it too)."""
+    if _VECTOR_ISA_THREAD or not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        return
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    thread = threading.Thread(target=pick_vec_isa, name="cliphinge-vector-isa", daemon=True)
+    _VECTOR_ISA_THREAD.append(thread)
+    thread.start()
 
 
 def fresh(function: types.FunctionType) -> types.FunctionType:

@@ -22,11 +22,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "avalanche_cliphinge"
 #: longest name that matches a module places it (``plugins.contract`` before ``plugins.*``).
 LAYERS: List[Tuple[str, Sequence[str]]] = [
     # errors, the config and its validation, one seeding rule, atomic writes, torch/Avalanche
-    # fixes, torchrun's processes
+    # fixes, how inductor builds a graph's CPU kernels, torchrun's processes
     (
         "infrastructure",
         ("errors", "config", "config_checks", "seeding", "atomic", "kill_points", "compat")
-        + ("distributed.*",),
+        + ("kernel_batches", "distributed.*"),
     ),
     # class statistics, hard pairs, the hinge, logit fusion: functions on tensors
     ("maths", ("gaussian_stats", "gaussian_storage", "gaussian", "losses", "hard_pairs", "fusion")),
