@@ -47,7 +47,10 @@ def test_a_library_holds_each_kernel_in_its_namespace_under_its_number():
     assert 'namespace kernel_batch_3 {\n\nextern "C" void kernel_3(' in source
     assert 'namespace kernel_batch_5 {\n\nextern "C" void kernel_5(' in source
     assert "kernel_batch_3::kernel_3(static_cast<const float*>" not in source
-    assert "kernel_batch_3::kernel_3(static_cast<float*>(tensor_data(PyTuple_GET_ITEM(args, 0)))" in source
+    assert (
+        "kernel_batch_3::kernel_3(static_cast<float*>(tensor_data(PyTuple_GET_ITEM(args, 0)))"
+        in source
+    )
     assert "checked<int64_t>(PyLong_AsSsize_t(PyTuple_GET_ITEM(args, 2)))" in source
     assert '{"kernel_5", call_5, METH_VARARGS, nullptr}' in source
 
@@ -78,7 +81,9 @@ def test_batched_kernels_give_inductors_results_bit_for_bit(tmp_path, monkeypatc
     built = []
     real = kernel_batches.library_source
     monkeypatch.setattr(
-        kernel_batches, "library_source", lambda kernels: built.append(len(kernels)) or real(kernels)
+        kernel_batches,
+        "library_source",
+        lambda kernels: built.append(len(kernels)) or real(kernels),
     )
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(37, 19, generator=generator)
@@ -103,7 +108,9 @@ def test_a_library_that_fails_to_build_leaves_its_kernels_to_inductor(tmp_path, 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = compiled(True, x, w, tmp_path, monkeypatch)
-    messages = [str(item.message) for item in caught if "as one library failed" in str(item.message)]
+    messages = [
+        str(item.message) for item in caught if "as one library failed" in str(item.message)
+    ]
     assert messages and "building each alone, as inductor does" in messages[0]
     for mine, eager in zip(out, several_kernels(x, w)):
         torch.testing.assert_close(mine, eager)
