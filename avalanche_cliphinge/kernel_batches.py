@@ -9,7 +9,9 @@ a library. The kernels' code and compiler flags are inductor's; each kernel sits
 namespace of its own, under a name of its own, and the library's Python binding passes each
 its tensors' data and its integers as inductor's own binding does. A kernel whose code does
 not have the one entry point inductor writes is left to inductor; so is a library whose build
-fails (each of its kernels is built alone, as inductor does).
+fails (each of its kernels is built alone, as inductor does), and every kernel where inductor
+compiles on one thread (``TORCHINDUCTOR_COMPILE_THREADS=1``: its code then calls each kernel
+as it is returned, with no wait for the lot).
 """
 
 from __future__ import annotations
@@ -202,7 +204,7 @@ def batched_cpu_kernels():
     if sys.platform != "linux":
         yield
         return
-    from torch._inductor.async_compile import AsyncCompile
+    from torch._inductor.async_compile import AsyncCompile, get_compile_threads
     from torch._inductor.codecache import LambdaFuture
 
     if Library is None:
@@ -211,7 +213,7 @@ def batched_cpu_kernels():
     current: List[Batch] = []
 
     def cpp_pybinding(self, argtypes, source_code):
-        if not batchable(argtypes, source_code):
+        if get_compile_threads() <= 1 or not batchable(argtypes, source_code):
             return original(self, argtypes, source_code)
         if not current or current[-1].built:
             current.append(Batch(lambda kinds, code: alone(self, kinds, code)))

@@ -116,6 +116,23 @@ def test_a_library_that_fails_to_build_leaves_its_kernels_to_inductor(tmp_path, 
         torch.testing.assert_close(mine, eager)
 
 
+def test_with_one_compile_thread_inductor_builds_each_kernel(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
+    built = []
+    real = kernel_batches.library_source
+    monkeypatch.setattr(
+        kernel_batches,
+        "library_source",
+        lambda kernels: built.append(len(kernels)) or real(kernels),
+    )
+    x = torch.linspace(-1, 3, 40).reshape(8, 5)
+    w = torch.linspace(2, -2, 15).reshape(5, 3)
+    out = compiled(True, x, w, tmp_path, monkeypatch)
+    assert built == []
+    for mine, eager in zip(out, several_kernels(x, w)):
+        torch.testing.assert_close(mine, eager)
+
+
 def test_inductors_own_build_is_back_once_the_batching_is_closed():
     from torch._inductor.async_compile import AsyncCompile
 
