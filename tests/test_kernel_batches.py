@@ -75,16 +75,22 @@ def compiled(batched: bool, x, w, cache, monkeypatch):
     return graph(x, w)
 
 
-def test_batched_kernels_give_inductors_results_bit_for_bit(tmp_path, monkeypatch):
-    from torch._inductor.async_compile import get_compile_threads
-
-    built = []
+@pytest.fixture
+def built(monkeypatch):
+    """The kernel count of each library ``kernel_batches`` writes, in order."""
+    counts = []
     real = kernel_batches.library_source
     monkeypatch.setattr(
         kernel_batches,
         "library_source",
-        lambda kernels: built.append(len(kernels)) or real(kernels),
+        lambda kernels: counts.append(len(kernels)) or real(kernels),
     )
+    return counts
+
+
+def test_batched_kernels_give_inductors_results_bit_for_bit(built, tmp_path, monkeypatch):
+    from torch._inductor.async_compile import get_compile_threads
+
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(37, 19, generator=generator)
     w = torch.randn(19, 11, generator=generator)
@@ -116,15 +122,8 @@ def test_a_library_that_fails_to_build_leaves_its_kernels_to_inductor(tmp_path, 
         torch.testing.assert_close(mine, eager)
 
 
-def test_with_one_compile_thread_inductor_builds_each_kernel(tmp_path, monkeypatch):
+def test_with_one_compile_thread_inductor_builds_each_kernel(built, tmp_path, monkeypatch):
     monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
-    built = []
-    real = kernel_batches.library_source
-    monkeypatch.setattr(
-        kernel_batches,
-        "library_source",
-        lambda kernels: built.append(len(kernels)) or real(kernels),
-    )
     x = torch.linspace(-1, 3, 40).reshape(8, 5)
     w = torch.linspace(2, -2, 15).reshape(5, 3)
     out = compiled(True, x, w, tmp_path, monkeypatch)
