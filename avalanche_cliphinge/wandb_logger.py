@@ -12,8 +12,10 @@ beside the pinned set. This subclass replaces the two methods that use them; eve
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import string
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -89,6 +91,19 @@ class WandBLogger(AvalancheWandBLogger):
         """Close the W&B run (its offline files are complete afterwards)."""
         if self.wandb is not None and self.wandb.run is not None:
             self.wandb.finish()
+
+
+def last_run_id(folder: Path) -> Optional[str]:
+    """The id of the W&B run last started with ``dir=folder`` (wandb's ``wandb/latest-run``
+    link names its run folder ``[offline-]run-<date>_<time>-<id>``), or ``None`` when there
+    is none to read."""
+    link = Path(folder) / "wandb" / "latest-run"
+    try:
+        name = Path(os.readlink(link)).name
+    except OSError:
+        return None
+    match = re.fullmatch(r"(?:offline-)?run-\d{8}_\d{6}-([a-z0-9]+)", name)
+    return match.group(1) if match else None
 
 
 class _NoChart:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import struct
+import subprocess
 import sys
 import time
 import types
@@ -21,6 +24,7 @@ import pytest
 from PIL import Image
 
 from avalanche_cliphinge.app.command import main as cliphinge
+from avalanche_cliphinge.wandb_logger import last_run_id
 
 #: ``--preset smoke`` (tiny random CLIP, synthetic images) in 2 tasks of one epoch each.
 SMOKE_RUN = [
@@ -105,6 +109,11 @@ def read_offline_run(folder: Path):
     record; a nested value (an image: ``{"path": ...}``) is a dict.
     """
     (run_file,) = folder.rglob("offline-run-*/run-*.wandb")
+    return read_run_file(run_file)
+
+
+def read_run_file(run_file: Path):
+    """``read_offline_run`` of one ``.wandb`` file."""
     config, history = {}, {}
     for record in finished_records(run_file):
         kind = record.WhichOneof("record_type")
@@ -230,6 +239,47 @@ def test_run_with_wandb_logs_config_results_and_figures(offline_wandb, tmp_path,
                 Image.open(io.BytesIO(tb_images[step].encoded_image_string)).convert("RGB")
             )
             np.testing.assert_array_equal(logged_pixels(run_dir, history[step][tag]), tb_pixels)
+
+
+def test_a_resumed_run_continues_its_wandb_run(offline_wandb, tmp_path, capsys):
+    """A run killed after its first checkpoint and resumed with ``--resume --wandb`` logs to
+    the same W&B run (same id, wandb's ``resume="allow"``): the killed attempt's offline run
+    holds task 0's results, the resumed one task 1's and the final metrics."""
+    out = tmp_path / "run"
+    args = [*SMOKE_RUN, "--output-dir", str(out), "--wandb"]
+    killed = subprocess.run(
+        [sys.executable, "-m", "avalanche_cliphinge", *args],
+        env={**os.environ, "CLIPHINGE_KILL_AT": "checkpoint:0"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    first_id = last_run_id(out)
+    assert first_id is not None and (out / "checkpoints" / "exp_000.pt").exists()
+    assert cliphinge([*args, "--resume"]) == 0, capsys.readouterr()
+
+    runs = sorted((out / "wandb").glob("offline-run-*"), key=lambda run: run.stat().st_mtime)
+    assert len(runs) == 2
+    assert [run.name.rsplit("-", 1)[1] for run in runs] == [first_id, first_id]
+    assert last_run_id(out) == first_id
+    _run_dir, config, history = read_run_file(runs[1] / f"run-{first_id}.wandb")
+    assert config == json.loads((out / "config.json").read_text())
+    rows = [row for row in history.values() if "results/task" in row]
+    assert [row["results/task"] for row in rows] == [1]
+    results = json.loads((out / "results.json").read_text())
+    assert rows[0]["results/accuracy_seen_classes"] == results["per_task"][1]["all"]
+    assert rows[0]["results/AIA"] == results["metrics"]["AIA"]
+
+
+def test_without_a_wandb_folder_there_is_no_run_to_continue(tmp_path):
+    assert last_run_id(tmp_path) is None
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / "latest-run").symlink_to("somewhere-else")
+    assert last_run_id(tmp_path) is None
+    (tmp_path / "wandb" / "latest-run").unlink()
+    (tmp_path / "wandb" / "latest-run").symlink_to("run-20261207_101500-ab12cd34")
+    assert last_run_id(tmp_path) == "ab12cd34"
 
 
 class RaisingFinder:

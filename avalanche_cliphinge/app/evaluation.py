@@ -183,14 +183,17 @@ def make_evaluator(
         wandb_run: also log to Weights & Biases under this run name (in ``wandb_dir``), with
             ``wandb_config`` as the run's config.
         append: the CSV files are continued, never truncated (a resumed run: the caller has
-            already cut them back to its checkpoint).
+            already cut them back to its checkpoint), and W&B continues the run it last
+            started in ``wandb_dir`` (its id, ``resume="allow"``; a new run if it has none).
 
     Raises:
         EvaluatorError: W&B asked for without a working ``wandb`` package, or W&B could not
             start its run (its message in one line).
     """
     # W&B first: when it cannot start, no file is open yet
-    wandb_logger = None if wandb_run is None else _wandb_logger(wandb_run, wandb_dir, wandb_config)
+    wandb_logger = (
+        None if wandb_run is None else _wandb_logger(wandb_run, wandb_dir, wandb_config, append)
+    )
     loggers: List[Any] = []
     if interactive:
         loggers.append(EpochProgress(metric_lines=interactive != "progress"))
@@ -225,17 +228,22 @@ def require_wandb() -> None:
         ) from None
 
 
-def _wandb_logger(run_name: str, folder: Optional[Path], config: Optional[Dict[str, Any]]):
-    """The package's ``WandBLogger`` (project ``avalanche-cliphinge``) or ``EvaluatorError``."""
+def _wandb_logger(
+    run_name: str, folder: Optional[Path], config: Optional[Dict[str, Any]], resume: bool = False
+):
+    """The package's ``WandBLogger`` (project ``avalanche-cliphinge``) or ``EvaluatorError``;
+    with ``resume``, continuing the W&B run last started in ``folder``."""
     require_wandb()
-    from ..wandb_logger import WandBLogger
+    from ..wandb_logger import WandBLogger, last_run_id
 
+    run_id = last_run_id(Path(folder or ".")) if resume else None
     try:
         return WandBLogger(
             project_name="avalanche-cliphinge",
             run_name=run_name,
             dir=str(folder or "."),
             config=config,
+            params=None if run_id is None else {"id": run_id, "resume": "allow"},
         )
     except Exception as err:  # login, network, a wandb without the API this logger uses
         raise EvaluatorError(
