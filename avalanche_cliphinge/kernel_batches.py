@@ -162,12 +162,15 @@ class Batch:
         for group in groups:
             source = library_source([(i, *self.kernels[i]) for i in group])
             try:
-                pending.append((group, Library.load_async(source, submit_fn=AsyncCompile.submit)))
-            except Exception:
-                pending.append((group, None))
+                loaded = Library.load_async(source, submit_fn=AsyncCompile.submit)
+            except Exception as error:
+                loaded = error
+            pending.append((group, loaded))
         for group, loaded in pending:
             try:
-                module = loaded() if loaded is not None else None
+                if isinstance(loaded, Exception):
+                    raise loaded
+                module = loaded()
             except Exception as error:
                 warnings.warn(
                     f"compile_step: building {len(group)} CPU kernels as one library failed "
