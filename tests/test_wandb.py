@@ -249,7 +249,12 @@ def test_a_resumed_run_continues_its_wandb_run(offline_wandb, tmp_path, capsys):
     args = [*SMOKE_RUN, "--output-dir", str(out), "--wandb"]
     killed = subprocess.run(
         [sys.executable, "-m", "avalanche_cliphinge", *args],
-        env={**os.environ, "CLIPHINGE_KILL_AT": "checkpoint:0"},
+        # its own wandb service (not this process's, named in WANDB_SERVICE once wandb ran
+        # here): a killed run would stay in use in a shared one
+        env={
+            **{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},
+            "CLIPHINGE_KILL_AT": "checkpoint:0",
+        },
         capture_output=True,
         text=True,
         timeout=600,
