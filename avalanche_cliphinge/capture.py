@@ -3,8 +3,8 @@
 Stage 1's ``compiled_step.CompiledStep`` and stage 2's
 ``plugins.second_stage_compiled.CompiledStage2`` each make a step function into a
 ``torch.compile(fullgraph=True)`` graph (inductor; ``mode="reduce-overhead"``, CUDA graphs,
-on CUDA), one per task from a fresh copy of the function, and call it while Dynamo may trace
-``Tensor.backward`` into it.
+on CUDA), one per step shape (one for a run whose tasks share a shape) from a fresh copy of
+the function, and call it while Dynamo may trace ``Tensor.backward`` into it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def compile_step(step: Callable, device: torch.device) -> Callable:
 def traced(graph: Callable):
     """Call ``graph`` while torch may trace it: ``Tensor.backward`` is traced into the graph
     only with Dynamo's ``trace_autograd_ops`` (it breaks the graph otherwise); on an x86 CPU
-    with ``known_vector_isa``'s settings."""
+    with ``known_vector_isa``'s settings and inductor's instruction-set choice started on a
+    thread (``vector_isa_on_a_thread``); the graph's CPU kernels built as one library per
+    compile thread (``kernel_batches.batched_cpu_kernels``)."""
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         with torch._inductor.config.patch(known_vector_isa()), batched_cpu_kernels():
             vector_isa_on_a_thread()
