@@ -37,12 +37,12 @@ def compile_step(step: Callable, device: torch.device) -> Callable:
 def traced(graph: Callable):
     """Call ``graph`` while torch may trace it: ``Tensor.backward`` is traced into the graph
     only with Dynamo's ``trace_autograd_ops`` (it breaks the graph otherwise); on an x86 CPU
-    with ``known_vector_isa``'s settings and inductor's instruction-set choice started on a
-    thread (``vector_isa_on_a_thread``); the graph's CPU kernels built as one library per
-    compile thread (``kernel_batches.batched_cpu_kernels``)."""
+    with ``known_vector_isa``'s settings; inductor's cache keys and instruction-set choice
+    started on threads (``prepare_inductor_on_threads``); the graph's CPU kernels built as one
+    library per compile thread (``kernel_batches.batched_cpu_kernels``)."""
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         with torch._inductor.config.patch(known_vector_isa()), batched_cpu_kernels():
-            vector_isa_on_a_thread()
+            prepare_inductor_on_threads()
             return graph()
 
 
@@ -95,22 +95,30 @@ def known_vector_isa() -> Dict[str, bool]:
     return {"cpp.vec_isa_ok": True}
 
 
-_VECTOR_ISA_THREAD: List[threading.Thread] = []
+_PREPARED: List[threading.Thread] = []
 
 
-def vector_isa_on_a_thread() -> None:
-    """Start inductor's choice of the CPU's vector instructions on a thread, once a process:
-    its test builds (AVX-512 bf16 and VNNI, about 1.2 s of g++ with an empty compile cache)
-    then run while Dynamo and AOT autograd trace the first graph, which needs the choice only
-    when it generates its kernels (the choice is cached; a call that finds it half made makes
-    it too)."""
-    if _VECTOR_ISA_THREAD or not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+def prepare_inductor_on_threads() -> None:
+    """Start, once a process, what inductor computes at its first compile and caches for the
+    process, on threads, so that it runs while Dynamo and AOT autograd trace the first graph:
+    the hashes of torch's and triton's sources in its cache keys (torch's own ``prefetch`` of
+    ``torch_key`` and ``triton_key``; about 1 s on a 2-core CPU) and, on an x86 CPU, its
+    choice of vector instructions (``pick_vec_isa``: test builds of AVX-512 bf16 and VNNI,
+    about 1.2 s of g++ with an empty compile cache). A call that finds one half made waits
+    for it (the keys) or makes it too (the choice)."""
+    if _PREPARED:
         return
+    from torch._inductor import codecache
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
+    for key in (codecache.torch_key, codecache.triton_key):
+        prefetch = getattr(key, "prefetch", None)
+        if prefetch is not None:
+            prefetch()
     thread = threading.Thread(target=pick_vec_isa, name="cliphinge-vector-isa", daemon=True)
-    _VECTOR_ISA_THREAD.append(thread)
-    thread.start()
+    _PREPARED.append(thread)
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        thread.start()
 
 
 def fresh(function: types.FunctionType) -> types.FunctionType:

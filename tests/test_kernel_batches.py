@@ -123,10 +123,11 @@ def test_a_library_that_fails_to_build_leaves_its_kernels_to_inductor(tmp_path, 
 
 
 def test_with_one_compile_thread_inductor_builds_each_kernel(built, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
     x = torch.linspace(-1, 3, 40).reshape(8, 5)
     w = torch.linspace(2, -2, 15).reshape(5, 3)
-    out = compiled(True, x, w, tmp_path, monkeypatch)
+    # inductor's config patch (monkeypatch's undo deletes a config module's attribute)
+    with torch._inductor.config.patch(compile_threads=1):
+        out = compiled(True, x, w, tmp_path, monkeypatch)
     assert built == []
     for mine, eager in zip(out, several_kernels(x, w)):
         torch.testing.assert_close(mine, eager)
