@@ -9,12 +9,13 @@ the function, and call it while Dynamo may trace ``Tensor.backward`` into it.
 
 from __future__ import annotations
 
+import functools
 import platform
 import sys
 import threading
 import types
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 
@@ -95,9 +96,7 @@ def known_vector_isa() -> Dict[str, bool]:
     return {"cpp.vec_isa_ok": True}
 
 
-_PREPARED: List[threading.Thread] = []
-
-
+@functools.cache
 def prepare_inductor_on_threads() -> None:
     """Start, once a process, what inductor computes at its first compile and caches for the
     process, on threads, so that it runs while Dynamo and AOT autograd trace the first graph:
@@ -106,8 +105,6 @@ def prepare_inductor_on_threads() -> None:
     choice of vector instructions (``pick_vec_isa``: test builds of AVX-512 bf16 and VNNI,
     about 1.2 s of g++ with an empty compile cache). A call that finds one half made waits
     for it (the keys) or makes it too (the choice)."""
-    if _PREPARED:
-        return
     from torch._inductor import codecache
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
@@ -115,10 +112,8 @@ def prepare_inductor_on_threads() -> None:
         prefetch = getattr(key, "prefetch", None)
         if prefetch is not None:
             prefetch()
-    thread = threading.Thread(target=pick_vec_isa, name="cliphinge-vector-isa", daemon=True)
-    _PREPARED.append(thread)
     if torch.backends.cpu.get_cpu_capability().startswith("AVX"):
-        thread.start()
+        threading.Thread(target=pick_vec_isa, name="cliphinge-vector-isa", daemon=True).start()
 
 
 def fresh(function: types.FunctionType) -> types.FunctionType:

@@ -17,10 +17,11 @@ as it is returned, with no wait for the lot).
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import sys
 import warnings
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 ENTRY = re.compile(r'extern "C"\s+void\s+kernel\s*\(')
 PREFIX = "#include <torch/csrc/inductor/cpp_prefix.h>"
@@ -155,21 +156,14 @@ class Batch:
         return self.built[index]
 
     def build(self) -> None:
-        from torch._inductor.async_compile import AsyncCompile, get_compile_threads
+        from torch._inductor.async_compile import get_compile_threads
 
         groups = split([len(code) for _, code in self.kernels], get_compile_threads())
-        pending = []
-        for group in groups:
-            source = library_source([(i, *self.kernels[i]) for i in group])
+        started = [
+            (group, start_library([(i, *self.kernels[i]) for i in group])) for group in groups
+        ]
+        for group, loaded in started:
             try:
-                loaded = Library.load_async(source, submit_fn=AsyncCompile.submit)
-            except Exception as error:
-                loaded = error
-            pending.append((group, loaded))
-        for group, loaded in pending:
-            try:
-                if isinstance(loaded, Exception):
-                    raise loaded
                 module = loaded()
             except Exception as error:
                 warnings.warn(
@@ -186,7 +180,10 @@ class Batch:
                     self.built[i] = self.compiler(*self.kernels[i])
 
 
-def _library_cache():
+@functools.cache
+def library_cache():
+    """Inductor's cache of C++ libraries with a Python binding, for modules named ``kernels``
+    (``library_source``'s): its compiler flags, precompiled header, locks and files."""
     from torch._inductor.codecache import CppPythonBindingsCodeCache
 
     class Batched(CppPythonBindingsCodeCache):
@@ -196,31 +193,42 @@ def _library_cache():
     return Batched
 
 
-Library = None
+def start_library(kernels) -> Callable:
+    """Start building ``library_source(kernels)`` on inductor's compile threads; returns what
+    gives the loaded module (and raises what stopped the build)."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    try:
+        return library_cache().load_async(library_source(kernels), submit_fn=AsyncCompile.submit)
+    except Exception as error:
+        problem = error  # the except clause unbinds ``error`` at its end
+
+    def failed():
+        raise problem
+
+    return failed
 
 
 @contextlib.contextmanager
 def batched_cpu_kernels():
     """While open, inductor's CPU kernels of each graph's code are built as
     ``batched_cpu_kernels``' libraries (Linux only; elsewhere, as inductor builds them)."""
-    global Library
     if sys.platform != "linux":
         yield
         return
     from torch._inductor.async_compile import AsyncCompile, get_compile_threads
     from torch._inductor.codecache import LambdaFuture
 
-    if Library is None:
-        Library = _library_cache()
     original = AsyncCompile.cpp_pybinding
-    current: List[Batch] = []
+    open_batch: Optional[Batch] = None
 
     def cpp_pybinding(self, argtypes, source_code):
+        nonlocal open_batch
         if get_compile_threads() <= 1 or not batchable(argtypes, source_code):
             return original(self, argtypes, source_code)
-        if not current or current[-1].built:
-            current.append(Batch(lambda kinds, code: alone(self, kinds, code)))
-        batch = current[-1]
+        if open_batch is None or open_batch.built:
+            open_batch = Batch(lambda kinds, code: alone(self, kinds, code))
+        batch = open_batch
         index = batch.add(argtypes, source_code)
         return LambdaFuture(lambda: batch.kernel(index))
 
